@@ -1,0 +1,92 @@
+"""Allocation: one candidate per layer, least total damage under the budget.
+
+The multiple-choice knapsack, solved exactly as a 0/1 integer program with scipy's `milp` (HiGHS):
+    min Σ_l Σ_c d_lc x_lc   s.t.  Σ_c x_lc = 1 for each layer,  Σ_l Σ_c b_lc x_lc ≤ B,  x ∈ {0, 1}
+The Pareto curve (size against damage) is the optimum at a sweep of budgets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_matrix
+
+from .plan import Budget, Plan
+from .profile import Profile
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Allocation:
+    plan: Plan
+    bits: int  # stored bits of the block linears
+    damage: float
+
+    def bits_per_weight(self, profile: Profile) -> float:
+        return self.bits / profile.weights
+
+
+def bit_limits(profile: Profile) -> tuple[int, int]:
+    """Smallest and largest possible stored bits of the block linears."""
+    return sum(min(lp.bits) for lp in profile.layers), sum(max(lp.bits) for lp in profile.layers)
+
+
+def budget_bits(profile: Profile, budget: Budget) -> int:
+    """The budget as stored bits available to the block linears."""
+    if budget.bits is not None:
+        return int(np.floor(budget.bits * profile.weights))
+    return (budget.bytes - profile.fixed_bytes) * 8
+
+
+def allocate(profile: Profile, budget: Budget) -> Allocation:
+    limit = budget_bits(profile, budget)
+    lo, hi = bit_limits(profile)
+    if limit < lo:
+        n = profile.weights
+        raise BudgetError(
+            f"budget {budget} is below the smallest possible model: {lo / n:.3f} bits per weight "
+            f"({(lo // 8 + profile.fixed_bytes) / 1e6:.2f} MB); the largest is {hi / n:.3f} "
+            f"({(hi // 8 + profile.fixed_bytes) / 1e6:.2f} MB)")
+    cost = np.concatenate([lp.bits for lp in profile.layers]).astype(float)
+    dmg = np.concatenate([lp.damage for lp in profile.layers]).astype(float)
+    sizes = [len(lp.bits) for lp in profile.layers]
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    one_each = csr_matrix((np.ones(len(owner)), (owner, np.arange(len(owner)))), shape=(len(sizes), len(owner)))
+    res = milp(dmg, integrality=np.ones_like(dmg), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit)],
+               options={"mip_rel_gap": 1e-9})
+    if res.x is None:
+        raise BudgetError(f"no allocation meets budget {budget}: {res.message}")
+    chosen = {}
+    start = 0
+    for lp, k in zip(profile.layers, sizes):
+        chosen[lp.name] = int(np.argmax(res.x[start:start + k]))
+        start += k
+    return _allocation(profile, chosen)
+
+
+def _allocation(profile: Profile, chosen: dict[str, int]) -> Allocation:
+    plan = Plan({lp.name: lp.candidates[chosen[lp.name]] for lp in profile.layers})
+    bits = sum(lp.bits[chosen[lp.name]] for lp in profile.layers)
+    damage = sum(lp.damage[chosen[lp.name]] for lp in profile.layers)
+    return Allocation(plan, bits, damage)
+
+
+def uniform(profile: Profile, candidate_index_of) -> Allocation:
+    """The allocation that gives every layer the candidate picked by `candidate_index_of(layer_profile)`."""
+    return _allocation(profile, {lp.name: candidate_index_of(lp) for lp in profile.layers})
+
+
+def pareto(profile: Profile, points: int = 24) -> list[tuple[float, float]]:
+    """(bits per weight, total damage) of the exact optimum at `points` budgets from the smallest to the largest."""
+    lo, hi = bit_limits(profile)
+    n = profile.weights
+    curve = []
+    for bpw in np.linspace(lo / n, hi / n, points):
+        a = allocate(profile, Budget(bits=float(bpw) + 1e-9))
+        curve.append((a.bits / n, a.damage))
+    return curve

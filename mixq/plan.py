@@ -1,0 +1,83 @@
+"""Typed, JSON-serialisable `Candidate`, `Plan` and `Budget`."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from .formats import QuantSpec
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A storage format plus the solver that fills it."""
+
+    spec: QuantSpec
+    solver: str = "gptq"
+
+    @property
+    def name(self) -> str:
+        return f"{self.solver}:{self.spec.name}"
+
+    def to_dict(self) -> dict:
+        return {"solver": self.solver, **self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        d = dict(d)
+        solver = d.pop("solver", "gptq")
+        return cls(QuantSpec.from_dict(d), solver)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Average bits per weight of the block linears (`bits`), or bytes of the whole saved model (`bytes`)."""
+
+    bits: float | None = None
+    bytes: int | None = None
+
+    def __post_init__(self):
+        if (self.bits is None) == (self.bytes is None):
+            raise ValueError("a budget is either bits per weight or a size, exactly one of them")
+        if self.bits is not None and not 0 < self.bits <= 32:
+            raise ValueError(f"bits per weight must be in (0, 32], got {self.bits}")
+        if self.bytes is not None and self.bytes <= 0:
+            raise ValueError(f"size must be positive, got {self.bytes}")
+
+    @classmethod
+    def parse(cls, bits: float | None = None, size: str | None = None) -> "Budget":
+        if size is None:
+            return cls(bits=bits)
+        m = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", size, re.IGNORECASE)
+        if not m:
+            raise ValueError(f"cannot read size {size!r}: write e.g. 60MB or 58MiB")
+        unit = (m.group(2) or "B").lower()
+        mult = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}[unit]
+        return cls(bytes=int(float(m.group(1)) * mult))
+
+    def __str__(self) -> str:
+        return f"{self.bits:g} bits per weight" if self.bits is not None else f"{self.bytes / 1e6:.2f} MB"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Layer name → chosen candidate; plain JSON that a user can write or edit by hand."""
+
+    layers: dict[str, Candidate] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, "layers": {k: c.to_dict() for k, c in self.layers.items()}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        if not isinstance(d, dict) or "layers" not in d:
+            raise ValueError("a plan is a JSON object with a 'layers' mapping")
+        unknown = set(d) - {"version", "layers"}
+        if unknown:
+            raise ValueError(f"unknown plan keys: {sorted(unknown)}")
+        if d.get("version", VERSION) != VERSION:
+            raise ValueError(f"plan version {d['version']} is not supported (this mixq reads {VERSION})")
+        return cls({k: Candidate.from_dict(v) for k, v in d["layers"].items()})

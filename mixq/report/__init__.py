@@ -1,0 +1,80 @@
+"""The report: `report.md` plus PNGs (bits per layer, the Pareto curve) written into a saved model's folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..allocate import pareto
+from ..io import MARKER, SavedModelError, atomic_write_text
+from ..plan import Plan
+from ..profile import Profile
+
+
+def write_report(folder: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    if not (folder / MARKER).exists():
+        raise SavedModelError(f"{folder} is not a mixq model folder (no {MARKER})")
+    meta = json.loads((folder / MARKER).read_text())
+    plan = Plan.from_json((folder / "plan.json").read_text())
+    prof = Profile.from_json((folder / "profile.json").read_text()) if (folder / "profile.json").exists() else None
+    layers = list(plan.layers)
+    bits = [_layer_bpw(prof, n, plan) for n in layers]
+
+    fig, ax = plt.subplots(figsize=(12, 4))
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    for k in kinds:
+        idx = [i for i, n in enumerate(layers) if n.endswith("." + k)]
+        ax.scatter(idx, [bits[i] for i in idx], label=k, s=14)
+    ax.set_xlabel("layer (block order)")
+    ax.set_ylabel("stored bits per weight")
+    ax.set_title("bits per layer")
+    ax.legend(ncol=len(kinds), fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "bits_per_layer.png", dpi=110)
+    plt.close(fig)
+
+    lines = ["# mixq report", "", f"Model: `{meta.get('source')}`  ", f"Budget: {meta.get('budget')}", "",
+             "| | perplexity | block-linear bpw | file MB |", "|---|---|---|---|"]
+    ev = meta.get("eval", {})
+    if "ppl_before" in ev:
+        lines.append(f"| float (before) | {ev['ppl_before']:.3f} | 16/32 | |")
+    lines.append(f"| mixq (after) | {ev.get('ppl_after', float('nan')):.3f} | {meta['bpw']:.3f} | "
+                 f"{meta['file_bytes'] / 1e6:.2f} |")
+    if ev:
+        lines += ["", f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}."]
+    lines += ["", "![bits per layer](bits_per_layer.png)", ""]
+    if prof is not None:
+        curve = pareto(prof)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label="exact optimum (Pareto)")
+        ax.axvline(meta["bpw"], color="gray", ls="--", label="this model")
+        ax.set_yscale("log")
+        ax.set_xlabel("block-linear bits per weight")
+        ax.set_ylabel(f"estimated damage ({prof.estimator})")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "pareto.png", dpi=110)
+        plt.close(fig)
+        lines += ["## Pareto curve (size against estimated damage)", "", "![pareto](pareto.png)", "",
+                  "| bpw | damage |", "|---|---|"] + [f"| {b:.3f} | {d:.4g} |" for b, d in curve]
+    lines += ["", "## Bits per layer", "", "| layer | candidate | bpw |", "|---|---|---|"]
+    lines += [f"| {n} | {plan.layers[n].name} | {b:.3f} |" for n, b in zip(layers, bits)]
+    out = folder / "report.md"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def _layer_bpw(prof: Profile | None, name: str, plan: Plan) -> float:
+    if prof is not None:
+        for lp in prof.layers:
+            if lp.name == name:
+                return plan.layers[name].spec.bits_per_weight(lp.rows, lp.cols)
+    return float(plan.layers[name].spec.bits + plan.layers[name].spec.overhead_bits_per_group() /
+                 max(plan.layers[name].spec.group_size, 576))

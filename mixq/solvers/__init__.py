@@ -1,0 +1,49 @@
+"""Per-layer solvers, registered by name. Each is a pure function on tensors:
+
+    solver(weight rows × cols, hessian cols × cols, group, bits (rows,), symmetric) -> (codes, scales, zeros)
+
+`bits` is per row so that one call can solve rows of several widths at once (profiling stacks every candidate
+width of every layer that shares an input). `solve` wraps that for one layer and one spec.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..formats import QuantizedTensor, QuantSpec
+
+SOLVERS: dict[str, Callable] = {}
+
+
+def register_solver(name: str):
+    def deco(fn):
+        if name in SOLVERS:
+            raise ValueError(f"solver {name!r} registered twice")
+        SOLVERS[name] = fn
+        return fn
+    return deco
+
+
+def get_solver(name: str) -> Callable:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]
+
+
+def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    rows, cols = weight.shape
+    if not spec.fits(cols):
+        raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
+    bits = torch.full((rows,), spec.bits)
+    codes, scales, zeros = get_solver(name)(weight.float(), hessian.float(), spec.group(cols), bits, spec.symmetric)
+    return QuantizedTensor(codes, scales, zeros, spec)
+
+
+def output_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row E‖(W − Ŵ) x‖² = diag(ΔW H ΔWᵀ), the layer-output error the Hessian solvers minimise."""
+    d = weight.float() - deq
+    return ((d @ hessian) * d).sum(1)
+
+
+from . import clip, gptq, rtn  # noqa: E402,F401  (register)

@@ -1,0 +1,88 @@
+"""GPTQ (Frantar et al. 2022, arXiv 2210.17323): quantize one column at a time and spread its error over the
+columns not yet quantized, through the inverse Hessian: min ‖(W − Ŵ) X‖² with H = E[x xᵀ].
+
+As `fasterquant` in IST-DASLab/gptq: dead columns, damping, Cholesky of H⁻¹, lazy block updates. Group grids come
+from the clipping search (`clip.search`) on the already-updated weights when a group starts; with act-order the
+columns go in order of decreasing H_jj and the grids are fixed beforehand from the original weights ("static
+groups"), so the stored layout needs no permutation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats import quantize_codes
+from . import register_solver
+from .clip import column_importance, search
+from .rtn import finish
+
+DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
+BLOCK = 128  # columns per lazy batch
+
+
+def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (damped), in float64 for stability."""
+    h = hessian.double().clone()
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diagonal(h).mean()
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True).float()
+
+
+def gptq_quantize(weight, hessian, group, bits, symmetric, act_order=False, damp=DAMP):
+    rows, cols = weight.shape
+    w = weight.clone().float()
+    h = hessian.clone().float()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    maxq = ((1 << bits) - 1).float().unsqueeze(1)  # rows × 1
+    ngroups = cols // group
+    scales = torch.empty(rows, ngroups)
+    zeros = torch.empty(rows, ngroups)
+    importance = column_importance(h, rows, group).view(rows, ngroups, group)
+
+    def fit_group(gi, source):
+        sl = slice(gi * group, (gi + 1) * group)
+        s, z = search(source[:, sl], importance[:, gi], maxq, symmetric)
+        scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+
+    perm = torch.arange(cols)
+    if act_order:
+        for gi in range(ngroups):
+            fit_group(gi, w)
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_cholesky(h, damp)
+    codes = torch.zeros(rows, cols)
+    col_group = perm // group  # group of each (permuted) column in the stored layout
+    for b0 in range(0, cols, BLOCK):
+        b1 = min(b0 + BLOCK, cols)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+        for i in range(b1 - b0):
+            j = b0 + i
+            if not act_order and j % group == 0:
+                w[:, b0:b1] = w1  # the grid is fitted on the weights updated so far
+                fit_group(j // group, w)
+            gi = int(col_group[j])
+            s, z = scales[:, gi:gi + 1], zeros[:, gi:gi + 1]
+            col = w1[:, i:i + 1]
+            q = quantize_codes(col, s, z, maxq)
+            codes[:, j] = q[:, 0]
+            e = (col - (q - z) * s) / u[j, j]
+            w1[:, i:] -= e @ u[j:j + 1, j:b1]
+            err[:, i] = e[:, 0]
+        w[:, b0:b1] = w1
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return finish(codes.reshape(-1, group), scales.reshape(-1, 1), zeros.reshape(-1, 1), rows)
+
+
+@register_solver("gptq")
+def gptq(weight, hessian, group, bits, symmetric):
+    return gptq_quantize(weight, hessian, group, bits, symmetric, act_order=False)
+
+
+@register_solver("gptq-act")
+def gptq_act(weight, hessian, group, bits, symmetric):
+    return gptq_quantize(weight, hessian, group, bits, symmetric, act_order=True)
