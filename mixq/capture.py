@@ -109,3 +109,40 @@ def hessians(block: nn.Module, adapter: Adapter):
             h.remove()
         for s in stats.values():
             s.hessian = (s.hessian / max(s.tokens, 1)).float()
+
+
+def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of each block linear's output: F_i = E_t[(∂L/∂y_ti)²], L the next-token NLL summed
+    over a window. One backward pass per window; no weight gradients are kept (the graph starts at the embeddings).
+    """
+    names = adapter.layer_names(model)
+    sums = {n: None for n in names}
+    tokens = 0
+    handles = []
+
+    def make(name):
+        def fwd(_module, _args, out):
+            def grad_hook(g):
+                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).double()
+                sums[name] = sq if sums[name] is None else sums[name] + sq
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return fwd
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(make(n)))
+    embed = model.get_input_embeddings()
+    try:
+        for k, window in enumerate(ids.split(1)):
+            x = embed(window).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     window[:, 1:].reshape(-1), reduction="sum")
+            loss.backward()
+            tokens += window.numel()
+            if step:
+                step("fisher", k + 1, len(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s / tokens).float() for n, s in sums.items()}

@@ -69,6 +69,8 @@ def quantize(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
+    sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
+                                    "in loss units) or hessian (relative output error)."),
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
@@ -91,6 +93,9 @@ def quantize(
             hand_plan = Plan.from_json(plan.read_text())
         source = str(resolve(model))
         check_out_dir(out, source)
+        from .sensitivity import get_estimator
+
+        get_estimator(sensitivity)
         if calib is not None:
             data.read_text(calib)
     except (ValueError, json.JSONDecodeError) as e:
@@ -108,7 +113,8 @@ def quantize(
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
             from .pipeline import quantize as run
 
-            result = run(net, calib_ids, budget=budget, plan=hand_plan, step=_Bars(progress))
+            result = run(net, calib_ids, budget=budget, plan=hand_plan, estimator=sensitivity,
+                         step=_Bars(progress))
             result.seconds["total"] = time.perf_counter() - t0
             meta = _save(net, tok, result, out, source, budget, calib, calib_ids)
             after = _perplexity(net, eval_ids, "ppl after", progress) if eval_windows else None
@@ -130,13 +136,15 @@ def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) ->
     from .io import save_quantized
     from .runtime.qlinear import QuantLinear
 
-    qbits = sum(sum(b.numel() * b.element_size() * 8 for b in m.buffers(recurse=False))
-                for m in net.modules() if isinstance(m, QuantLinear))
-    weights = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, QuantLinear))
+    from .pipeline import block_linear_bits
+
+    qbits, weights = block_linear_bits(net)
     meta = {"version": 1, "source": source, "budget": str(budget) if budget else "hand-written plan",
             "calibration": {"file": str(calib) if calib else "pydoc calibration split",
                             "windows": int(calib_ids.shape[0]), "length": int(calib_ids.shape[1])},
-            "bpw": qbits / weights, "quantized_weights": weights, "seconds": result.seconds}
+            "bpw": qbits / weights, "block_linear_weights": weights, "seconds": result.seconds,
+            "shapes": {n: [m.out_features, m.in_features] for n, m in net.named_modules()
+                       if isinstance(m, QuantLinear)}}
     extra = {"profile.json": result.profile.to_json()} if result.profile is not None else {}
     save_quantized(net, tok, result.plan, out, meta, extra)
     meta["file_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -37,6 +37,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -72,6 +73,7 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, met
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
+        tmp.chmod(0o755)
         tensors = {}
         for name, p in model.named_parameters():
             if not _in_quantized(name, plan):

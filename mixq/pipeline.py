@@ -11,17 +11,19 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, allocate
-from .capture import block_inputs, hessians, run_block
+from .capture import block_inputs, hessians, output_fisher, run_block
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .plan import Budget, Candidate, Plan
 from .profile import Profile, profile_group
 from .runtime.qlinear import QuantLinear
+from .sensitivity import NEEDS_FISHER
 from .solvers import solve
 
 log = logging.getLogger(__name__)
 Step = Callable[[str, int, int], None]
+FISHER_WINDOWS = 8  # calibration windows that get a backward pass for the fisher estimator
 
 
 def _no_step(stage: str, done: int, total: int) -> None:
@@ -57,18 +59,19 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
         get_solver(cand.solver)
 
 
-def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "hessian",
+def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "fisher",
                   step: Step = _no_step) -> Profile:
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model)))
+    fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step) if estimator in NEEDS_FISHER else None
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         with hessians(block, adapter) as stats:
             y = run_block(block, x, kwargs)
         for group in adapter.groups:
             weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
-            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator)
+            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher)
         x = y
         step("profile", i + 1, len(blocks))
     return prof
@@ -116,7 +119,7 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
 
 
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
-             candidates: list[Candidate] | None = None, estimator: str = "hessian",
+             candidates: list[Candidate] | None = None, estimator: str = "fisher",
              step: Step = _no_step) -> Result:
     """Profile + allocate (unless a plan is given), then apply. The model is left packed (QuantLinear)."""
     from .profile import default_candidates
@@ -137,3 +140,16 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
     seconds["apply"] = time.perf_counter() - t
     pack_model(model, qtensors)
     return Result(plan, prof, alloc, seconds)
+
+
+def block_linear_bits(model: nn.Module) -> tuple[int, int]:
+    """(stored bits, weights) of every block linear: packed buffers of QuantLinear, FLOAT_DTYPE for the rest."""
+    bits = weights = 0
+    for name in adapter_for(model).layer_names(model):
+        m = model.get_submodule(name)
+        weights += m.in_features * m.out_features
+        if isinstance(m, QuantLinear):
+            bits += sum(b.numel() * b.element_size() * 8 for b in m.buffers(recurse=False))
+        else:
+            bits += m.weight.numel() * torch.finfo(FLOAT_DTYPE).bits
+    return bits, weights

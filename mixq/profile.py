@@ -64,12 +64,14 @@ class Profile:
 
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
-                  estimator: str) -> list[LayerProfile]:
+                  estimator: str, fisher: dict[str, torch.Tensor] | None = None) -> list[LayerProfile]:
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
     solved in one call: rows of every layer × every width stacked (rows are independent given H)."""
     estimate = get_estimator(estimator)
     full = weights
-    weights = {name: _row_sample(w) for name, w in weights.items()}
+    weights = {name: w[_row_sample(w.shape[0])] for name, w in weights.items()}
+    row_weight = {name: (fisher[name][_row_sample(w.shape[0])] * (w.shape[0] / _row_sample(w.shape[0]).numel())
+                         if fisher is not None else None) for name, w in full.items()}
     cols = next(iter(weights.values())).shape[1]
     fitting = [c for c in candidates if c.spec.fits(cols)]
     if not fitting:
@@ -87,14 +89,14 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
             for name, w in weights.items():
                 r1 = r0 + w.shape[0]
                 qt = QuantizedTensor(codes[r0:r1], scales[r0:r1], zeros[r0:r1], c.spec)
-                results[name, c] = estimate(w, qt.dequantize(), stats)
+                results[name, c] = estimate(w, qt.dequantize(), stats, row_weight[name])
                 r0 = r1
     return [LayerProfile(name, w.shape[0], cols, fitting, [c.spec.storage_bits(*w.shape) for c in fitting],
                          [results[name, c] for c in fitting]) for name, w in full.items()]
 
 
-def _row_sample(w: torch.Tensor) -> torch.Tensor:
-    """A fixed, evenly spread subset of rows: an unbiased, much cheaper estimate of a relative damage."""
-    if w.shape[0] <= PROFILE_ROWS:
-        return w
-    return w[torch.linspace(0, w.shape[0] - 1, PROFILE_ROWS).round().long()]
+def _row_sample(rows: int) -> torch.Tensor:
+    """A fixed, evenly spread subset of row indices: a much cheaper estimate of a layer's damage."""
+    if rows <= PROFILE_ROWS:
+        return torch.arange(rows)
+    return torch.linspace(0, rows - 1, PROFILE_ROWS).round().long()

@@ -23,7 +23,8 @@ def write_report(folder: str | Path) -> Path:
     plan = Plan.from_json((folder / "plan.json").read_text())
     prof = Profile.from_json((folder / "profile.json").read_text()) if (folder / "profile.json").exists() else None
     layers = list(plan.layers)
-    bits = [_layer_bpw(prof, n, plan) for n in layers]
+    shapes = meta.get("shapes", {})
+    bits = [plan.layers[n].spec.bits_per_weight(*shapes[n]) for n in layers]
 
     fig, ax = plt.subplots(figsize=(12, 4))
     kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
@@ -69,12 +70,3 @@ def write_report(folder: str | Path) -> Path:
     out = folder / "report.md"
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
-
-
-def _layer_bpw(prof: Profile | None, name: str, plan: Plan) -> float:
-    if prof is not None:
-        for lp in prof.layers:
-            if lp.name == name:
-                return plan.layers[name].spec.bits_per_weight(lp.rows, lp.cols)
-    return float(plan.layers[name].spec.bits + plan.layers[name].spec.overhead_bits_per_group() /
-                 max(plan.layers[name].spec.group_size, 576))

@@ -1,12 +1,15 @@
 """Damage estimators, registered by name: how much a layer's quantization hurts, comparable across layers.
 
-    estimator(weight rows × cols, dequantized rows × cols, stats: LayerStats) -> float
+    estimator(weight rows × cols, dequantized rows × cols, stats: LayerStats, fisher: rows or None) -> float
+
+`fisher` is the diagonal Fisher of the layer's output (capture.output_fisher), for estimators that need it.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 ESTIMATORS: dict[str, Callable] = {}
+NEEDS_FISHER = {"fisher"}
 
 
 def register_estimator(name: str):
@@ -24,4 +27,4 @@ def get_estimator(name: str) -> Callable:
     return ESTIMATORS[name]
 
 
-from . import hessian  # noqa: E402,F401  (register)
+from . import fisher, hessian  # noqa: E402,F401  (register)

@@ -15,6 +15,6 @@ from . import register_estimator
 
 
 @register_estimator("hessian")
-def hessian_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats) -> float:
+def hessian_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, fisher=None) -> float:
     energy = ((weight.float() @ stats.hessian) * weight.float()).sum()
     return float(output_error(weight, deq, stats.hessian).sum() / energy.clamp(min=1e-12))

@@ -1,0 +1,140 @@
+"""Uniform RTN / clip / GPTQ against mixq's mixed precision on SmolLM2-135M at real block-linear bpw budgets.
+
+Reruns from scratch: `python benchmarks/smollm2_bits.py` (about an hour on 2 cores). Writes
+benchmarks/results/smollm2_bits.md, .json and .png. Perplexity by the project's protocol (pydoc split, first 64
+windows of 512 tokens of the evaluation split); bpw counts every stored byte of the block linears.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from mixq import data
+from mixq.allocate import allocate
+from mixq.eval.perplexity import perplexity
+from mixq.formats import QuantSpec
+from mixq.models import adapter_for, load_model
+from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
+from mixq.plan import Budget, Candidate, Plan
+from mixq.profile import default_candidates
+
+HERE = Path(__file__).parent
+REFERENCE_PPL = 12.63  # the dequantized Q4_1 model in fp32, by the protocol
+
+
+def uniform_spec(model, budget_bits: float) -> QuantSpec:
+    """The (bits, group, symmetry) of largest real bpw ≤ budget that fits every block linear."""
+    adapter = adapter_for(model)
+    shapes = [tuple(model.get_submodule(n).weight.shape) for n in adapter.layer_names(model)]
+    total = sum(r * c for r, c in shapes)
+    best = None
+    for bits in (2, 3, 4, 5, 6, 8):
+        for group in (32, 64, 96, 192, 0):
+            for sym in (False, True):
+                spec = QuantSpec(bits, group, sym)
+                if not all(spec.fits(c) for _, c in shapes):
+                    continue
+                bpw = sum(spec.storage_bits(r, c) for r, c in shapes) / total
+                if bpw <= budget_bits + 1e-9 and (best is None or bpw > best[0]):
+                    best = (bpw, spec)
+    return best[1]
+
+
+def real_bpw(model) -> float:
+    bits, weights = block_linear_bits(model)
+    return bits / weights
+
+
+def run(float_model, calib, evals, plan: Plan) -> dict:
+    model = copy.deepcopy(float_model)
+    t = time.perf_counter()
+    qt = apply_plan(model, calib, plan)
+    pack_model(model, qt)
+    seconds = time.perf_counter() - t
+    return {"bpw": real_bpw(model), "seconds": seconds, **{k: perplexity(model, v) for k, v in evals.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
+    ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
+    ap.add_argument("--methods", nargs="+", default=["rtn", "clip", "gptq", "mixq"])
+    ap.add_argument("--estimator", default="fisher")
+    ap.add_argument("--out", default=str(HERE / "results" / "smollm2_bits"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok, path = load_model(None)
+    calib = data.calibration_windows(tok)
+    evals = {"ppl": data.evaluation_windows(tok, count=args.windows)}
+    rows = [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
+             "ppl": perplexity(model, evals["ppl"])}]
+    print(rows[-1], flush=True)
+    prof = None
+    if "mixq" in args.methods:
+        t = time.perf_counter()
+        prof = profile_model(model, calib, default_candidates(), args.estimator)
+        profile_seconds = time.perf_counter() - t
+    names = adapter_for(model).layer_names(model)
+    for budget in args.budgets:
+        for method in args.methods:
+            if method == "mixq":
+                t = time.perf_counter()
+                plan = allocate(prof, Budget(bits=budget)).plan
+                extra = profile_seconds + time.perf_counter() - t
+                label = f"mixq mixed ({args.estimator})"
+            else:
+                spec = uniform_spec(model, budget)
+                plan = Plan({n: Candidate(spec, method) for n in names})
+                extra, label = 0.0, f"uniform {method} {spec.name}"
+            r = run(model, calib, evals, plan)
+            r["seconds"] += extra
+            rows.append({"method": label, "budget": budget, **r})
+            print(rows[-1], flush=True)
+    write(rows, Path(args.out), args.windows)
+
+
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=HERE).stdout.strip()
+
+
+def write(rows, out: Path, windows: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    ref = rows[0]["ppl"]
+    lines = [f"# SmolLM2-135M: uniform vs mixed precision at real block-linear bpw budgets", "",
+             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration: 32 × 512 tokens "
+             f"of the pydoc calibration split. Commit {COMMIT}, torch {torch.__version__}, "
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.", "",
+             "| budget | method | real bpw | ppl | × reference | seconds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        b = "" if r["budget"] is None else f"{r['budget']:g}"
+        lines.append(f"| {b} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref:.3f} | "
+                     f"{r['seconds']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"].split(" int")[0] for r in rows[1:]}):
+        pts = sorted((r["bpw"], r["ppl"]) for r in rows[1:] if r["method"].split(" int")[0] == method)
+        ax.plot(*zip(*pts), "o-", label=method)
+    ax.axhline(ref, color="gray", ls="--", label="float reference")
+    ax.set_yscale("log")
+    ax.set_xlabel("real block-linear bits per weight")
+    ax.set_ylabel("pydoc perplexity")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
