@@ -1,0 +1,247 @@
+"""The `mixq` command on the tiny model saved as a Hugging Face folder: the happy path writes every file, and each
+bad input ends with exit code 2 and an `error:` line, no traceback, and no output folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mixq
+from mixq.cli import app
+from mixq.io import MARKER
+from mixq.runtime.qlinear import QuantLinear
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _error(stderr: str) -> str:
+    """The error message: from `error: ` to the end (progress bars may come before it)."""
+    assert "error: " in stderr, stderr
+    return stderr[stderr.index("error: "):]
+
+
+def _json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "nothing on stdout"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_hf_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "q4"
+    res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 4, "--eval-windows", 0, "--calib-windows", 4,
+                 "--calib", text_file, "--out", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_quantize_writes_the_folder(quantized_dir, tiny_hf_dir):
+    names = {p.name for p in quantized_dir.iterdir()}
+    assert {"mixq.json", "plan.json", "model.safetensors", "report.md", "profile.json", "config.json"} <= names
+    assert not [n for n in os.listdir(quantized_dir.parent) if ".partial" in n or ".old" in n]
+    meta = json.loads((quantized_dir / MARKER).read_text())
+    assert meta["bpw"] <= 4.0
+    assert meta["source"] == str(Path(tiny_hf_dir))
+    assert meta["calibration"]["windows"] >= 1
+    model = mixq.load(quantized_dir)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert "bits per layer" in (quantized_dir / "report.md").read_text().lower()
+
+
+def test_eval_prints_one_json_line(quantized_dir, text_file):
+    res = invoke("eval", quantized_dir, "--text", text_file)
+    assert res.exit_code == 0, res.output
+    line = _json_line(res.stdout)
+    assert set(line) == {"ppl", "bpw", "windows"}
+    assert line["windows"] == 1  # the ~650-token file is one (short) window
+    assert line["bpw"] == pytest.approx(json.loads((quantized_dir / MARKER).read_text())["bpw"], abs=1e-4)
+    assert 1 < line["ppl"] < 10_000  # random weights over a 256-token vocabulary: near 256, finite
+
+
+def test_eval_of_the_float_folder(tiny_hf_dir, text_file):
+    res = invoke("eval", tiny_hf_dir, "--text", text_file, "--windows", 1)
+    assert res.exit_code == 0, res.output
+    line = _json_line(res.stdout)
+    assert line["bpw"] == 32.0 and line["windows"] == 1
+
+
+def test_allocate_from_the_saved_profile_then_apply(quantized_dir, tiny_hf_dir, text_file, tmp_path):
+    plan_path = tmp_path / "plan3.json"
+    res = invoke("allocate", quantized_dir / "profile.json", "--bits", 3.0, "--out", plan_path)
+    assert res.exit_code == 0, res.output
+    line = _json_line(res.stdout)
+    assert line["bpw"] <= 3.0 and line["plan"] == str(plan_path)
+    plan = json.loads(plan_path.read_text())
+    assert plan["version"] == 1 and len(plan["layers"]) == 14
+
+    out = tmp_path / "q3"
+    res = invoke("quantize", "--model", tiny_hf_dir, "--plan", plan_path, "--eval-windows", 0, "--calib", text_file,
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / MARKER).read_text())
+    assert meta["bpw"] == pytest.approx(line["bpw"], abs=1e-4)
+    assert json.loads((out / "plan.json").read_text()) == plan
+
+    # the same model may overwrite its own earlier output
+    res = invoke("quantize", "--model", tiny_hf_dir, "--plan", plan_path, "--eval-windows", 0, "--calib", text_file,
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+
+
+def test_report_command(quantized_dir):
+    (quantized_dir / "report.md").unlink()
+    res = invoke("report", quantized_dir)
+    assert res.exit_code == 0, res.output
+    assert (quantized_dir / "report.md").is_file() and (quantized_dir / "pareto.png").is_file()
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------------
+
+def _bad_cases(tiny_hf_dir: Path, text_file: Path, tmp: Path) -> dict[str, tuple[list, str]]:
+    """name → (arguments, a phrase the error must contain)."""
+    rng = torch.Generator().manual_seed(0)
+    junk = tmp / "x.gguf"
+    junk.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=rng, dtype=torch.uint8).tolist()))
+    truncated = tmp / "y.gguf"
+    truncated.write_bytes(b"GGUF" + bytes(torch.randint(0, 256, (300,), generator=rng, dtype=torch.uint8).tolist()))
+    empty = tmp / "empty.txt"
+    empty.write_text("  \n\n")
+    latin = tmp / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    short = tmp / "short.txt"
+    short.write_text("the model .\n")
+    unknown_plan = tmp / "unknown.json"
+    unknown_plan.write_text(json.dumps({"version": 1, "layers": {
+        "model.layers.9.mlp.down_proj": {"solver": "rtn", "bits": 4, "group_size": 32, "symmetric": False}}}))
+    other = tmp / "other-model"
+    other.mkdir()
+    (other / MARKER).write_text(json.dumps({"source": "/somewhere/else.gguf"}))
+    (other / "plan.json").write_text("{}")
+    m = ["--model", tiny_hf_dir, "--eval-windows", 0]
+    c = ["--calib", text_file]
+    return {
+        "missing model": (["--model", tmp / "no-such-model", "--bits", 3, *c], "model not found"),
+        "folder without config": (["--model", tmp, "--bits", 3, *c], "config.json"),
+        "random .gguf": (["--model", junk, "--bits", 3, *c], "not a GGUF file"),
+        "truncated .gguf": (["--model", truncated, "--bits", 3, *c], "corrupt GGUF"),
+        "empty calibration": ([*m, "--bits", 3, "--calib", empty], "empty"),
+        "missing calibration": ([*m, "--bits", 3, "--calib", tmp / "nope.txt"], "not found"),
+        "latin-1 calibration": ([*m, "--bits", 3, "--calib", latin], "UTF-8"),
+        "short calibration": ([*m, "--bits", 3, "--calib", short], "at least 16"),
+        "impossible budget": ([*m, "--bits", 1.0, *c], "smallest"),
+        "impossible size": ([*m, "--size", "10KB", *c], "smallest"),
+        "unreadable size": ([*m, "--size", "sixty MB", *c], "cannot read size"),
+        "plan with unknown layer": ([*m, "--plan", unknown_plan, *c], "unknown layer"),
+        "missing plan": ([*m, "--plan", tmp / "nope.json", *c], "plan file not found"),
+        "out holds another model": ([*m, "--bits", 3, *c], "different model"),
+        "neither bits nor size": ([*m, *c], "exactly one"),
+        "both bits and size": ([*m, "--bits", 3, "--size", "60MB", *c], "exactly one"),
+        "plan and bits": ([*m, "--plan", unknown_plan, "--bits", 3, *c], "exactly one"),
+    }
+
+
+CASES = ["missing model", "folder without config", "random .gguf", "truncated .gguf", "empty calibration",
+         "missing calibration", "latin-1 calibration", "short calibration", "impossible budget", "impossible size",
+         "unreadable size", "plan with unknown layer", "missing plan", "out holds another model",
+         "neither bits nor size", "both bits and size", "plan and bits"]
+
+
+def _run_bad(case, tiny_hf_dir, text_file, tmp_path):
+    args, phrase = _bad_cases(tiny_hf_dir, text_file, tmp_path)[case]
+    out = tmp_path / "other-model" if case == "out holds another model" else tmp_path / "out"
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    res = invoke("quantize", *args, "--out", out)
+    return res, phrase, out, before
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_cleanly(case, tiny_hf_dir, text_file, tmp_path):
+    res, phrase, out, before = _run_bad(case, tiny_hf_dir, text_file, tmp_path)
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)  # not an uncaught exception
+    err = _error(res.stderr)
+    assert "Traceback" not in res.output
+    assert phrase.lower() in " ".join(err.split()).lower(), err
+    assert res.stdout == ""
+    # nothing written: no output folder, no temporary folders
+    if before is None:
+        assert not out.exists()
+    else:
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
+
+
+@pytest.mark.xfail(strict=True, reason="mixq/cli.py:_fail prints with rich, which wraps the message at the console "
+                   "width (80 columns when not a terminal: CI logs, pipes), so long errors span several lines; "
+                   "fix: console.print(..., soft_wrap=True)")
+def test_errors_are_one_line(tiny_hf_dir, text_file, tmp_path):
+    for case in ("missing model", "random .gguf", "plan with unknown layer", "impossible budget"):
+        sub = tmp_path / case.replace(" ", "-")
+        sub.mkdir()
+        res, _, _, _ = _run_bad(case, tiny_hf_dir, text_file, sub)
+        assert res.exit_code == 2
+        assert len(_error(res.stderr).strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="mixq/plan.py QuantSpec.from_dict: a plan layer without 'bits' raises "
+                   "KeyError, which cli.quantize does not catch: a traceback instead of an error line")
+def test_plan_layer_without_bits_fails_cleanly(tiny_hf_dir, text_file, tmp_path):
+    plan = tmp_path / "nobits.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {"model.layers.0.mlp.down_proj": {"solver": "rtn"}}}))
+    res = invoke("quantize", "--model", tiny_hf_dir, "--plan", plan, "--eval-windows", 0, "--calib", text_file,
+                 "--out", tmp_path / "out")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert _error(res.stderr)
+
+
+def test_eval_of_a_missing_target(tmp_path):
+    res = invoke("eval", tmp_path / "nothing-here")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert _error(res.stderr)
+
+
+def test_eval_of_an_empty_text(quantized_dir, tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    res = invoke("eval", quantized_dir, "--text", empty)
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "empty" in _error(res.stderr)
+
+
+@pytest.mark.parametrize("args, phrase", [(["--bits", 1.0], "smallest"), ([], "exactly one"),
+                                          (["--bits", 3, "--size", "1MB"], "exactly one")])
+def test_allocate_bad_inputs(quantized_dir, tmp_path, args, phrase):
+    res = invoke("allocate", quantized_dir / "profile.json", *args, "--out", tmp_path / "p.json")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert phrase in " ".join(_error(res.stderr).split())
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_allocate_missing_profile(tmp_path):
+    res = invoke("allocate", tmp_path / "profile.json", "--bits", 3, "--out", tmp_path / "p.json")
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "profile not found" in " ".join(_error(res.stderr).split())
+
+
+def test_quantize_with_evaluation(tiny_hf_dir, text_file, tmp_path):
+    """The before/after evaluation (pydoc split, by the protocol) lands in mixq.json and the report."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {
+        "model.layers.0.mlp.up_proj": {"solver": "rtn", "bits": 8, "group_size": 32, "symmetric": True}}}))
+    out = tmp_path / "q"
+    res = invoke("quantize", "--model", tiny_hf_dir, "--plan", plan, "--eval-windows", 1, "--calib", text_file,
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+    ev = json.loads((out / MARKER).read_text())["eval"]
+    assert ev["windows"] == 1
+    # one 8-bit layer barely moves a random model's perplexity
+    assert ev["ppl_after"] == pytest.approx(ev["ppl_before"], rel=0.01)
+    assert f"{ev['ppl_after']:.3f}" in (out / "report.md").read_text()

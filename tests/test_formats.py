@@ -1,0 +1,207 @@
+"""The reference grid (formats.quantize / dequantize) and exact bit accounting against the packed buffers."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixq.formats import BITS, GROUP_SIZES, SCALE_BITS, QuantSpec, dequantize, quantize
+from mixq.runtime.qlinear import QuantLinear
+
+SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product((2, 3, 4, 5, 6, 8), (32, 64, 0), (False, True))]
+# float32 slack on top of the half-step bound: |w| · a few ulps
+REL_EPS = 1e-6
+
+
+def _weights(seed: int, rows: int, cols: int, magnitude: float, outliers: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * magnitude
+    if outliers:  # a few large weights, as real layers have
+        idx = torch.randint(0, rows * cols, (max(1, rows * cols // 50),), generator=g)
+        w.view(-1)[idx] *= 8
+    return w
+
+
+def _grid_bounds(qt):
+    """Per-element lowest and highest representable values of each element's group, and the step."""
+    rows, cols = qt.codes.shape
+    g = qt.spec.group(cols)
+    s = qt.scales.float().repeat_interleave(g, dim=1)
+    z = qt.zeros.float().repeat_interleave(g, dim=1)
+    return -z * s, (qt.spec.maxq - z) * s, s
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 5), groups=st.integers(1, 3),
+       magnitude=st.sampled_from([0.02, 1.0, 30.0]), outliers=st.booleans())
+def test_round_trip_error_is_at_most_half_a_step(spec, seed, rows, groups, magnitude, outliers):
+    cols = (spec.group_size or 48) * groups
+    w = _weights(seed, rows, cols, magnitude, outliers)
+    qt = quantize(w, spec)
+
+    assert qt.codes.shape == (rows, cols) and qt.codes.dtype == torch.uint8
+    ngroups = cols // spec.group(cols)
+    assert qt.scales.shape == (rows, ngroups) and qt.scales.dtype == torch.float16
+    assert qt.zeros.shape == (rows, ngroups) and qt.zeros.dtype == torch.uint8
+    assert int(qt.codes.max()) <= spec.maxq
+    assert int(qt.zeros.max()) <= spec.maxq
+    if spec.symmetric:
+        assert torch.all(qt.zeros == 1 << (spec.bits - 1))
+    assert torch.all(qt.scales > 0)
+
+    deq = qt.dequantize()
+    assert deq.dtype == torch.float32 and deq.shape == w.shape
+    # the dequantized values are exactly (q - z)·s
+    lo, hi, step = _grid_bounds(qt)
+    expected = (qt.codes.float() - qt.zeros.float().repeat_interleave(spec.group(cols), 1)) * step
+    assert torch.equal(deq, expected)
+
+    err = (w - deq).abs()
+    slack = REL_EPS * w.abs() + 1e-12
+    # round to nearest: any weight within half a step of the grid's ends is at most half a step from a point
+    inside = (w >= lo - step / 2) & (w <= hi + step / 2)
+    assert torch.all(err[inside] <= step[inside] / 2 + slack[inside]), float((err - step / 2)[inside].max())
+    # clipped weights lie just outside the grid: never more than one step away from it
+    assert torch.all(err <= step + slack)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.symmetric], ids=lambda s: s.name)
+def test_round_trip_is_exact_on_grid_points(spec):
+    """Weights that already lie on a grid spanning their range come back bit for bit."""
+    cols, rows = spec.group_size or 40, 3  # one group per row
+    g = torch.Generator().manual_seed(spec.bits * 1000 + cols)
+    codes = torch.randint(0, spec.maxq + 1, (rows, cols), generator=g)
+    codes[:, 0], codes[:, 1] = 0, spec.maxq  # span the full range so min/max fitting finds the same grid
+    zero = spec.maxq // 3
+    scale = 0.125  # a power of two: exact in fp16 and in every product
+    w = (codes.float() - zero) * scale
+    qt = quantize(w, spec)
+    assert torch.equal(qt.codes, codes.to(torch.uint8))
+    assert torch.all(qt.zeros == zero)
+    assert torch.equal(qt.dequantize(), w)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@settings(max_examples=6)
+@given(rows=st.integers(1, 9), groups=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_storage_bits_equal_packed_bytes(spec, rows, groups, seed):
+    cols = spec.group_size * groups if spec.group_size else 8 * groups + 3  # odd widths for whole-row groups
+    qt = quantize(_weights(seed, rows, cols, 1.0, False), spec)
+    layer = QuantLinear.from_quantized(qt)
+    packed_bits = sum(b.numel() * b.element_size() * 8 for b in layer.buffers())
+    assert spec.storage_bits(rows, cols) == packed_bits
+    assert spec.bits_per_weight(rows, cols) == pytest.approx(packed_bits / (rows * cols), rel=1e-12)
+    # and the layer computes exactly with the reference weight
+    assert torch.equal(layer.weight_float(), qt.dequantize())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_storage_bits_formula(spec):
+    """Large aligned layer (no padding): bits + (16 + zero bits) / group per weight, as the README states."""
+    rows, cols = 64, 192
+    group = spec.group(cols)
+    zero_bits = 0 if spec.symmetric else spec.bits
+    assert spec.bits_per_weight(rows, cols) == pytest.approx(spec.bits + (SCALE_BITS + zero_bits) / group)
+
+
+def test_readme_example_bits_per_weight():
+    # "3-bit, group 192, asymmetric: 3 + (16 + 3)/192 = 3.099 bits per weight"
+    assert round(QuantSpec(3, 192).bits_per_weight(576, 576), 3) == 3.099
+
+
+@pytest.mark.parametrize("bits", [0, 1, 7, 9, 16, -4])
+def test_spec_rejects_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits)
+
+
+@pytest.mark.parametrize("group", [1, 16, 48, 100, 512, -32])
+def test_spec_rejects_bad_group_sizes(group):
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(4, group)
+
+
+def test_spec_is_frozen_and_named():
+    spec = QuantSpec(3, 64, True)
+    with pytest.raises(Exception):
+        spec.bits = 4  # type: ignore[misc]
+    assert spec.name == "int3-g64-sym"
+    assert QuantSpec(4).name == "int4-row-asym"
+
+
+def test_fits():
+    assert not QuantSpec(4, 128).fits(576)
+    assert QuantSpec(4, 64).fits(576)
+    assert QuantSpec(4, 192).fits(576)
+    assert QuantSpec(4, 0).fits(577)
+    assert QuantSpec(4, 0).group(577) == 577
+    with pytest.raises(ValueError, match="does not fit"):
+        QuantSpec(4, 128).storage_bits(10, 576)
+    with pytest.raises(ValueError, match="does not fit"):
+        quantize(torch.zeros(2, 576), QuantSpec(4, 128))
+    with pytest.raises(ValueError, match="does not fit"):
+        QuantLinear(576, 8, QuantSpec(4, 128))
+
+
+@given(cols=st.integers(1, 2000), group=st.sampled_from((0,) + GROUP_SIZES))
+def test_fits_means_groups_divide(cols, group):
+    spec = QuantSpec(4, group)
+    assert spec.fits(cols) == (group == 0 or cols % group == 0)
+
+
+def test_spec_dict_round_trip_and_unknown_keys():
+    for b, g, s in itertools.product(BITS, (0,) + GROUP_SIZES, (False, True)):
+        spec = QuantSpec(b, g, s)
+        assert QuantSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown"):
+        QuantSpec.from_dict({"bits": 4, "group_size": 64, "symmetric": False, "scheme": "x"})
+
+
+def test_quantize_reference_example():
+    """Pins the grid by hand: asymmetric min/max with the range stretched to include 0, rounded zero, fp16 scale."""
+    w = torch.tensor([[-0.7, 2.3, 0.2, 1.6]])
+    qt = quantize(w, QuantSpec(2, 0))  # lo -0.7, hi 2.3: scale 1.0, zero round(0.7) = 1
+    assert qt.scales.tolist() == [[1.0]] and qt.zeros.tolist() == [[1]]
+    assert qt.codes.tolist() == [[0, 3, 1, 3]]
+    assert qt.dequantize().tolist() == [[-1.0, 2.0, 0.0, 2.0]]
+
+    w = torch.tensor([[0.5, 1.5, 3.0, 1.0]])  # all positive: the grid still starts at 0
+    qt = quantize(w, QuantSpec(2, 0))
+    assert qt.scales.tolist() == [[1.0]] and qt.zeros.tolist() == [[0]]
+    assert qt.codes.tolist() == [[0, 2, 3, 1]]  # round half to even: 0.5 → 0, 1.5 → 2
+
+    w = torch.tensor([[-1.5, 0.75, 1.5, -0.2]])  # symmetric: scale 2·amax/maxq = 1.0, zero 2^(bits-1) = 2
+    qt = quantize(w, QuantSpec(2, 0, True))
+    assert qt.scales.tolist() == [[1.0]] and qt.zeros.tolist() == [[2]]
+    assert qt.codes.tolist() == [[0, 3, 3, 2]]  # -1.5 → -2 (half to even) + 2; 1.5 → 2 + 2 = 4, clipped to 3
+
+
+def test_dequantize_matches_definition():
+    codes = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5, 2.0], [1.0, 0.25]], dtype=torch.float16)
+    zeros = torch.tensor([[1, 2], [0, 3]], dtype=torch.uint8)
+    got = dequantize(codes, scales, zeros, 2)
+    want = torch.tensor([[-0.5, 0.0, 0.0, 2.0], [3.0, 2.0, -0.5, -0.75]])
+    assert torch.equal(got, want)
+
+
+def test_constant_and_zero_rows_do_not_divide_by_zero():
+    for spec in (QuantSpec(4, 32), QuantSpec(3, 0, True)):
+        w = torch.zeros(2, 64)
+        w[1] = 0.75
+        deq = quantize(w, spec).dequantize()
+        assert torch.isfinite(deq).all()
+        step = quantize(w, spec).scales.float().max()
+        assert torch.all((deq - w).abs() <= step)
+
+
+def test_padding_is_counted():
+    # 3 rows × 5 cols = 15 codes pad to 16; 3 groups of zeros pad to 8
+    spec = QuantSpec(3, 0)
+    assert spec.storage_bits(3, 5) == 16 * 3 + 3 * 16 + 8 * 3
+    assert math.isclose(QuantSpec(8, 0, True).storage_bits(1, 1), 8 * 8 + 16)
