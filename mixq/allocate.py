@@ -6,6 +6,8 @@ The Pareto curve (size against damage) is the optimum at a sweep of budgets.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +58,10 @@ def allocate(profile: Profile, budget: Budget) -> Allocation:
     sizes = [len(lp.bits) for lp in profile.layers]
     owner = np.repeat(np.arange(len(sizes)), sizes)
     one_each = csr_matrix((np.ones(len(owner)), (owner, np.arange(len(owner)))), shape=(len(sizes), len(owner)))
-    res = milp(dmg, integrality=np.ones_like(dmg), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit)],
-               options={"mip_rel_gap": 1e-9})
+    with _silent_stdout():  # HiGHS may print debug lines straight to fd 1, which would corrupt JSON output
+        res = milp(dmg, integrality=np.ones_like(dmg), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit)],
+                   options={"mip_rel_gap": 1e-9})
     if res.x is None:
         raise BudgetError(f"no allocation meets budget {budget}: {res.message}")
     chosen = {}
@@ -67,6 +70,18 @@ def allocate(profile: Profile, budget: Budget) -> Allocation:
         chosen[lp.name] = int(np.argmax(res.x[start:start + k]))
         start += k
     return _allocation(profile, chosen)
+
+
+@contextmanager
+def _silent_stdout():
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _allocation(profile: Profile, chosen: dict[str, int]) -> Allocation:

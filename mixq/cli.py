@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -19,7 +20,7 @@ console = Console(stderr=True)
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    console.print("[red]error:[/red] " + escape(" ".join(str(msg).split())), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -65,7 +66,8 @@ def quantize(
                                          "first 60 % of the pydoc tokens (the project's protocol)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Budget: average stored bits per weight of the block "
                                          "linears (codes + scales + zeros), e.g. 3.0."),
-    size: Optional[str] = typer.Option(None, "--size", help="Budget: size of the whole saved model, e.g. 60MB."),
+    size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored weight, "
+                                       "embeddings in fp16 included), e.g. 95MB."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),

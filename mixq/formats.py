@@ -70,6 +70,8 @@ class QuantSpec:
         unknown = set(d) - {"bits", "group_size", "symmetric"}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
+        if "bits" not in d:
+            raise ValueError(f"a format needs 'bits' (one of {BITS}); got {d}")
         return cls(int(d["bits"]), int(d.get("group_size", 0)), bool(d.get("symmetric", False)))
 
 

@@ -38,11 +38,16 @@ class Result:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance: name, dtype, shape, offsets of each tensor
+
+
 def fixed_bytes(model: nn.Module, layer_names: list[str]) -> int:
-    """Bytes of every parameter saved in float (FLOAT_DTYPE): all but the block linears' weights."""
+    """Bytes of model.safetensors that do not depend on the plan: every parameter saved in float (FLOAT_DTYPE),
+    all but the block linears' weights, plus a header allowance for every tensor (3 per quantized linear)."""
     quantized = {f"{n}.weight" for n in layer_names}
     size = torch.finfo(FLOAT_DTYPE).bits // 8
-    return sum(p.numel() * size for n, p in model.named_parameters() if n not in quantized)
+    floats = [p for n, p in model.named_parameters() if n not in quantized]
+    return sum(p.numel() * size for p in floats) + HEADER_BYTES_PER_TENSOR * (len(floats) + 3 * len(layer_names))
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
@@ -82,6 +87,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
     bit-identical to what QuantLinear computes), the next block fed by this block's quantized outputs."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
+    _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
     x, kwargs = block_inputs(model, adapter, calib)
     out: dict[str, QuantizedTensor] = {}
     for i, block in enumerate(blocks):
@@ -99,7 +105,6 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 out[name] = qt
         x = run_block(block, x, kwargs)
         step("apply", i + 1, len(blocks))
-    _round_float_params(model, set(out))
     return out
 
 

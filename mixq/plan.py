@@ -80,4 +80,8 @@ class Plan:
             raise ValueError(f"unknown plan keys: {sorted(unknown)}")
         if d.get("version", VERSION) != VERSION:
             raise ValueError(f"plan version {d['version']} is not supported (this mixq reads {VERSION})")
-        return cls({k: Candidate.from_dict(v) for k, v in d["layers"].items()})
+        layers = d["layers"]
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+            raise ValueError("a plan's 'layers' maps each layer name to an object like "
+                             '{"solver": "gptq", "bits": 3, "group_size": 64, "symmetric": false}')
+        return cls({k: Candidate.from_dict(v) for k, v in layers.items()})

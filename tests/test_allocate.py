@@ -191,9 +191,6 @@ def test_plan_rejects_bad_json(text, match):
         Plan.from_json(text)
 
 
-@pytest.mark.xfail(strict=True, reason="mixq/plan.py Plan.from_json / QuantSpec.from_dict: a layer without 'bits' "
-                   "or a 'layers' that is not an object raises KeyError/AttributeError, not ValueError, so the CLI "
-                   "shows a traceback instead of a one-line error")
 @pytest.mark.parametrize("text", ['{"version": 1, "layers": {"a": {"solver": "rtn"}}}',
                                   '{"version": 1, "layers": [1]}'])
 def test_plan_malformed_layers_raise_value_error(text):

@@ -179,9 +179,6 @@ def test_bad_input_fails_cleanly(case, tiny_hf_dir, text_file, tmp_path):
     assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
 
 
-@pytest.mark.xfail(strict=True, reason="mixq/cli.py:_fail prints with rich, which wraps the message at the console "
-                   "width (80 columns when not a terminal: CI logs, pipes), so long errors span several lines; "
-                   "fix: console.print(..., soft_wrap=True)")
 def test_errors_are_one_line(tiny_hf_dir, text_file, tmp_path):
     for case in ("missing model", "random .gguf", "plan with unknown layer", "impossible budget"):
         sub = tmp_path / case.replace(" ", "-")
@@ -191,8 +188,6 @@ def test_errors_are_one_line(tiny_hf_dir, text_file, tmp_path):
         assert len(_error(res.stderr).strip().splitlines()) == 1, res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="mixq/plan.py QuantSpec.from_dict: a plan layer without 'bits' raises "
-                   "KeyError, which cli.quantize does not catch: a traceback instead of an error line")
 def test_plan_layer_without_bits_fails_cleanly(tiny_hf_dir, text_file, tmp_path):
     plan = tmp_path / "nobits.json"
     plan.write_text(json.dumps({"version": 1, "layers": {"model.layers.0.mlp.down_proj": {"solver": "rtn"}}}))
@@ -247,8 +242,6 @@ def test_quantize_with_evaluation(tiny_hf_dir, text_file, tmp_path):
     assert f"{ev['ppl_after']:.3f}" in (out / "report.md").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="mixq/cli.py:_fail passes the message to rich as markup, so a '[...]' in a "
-                   "user's path or a message is swallowed; fix: rich.markup.escape(msg)")
 def test_error_keeps_brackets_in_paths(tmp_path):
     missing = tmp_path / "[abc]" / "m"
     res = invoke("quantize", "--model", missing, "--bits", 3, "--out", tmp_path / "out")
