@@ -6,25 +6,12 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+from ..registry import Registry
 
-ESTIMATORS: dict[str, Callable] = {}
+ESTIMATORS = Registry("sensitivity estimator")
 NEEDS_FISHER = {"fisher"}
-
-
-def register_estimator(name: str):
-    def deco(fn):
-        if name in ESTIMATORS:
-            raise ValueError(f"estimator {name!r} registered twice")
-        ESTIMATORS[name] = fn
-        return fn
-    return deco
-
-
-def get_estimator(name: str) -> Callable:
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown sensitivity estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}")
-    return ESTIMATORS[name]
+register_estimator = ESTIMATORS.register
+get_estimator = ESTIMATORS.lookup
 
 
 from . import fisher, hessian  # noqa: E402,F401  (register)

@@ -7,28 +7,14 @@ width of every layer that shares an input). `solve` wraps that for one layer and
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ..formats import QuantizedTensor, QuantSpec
+from ..registry import Registry
 
-SOLVERS: dict[str, Callable] = {}
-
-
-def register_solver(name: str):
-    def deco(fn):
-        if name in SOLVERS:
-            raise ValueError(f"solver {name!r} registered twice")
-        SOLVERS[name] = fn
-        return fn
-    return deco
-
-
-def get_solver(name: str) -> Callable:
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}")
-    return SOLVERS[name]
+SOLVERS = Registry("solver")
+register_solver = SOLVERS.register
+get_solver = SOLVERS.lookup
 
 
 def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
