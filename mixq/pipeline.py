@@ -16,10 +16,10 @@ from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .plan import Budget, Candidate, Plan
-from .profile import Profile, profile_group
+from .profile import Profile, default_candidates, profile_group
 from .runtime.qlinear import QuantLinear
 from .sensitivity import NEEDS_FISHER
-from .solvers import solve
+from .solvers import get_solver, solve
 
 log = logging.getLogger(__name__)
 Step = Callable[[str, int, int], None]
@@ -60,7 +60,6 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
         cols = model.get_submodule(name).in_features
         if not cand.spec.fits(cols):
             raise ValueError(f"plan gives {name} {cand.spec.name}, whose groups do not divide its rows of {cols}")
-        from .solvers import get_solver
         get_solver(cand.solver)
 
 
@@ -127,8 +126,6 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
              step: Step = _no_step) -> Result:
     """Profile + allocate (unless a plan is given), then apply. The model is left packed (QuantLinear)."""
-    from .profile import default_candidates
-
     seconds = {}
     prof = alloc = None
     if plan is None:
