@@ -44,7 +44,9 @@ def budget_bits(profile: Profile, budget: Budget) -> int:
     return (budget.bytes - profile.fixed_bytes) * 8
 
 
-def allocate(profile: Profile, budget: Budget) -> Allocation:
+def check_budget(profile: Profile, budget: Budget) -> int:
+    """The budget in stored bits, or a BudgetError naming the smallest and largest possible models. Needs only
+    the costs, so it runs before any profiling (see profile.cost_profile)."""
     limit = budget_bits(profile, budget)
     lo, hi = bit_limits(profile)
     if limit < lo:
@@ -53,6 +55,11 @@ def allocate(profile: Profile, budget: Budget) -> Allocation:
             f"budget {budget} is below the smallest possible model: {lo / n:.3f} bits per weight "
             f"({(lo // 8 + profile.fixed_bytes) / 1e6:.2f} MB); the largest is {hi / n:.3f} "
             f"({(hi // 8 + profile.fixed_bytes) / 1e6:.2f} MB)")
+    return limit
+
+
+def allocate(profile: Profile, budget: Budget) -> Allocation:
+    limit = check_budget(profile, budget)
     cost = np.concatenate([lp.bits for lp in profile.layers]).astype(float)
     dmg = np.concatenate([lp.damage for lp in profile.layers]).astype(float)
     sizes = [len(lp.bits) for lp in profile.layers]

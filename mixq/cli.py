@@ -106,10 +106,9 @@ def quantize(
         t0 = time.perf_counter()
         net, tok, path = load_model(model)
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
-        if hand_plan is not None:
-            from .pipeline import check_plan
+        from .pipeline import preflight
 
-            check_plan(net, hand_plan)
+        preflight(net, budget, hand_plan, estimator=sensitivity)
         with _progress() as progress:
             eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None

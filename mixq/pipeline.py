@@ -10,15 +10,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .allocate import Allocation, allocate
+from .allocate import Allocation, allocate, check_budget
 from .capture import block_inputs, hessians, output_fisher, run_block
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .plan import Budget, Candidate, Plan
-from .profile import Profile, default_candidates, profile_group
+from .profile import Profile, cost_profile, default_candidates, profile_group
 from .runtime.qlinear import QuantLinear
-from .sensitivity import NEEDS_FISHER
+from .sensitivity import NEEDS_FISHER, get_estimator
 from .solvers import get_solver, solve
 
 log = logging.getLogger(__name__)
@@ -122,21 +122,37 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
         setattr(model.get_submodule(parent), attr, QuantLinear.from_quantized(qt, lin.bias))
 
 
+def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[Candidate] | None = None,
+              estimator: str = "fisher") -> None:
+    """Every check that needs no calibration, so bad input fails in seconds, not after the profile."""
+    if plan is not None:
+        check_plan(model, plan)
+        return
+    if budget is None:
+        raise ValueError("give a budget or a plan")
+    get_estimator(estimator)
+    names = adapter_for(model).layer_names(model)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    check_budget(cost_profile(shapes, candidates or default_candidates(), fixed_bytes(model, names), estimator),
+                 budget)
+
+
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
              step: Step = _no_step) -> Result:
     """Profile + allocate (unless a plan is given), then apply. The model is left packed (QuantLinear)."""
     seconds = {}
     prof = alloc = None
+    candidates = candidates or default_candidates()
+    preflight(model, budget, plan, candidates, estimator)
     if plan is None:
         t = time.perf_counter()
-        prof = profile_model(model, calib, candidates or default_candidates(), estimator, step)
+        prof = profile_model(model, calib, candidates, estimator, step)
         seconds["profile"] = time.perf_counter() - t
         t = time.perf_counter()
         alloc = allocate(prof, budget)
         plan = alloc.plan
         seconds["allocate"] = time.perf_counter() - t
-    check_plan(model, plan)
     t = time.perf_counter()
     qtensors = apply_plan(model, calib, plan, step)
     seconds["apply"] = time.perf_counter() - t

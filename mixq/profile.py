@@ -63,6 +63,19 @@ class Profile:
         return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]])
 
 
+def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate], fixed_bytes: int,
+                 estimator: str) -> Profile:
+    """A profile with every cost and no damage (zeros): enough to check a budget before the long work."""
+    layers = []
+    for name, (rows, cols) in shapes.items():
+        fitting = [c for c in candidates if c.spec.fits(cols)]
+        if not fitting:
+            raise ValueError(f"no candidate fits {name} (rows of {cols} weights); add a whole-row (group 0) one")
+        layers.append(LayerProfile(name, rows, cols, fitting, [c.spec.storage_bits(rows, cols) for c in fitting],
+                                   [0.0] * len(fitting)))
+    return Profile(estimator, fixed_bytes, layers)
+
+
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None) -> list[LayerProfile]:
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are

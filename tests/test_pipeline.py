@@ -373,3 +373,15 @@ def test_load_refuses_a_corrupt_folder(saved, tmp_path):
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(SavedModelError, match="corrupt"):
         mixq.load(bad)
+
+
+def test_impossible_budget_fails_before_any_calibration(monkeypatch):
+    from mixq.allocate import BudgetError
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("profiling started despite an impossible budget")
+
+    monkeypatch.setattr(mixq.pipeline, "profile_model", must_not_run)
+    monkeypatch.setattr(mixq.pipeline, "block_inputs", must_not_run)
+    with pytest.raises(BudgetError, match="smallest possible model"):
+        quantize(make_tiny_model(), random_ids(), budget=Budget(bits=1.0), candidates=_candidates())
