@@ -1,6 +1,7 @@
 """The `mixq` command. Each stage reads and writes files; errors are one line and a non-zero exit code."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -31,6 +32,10 @@ def _quiet() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import tqdm.auto
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its GGUF bar ignores the switch above
+
+    gguf_utils.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
 
 
 class _Bars:
