@@ -48,8 +48,9 @@ def check_out_dir(out: str | Path, source: str) -> None:
     """Refuse, before any work, an output folder that holds something else than an earlier run on `source`."""
     out = Path(out)
     if not out.exists():
-        if not out.parent.exists():
-            raise SavedModelError(f"the parent folder of {out} does not exist")
+        ancestor = next(p for p in out.parents if p.exists())  # missing folders are created at save
+        if not ancestor.is_dir():
+            raise SavedModelError(f"cannot create {out}: {ancestor} is a file, not a folder")
         return
     if not out.is_dir():
         raise SavedModelError(f"{out} exists and is not a folder; choose another --out")
@@ -71,6 +72,7 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, met
                    extra_files: dict[str, str]) -> None:
     """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder)."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         tmp.chmod(0o755)

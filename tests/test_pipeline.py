@@ -310,8 +310,9 @@ def test_check_out_dir(tmp_path):
     a_file.write_text("x")
     with pytest.raises(SavedModelError, match="not a folder"):
         check_out_dir(a_file, SOURCE)
-    with pytest.raises(SavedModelError, match="parent"):
-        check_out_dir(tmp_path / "missing" / "q", SOURCE)
+    check_out_dir(tmp_path / "missing" / "q", SOURCE)  # missing parents are created at save
+    with pytest.raises(SavedModelError, match="is a file"):
+        check_out_dir(a_file / "q", SOURCE)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -385,3 +386,11 @@ def test_impossible_budget_fails_before_any_calibration(monkeypatch):
     monkeypatch.setattr(mixq.pipeline, "block_inputs", must_not_run)
     with pytest.raises(BudgetError, match="smallest possible model"):
         quantize(make_tiny_model(), random_ids(), budget=Budget(bits=1.0), candidates=_candidates())
+
+
+def test_save_creates_missing_parent_folders(quantized, tiny_tokenizer, tmp_path):
+    _, model, result, _ = quantized
+    out = tmp_path / "not" / "yet" / "q"
+    check_out_dir(out, SOURCE)
+    save_quantized(model, tiny_tokenizer, result.plan, out, {"version": 1, "source": SOURCE}, {})
+    assert (out / MARKER).exists() and (out / "model.safetensors").exists()
