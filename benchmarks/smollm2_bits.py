@@ -112,7 +112,7 @@ def write(rows, out: Path, windows: int):
 
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     ref = rows[0]["ppl"]
-    lines = [f"# SmolLM2-135M: uniform vs mixed precision at real block-linear bpw budgets", "",
+    lines = ["# SmolLM2-135M: uniform vs mixed precision at real block-linear bpw budgets", "",
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration: 32 × 512 tokens "
              f"of the pydoc calibration split. Commit {COMMIT}, torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.", "",

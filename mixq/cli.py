@@ -170,7 +170,7 @@ def _print_summary(meta: dict, out: Path) -> None:
     table.add_row("mixq (after)", f"{ev['ppl_after']:.3f}" if ev else "-", f"{meta['bpw']:.3f}",
                   f"{meta['file_bytes'] / 1e6:.2f}")
     Console().print(table)
-    Console().print(f"seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
+    Console().print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
 
 
 @app.command("eval")

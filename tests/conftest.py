@@ -56,6 +56,22 @@ def tiny_model(_tiny_model_pristine):
     return copy.deepcopy(_tiny_model_pristine)
 
 
+def first_block_capture(model, ids: torch.Tensor):
+    """Run capture on block 0 next to the full model: (hidden states, block-0 inputs, stats, block-0 outputs,
+    block 0); the callers check capture against the model's own hidden states."""
+    from mixq.capture import block_inputs, hessians, run_block
+    from mixq.models import adapter_for
+
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    x, kwargs = block_inputs(model, adapter, ids)
+    block = adapter.block_list(model)[0]
+    with hessians(block, adapter) as stats:
+        y = run_block(block, x, kwargs)
+    return hidden, x, stats, y, block
+
+
 def random_ids(windows: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (windows, length), generator=torch.Generator().manual_seed(seed))
 

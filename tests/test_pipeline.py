@@ -20,7 +20,7 @@ from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import default_candidates
 from mixq.runtime.qlinear import QuantLinear
 
-from conftest import make_tiny_model, random_ids
+from conftest import first_block_capture, make_tiny_model, random_ids
 
 BUDGET = Budget(bits=3.5)
 SOURCE = "tiny-random-llama"
@@ -60,13 +60,8 @@ def saved(quantized, tmp_path_factory, tiny_tokenizer):
 def test_capture_matches_the_model(tiny_model):
     ids = random_ids(10, 32, seed=4)  # 10 windows: the last batch of 8 is short
     adapter = adapter_for(tiny_model)
-    with torch.no_grad():
-        hidden = tiny_model(ids, output_hidden_states=True, use_cache=False).hidden_states
-    x, kwargs = block_inputs(tiny_model, adapter, ids)
+    hidden, x, stats, y, block = first_block_capture(tiny_model, ids)
     assert torch.equal(x, hidden[0])
-    block = adapter.block_list(tiny_model)[0]
-    with hessians(block, adapter) as stats:
-        y = run_block(block, x, kwargs)
     assert torch.allclose(y, hidden[1], atol=1e-5)
 
     assert set(stats) == {g[0] for g in adapter.groups}

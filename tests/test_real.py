@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from mixq import data
-from mixq.capture import block_inputs, hessians, run_block
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for, load_model
 from mixq.pipeline import quantize
 from mixq.plan import Candidate, Plan
 from mixq.runtime.qlinear import QuantLinear
+
+from conftest import first_block_capture
 
 pytestmark = pytest.mark.real
 
@@ -56,15 +57,8 @@ def test_model_shape(smollm2):
 
 def test_first_block_capture(smollm2, eval_windows):
     model, _ = smollm2
-    adapter = adapter_for(model)
-    ids = eval_windows[:, :128]
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states
-    x, kwargs = block_inputs(model, adapter, ids)
+    hidden, x, stats, y, _ = first_block_capture(model, eval_windows[:, :128])
     assert torch.equal(x, hidden[0])
-    block = adapter.block_list(model)[0]
-    with hessians(block, adapter) as stats:
-        y = run_block(block, x, kwargs)
     assert torch.allclose(y, hidden[1], atol=1e-4, rtol=1e-4)
     widths = {"self_attn.q_proj": 576, "self_attn.o_proj": 576, "mlp.gate_proj": 576, "mlp.down_proj": 1536}
     assert set(stats) == set(widths)
