@@ -63,17 +63,19 @@ class Profile:
         return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]])
 
 
+def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate]) -> LayerProfile:
+    """The candidates that fit a rows × cols layer with their exact stored bits; damage still zero."""
+    fitting = [c for c in candidates if c.spec.fits(cols)]
+    if not fitting:
+        raise ValueError(f"no candidate fits {name} (rows of {cols} weights); add a whole-row (group 0) one")
+    return LayerProfile(name, rows, cols, fitting, [c.spec.storage_bits(rows, cols) for c in fitting],
+                        [0.0] * len(fitting))
+
+
 def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate], fixed_bytes: int,
                  estimator: str) -> Profile:
     """A profile with every cost and no damage (zeros): enough to check a budget before the long work."""
-    layers = []
-    for name, (rows, cols) in shapes.items():
-        fitting = [c for c in candidates if c.spec.fits(cols)]
-        if not fitting:
-            raise ValueError(f"no candidate fits {name} (rows of {cols} weights); add a whole-row (group 0) one")
-        layers.append(LayerProfile(name, rows, cols, fitting, [c.spec.storage_bits(rows, cols) for c in fitting],
-                                   [0.0] * len(fitting)))
-    return Profile(estimator, fixed_bytes, layers)
+    return Profile(estimator, fixed_bytes, [layer_costs(n, r, c, candidates) for n, (r, c) in shapes.items()])
 
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
@@ -81,31 +83,30 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
     solved in one call: rows of every layer × every width stacked (rows are independent given H)."""
     estimate = get_estimator(estimator)
-    full = weights
-    weights = {name: w[_row_sample(w.shape[0])] for name, w in weights.items()}
-    row_weight = {name: (fisher[name][_row_sample(w.shape[0])] * (w.shape[0] / _row_sample(w.shape[0]).numel())
-                         if fisher is not None else None) for name, w in full.items()}
+    layers = {name: layer_costs(name, *w.shape, candidates) for name, w in weights.items()}
+    sampled, row_weight = {}, {}
+    for name, w in weights.items():
+        idx = _row_sample(w.shape[0])
+        sampled[name] = w[idx]
+        # Fisher damages are sums over rows: scale the sampled rows' up to the whole layer
+        row_weight[name] = fisher[name][idx] * (w.shape[0] / idx.numel()) if fisher is not None else None
     cols = next(iter(weights.values())).shape[1]
-    fitting = [c for c in candidates if c.spec.fits(cols)]
-    if not fitting:
-        raise ValueError(f"no candidate fits rows of {cols} weights; add a whole-row (group 0) candidate")
-    results: dict[tuple[str, Candidate], float] = {}
+    fitting = next(iter(layers.values())).candidates
     by_call: dict[tuple, list[Candidate]] = {}
     for c in fitting:
         by_call.setdefault((c.solver, c.spec.group(cols), c.spec.symmetric), []).append(c)
     for (solver, group, sym), cands in by_call.items():
-        stacked = torch.cat([w for c in cands for w in weights.values()])
-        bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in weights.values()])
+        stacked = torch.cat([w for c in cands for w in sampled.values()])
+        bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
         codes, scales, zeros = get_solver(solver)(stacked.float(), stats.hessian, group, bits, sym)
         r0 = 0
         for c in cands:
-            for name, w in weights.items():
+            for name, w in sampled.items():
                 r1 = r0 + w.shape[0]
                 qt = QuantizedTensor(codes[r0:r1], scales[r0:r1], zeros[r0:r1], c.spec)
-                results[name, c] = estimate(w, qt.dequantize(), stats, row_weight[name])
+                layers[name].damage[fitting.index(c)] = estimate(w, qt.dequantize(), stats, row_weight[name])
                 r0 = r1
-    return [LayerProfile(name, w.shape[0], cols, fitting, [c.spec.storage_bits(*w.shape) for c in fitting],
-                         [results[name, c] for c in fitting]) for name, w in full.items()]
+    return list(layers.values())
 
 
 def _row_sample(rows: int) -> torch.Tensor:
