@@ -30,15 +30,15 @@ REFERENCE_PPL = 12.63  # the dequantized Q4_1 model in fp32, by the protocol
 
 
 def uniform_spec(model, budget_bits: float) -> QuantSpec:
-    """The (bits, group, symmetry) of largest real bpw ≤ budget that fits every block linear."""
+    """The format (bits, group, grid, scale codes) of largest real bpw ≤ budget that fits every block linear."""
     adapter = adapter_for(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in adapter.layer_names(model)]
     total = sum(r * c for r, c in shapes)
     best = None
     for bits in (2, 3, 4, 5, 6, 8):
         for group in (32, 64, 96, 192, 0):
-            for sym in (False, True):
-                spec = QuantSpec(bits, group, sym)
+            for grid, scale_bits in (("int", 16), ("sym", 16), ("min", 16), ("sym", 6), ("min", 6)):
+                spec = QuantSpec.of(bits, group, grid, scale_bits)
                 if not all(spec.fits(c) for _, c in shapes):
                     continue
                 bpw = sum(spec.storage_bits(r, c) for r, c in shapes) / total

@@ -5,7 +5,17 @@ groups of `group_size` consecutive columns:
 
     w ≈ (q - z) · s        q ∈ [0, 2^bits - 1] integer code, s fp16 scale, z integer zero, one (s, z) per group
 
-Symmetric specs store no zero: z is the constant 2^(bits-1).
+Three grids (`QuantSpec.grid`):
+- "int" (asymmetric): z is stored, `bits` wide.
+- "sym": no zero is stored: z is the constant 2^(bits-1), and the scale is signed so that the weight of largest
+  magnitude lands on code 0, the longer side of the grid (as llama.cpp's Q4_0: no level is wasted).
+- "min": an fp16 minimum m instead of an integer zero, w ≈ q · s + m (llama.cpp's Q4_1 / Q5_1; HQQ's float
+  zero): the grid's offset is free, not a multiple of the step.
+
+Double quantization (`scale_bits` 4, 6 or 8; "sym" and "min" grids, as llama.cpp's k-quants): instead of fp16,
+each group's scale (and minimum) is stored as a `scale_bits`-wide code times an fp16 step per row:
+s = Δs · c (unsigned c ≥ 1, "min") or Δs · (c − 2^(scale_bits-1)) (signed, "sym"); m = Δm · (c − 2^(scale_bits-1)).
+Small groups then cost little: 4-bit group 32 with 6-bit scale and minimum codes is 4.375 bits + 32 bits a row.
 """
 from __future__ import annotations
 
@@ -16,21 +26,50 @@ import torch
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 96, 128, 192, 256)  # 0 means one group per whole row
 SCALE_BITS = 16  # scales are stored as fp16
+MIN_BITS = 16  # so are the minima of "min" grids
+GRIDS = ("int", "sym", "min")
+SCALE_CODE_BITS = (4, 6, 8)  # widths of double-quantized scale codes
+STEP_BITS = 16  # the per-row steps of double-quantized scales and minima are fp16
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """An integer grid: `bits` per code, one fp16 scale (+ a `bits`-wide zero unless symmetric) per group."""
+    """An integer grid: `bits` per code, one fp16 scale per group, and per group a `bits`-wide zero (asymmetric),
+    nothing (`symmetric`) or an fp16 minimum (`minimum`)."""
 
     bits: int
     group_size: int = 0  # 0: whole row
     symmetric: bool = False
+    minimum: bool = False
+    scale_bits: int = SCALE_BITS  # 16: fp16 scales; 4, 6 or 8: double-quantized (codes + an fp16 step per row)
 
     def __post_init__(self):
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group_size != 0 and self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be 0 (whole row) or one of {GROUP_SIZES}, got {self.group_size}")
+        if self.symmetric and self.minimum:
+            raise ValueError("a format is symmetric or has a minimum, not both")
+        if self.scale_bits != SCALE_BITS and self.scale_bits not in SCALE_CODE_BITS:
+            raise ValueError(f"scale_bits must be {SCALE_BITS} (fp16) or one of {SCALE_CODE_BITS}, "
+                             f"got {self.scale_bits}")
+        if self.double and not (self.symmetric or self.minimum):
+            raise ValueError("double-quantized scales need a symmetric or a minimum grid")
+
+    @classmethod
+    def of(cls, bits: int, group_size: int = 0, grid: str = "int", scale_bits: int = SCALE_BITS) -> "QuantSpec":
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        return cls(bits, group_size, grid == "sym", grid == "min", scale_bits)
+
+    @property
+    def double(self) -> bool:
+        """Double-quantized scales."""
+        return self.scale_bits != SCALE_BITS
+
+    @property
+    def grid(self) -> str:
+        return "sym" if self.symmetric else "min" if self.minimum else "int"
 
     @property
     def maxq(self) -> int:
@@ -44,15 +83,18 @@ class QuantSpec:
         return cols % self.group(cols) == 0
 
     def overhead_bits_per_group(self) -> int:
-        return SCALE_BITS + (0 if self.symmetric else self.bits)
+        return SCALE_BITS + {"sym": 0, "int": self.bits, "min": MIN_BITS}[self.grid]
 
     def storage_bits(self, rows: int, cols: int) -> int:
         """Exact stored bits for a rows × cols weight: codes + scales + zeros, as packed by `runtime.pack`."""
         if not self.fits(cols):
             raise ValueError(f"{self.name} does not fit rows of {cols} weights")
         groups = rows * (cols // self.group(cols))
-        return _packed_bits(rows * cols, self.bits) + groups * SCALE_BITS + (
-            0 if self.symmetric else _packed_bits(groups, self.bits))
+        if self.double:  # scale (and minimum) codes + one fp16 step per row for each
+            n = 2 if self.minimum else 1
+            return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + rows * STEP_BITS)
+        zeros = {"sym": 0, "int": _packed_bits(groups, self.bits), "min": groups * MIN_BITS}[self.grid]
+        return _packed_bits(rows * cols, self.bits) + groups * SCALE_BITS + zeros
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         return self.storage_bits(rows, cols) / (rows * cols)
@@ -60,19 +102,26 @@ class QuantSpec:
     @property
     def name(self) -> str:
         g = "row" if self.group_size == 0 else f"g{self.group_size}"
-        return f"int{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}"
+        dq = f"-dq{self.scale_bits}" if self.double else ""
+        return f"int{self.bits}-{g}-{'asym' if self.grid == 'int' else self.grid}{dq}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)  # the newer fields only when they are set: plain specs read as before
+        if not self.minimum:
+            del d["minimum"]
+        if not self.double:
+            del d["scale_bits"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "group_size", "symmetric"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits"}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
         if "bits" not in d:
             raise ValueError(f"a format needs 'bits' (one of {BITS}); got {d}")
-        return cls(int(d["bits"]), int(d.get("group_size", 0)), bool(d.get("symmetric", False)))
+        return cls(int(d["bits"]), int(d.get("group_size", 0)), bool(d.get("symmetric", False)),
+                   bool(d.get("minimum", False)), int(d.get("scale_bits", SCALE_BITS)))
 
 
 def _packed_bits(n: int, bits: int) -> int:
@@ -82,48 +131,65 @@ def _packed_bits(n: int, bits: int) -> int:
 
 @dataclass
 class QuantizedTensor:
-    """Unpacked integer codes (rows × cols, uint8) + fp16 scales and uint8 zeros (rows × groups) + the spec."""
+    """What is stored, unpacked: integer codes (rows × cols, uint8); per group (rows × groups) fp16 scales and
+    uint8 integer zeros or fp16 minima ("min"); with double quantization, uint8 scale (and minimum) codes instead,
+    and `steps` (rows × 1 or 2, fp16): Δs (and Δm) of each row."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     spec: QuantSpec
+    steps: torch.Tensor | None = None
+
+    def grid_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of every group as the reference `dequantize` takes them: float32 scales, and integer
+        zeros or float minima."""
+        if not self.spec.double:
+            return self.scales, self.zeros
+        return decode_scales(self.scales, self.zeros, self.steps, self.spec)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scales, self.zeros, self.spec.group(self.codes.shape[1]))
+        return dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1]))
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """The reference: (q - z) · s in float32, one (s, z) per `group` consecutive columns."""
+    """The reference, in float32, one (s, z) per `group` consecutive columns: (q - z) · s for integer zeros,
+    q · s + m for fp16 minima (floating `zeros`)."""
     rows, cols = codes.shape
     q = codes.float().view(rows, cols // group, group)
-    w = (q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    s, z = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
+    w = q * s + z if zeros.is_floating_point() else (q - z) * s
     return w.view(rows, cols)
 
 
-def fit_params(w: torch.Tensor, maxq: torch.Tensor, symmetric: bool, shrink: float | torch.Tensor = 1.0):
+def fit_params(w: torch.Tensor, maxq: torch.Tensor, grid: str, shrink: float | torch.Tensor = 1.0):
     """Min/max grid for each row of `w` (rows × g), its range shrunk by `shrink` (clipping).
 
     `maxq` is rows × 1 so that rows of different widths can be solved together. Returns (scale, zero), rows × 1:
-    scale already rounded to fp16 (what is stored), zero an integer in [0, maxq].
+    scale already rounded to fp16 (what is stored; negative for some symmetric rows), zero an integer in [0, maxq]
+    ("int", "sym") or, for "min", the real number −m/s of the fp16 minimum m (so (q − z)·s is the value).
     """
-    if symmetric:
-        amax = w.abs().amax(1, keepdim=True) * shrink
-        scale = 2 * amax / maxq
+    if grid == "min":  # no need to include 0: shrink towards the middle of the range
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        mid, half = (lo + hi) / 2, (hi - lo) / 2 * shrink
+        scale = (2 * half / maxq).clamp(min=1e-6).half().float()
+        return scale, -(mid - half).half().float() / scale
+    if grid == "sym":
         zero = torch.floor((maxq + 1) / 2)
-    else:
-        lo = w.amin(1, keepdim=True).clamp(max=0) * shrink
-        hi = w.amax(1, keepdim=True).clamp(min=0) * shrink
-        scale = (hi - lo) / maxq
-    scale = scale.clamp(min=1e-6).half().float()
-    if not symmetric:
-        zero = torch.minimum(torch.round(-lo / scale).clamp(min=0), maxq)
-    return scale, zero.expand_as(scale)
+        extreme = w.gather(1, w.abs().argmax(1, keepdim=True))  # signed: it lands on code 0, the longer side
+        scale = -extreme * shrink / zero
+        scale = torch.where(scale.abs() < 1e-6, torch.full_like(scale, 1e-6), scale).half().float()
+        return scale, zero.expand_as(scale)
+    lo = w.amin(1, keepdim=True).clamp(max=0) * shrink
+    hi = w.amax(1, keepdim=True).clamp(min=0) * shrink
+    scale = ((hi - lo) / maxq).clamp(min=1e-6).half().float()
+    zero = torch.minimum(torch.round(-lo / scale).clamp(min=0), maxq)
+    return scale, zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
     """Codes (float, integral values) for `w` on the grid (scale, zero); all broadcast against w."""
-    return torch.minimum((w / scale).round_().add_(zero).clamp_(min=0), maxq)
+    return torch.minimum((w / scale).add_(zero).round_().clamp_(min=0), maxq)
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> QuantizedTensor:
@@ -136,7 +202,102 @@ def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
     maxq = torch.full((wg.shape[0], 1), float(spec.maxq))
     if isinstance(shrink, torch.Tensor):
         shrink = shrink.reshape(-1, 1)
-    scale, zero = fit_params(wg, maxq, spec.symmetric, shrink)
-    codes = quantize_codes(wg, scale, zero, maxq)
-    return QuantizedTensor(codes.to(torch.uint8).view(rows, cols), scale.half().view(rows, -1),
-                           zero.to(torch.uint8).view(rows, -1), spec)
+    scale, zero = fit_params(wg, maxq, spec.grid, shrink)
+    dq = DoubleQuant.of(w.float(), g, maxq[:rows], spec.grid, spec.scale_bits)
+    if dq is not None:
+        scale, zero = dq.snap(scale, zero)
+    codes = quantize_codes(wg, scale, zero, maxq).to(torch.uint8).view(rows, cols)
+    if dq is not None:
+        scales, zeros, steps = dq.encode(scale, zero)
+        return QuantizedTensor(codes, scales, zeros, spec, steps)
+    return QuantizedTensor(codes, scale.half().view(rows, -1), stored_zeros(scale, zero, spec.grid).view(rows, -1),
+                           spec)
+
+
+def stored_zeros(scale: torch.Tensor, zero: torch.Tensor, grid: str) -> torch.Tensor:
+    """What is stored for fit_params' zeros: uint8 integer zeros, or the fp16 minima m = −z·s of "min" grids."""
+    return (-zero * scale).half() if grid == "min" else zero.to(torch.uint8)
+
+
+# --- double-quantized scales ----------------------------------------------------------------------------------
+
+def _code_range(scale_bits: int, signed: bool) -> tuple[int, int]:
+    half = 1 << (scale_bits - 1)
+    return (-half, half - 1) if signed else (1, (1 << scale_bits) - 1)
+
+
+def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int) -> torch.Tensor:
+    """The fp16 steps (Δs, Δm) of each row (rows × 2, float32 holding fp16 values), from the min/max grids of the
+    row's groups: the largest scale (minimum) of the row takes the largest code. `maxq` is rows × 1."""
+    rows, cols = w.shape
+    groups = cols // group
+    s, z = fit_params(w.reshape(-1, group), maxq.repeat_interleave(groups, 0), grid)
+    ds = s.view(rows, groups).abs().amax(1) / _code_range(scale_bits, grid == "sym")[1]
+    if grid == "min":
+        dm = (-z * s).view(rows, groups).abs().amax(1) / ((1 << (scale_bits - 1)) - 1)
+    else:
+        dm = torch.zeros_like(ds)
+    steps = torch.stack([ds, dm], 1).half().float()
+    return torch.where(steps > 0, steps, torch.full_like(steps, 2.0 ** -24))  # fp16's smallest step, never 0
+
+
+def snap(scale: torch.Tensor, zero: torch.Tensor, steps: torch.Tensor, grid: str, scale_bits: int):
+    """The nearest representable (scale, zero) under a row's steps (steps rows × 2 against scale rows × 1)."""
+    ds, dm = steps[:, :1], steps[:, 1:]
+    lo, hi = _code_range(scale_bits, grid == "sym")
+    c = (scale / ds).round().clamp(lo, hi)
+    if grid == "sym":
+        return ds * torch.where(c == 0, torch.ones_like(c), c), zero
+    s = ds * c
+    m = dm * (-zero * scale / dm).round().clamp(*_code_range(scale_bits, True))
+    return s, -m / s
+
+
+@dataclass
+class DoubleQuant:
+    """The per-row steps of a double-quantized solve, fixed before it from the original weights; solvers snap
+    every grid they fit to them."""
+
+    steps: torch.Tensor  # rows × 2
+    grid: str
+    scale_bits: int
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int) -> "DoubleQuant | None":
+        if scale_bits == SCALE_BITS:
+            return None
+        if grid not in ("sym", "min"):
+            raise ValueError("double-quantized scales need a symmetric or a minimum grid")
+        return cls(row_steps(w, group, maxq, grid, scale_bits), grid, scale_bits)
+
+    def snap(self, scale: torch.Tensor, zero: torch.Tensor, rows: slice | None = None):
+        """Snap (scale, zero) of rows × 1 grids; (rows · groups) × 1 are expanded to their row's steps."""
+        steps = self.steps if rows is None else self.steps[rows]
+        if scale.shape[0] != steps.shape[0]:
+            steps = steps.repeat_interleave(scale.shape[0] // steps.shape[0], 0)
+        return snap(scale, zero, steps, self.grid, self.scale_bits)
+
+    def encode(self, scale: torch.Tensor, zero: torch.Tensor):
+        """rows × groups snapped grids → stored (scale codes, zero codes, fp16 steps rows × 1 or 2)."""
+        rows = self.steps.shape[0]
+        scale, zero = scale.reshape(rows, -1), zero.reshape(rows, -1)
+        sc, zc = encode_scales(scale, zero, self.steps, self.grid, self.scale_bits)
+        return sc, zc, self.steps[:, :2 if self.grid == "min" else 1].half()
+
+
+def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
+    """Snapped (scale, zero) of every group (rows × groups) → the stored uint8 codes (scales, zeros)."""
+    half = 1 << (scale_bits - 1)
+    ds, dm = steps[:, :1], steps[:, 1:]
+    if grid == "sym":
+        return ((scale / ds).round() + half).to(torch.uint8), zero.to(torch.uint8)
+    return (scale / ds).round().to(torch.uint8), ((-zero * scale / dm).round() + half).to(torch.uint8)
+
+
+def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor, spec: QuantSpec):
+    """The reference decoding of double-quantized scales: float32 (scale, zero-or-minimum) of every group."""
+    half = 1 << (spec.scale_bits - 1)
+    ds = steps[:, :1].float()
+    if spec.grid == "sym":
+        return ds * (scales.float() - half), zeros
+    return ds * scales.float(), steps[:, 1:].float() * (zeros.float() - half)

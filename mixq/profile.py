@@ -17,9 +17,18 @@ VERSION = 1
 PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each layer (rows are independent given H)
 
 
-def default_candidates(solver: str = "gptq", bits=(2, 3, 4, 5, 6, 8), groups=(64, 192, 0),
-                       symmetric: bool = False) -> list[Candidate]:
-    return [Candidate(QuantSpec(b, g, symmetric), solver) for b in bits for g in groups]
+# (group, grid, scale bits) of the default candidates, each at every width: "min" grids (free fp16 offset) beat
+# integer zeros and symmetric grids at every width on SmolLM2 (benchmarks/results/smollm2_bits.md), and
+# double-quantized 6-bit scale codes make groups of 32 and 64 cheap. Each entry costs one solver call per layer.
+DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16), (0, "min", 16))
+
+
+def default_candidates(solver: str = "gptq", bits=(2, 3, 4, 5, 6, 8), groups=None, grid: str = "min",
+                       formats=DEFAULT_FORMATS) -> list[Candidate]:
+    """Every width × format; `groups` instead gives plain fp16-scale formats of that `grid` and those groups."""
+    if groups is not None:
+        formats = [(g, grid, 16) for g in groups]
+    return [Candidate(QuantSpec.of(b, g, k, sb), solver) for b in bits for g, k, sb in formats]
 
 
 @dataclass
@@ -94,16 +103,17 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     fitting = next(iter(layers.values())).candidates
     by_call: dict[tuple, list[Candidate]] = {}
     for c in fitting:
-        by_call.setdefault((c.solver, c.spec.group(cols), c.spec.symmetric), []).append(c)
-    for (solver, group, sym), cands in by_call.items():
+        by_call.setdefault((c.solver, c.spec.group(cols), c.spec.grid, c.spec.scale_bits), []).append(c)
+    for (solver, group, grid, scale_bits), cands in by_call.items():
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
-        codes, scales, zeros = get_solver(solver)(stacked.float(), stats.hessian, group, bits, sym)
+        codes, scales, zeros, steps = get_solver(solver)(stacked.float(), stats.hessian, group, bits, grid, scale_bits)
         r0 = 0
         for c in cands:
             for name, w in sampled.items():
                 r1 = r0 + w.shape[0]
-                qt = QuantizedTensor(codes[r0:r1], scales[r0:r1], zeros[r0:r1], c.spec)
+                qt = QuantizedTensor(codes[r0:r1], scales[r0:r1], zeros[r0:r1], c.spec,
+                                     None if steps is None else steps[r0:r1])
                 layers[name].damage[fitting.index(c)] = estimate(w, qt.dequantize(), stats, row_weight[name])
                 r0 = r1
     return list(layers.values())

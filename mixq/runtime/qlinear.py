@@ -1,4 +1,5 @@
-"""`QuantLinear`: a linear layer that holds packed codes, fp16 scales and packed zeros, and computes from them."""
+"""`QuantLinear`: a linear layer that holds packed codes, fp16 scales and packed zeros (or fp16 minima), and computes
+from them."""
 from __future__ import annotations
 
 import torch
@@ -16,33 +17,61 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{spec.name} does not fit rows of {in_features} weights")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = out_features * (in_features // spec.group(in_features))
-        self.register_buffer("qweight", torch.zeros(-(-out_features * in_features // 8) * spec.bits, dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, groups // out_features, dtype=torch.float16))
-        if not spec.symmetric:
-            self.register_buffer("qzeros", torch.zeros(-(-groups // 8) * spec.bits, dtype=torch.uint8))
+        self.groups = groups
+        u8 = dict(dtype=torch.uint8)
+        self.register_buffer("qweight", torch.zeros(-(-out_features * in_features // 8) * spec.bits, **u8))
+        if spec.double:  # packed scale (and minimum) codes, fp16 steps per row
+            packed = -(-groups // 8) * spec.scale_bits
+            self.register_buffer("scales", torch.zeros(packed, **u8))
+            if spec.grid == "min":
+                self.register_buffer("qzeros", torch.zeros(packed, **u8))
+            steps = 2 if spec.grid == "min" else 1
+            self.register_buffer("steps", torch.zeros(out_features, steps, dtype=torch.float16))
+        else:
+            self.register_buffer("scales", torch.zeros(out_features, groups // out_features, dtype=torch.float16))
+            if spec.grid == "int":
+                self.register_buffer("qzeros", torch.zeros(-(-groups // 8) * spec.bits, **u8))
+            elif spec.grid == "min":
+                self.register_buffer("mins", torch.zeros_like(self.scales))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
         rows, cols = qt.codes.shape
-        m = cls(cols, rows, qt.spec, bias is not None)
-        m.qweight.copy_(pack(qt.codes, qt.spec.bits))
-        m.scales.copy_(qt.scales)
-        if not qt.spec.symmetric:
-            m.qzeros.copy_(pack(qt.zeros, qt.spec.bits))
+        spec = qt.spec
+        m = cls(cols, rows, spec, bias is not None)
+        m.qweight.copy_(pack(qt.codes, spec.bits))
+        if spec.double:
+            m.scales.copy_(pack(qt.scales, spec.scale_bits))
+            if spec.grid == "min":
+                m.qzeros.copy_(pack(qt.zeros, spec.scale_bits))
+            m.steps.copy_(qt.steps)
+        else:
+            m.scales.copy_(qt.scales)
+            if spec.grid == "int":
+                m.qzeros.copy_(pack(qt.zeros, spec.bits))
+            elif spec.grid == "min":
+                m.mins.copy_(qt.zeros)
         if bias is not None:
             m.bias.data.copy_(bias)
         return m
 
-    def zeros(self) -> torch.Tensor:
-        if self.spec.symmetric:
-            return torch.full_like(self.scales, 1 << (self.spec.bits - 1), dtype=torch.uint8)
-        return unpack(self.qzeros, self.spec.bits, self.scales.numel()).view_as(self.scales)
+    def quantized(self) -> QuantizedTensor:
+        """The stored tensors, unpacked."""
+        spec, rows = self.spec, self.out_features
+        codes = unpack(self.qweight, spec.bits, rows * self.in_features).view(rows, self.in_features)
+        sym_zeros = torch.full((rows, self.groups // rows), 1 << (spec.bits - 1), dtype=torch.uint8)
+        if spec.double:
+            scales = unpack(self.scales, spec.scale_bits, self.groups).view(rows, -1)
+            zeros = unpack(self.qzeros, spec.scale_bits, self.groups).view(rows, -1) if spec.grid == "min" \
+                else sym_zeros
+            return QuantizedTensor(codes, scales, zeros, spec, self.steps)
+        zeros = {"min": lambda: self.mins, "sym": lambda: sym_zeros,
+                 "int": lambda: unpack(self.qzeros, spec.bits, self.groups).view(rows, -1)}[spec.grid]()
+        return QuantizedTensor(codes, self.scales, zeros, spec)
 
     def weight_float(self) -> torch.Tensor:
-        codes = unpack(self.qweight, self.spec.bits, self.out_features * self.in_features)
-        codes = codes.view(self.out_features, self.in_features)
-        return dequantize(codes, self.scales, self.zeros(), self.spec.group(self.in_features))
+        return self.quantized().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_float().to(x.dtype), self.bias)

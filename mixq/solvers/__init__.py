@@ -1,9 +1,11 @@
 """Per-layer solvers, registered by name. Each is a pure function on tensors:
 
-    solver(weight rows × cols, hessian cols × cols, group, bits (rows,), symmetric) -> (codes, scales, zeros)
+    solver(weight rows × cols, hessian cols × cols, group, bits (rows,), grid, scale_bits=16)
+        -> (codes, scales, zeros, steps)    as QuantizedTensor stores them (steps None unless double-quantized)
 
 `bits` is per row so that one call can solve rows of several widths at once (profiling stacks every candidate
-width of every layer that shares an input). `solve` wraps that for one layer and one spec.
+width of every layer that shares an input); `grid` is QuantSpec.grid ("int", "sym" or "min"). `solve` wraps that
+for one layer and one spec.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpe
     if not spec.fits(cols):
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
     bits = torch.full((rows,), spec.bits)
-    codes, scales, zeros = get_solver(name)(weight.float(), hessian.float(), spec.group(cols), bits, spec.symmetric)
-    return QuantizedTensor(codes, scales, zeros, spec)
+    out = get_solver(name)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits)
+    return QuantizedTensor(*out[:3], spec, out[3])
 
 
 def output_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -7,28 +7,55 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import fit_params, quantize_codes
+from ..formats import DoubleQuant, fit_params, quantize_codes
 from . import register_solver
-from .rtn import finish, grouped
+from .rtn import finish, grouped, row_maxq
 
 SHRINKS = torch.linspace(1.0, 0.5, 11).tolist()  # steps of 0.05
 
 
-def search(wg: torch.Tensor, importance: torch.Tensor, maxq: torch.Tensor, symmetric: bool):
-    """Best (scale, zero) per row of wg ((rows·groups) × group) under weights `importance` (same shape)."""
+def search(wg: torch.Tensor, importance: torch.Tensor, maxq: torch.Tensor, grid: str, refit: bool = True,
+           snap=None):
+    """Best (scale, zero) per row of wg ((rows·groups) × group) under weights `importance` (same shape): every
+    shrink of the min/max range, each also with its least-squares scale (`refit`); every grid first `snap`ped to
+    what double quantization can store."""
     best_err = best_scale = best_zero = None
     for s in SHRINKS:
-        scale, zero = fit_params(wg, maxq, symmetric, s)
-        q = (quantize_codes(wg, scale, zero, maxq) - zero) * scale
-        err = ((q - wg) ** 2 * importance).sum(1, keepdim=True)
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
+        fitted = fit_params(wg, maxq, grid, s)
+        for scale, zero in (fitted, _refit(wg, importance, *fitted, maxq, grid)) if refit else (fitted,):
+            if snap is not None:
+                scale, zero = snap(scale, zero)
+            q = (quantize_codes(wg, scale, zero, maxq) - zero) * scale
+            err = ((q - wg) ** 2 * importance).sum(1, keepdim=True)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def _refit(wg, importance, scale, zero, maxq, grid):
+    """The weighted least-squares grid for the codes that (scale, zero) gives, as llama.cpp's make_qkx quantizers
+    refit theirs: min Σ imp·(w − (q − z)·s)² over s with the integer zero kept, or over s and m = −z·s jointly
+    for "min" grids."""
+    q = quantize_codes(wg, scale, zero, maxq)
+    a = importance
+    if grid == "min":
+        sa, sq, sqq = a.sum(1, keepdim=True), (a * q).sum(1, keepdim=True), (a * q * q).sum(1, keepdim=True)
+        sw, swq = (a * wg).sum(1, keepdim=True), (a * wg * q).sum(1, keepdim=True)
+        det = sqq * sa - sq * sq
+        ok = det > 1e-12 * sqq * sa
+        s = torch.where(ok, (swq * sa - sw * sq) / det.where(ok, 1.0), scale)
+        m = torch.where(ok, (sqq * sw - sq * swq) / det.where(ok, 1.0), -zero * scale)
+        s = torch.where(s.abs() < 1e-6, scale, s).half().float()
+        return s, -m.half().float() / s
+    q = q - zero
+    num, den = (a * wg * q).sum(1, keepdim=True), (a * q * q).sum(1, keepdim=True)
+    s = torch.where(den > 0, num / den.clamp(min=1e-30), scale)
+    return torch.where(s.abs() < 1e-6, scale, s).half().float(), zero
 
 
 def column_importance(hessian: torch.Tensor, rows: int, group: int) -> torch.Tensor:
@@ -39,9 +66,10 @@ def column_importance(hessian: torch.Tensor, rows: int, group: int) -> torch.Ten
 
 
 @register_solver("clip")
-def clip(weight, hessian, group, bits, symmetric):
+def clip(weight, hessian, group, bits, grid, scale_bits=16):
     rows, cols = weight.shape
-    maxq = ((1 << bits) - 1).float().repeat_interleave(cols // group).unsqueeze(1)
+    maxq = row_maxq(bits).repeat_interleave(cols // group, 0)
     wg = grouped(weight, group)
-    scale, zero = search(wg, column_importance(hessian, rows, group), maxq, symmetric)
-    return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows)
+    dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits)
+    scale, zero = search(wg, column_importance(hessian, rows, group), maxq, grid, snap=dq and dq.snap)
+    return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import quantize_codes
+from ..formats import DoubleQuant, quantize_codes
 from . import register_solver
 from .clip import column_importance, search
-from .rtn import finish
+from .rtn import finish, row_maxq
 
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
 BLOCK = 128  # columns per lazy batch
@@ -27,14 +27,15 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
-def gptq_quantize(weight, hessian, group, bits, symmetric, act_order=False, damp=DAMP):
+def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16):
     rows, cols = weight.shape
     w = weight.clone().float()
     h = hessian.clone().float()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    maxq = ((1 << bits) - 1).float().unsqueeze(1)  # rows × 1
+    maxq = row_maxq(bits)  # rows × 1
+    dq = DoubleQuant.of(w, group, maxq, grid, scale_bits)  # steps from the original weights
     ngroups = cols // group
     scales = torch.empty(rows, ngroups)
     zeros = torch.empty(rows, ngroups)
@@ -42,7 +43,7 @@ def gptq_quantize(weight, hessian, group, bits, symmetric, act_order=False, damp
 
     def fit_group(gi, source):
         sl = slice(gi * group, (gi + 1) * group)
-        s, z = search(source[:, sl], importance[:, gi], maxq, symmetric)
+        s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=dq and dq.snap)
         scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
 
     perm = torch.arange(cols)
@@ -75,14 +76,14 @@ def gptq_quantize(weight, hessian, group, bits, symmetric, act_order=False, damp
         w[:, b1:] -= err @ u[b0:b1, b1:]
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    return finish(codes.reshape(-1, group), scales.reshape(-1, 1), zeros.reshape(-1, 1), rows)
+    return finish(codes.reshape(-1, group), scales.reshape(-1, 1), zeros.reshape(-1, 1), rows, grid, dq)
 
 
 @register_solver("gptq")
-def gptq(weight, hessian, group, bits, symmetric):
-    return gptq_quantize(weight, hessian, group, bits, symmetric, act_order=False)
+def gptq(weight, hessian, group, bits, grid, scale_bits=16):
+    return gptq_quantize(weight, hessian, group, bits, grid, act_order=False, scale_bits=scale_bits)
 
 
 @register_solver("gptq-act")
-def gptq_act(weight, hessian, group, bits, symmetric):
-    return gptq_quantize(weight, hessian, group, bits, symmetric, act_order=True)
+def gptq_act(weight, hessian, group, bits, grid, scale_bits=16):
+    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits)

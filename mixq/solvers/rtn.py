@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import fit_params, quantize_codes
+from ..formats import DoubleQuant, fit_params, quantize_codes, stored_zeros
 from . import register_solver
 
 
@@ -12,14 +12,25 @@ def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(-1, group)
 
 
-def finish(codes, scale, zero, rows: int):
-    return codes.to(torch.uint8).view(rows, -1), scale.half().view(rows, -1), zero.to(torch.uint8).view(rows, -1)
+def finish(codes, scale, zero, rows: int, grid: str, dq: DoubleQuant | None = None):
+    """Solver output → what is stored: (codes, scales, zeros, steps) as QuantizedTensor holds them."""
+    codes = codes.to(torch.uint8).view(rows, -1)
+    if dq is not None:
+        return (codes, *dq.encode(scale, zero))
+    return codes, scale.half().view(rows, -1), stored_zeros(scale, zero, grid).view(rows, -1), None
+
+
+def row_maxq(bits: torch.Tensor) -> torch.Tensor:
+    return ((1 << bits) - 1).float().unsqueeze(1)
 
 
 @register_solver("rtn")
-def rtn(weight, hessian, group, bits, symmetric):
+def rtn(weight, hessian, group, bits, grid, scale_bits=16):
     rows, cols = weight.shape
-    maxq = ((1 << bits) - 1).float().repeat_interleave(cols // group).unsqueeze(1)
+    maxq = row_maxq(bits).repeat_interleave(cols // group, 0)
     wg = grouped(weight, group)
-    scale, zero = fit_params(wg, maxq, symmetric)
-    return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows)
+    scale, zero = fit_params(wg, maxq, grid)
+    dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits)
+    if dq is not None:
+        scale, zero = dq.snap(scale, zero)
+    return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)
