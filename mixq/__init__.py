@@ -1,5 +1,6 @@
 """mixq: mixed-precision post-training quantization."""
-from .io import load
+__version__ = "0.1.0"
+
+from .io import load  # noqa: E402
 
 __all__ = ["load"]
-__version__ = "0.1.0"

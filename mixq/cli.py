@@ -119,10 +119,13 @@ def quantize(
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
             from .pipeline import quantize as run
 
+            checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, sensitivity)
             result = run(net, calib_ids, budget=budget, plan=hand_plan, estimator=sensitivity,
-                         step=_Bars(progress))
+                         step=_Bars(progress), checkpoint=checkpoint)
             result.seconds["total"] = time.perf_counter() - t0
             meta = _save(net, tok, result, out, source, budget, calib, calib_ids)
+            if checkpoint:
+                checkpoint.remove()
             after = _perplexity(net, eval_ids, "ppl after", progress) if eval_windows else None
         if eval_windows:
             meta["eval"] = {"ppl_before": before, "ppl_after": after, "windows": len(eval_ids),
@@ -136,6 +139,18 @@ def quantize(
     except (ModelError, BudgetError, SavedModelError, data.DataError, ValueError) as e:
         _fail(str(e))
     _print_summary(meta, out)
+
+
+def _checkpoint(out: Path, source: str, calib_ids, estimator: str):
+    """Where the profile is kept while it grows: beside --out, keyed by everything that decides it, so that the
+    same command started again after a crash resumes from the blocks already profiled."""
+    from .checkpoint import Checkpoint, run_key
+    from .pipeline import FISHER_WINDOWS
+    from .profile import default_candidates
+
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    key = run_key(source, calib_ids, default_candidates(), estimator, fisher_windows=FISHER_WINDOWS)
+    return Checkpoint(out.absolute().parent / f".{out.name}.profile-partial.json", key)
 
 
 def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) -> dict:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .allocate import Allocation, allocate, check_budget
 from .capture import block_inputs, hessians, output_fisher, run_block
+from .checkpoint import Checkpoint
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
@@ -64,19 +65,32 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
 
 
 def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "fisher",
-                  step: Step = _no_step) -> Profile:
+                  step: Step = _no_step, checkpoint: Checkpoint | None = None) -> Profile:
+    """Every layer × candidate, block by block. With a checkpoint, the profile is saved after each block and the
+    blocks an earlier run with the same key finished are taken from it (only run forward, to feed the next)."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model)))
-    fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step) if estimator in NEEDS_FISHER else None
+    done = checkpoint.load() if checkpoint else {}
+    fisher = None
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
+        names = [f"{adapter.blocks}.{i}.{n}" for group in adapter.groups for n in group]
+        if all(n in done for n in names):
+            prof.layers += [done[n] for n in names]
+            x = run_block(block, x, kwargs)
+            step("profile", i + 1, len(blocks))
+            continue
+        if fisher is None and estimator in NEEDS_FISHER:
+            fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step)
         with hessians(block, adapter) as stats:
             y = run_block(block, x, kwargs)
         for group in adapter.groups:
             weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
             prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher)
         x = y
+        if checkpoint:
+            checkpoint.save(prof)
         step("profile", i + 1, len(blocks))
     return prof
 
@@ -139,7 +153,7 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
 
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
-             step: Step = _no_step) -> Result:
+             step: Step = _no_step, checkpoint: Checkpoint | None = None) -> Result:
     """Profile + allocate (unless a plan is given), then apply. The model is left packed (QuantLinear)."""
     seconds = {}
     prof = alloc = None
@@ -147,7 +161,7 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
     preflight(model, budget, plan, candidates, estimator)
     if plan is None:
         t = time.perf_counter()
-        prof = profile_model(model, calib, candidates, estimator, step)
+        prof = profile_model(model, calib, candidates, estimator, step, checkpoint)
         seconds["profile"] = time.perf_counter() - t
         t = time.perf_counter()
         alloc = allocate(prof, budget)
