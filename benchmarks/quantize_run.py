@@ -1,5 +1,5 @@
 """Wall time and peak memory of the whole `mixq quantize --bits 3.0` run on SmolLM2 (capture, fisher, profile of
-18 candidates per layer, allocate, apply, pack, save), evaluation off. Writes benchmarks/results/quantize_run.md.
+the default candidates, allocate, apply, pack, save), evaluation off. Writes benchmarks/results/quantize_run.md.
 
     python benchmarks/quantize_run.py
 """
@@ -19,6 +19,10 @@ HERE = Path(__file__).parent
 
 
 def main():
+    from mixq.profile import DEFAULT_FORMATS, default_candidates
+
+    formats = ", ".join(f"{'row' if g == 0 else f'g{g}'} {k}{f' dq{sb}' if sb != 16 else ''}"
+                        for g, k, sb in DEFAULT_FORMATS)
     out = Path(tempfile.mkdtemp()) / "q3"
     cmd = [sys.executable, "-m", "mixq.cli", "quantize", "--bits", "3.0", "--eval-windows", "0", "--out", str(out)]
     t = time.perf_counter()
@@ -30,7 +34,8 @@ def main():
                             cwd=HERE).stdout.strip()
     lines = ["# `mixq quantize --bits 3.0` on SmolLM2-135M: time and memory", "",
              f"Commit {commit}, {platform.machine()}, 2 cores. Default calibration (32 × 512 pydoc tokens), "
-             "default candidates (gptq × bits 2,3,4,5,6,8 × group 64,192,row = 18 per layer), fisher estimator.", "",
+             f"default candidates (gptq × bits 2,3,4,5,6,8 × {formats} = {len(default_candidates())} per layer), "
+             "fisher estimator.", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in meta["seconds"].items()]
     lines += [f"| whole command (model load and save included) | {wall:.0f} |", "",

@@ -81,6 +81,8 @@ def main():
         t = time.perf_counter()
         prof = profile_model(model, calib, default_candidates(), args.estimator)
         profile_seconds = time.perf_counter() - t
+        Path(args.out).with_name(Path(args.out).name + "_profile.json").write_text(prof.to_json())
+        print(f"profile: {profile_seconds:.0f} s", flush=True)
     names = adapter_for(model).layer_names(model)
     for budget in args.budgets:
         for method in args.methods:

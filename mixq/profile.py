@@ -3,7 +3,7 @@ rerun for any budget without the model."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,9 +18,10 @@ PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each laye
 
 
 # (group, grid, scale bits) of the default candidates, each at every width: "min" grids (free fp16 offset) beat
-# integer zeros and symmetric grids at every width on SmolLM2 (benchmarks/results/smollm2_bits.md), and
-# double-quantized 6-bit scale codes make groups of 32 and 64 cheap. Each entry costs one solver call per layer.
-DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16), (0, "min", 16))
+# integer zeros and symmetric grids at every width on SmolLM2, and double-quantized 6-bit scale codes make groups
+# of 32 and 64 cheap. Each entry costs one solver call per layer group: whole rows (as costly as the three
+# others together on 576-wide rows) come in only where no group divides a layer's rows (`layer_costs`).
+DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16))
 
 
 def default_candidates(solver: str = "gptq", bits=(2, 3, 4, 5, 6, 8), groups=None, grid: str = "min",
@@ -73,10 +74,11 @@ class Profile:
 
 
 def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate]) -> LayerProfile:
-    """The candidates that fit a rows × cols layer with their exact stored bits; damage still zero."""
+    """The candidates that fit a rows × cols layer with their exact stored bits; damage still zero. Where none
+    fits (no group size divides the rows), the same formats with one group per row."""
     fitting = [c for c in candidates if c.spec.fits(cols)]
     if not fitting:
-        raise ValueError(f"no candidate fits {name} (rows of {cols} weights); add a whole-row (group 0) one")
+        fitting = list(dict.fromkeys(Candidate(replace(c.spec, group_size=0), c.solver) for c in candidates))
     return LayerProfile(name, rows, cols, fitting, [c.spec.storage_bits(rows, cols) for c in fitting],
                         [0.0] * len(fitting))
 

@@ -216,3 +216,14 @@ def test_profile_json_round_trip():
     with pytest.raises(ValueError, match="version"):
         Profile.from_json(json.dumps(d))
     assert allocate(back, Budget(bits=4.5)) == allocate(prof, Budget(bits=4.5))
+
+
+def test_layers_no_group_divides_fall_back_to_whole_rows():
+    from mixq.profile import default_candidates, layer_costs
+
+    cands = default_candidates()
+    lp = layer_costs("odd", 10, 100, cands)  # 100 is divided by none of 32, 64, 192
+    assert lp.candidates and all(c.spec.group_size == 0 for c in lp.candidates)
+    assert {c.spec.bits for c in lp.candidates} == {c.spec.bits for c in cands}
+    assert lp.bits == [c.spec.storage_bits(10, 100) for c in lp.candidates]
+    assert all(c.spec.group_size for c in layer_costs("even", 10, 576, cands).candidates)

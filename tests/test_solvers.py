@@ -180,3 +180,25 @@ def test_least_squares_refit_lowers_the_clip_search_error(bits, grid):
         return float((((quantize_codes(wg, s, z, maxq) - z) * s - wg) ** 2 * imp).sum())
 
     assert err(True) < 0.999 * err(False)  # a small, steady gain (0.3–1.5 % here)
+
+
+def test_gptq_reuses_the_inverse_only_for_the_same_unchanged_hessian(hessian):
+    """Profiling solves every format on one H: the cached factor must equal a fresh one, and an H changed in place
+    (or another H) must not get the stale factor."""
+    import mixq.solvers.gptq as gptq_module
+
+    w = weight()
+    spec = QuantSpec(3, 32)
+    first = solve("gptq", w, hessian, spec)
+    cached = solve("gptq", w, hessian, spec)
+    gptq_module._last = ()
+    fresh = solve("gptq", w, hessian, spec)
+    assert torch.equal(first.codes, fresh.codes) and torch.equal(cached.codes, fresh.codes)
+
+    h = hessian.clone()
+    before = solve("gptq", w, h, spec)
+    h.mul_(torch.linspace(0.2, 5, h.shape[0]).sqrt().outer(torch.linspace(0.2, 5, h.shape[0]).sqrt()))
+    after = solve("gptq", w, h, spec)
+    gptq_module._last = ()
+    assert torch.equal(after.codes, solve("gptq", w, h, spec).codes)
+    assert not torch.equal(after.codes, before.codes)

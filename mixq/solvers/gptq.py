@@ -8,6 +8,8 @@ groups"), so the stored layout needs no permutation.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..formats import DoubleQuant, quantize_codes
@@ -17,6 +19,21 @@ from .rtn import finish, row_maxq
 
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
 BLOCK = 128  # columns per lazy batch
+
+
+_last: tuple = ()  # (weakref to H, H's version, damp, order, factor): profiling solves many formats on one H
+
+
+def _inverse_cholesky_of(hessian: torch.Tensor, h: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor:
+    """inverse_cholesky(h), h derived from `hessian` by `perm` (and dead columns): reused while the same, unchanged
+    `hessian` comes back, as it does for every candidate format of one layer group."""
+    global _last
+    key = (hessian._version, damp, perm.tolist() if perm is not None else None)
+    if _last and _last[0]() is hessian and _last[1] == key:
+        return _last[2]
+    u = inverse_cholesky(h, damp)
+    _last = (weakref.ref(hessian), key, u)
+    return u
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -52,7 +69,7 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
             fit_group(gi, w)
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    u = inverse_cholesky(h, damp)
+    u = _inverse_cholesky_of(hessian, h, damp, perm if act_order else None)
     codes = torch.zeros(rows, cols)
     col_group = perm // group  # group of each (permuted) column in the stored layout
     for b0 in range(0, cols, BLOCK):
