@@ -198,28 +198,69 @@ def eval_(
 ):
     """Perplexity by the protocol (or over a text file), printed as one JSON line."""
     from . import data
-    from .io import MARKER, SavedModelError, load
-    from .models import ModelError, load_model
+    from .io import SavedModelError
+    from .models import ModelError
 
     _quiet()
     try:
         if text is not None:
             data.read_text(text)
-        if Path(target).is_dir() and (Path(target) / MARKER).exists():
-            net = load(target)
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(target)
-            bpw = json.loads((Path(target) / MARKER).read_text())["bpw"]
-        else:
-            net, tok, _ = load_model(target)
-            bpw = 32.0
+        net, tok, bpw = _open(target)
         ids = data.evaluation_windows(tok, str(text) if text else None, windows)
         with _progress() as progress:
             ppl = _perplexity(net, ids, "ppl", progress)
     except (ModelError, SavedModelError, data.DataError, ValueError) as e:
         _fail(str(e))
     print(json.dumps({"ppl": round(ppl, 4), "bpw": round(bpw, 4), "windows": int(ids.shape[0])}))
+
+
+def _open(target: str):
+    """(model, tokenizer, block-linear bpw) of a mixq folder, a .gguf file, a Hugging Face folder or 'smollm2'."""
+    from .io import MARKER, load
+    from .models import load_model
+
+    if Path(target).is_dir() and (Path(target) / MARKER).exists():
+        from transformers import AutoTokenizer
+
+        return load(target), AutoTokenizer.from_pretrained(target), \
+            json.loads((Path(target) / MARKER).read_text())["bpw"]
+    net, tok, _ = load_model(target)
+    return net, tok, 32.0
+
+
+@app.command()
+def generate(
+    target: str = typer.Argument("smollm2", help="A mixq output folder, a .gguf file, a Hugging Face model folder, "
+                                 "or 'smollm2' (the bundled default)."),
+    prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct "
+                              "models such as the bundled SmolLM2-Instruct)."),
+):
+    """Generate from a model, streaming the tokens to stdout as they come (greedy decoding)."""
+    from transformers import TextStreamer
+
+    from .io import SavedModelError
+    from .models import ModelError
+
+    _quiet()
+    try:
+        net, tok, _ = _open(target)
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                _fail("this tokenizer has no chat template; drop --chat")
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+    except (ModelError, SavedModelError, ValueError) as e:
+        _fail(str(e))
+    import torch
+
+    with torch.no_grad():
+        net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tok),
+                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    print()
 
 
 @app.command()

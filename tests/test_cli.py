@@ -247,3 +247,17 @@ def test_error_keeps_brackets_in_paths(tmp_path):
     res = invoke("quantize", "--model", missing, "--bits", 3, "--out", tmp_path / "out")
     assert res.exit_code == 2
     assert "[abc]" in _error(res.stderr)
+
+
+def test_generate_streams_a_continuation(quantized_dir):
+    res = invoke("generate", quantized_dir, "--prompt", "the model of", "--max-new-tokens", 6)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().startswith("the model of")
+    assert len(res.stdout.split()) > 3  # the prompt's three words and what came after
+
+
+def test_generate_errors(quantized_dir, tmp_path):
+    res = invoke("generate", tmp_path / "nothing", "--prompt", "x")
+    assert res.exit_code == 2 and "not found" in _error(res.stderr).lower()
+    res = invoke("generate", quantized_dir, "--prompt", "x", "--chat")
+    assert res.exit_code == 2 and "chat template" in _error(res.stderr)
