@@ -77,7 +77,8 @@ def quantize(
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
-                                    "in loss units) or hessian (relative output error)."),
+                                    "in loss units), hessian (relative output error), or the weight-only "
+                                    "baselines roundoff (Σ ΔW²) and sqnr (‖ΔW‖² / ‖W‖²)."),
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""

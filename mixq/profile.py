@@ -99,8 +99,9 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     for name, w in weights.items():
         idx = _row_sample(w.shape[0])
         sampled[name] = w[idx]
-        # Fisher damages are sums over rows: scale the sampled rows' up to the whole layer
-        row_weight[name] = fisher[name][idx] * (w.shape[0] / idx.numel()) if fisher is not None else None
+        # damages that are sums over rows (fisher, roundoff) count each sampled row for the rows it stands for
+        stands_for = torch.full((idx.numel(),), w.shape[0] / idx.numel())
+        row_weight[name] = fisher[name][idx] * stands_for if fisher is not None else stands_for
     cols = next(iter(weights.values())).shape[1]
     fitting = next(iter(layers.values())).candidates
     by_call: dict[tuple, list[Candidate]] = {}

@@ -1,8 +1,10 @@
 """Damage estimators, registered by name: how much a layer's quantization hurts, comparable across layers.
 
-    estimator(weight rows × cols, dequantized rows × cols, stats: LayerStats, fisher: rows or None) -> float
+    estimator(weight rows × cols, dequantized rows × cols, stats: LayerStats, row_weight: rows or None) -> float
 
-`fisher` is the diagonal Fisher of the layer's output (capture.output_fisher), for estimators that need it.
+`row_weight` is what each row counts for: the diagonal Fisher of the layer's output (capture.output_fisher) for
+estimators in NEEDS_FISHER, times the number of layer rows each profiled row stands for (profiling samples rows);
+just the latter for the others. None means every row counts once.
 """
 from __future__ import annotations
 
@@ -14,4 +16,4 @@ register_estimator = ESTIMATORS.register
 get_estimator = ESTIMATORS.lookup
 
 
-from . import fisher, hessian  # noqa: E402,F401  (register)
+from . import fisher, hessian, roundoff  # noqa: E402,F401  (register)
