@@ -85,8 +85,9 @@ def test_round_trip_error_is_at_most_half_a_step(spec, seed, rows, groups, magni
     assert torch.all(err[inside] <= step[inside] / 2 + slack[inside]), float((err - step / 2)[inside].max())
     # clipped weights lie just outside the grid: never more than one step away from it (double quantization may
     # round a scale down, by up to half a step of the scales: test_double_quantization covers it)
+    # (the fp16 rounding of a symmetric scale may leave the opposite extreme a hair over one step from code maxq)
     if not spec.double:
-        assert torch.all(err <= step + slack)
+        assert torch.all(err <= step + slack + w.abs() * 2.0 ** -10)
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.grid == "int"], ids=lambda s: s.name)
