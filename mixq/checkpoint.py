@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 def run_key(source: str, calib: torch.Tensor, candidates: list[Candidate], estimator: str, **extra) -> str:
     """A digest of what decides a profile: model file (path, size, mtime), calibration ids, candidates, estimator."""
     path = Path(source)
-    stat = path.stat() if path.exists() else None
-    files = sorted(path.iterdir()) if path.is_dir() else [path] if stat else []
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
     what = {"mixq": __version__, "source": str(path.resolve()),
             "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()],
             "calib": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),

@@ -234,7 +234,7 @@ def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_
     s, z = fit_params(w.reshape(-1, group), maxq.repeat_interleave(groups, 0), grid)
     ds = s.view(rows, groups).abs().amax(1) / _code_range(scale_bits, grid == "sym")[1]
     if grid == "min":
-        dm = (-z * s).view(rows, groups).abs().amax(1) / ((1 << (scale_bits - 1)) - 1)
+        dm = (-z * s).view(rows, groups).abs().amax(1) / _code_range(scale_bits, True)[1]
     else:
         dm = torch.zeros_like(ds)
     steps = torch.stack([ds, dm], 1).half().float()
@@ -270,9 +270,9 @@ class DoubleQuant:
             raise ValueError("double-quantized scales need a symmetric or a minimum grid")
         return cls(row_steps(w, group, maxq, grid, scale_bits), grid, scale_bits)
 
-    def snap(self, scale: torch.Tensor, zero: torch.Tensor, rows: slice | None = None):
+    def snap(self, scale: torch.Tensor, zero: torch.Tensor):
         """Snap (scale, zero) of rows × 1 grids; (rows · groups) × 1 are expanded to their row's steps."""
-        steps = self.steps if rows is None else self.steps[rows]
+        steps = self.steps
         if scale.shape[0] != steps.shape[0]:
             steps = steps.repeat_interleave(scale.shape[0] // steps.shape[0], 0)
         return snap(scale, zero, steps, self.grid, self.scale_bits)
