@@ -77,8 +77,12 @@ def quantize(
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
-                                    "in loss units), hessian (relative output error), or the weight-only "
-                                    "baselines roundoff (Σ ΔW²) and sqnr (‖ΔW‖² / ‖W‖²)."),
+                                    "in loss units), hessian (relative output error), kl (measured: the KL of the "
+                                    "model's next-token distribution with each layer × candidate quantized alone; "
+                                    "slow), or the weight-only baselines roundoff (Σ ΔW²) and sqnr (‖ΔW‖² / ‖W‖²)."),
+    refine: int = typer.Option(0, "--refine", help="Rounds of interaction refinement after the allocation: "
+                               "measure the plan's real KL and trade bits between layers where that lowers it "
+                               "(each round measures up to 8 trades; 0: off)."),
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
@@ -92,6 +96,8 @@ def quantize(
     _quiet()
     if (plan is None) == (bits is None and size is None) or (bits is not None and size is not None):
         _fail("give exactly one of --bits, --size or --plan")
+    if refine < 0 or (refine and plan is not None):
+        _fail("--refine takes a number of rounds ≥ 0, and refines an allocation: it does not go with --plan")
     try:
         budget = None if plan is not None else Budget.parse(bits, size)
         hand_plan = None
@@ -122,7 +128,7 @@ def quantize(
 
             checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, sensitivity)
             result = run(net, calib_ids, budget=budget, plan=hand_plan, estimator=sensitivity,
-                         step=_Bars(progress), checkpoint=checkpoint)
+                         step=_Bars(progress), checkpoint=checkpoint, refine_rounds=refine)
             result.seconds["total"] = time.perf_counter() - t0
             meta = _save(net, tok, result, out, source, budget, calib, calib_ids)
             if checkpoint:
@@ -148,9 +154,11 @@ def _checkpoint(out: Path, source: str, calib_ids, estimator: str):
     from .checkpoint import Checkpoint, run_key
     from .pipeline import FISHER_WINDOWS
     from .profile import default_candidates
+    from .sensitivity.kl import KL_LENGTH, KL_WINDOWS
 
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    key = run_key(source, calib_ids, default_candidates(), estimator, fisher_windows=FISHER_WINDOWS)
+    key = run_key(source, calib_ids, default_candidates(), estimator, fisher_windows=FISHER_WINDOWS,
+                  kl_tokens=[KL_WINDOWS, KL_LENGTH])
     return Checkpoint(out.absolute().parent / f".{out.name}.profile-partial.json", key)
 
 
@@ -167,6 +175,10 @@ def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) ->
             "bpw": qbits / weights, "block_linear_weights": weights, "seconds": result.seconds,
             "shapes": {n: [m.out_features, m.in_features] for n, m in net.named_modules()
                        if isinstance(m, QuantLinear)}}
+    if result.refinement is not None:
+        r = result.refinement
+        meta["refine"] = {"kl_before": r.kl_before, "kl_after": r.kl_after, "measured": r.measured,
+                          "trades": r.trades}
     extra = {"profile.json": result.profile.to_json()} if result.profile is not None else {}
     save_quantized(net, tok, result.plan, out, meta, extra)
     meta["file_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

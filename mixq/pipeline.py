@@ -18,8 +18,10 @@ from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .plan import Budget, Candidate, Plan
 from .profile import Profile, cost_profile, default_candidates, profile_group
+from .refine import Refinement, refine
 from .runtime.qlinear import QuantLinear
-from .sensitivity import NEEDS_FISHER, get_estimator
+from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
+from .sensitivity.kl import KLProbe
 from .solvers import get_solver, solve
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Result:
     profile: Profile | None
     allocation: Allocation | None
     seconds: dict[str, float] = field(default_factory=dict)
+    refinement: "Refinement | None" = None
 
 
 HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance: name, dtype, shape, offsets of each tensor
@@ -73,12 +76,15 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
     prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model)))
     done = checkpoint.load() if checkpoint else {}
     fisher = None
+    probe = KLProbe(model, adapter, calib) if estimator in MEASURED else None
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         names = [f"{adapter.blocks}.{i}.{n}" for group in adapter.groups for n in group]
         if all(n in done for n in names):
             prof.layers += [done[n] for n in names]
             x = run_block(block, x, kwargs)
+            if probe:
+                probe.advance()
             step("profile", i + 1, len(blocks))
             continue
         if fisher is None and estimator in NEEDS_FISHER:
@@ -87,8 +93,12 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             y = run_block(block, x, kwargs)
         for group in adapter.groups:
             weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
-            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher)
+            measures = {f"{adapter.blocks}.{i}.{n}": probe.layer(block.get_submodule(n)) for n in group} \
+                if probe else None
+            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher, measures)
         x = y
+        if probe:
+            probe.advance()
         if checkpoint:
             checkpoint.save(prof)
         step("profile", i + 1, len(blocks))
@@ -153,10 +163,11 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
 
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
-             step: Step = _no_step, checkpoint: Checkpoint | None = None) -> Result:
-    """Profile + allocate (unless a plan is given), then apply. The model is left packed (QuantLinear)."""
+             step: Step = _no_step, checkpoint: Checkpoint | None = None, refine_rounds: int = 0) -> Result:
+    """Profile + allocate (unless a plan is given), optionally refine the plan by measured KL (refine.py), then
+    apply. The model is left packed (QuantLinear)."""
     seconds = {}
-    prof = alloc = None
+    prof = alloc = refinement = None
     candidates = candidates or default_candidates()
     preflight(model, budget, plan, candidates, estimator)
     if plan is None:
@@ -167,11 +178,16 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
         alloc = allocate(prof, budget)
         plan = alloc.plan
         seconds["allocate"] = time.perf_counter() - t
+        if refine_rounds:
+            t = time.perf_counter()
+            refinement = refine(model, calib, prof, alloc, budget, rounds=refine_rounds, step=step)
+            alloc, plan = refinement.allocation, refinement.allocation.plan
+            seconds["refine"] = time.perf_counter() - t
     t = time.perf_counter()
     qtensors = apply_plan(model, calib, plan, step)
     seconds["apply"] = time.perf_counter() - t
     pack_model(model, qtensors)
-    return Result(plan, prof, alloc, seconds)
+    return Result(plan, prof, alloc, seconds, refinement)
 
 
 def block_linear_bits(model: nn.Module) -> tuple[int, int]:

@@ -90,13 +90,18 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
 
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
-                  estimator: str, fisher: dict[str, torch.Tensor] | None = None) -> list[LayerProfile]:
+                  estimator: str, fisher: dict[str, torch.Tensor] | None = None,
+                  measures: dict | None = None) -> list[LayerProfile]:
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
-    solved in one call: rows of every layer × every width stacked (rows are independent given H)."""
+    solved in one call: rows of every layer × every width stacked (rows are independent given H). A measured
+    estimator (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows."""
     estimate = get_estimator(estimator)
     layers = {name: layer_costs(name, *w.shape, candidates) for name, w in weights.items()}
     sampled, row_weight = {}, {}
     for name, w in weights.items():
+        if measures is not None:
+            sampled[name], row_weight[name] = w, measures[name]
+            continue
         idx = _row_sample(w.shape[0])
         sampled[name] = w[idx]
         # damages that are sums over rows (fisher, roundoff) count each sampled row for the rows it stands for

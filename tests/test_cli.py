@@ -261,3 +261,16 @@ def test_generate_errors(quantized_dir, tmp_path):
     assert res.exit_code == 2 and "not found" in _error(res.stderr).lower()
     res = invoke("generate", quantized_dir, "--prompt", "x", "--chat")
     assert res.exit_code == 2 and "chat template" in _error(res.stderr)
+
+
+def test_quantize_with_refinement_records_the_measured_kl(tiny_hf_dir, text_file, tmp_path):
+    out = tmp_path / "r"
+    res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3.5, "--eval-windows", 0, "--calib-windows", 4,
+                 "--calib", text_file, "--refine", 2, "--sensitivity", "hessian", "--out", out)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / MARKER).read_text())
+    r = meta["refine"]
+    assert 0 <= r["kl_after"] <= r["kl_before"] and r["measured"] >= 1
+    assert meta["bpw"] <= 3.5 and "refine" in meta["seconds"]
+    res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3.5, "--refine", -1, "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "--refine" in _error(res.stderr)

@@ -11,6 +11,8 @@ class Adapter:
     blocks: str  # attribute path of the ModuleList of blocks
     # linears inside a block, grouped by the input they share (one Hessian per group)
     groups: tuple[tuple[str, ...], ...]
+    norm: str = "model.norm"  # final normalisation and output head: what turns the last block's output into logits
+    head: str = "lm_head"
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

@@ -4,7 +4,9 @@
 
 `row_weight` is what each row counts for: the diagonal Fisher of the layer's output (capture.output_fisher) for
 estimators in NEEDS_FISHER, times the number of layer rows each profiled row stands for (profiling samples rows);
-just the latter for the others. None means every row counts once.
+just the latter for the others. None means every row counts once. Estimators in MEASURED run the model instead:
+they get every row (no sampling) and, in place of `row_weight`, a `measure(dequantized weight) -> damage` bound
+to the layer (sensitivity.kl).
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from ..registry import Registry
 
 ESTIMATORS = Registry("sensitivity estimator")
 NEEDS_FISHER = {"fisher"}
+MEASURED = {"kl"}
 register_estimator = ESTIMATORS.register
 get_estimator = ESTIMATORS.lookup
 
 
-from . import fisher, hessian, roundoff  # noqa: E402,F401  (register)
+from . import fisher, hessian, kl, roundoff  # noqa: E402,F401  (register)

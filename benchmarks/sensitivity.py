@@ -1,0 +1,226 @@
+"""Which damage estimator predicts real damage? Rank correlation with real perplexity, and what each one's
+allocation reaches, on SmolLM2-135M.
+
+Reruns from scratch: `python benchmarks/sensitivity.py` (about an hour on 2 cores). Writes
+benchmarks/results/sensitivity.{md,json,png}.
+
+1. Every block linear is solved once for every benchmark candidate (GPTQ, bits 2–5 × {g64 min dq6, g192 min}),
+   on the Hessians of the float model, whole rows; every estimator scores those very weights (the cost of each
+   is timed on its own; the solves are shared).
+2. 30 random plans at 3.0 real bpw (the exact knapsack on random per-layer sensitivities, so every plan fills the
+   budget but spends it differently) plus each estimator's own allocation at 2.5 / 3.0 / 3.5 bpw are put into the
+   model (each layer its solved weights) and evaluated by the protocol.
+3. Spearman's ρ between each estimator's predicted total damage (the sum the allocator minimises) and the real
+   perplexity, over the 3.0 bpw plans.
+
+The plans here are applied with weights solved on the float model's inputs (no sequential re-calibration), so
+that 45 plans cost 45 evaluations instead of 45 quantization runs; `mixq quantize` calibrates each block on the
+outputs of the blocks already quantized, which lowers every perplexity a little.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from mixq import data
+from mixq.allocate import allocate
+from mixq.capture import block_inputs, hessians, output_fisher, run_block
+from mixq.eval.perplexity import perplexity
+from mixq.formats import QuantSpec
+from mixq.models import adapter_for, load_model
+from mixq.pipeline import FISHER_WINDOWS, fixed_bytes
+from mixq.plan import Budget, Candidate
+from mixq.profile import Profile, layer_costs
+from mixq.sensitivity import get_estimator
+from mixq.sensitivity.kl import KLProbe
+from mixq.solvers import solve
+
+HERE = Path(__file__).parent
+CANDIDATES = [Candidate(QuantSpec.of(b, g, "min", sb), "gptq") for b in (2, 3, 4, 5) for g, sb in ((64, 6), (192, 16))]
+ESTIMATORS = ("fisher", "hessian", "kl", "roundoff", "sqnr")
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=HERE).stdout.strip()
+
+
+def solve_and_score(model, calib, estimators):
+    """(dequantized weights: layer → one fp16 tensor per candidate, profile per estimator, seconds per stage)."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    names = adapter.layer_names(model)
+    seconds = {e: 0.0 for e in estimators} | {"solve": 0.0}
+    fisher = probe = None
+    t = time.perf_counter()
+    if "fisher" in estimators:  # the backward passes count for fisher, the reference logits for kl
+        fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS])
+        seconds["fisher"] += time.perf_counter() - t
+    t = time.perf_counter()
+    if "kl" in estimators:
+        probe = KLProbe(model, adapter, calib)
+        seconds["kl"] += time.perf_counter() - t
+    profiles = {e: Profile(e, fixed_bytes(model, names)) for e in estimators}
+    deqs = {}
+    x, kwargs = block_inputs(model, adapter, calib)
+    for i, block in enumerate(blocks):
+        with hessians(block, adapter) as stats:
+            y = run_block(block, x, kwargs)
+        for group in adapter.groups:
+            for n in group:
+                name, lin = f"{adapter.blocks}.{i}.{n}", block.get_submodule(n)
+                w = lin.weight.detach()
+                t = time.perf_counter()
+                deq = [solve(c.solver, w, stats[group[0]].hessian, c.spec).dequantize() for c in CANDIDATES]
+                seconds["solve"] += time.perf_counter() - t
+                deqs[name] = [d.half() for d in deq]
+                for e in estimators:
+                    context = {"fisher": fisher[name] if fisher else None,
+                               "kl": probe.layer(lin) if probe else None}.get(e)
+                    t = time.perf_counter()
+                    lp = layer_costs(name, *w.shape, CANDIDATES)
+                    lp.damage = [get_estimator(e)(w, d, stats[group[0]], context) for d in deq]
+                    seconds[e] += time.perf_counter() - t
+                    profiles[e].layers.append(lp)
+        x = y
+        if probe:
+            probe.advance()
+        print(f"block {i}: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), flush=True)
+    return deqs, profiles, seconds
+
+
+def random_plans(profile: Profile, count: int, bpw: float, seed: int = 0):
+    """Plans that fill the budget exactly but spend it differently: the exact knapsack on random sensitivities
+    (a log-uniform scale per layer over four decades, the usual 4^-bits fall-off, ±2× noise per candidate)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        scale = 10 ** rng.uniform(-2, 2, len(profile.layers))
+        fake = replace(profile, layers=[
+            replace(lp, damage=[float(s * 4.0 ** -c.spec.bits * 2 ** rng.uniform(-1, 1)) for c in lp.candidates])
+            for s, lp in zip(scale, profile.layers)])
+        yield allocate(fake, Budget(bits=bpw)).plan
+
+
+def evaluate(model, deqs, plan, evals) -> float:
+    """Perplexity with each layer's solved weights for its candidate in the plan (float weights restored after)."""
+    saved = {}
+    for name, cand in plan.layers.items():
+        lin = model.get_submodule(name)
+        saved[name] = lin.weight.data
+        lin.weight.data = deqs[name][CANDIDATES.index(cand)].float()
+    try:
+        return perplexity(model, evals)
+    finally:
+        for name, w in saved.items():
+            model.get_submodule(name).weight.data = w
+
+
+def predicted(profile: Profile, plan) -> float:
+    return sum(lp.damage[lp.candidates.index(plan.layers[lp.name])] for lp in profile.layers)
+
+
+def plan_bpw(profile: Profile, plan) -> float:
+    return sum(lp.bits[lp.candidates.index(plan.layers[lp.name])] for lp in profile.layers) / profile.weights
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plans", type=int, default=30, help="random plans at --bpw")
+    ap.add_argument("--bpw", type=float, default=3.0)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5])
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
+    ap.add_argument("--out", default=str(HERE / "results" / "sensitivity"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok, _ = load_model(None)
+    calib = data.calibration_windows(tok)
+    evals = data.evaluation_windows(tok, count=args.windows)
+    reference = perplexity(model, evals)
+    print(f"reference {reference:.3f}", flush=True)
+    deqs, profiles, seconds = solve_and_score(model, calib, args.estimators)
+    any_profile = profiles[args.estimators[0]]
+    rows = []
+    for k, plan in enumerate(random_plans(any_profile, args.plans, args.bpw)):
+        rows.append({"plan": f"random {k}", "budget": args.bpw, "bpw": plan_bpw(any_profile, plan),
+                     "ppl": evaluate(model, deqs, plan, evals),
+                     "predicted": {e: predicted(p, plan) for e, p in profiles.items()}})
+        print(rows[-1], flush=True)
+    for e in args.estimators:
+        for budget in args.budgets:
+            plan = allocate(profiles[e], Budget(bits=budget)).plan
+            rows.append({"plan": f"{e} allocation", "budget": budget, "bpw": plan_bpw(any_profile, plan),
+                         "ppl": evaluate(model, deqs, plan, evals),
+                         "predicted": {f: predicted(p, plan) for f, p in profiles.items()}})
+            print(rows[-1], flush=True)
+    write(rows, seconds, reference, args)
+
+
+def correlations(rows, estimators, bpw):
+    pool = [r for r in rows if r["budget"] == bpw]
+    ppl = [r["ppl"] for r in pool]
+    return {e: float(spearmanr([r["predicted"][e] for r in pool], ppl).statistic) for e in estimators}, len(pool)
+
+
+def write(rows, seconds, reference, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    rho, pooled = correlations(rows, args.estimators, args.bpw)
+    out.with_suffix(".json").write_text(json.dumps({"reference": reference, "seconds": seconds, "spearman": rho,
+                                                    "rows": rows}, indent=1))
+    lines = ["# Damage estimators against real perplexity on SmolLM2-135M", "",
+             f"Perplexity on the pydoc evaluation split, {args.windows} windows × 512 tokens (reference "
+             f"{reference:.3f}); calibration 32 × 512 tokens of the pydoc calibration split. Candidates: GPTQ, bits "
+             f"2–5 × {{g64 min dq6, g192 min}}, solved once on the float model's inputs and shared by every plan "
+             f"(see the script's docstring). Commit {COMMIT}, torch {torch.__version__}, "
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.", "",
+             f"## Rank correlation with perplexity ({pooled} plans at {args.bpw:g} bpw: {args.plans} random + the "
+             "allocations)", "", "| estimator | Spearman ρ | seconds (scoring, on top of the shared solves) |",
+             "|---|---|---|"]
+    for e in args.estimators:
+        lines.append(f"| {e} | {rho[e]:.3f} | {seconds[e]:.0f} |")
+    lines += ["", f"Shared solves: {seconds['solve']:.0f} s.", "", "## Each estimator's allocation", "",
+              "| estimator | " + " | ".join(f"{b:g} bpw: real bpw, ppl" for b in args.budgets) + " |",
+              "|---|" + "---|" * len(args.budgets)]
+    for e in args.estimators:
+        cells = []
+        for b in args.budgets:
+            r = next(r for r in rows if r["plan"] == f"{e} allocation" and r["budget"] == b)
+            cells.append(f"{r['bpw']:.3f}, {r['ppl']:.2f}")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    rand = [r["ppl"] for r in rows if r["plan"].startswith("random")]
+    if rand:
+        lines += ["", f"Random plans at {args.bpw:g} bpw: perplexity {min(rand):.2f} to {max(rand):.2f} "
+                  f"(median {float(np.median(rand)):.2f})."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, len(args.estimators), figsize=(3.2 * len(args.estimators), 3.4), sharey=True)
+    for ax, e in zip(np.atleast_1d(axes), args.estimators):
+        pool = [r for r in rows if r["budget"] == args.bpw]
+        rnd = [r for r in pool if r["plan"].startswith("random")]
+        alloc = [r for r in pool if not r["plan"].startswith("random")]
+        ax.scatter([r["predicted"][e] for r in rnd], [r["ppl"] for r in rnd], s=14, label="random plans")
+        ax.scatter([r["predicted"][e] for r in alloc], [r["ppl"] for r in alloc], s=30, marker="*",
+                   label="allocations")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{e}: ρ = {rho[e]:.2f}")
+        ax.set_xlabel("predicted total damage")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel(f"pydoc perplexity ({args.bpw:g} bpw)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

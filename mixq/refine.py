@@ -1,0 +1,160 @@
+"""Interaction refinement: per-layer damages do not simply add, so after the exact solve the chosen plan's real
+KL divergence from the float model is measured and a bounded local search trades bits between layers.
+
+Each round takes, for every layer, its move up its own Pareto frontier (the next candidate with more bits and
+less estimated damage) and pairs it with the move down of another layer that pays for it within the budget,
+cheapest predicted loss first (the exact solve is optimal for the estimate, so every trade costs something on
+paper). The `pairs` cheapest trades are measured; the one that lowers the measured KL most is kept. The search
+stops after `rounds` rounds or when no measured trade helps. Every weight is solved once on the float model's
+inputs and cached, so a measurement is one forward pass over the refinement windows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .allocate import Allocation, _allocation, check_budget
+from .capture import block_inputs, hessians, run_block
+from .models import adapter_for
+from .plan import Budget
+from .profile import LayerProfile, Profile
+from .sensitivity.kl import KLProbe
+from .solvers import solve
+
+REFINE_WINDOWS = 4
+REFINE_LENGTH = 512
+
+
+@dataclass
+class Refinement:
+    allocation: Allocation
+    kl_before: float
+    kl_after: float
+    measured: int  # KL measurements made
+    trades: list[str] = field(default_factory=list)  # "up:layer → down:layer" of each kept trade
+
+
+def frontier(lp: LayerProfile) -> list[int]:
+    """Candidate indices on the layer's lower convex hull of (bits, damage), by increasing bits."""
+    order = sorted(range(len(lp.bits)), key=lambda k: (lp.bits[k], lp.damage[k]))
+    hull: list[int] = []
+    for k in order:
+        if hull and lp.damage[k] >= lp.damage[hull[-1]]:
+            continue  # more bits for no less damage
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a → k: not on the lower hull
+            if (lp.damage[b] - lp.damage[a]) * (lp.bits[k] - lp.bits[a]) >= \
+                    (lp.damage[k] - lp.damage[a]) * (lp.bits[b] - lp.bits[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return hull
+
+
+class _Weights:
+    """Each (layer, candidate)'s dequantized weight, solved on demand on the float model's inputs and cached."""
+
+    def __init__(self, model: nn.Module, calib: torch.Tensor):
+        adapter = adapter_for(model)
+        self.model, self.hessian, self.cache = model, {}, {}
+        self.float = {n: model.get_submodule(n).weight.data for n in adapter.layer_names(model)}
+        x, kwargs = block_inputs(model, adapter, calib)
+        for i, block in enumerate(adapter.block_list(model)):
+            with hessians(block, adapter) as stats:
+                y = run_block(block, x, kwargs)
+            for group in adapter.groups:
+                for n in group:
+                    self.hessian[f"{adapter.blocks}.{i}.{n}"] = stats[group[0]].hessian
+            x = y
+
+    def set(self, lp: LayerProfile, k: int) -> None:
+        key = (lp.name, k)
+        if key not in self.cache:
+            cand = lp.candidates[k]
+            self.cache[key] = solve(cand.solver, self.float[lp.name], self.hessian[lp.name], cand.spec).dequantize()
+        self.model.get_submodule(lp.name).weight.data = self.cache[key]
+
+    def restore(self) -> None:
+        for name, w in self.float.items():
+            self.model.get_submodule(name).weight.data = w
+
+
+def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Allocation, budget: Budget,
+           rounds: int = 4, pairs: int = 8, step=None) -> Refinement:
+    """A plan at least as good as `alloc` by the measured KL, within the same budget. The model is left float."""
+    limit = check_budget(profile, budget)
+    probe = KLProbe(model, adapter_for(model), calib, REFINE_WINDOWS, REFINE_LENGTH)
+    weights = _Weights(model, calib)
+    layers = {lp.name: lp for lp in profile.layers}
+    chosen = {lp.name: lp.candidates.index(alloc.plan.layers[lp.name]) for lp in profile.layers}
+    try:
+        for lp in profile.layers:
+            weights.set(lp, chosen[lp.name])
+        best = before = probe.kl()
+        measured, trades = 1, []
+        for r in range(rounds):
+            used = sum(layers[n].bits[k] for n, k in chosen.items())
+            options = _trades(layers, chosen, limit - used)[:pairs]
+            results = []
+            for (up, ku), (down, kd), _ in options:
+                for name, k in ((up, ku), (down, kd)):
+                    if name:
+                        weights.set(layers[name], k)
+                results.append(probe.kl())
+                measured += 1
+                for name in (up, down):
+                    if name:
+                        weights.set(layers[name], chosen[name])
+            if step:
+                step("refine", r + 1, rounds)
+            if not results or min(results) >= best:
+                break
+            i = min(range(len(results)), key=results.__getitem__)
+            best = results[i]
+            (up, ku), (down, kd), _ = options[i]
+            for name, k in ((up, ku), (down, kd)):
+                if name:
+                    chosen[name] = k
+                    weights.set(layers[name], k)
+            trades.append(f"{up} → {layers[up].candidates[ku].name}; {down or '-'}"
+                          + (f" → {layers[down].candidates[kd].name}" if down else ""))
+    finally:
+        weights.restore()
+    return Refinement(_allocation(profile, chosen), before, best, measured, trades)
+
+
+def _trades(layers: dict[str, LayerProfile], chosen: dict[str, int], slack: int):
+    """((up layer, candidate), (down layer or None, candidate), predicted loss), cheapest first: for every layer
+    that can move up its frontier, the move down of another layer that pays for it (none if the slack does)."""
+    ups, downs = [], []
+    for name, lp in layers.items():
+        hull, k = frontier(lp), chosen[name]
+        pos = _position(lp, hull, k)
+        if pos + 1 < len(hull):
+            u = hull[pos + 1]
+            ups.append((name, u, lp.bits[u] - lp.bits[k], lp.damage[u] - lp.damage[k]))
+        if pos > 0 and hull[pos - 1] != k:
+            d = hull[pos - 1]
+            downs.append((name, d, lp.bits[d] - lp.bits[k], lp.damage[d] - lp.damage[k]))
+    out = []
+    for name, u, dbits, ddmg in ups:
+        if dbits <= slack:
+            out.append(((name, u), (None, None), ddmg))
+            continue
+        fits = [(dd, n, d) for n, d, db, dd in downs if n != name and dbits + db <= slack]
+        if fits:
+            dd, n, d = min(fits)
+            out.append(((name, u), (n, d), ddmg + dd))
+    return sorted(out, key=lambda t: t[2])
+
+
+def _position(lp: LayerProfile, hull: list[int], k: int) -> int:
+    """Where candidate k sits on the frontier: its own index, or the last hull point with no more bits."""
+    if k in hull:
+        return hull.index(k)
+    below = [i for i, h in enumerate(hull) if lp.bits[h] <= lp.bits[k]]
+    return below[-1] if below else 0

@@ -1,0 +1,67 @@
+"""Measured damage (ExLlamaV2's and ModelOpt's measure): the KL divergence of the model's next-token distribution
+from the float model's, with one layer quantized by the candidate and every other layer float,
+
+    damage = mean over tokens t of KL(p_float(·|t) ‖ p_quantized(·|t))   (nats per token)
+
+on the first KL_WINDOWS calibration windows cut to KL_LENGTH tokens. The float model's log-probabilities are
+computed once and kept (KL_WINDOWS · KL_LENGTH · vocabulary floats, whatever the calibration size); each
+measurement runs only the blocks from the layer's own on, from the float hidden states cached at its input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture import LayerStats, block_inputs, run_block
+from ..models import Adapter
+from . import register_estimator
+
+KL_WINDOWS = 2
+KL_LENGTH = 256
+
+
+class KLProbe:
+    """The float model's reference on the KL windows, and the float hidden states entering the current block."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, calib: torch.Tensor, windows: int = KL_WINDOWS,
+                 length: int = KL_LENGTH):
+        self.model, self.adapter = model, adapter
+        self.blocks = adapter.block_list(model)
+        ids = calib[:windows, :length]
+        self.x, self.kwargs = block_inputs(model, adapter, ids)
+        self.block = 0
+        with torch.no_grad():
+            self.ref = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+
+    def advance(self) -> None:
+        """Move to the next block's input (run the current block as it is now: float)."""
+        self.x = run_block(self.blocks[self.block], self.x, self.kwargs)
+        self.block += 1
+
+    def kl(self) -> float:
+        """KL of the model as it is now (from the current block on) from the float reference."""
+        h = self.x
+        for blk in self.blocks[self.block:]:
+            h = run_block(blk, h, self.kwargs)
+        with torch.no_grad():
+            head = self.model.get_submodule(self.adapter.head)
+            logq = F.log_softmax(head(self.model.get_submodule(self.adapter.norm)(h)).float(), -1)
+        return float((self.ref.exp() * (self.ref - logq)).sum(-1).mean())
+
+    def layer(self, linear: nn.Linear):
+        """`measure(dequantized weight) -> KL` for one linear of the current block, restored after each call."""
+        def measure(deq: torch.Tensor) -> float:
+            saved = linear.weight.data
+            linear.weight.data = deq.to(saved.dtype)
+            try:
+                return self.kl()
+            finally:
+                linear.weight.data = saved
+        return measure
+
+
+@register_estimator("kl")
+def kl_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, measure) -> float:
+    """`measure` is KLProbe.layer(...) of this weight's linear: profiling passes it in place of a row weight."""
+    return measure(deq)
