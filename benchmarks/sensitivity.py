@@ -137,7 +137,11 @@ def main():
     ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--out", default=str(HERE / "results" / "sensitivity"))
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite the table and plot from the saved JSON")
     args = ap.parse_args()
+    if args.rewrite:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        return write(saved["rows"], saved["seconds"], saved["reference"], args)
     torch.manual_seed(0)
     model, tok, _ = load_model(None)
     calib = data.calibration_windows(tok)
@@ -145,13 +149,17 @@ def main():
     reference = perplexity(model, evals)
     print(f"reference {reference:.3f}", flush=True)
     deqs, profiles, seconds = solve_and_score(model, calib, args.estimators)
+    for e, p in profiles.items():
+        Path(args.out).with_name(f"sensitivity_profile_{e}.json").write_text(p.to_json())
     any_profile = profiles[args.estimators[0]]
     rows = []
+    partial = Path(args.out).with_suffix(".json")
     for k, plan in enumerate(random_plans(any_profile, args.plans, args.bpw)):
         rows.append({"plan": f"random {k}", "budget": args.bpw, "bpw": plan_bpw(any_profile, plan),
                      "ppl": evaluate(model, deqs, plan, evals),
                      "predicted": {e: predicted(p, plan) for e, p in profiles.items()}})
         print(rows[-1], flush=True)
+        partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows}))
     for e in args.estimators:
         for budget in args.budgets:
             plan = allocate(profiles[e], Budget(bits=budget)).plan
@@ -159,6 +167,7 @@ def main():
                          "ppl": evaluate(model, deqs, plan, evals),
                          "predicted": {f: predicted(p, plan) for f, p in profiles.items()}})
             print(rows[-1], flush=True)
+            partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows}))
     write(rows, seconds, reference, args)
 
 
