@@ -138,7 +138,7 @@ def main():
     args = ap.parse_args()
     if args.rewrite:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
-        return write(saved["rows"], saved["seconds"], saved["reference"], args)
+        return write(saved["rows"], saved["seconds"], saved["reference"], args, saved["provenance"])
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
     reference = perplexity(model, evals)
@@ -154,7 +154,8 @@ def main():
                      "ppl": evaluate(model, deqs, plan, evals),
                      "predicted": {e: predicted(p, plan) for e, p in profiles.items()}})
         print(rows[-1], flush=True)
-        partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows}))
+        partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows,
+                                       "provenance": provenance()}))
     for e in args.estimators:
         for budget in args.budgets:
             plan = allocate(profiles[e], Budget(bits=budget)).plan
@@ -162,8 +163,9 @@ def main():
                          "ppl": evaluate(model, deqs, plan, evals),
                          "predicted": {f: predicted(p, plan) for f, p in profiles.items()}})
             print(rows[-1], flush=True)
-            partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows}))
-    write(rows, seconds, reference, args)
+            partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows,
+                                       "provenance": provenance()}))
+    write(rows, seconds, reference, args, provenance())
 
 
 def correlations(rows, estimators, bpw):
@@ -172,7 +174,7 @@ def correlations(rows, estimators, bpw):
     return {e: float(spearmanr([r["predicted"][e] for r in pool], ppl).statistic) for e in estimators}, len(pool)
 
 
-def write(rows, seconds, reference, args):
+def write(rows, seconds, reference, args, machine: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,13 +182,14 @@ def write(rows, seconds, reference, args):
 
     out = Path(args.out)
     rho, pooled = correlations(rows, args.estimators, args.bpw)
-    out.with_suffix(".json").write_text(json.dumps({"reference": reference, "seconds": seconds, "spearman": rho,
+    out.with_suffix(".json").write_text(json.dumps({"provenance": machine, "reference": reference,
+                                                    "seconds": seconds, "spearman": rho,
                                                     "rows": rows}, indent=1))
     lines = ["# Damage estimators against real perplexity on SmolLM2-135M", "",
              f"Perplexity on the pydoc evaluation split, {args.windows} windows × 512 tokens (reference "
              f"{reference:.3f}); calibration 32 × 512 tokens of the pydoc calibration split. Candidates: GPTQ, bits "
              f"2–5 × {{g64 min dq6, g192 min}}, solved once on the float model's inputs and shared by every plan "
-             f"(see the script's docstring). " + provenance(), "",
+             f"(see the script's docstring). " + machine, "",
              f"## Rank correlation with perplexity ({pooled} plans at {args.bpw:g} bpw: {args.plans} random + the "
              "allocations)", "", "| estimator | Spearman ρ | seconds (scoring, on top of the shared solves) |",
              "|---|---|---|"]
@@ -214,8 +217,7 @@ def write(rows, seconds, reference, args):
         ax.scatter([r["predicted"][e] for r in rnd], [r["ppl"] for r in rnd], s=14, label="random plans")
         ax.scatter([r["predicted"][e] for r in alloc], [r["ppl"] for r in alloc], s=30, marker="*",
                    label="allocations")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax.set_title(f"{e}: ρ = {rho[e]:.2f}")
         ax.set_xlabel("predicted total damage")
         ax.grid(alpha=0.3)
