@@ -171,6 +171,8 @@ def main():
     ap.add_argument("--peers", nargs="+", default=["rtn", "hqq", "llmcompressor", "llama.cpp"])
     ap.add_argument("--profile", type=Path, default=HERE / "results" / "smollm2_bits_profile.json",
                     help="mixq's profile of SmolLM2 (default candidates, fisher), from benchmarks/smollm2_bits.py")
+    ap.add_argument("--mixq", action=argparse.BooleanOptionalAction, default=True,
+                    help="run mixq at each peer's real bpw (--no-mixq: the peers only)")
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--out", default=str(HERE / "results" / "peers"))
     args = ap.parse_args()
@@ -201,7 +203,7 @@ def main():
             for kind in GGUF_TYPES:
                 record("llama.cpp", run_llama_cpp(model, args.llama_cpp, kind, imatrix, work))
                 rows[-1]["seconds"] += imatrix_seconds
-    for bpw in sorted({round(r["bpw"], 3) for r in rows if r["tool"] not in ("float", "mixq")}):
+    for bpw in sorted({round(r["bpw"], 3) for r in rows if r["tool"] not in ("float", "mixq")} if args.mixq else []):
         record("mixq", run_mixq(model, calib, profile, bpw))
     write(rows, out, args.windows)
 
