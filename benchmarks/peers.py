@@ -93,8 +93,16 @@ def run_llmcompressor(model, tok, calib: torch.Tensor, bits: int, group: int, ou
     from transformers import AutoModelForCausalLM
 
     src = out.parent / "float"  # llm-compressor starts from a checkpoint folder (it reads config.json back)
-    if not src.exists():
-        model.save_pretrained(src)
+    if not src.exists():  # written by hand: transformers refuses to save a model it dequantized from GGUF
+        from safetensors.torch import save_file
+
+        src.mkdir(parents=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (src / "config.json").write_text(json.dumps(config))
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+                  src / "model.safetensors")
         tok.save_pretrained(src)
     m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
