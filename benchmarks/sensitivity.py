@@ -31,7 +31,7 @@ from scipy.stats import spearmanr
 
 from mixq import data
 from mixq.allocate import allocate
-from mixq.capture import block_inputs, hessians, output_fisher, run_block
+from mixq.capture import float_block_stats, output_fisher
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
@@ -51,7 +51,6 @@ ESTIMATORS = ("fisher", "hessian", "kl", "roundoff", "sqnr")
 def solve_and_score(model, calib, estimators):
     """(dequantized weights: layer → one fp16 tensor per candidate, profile per estimator, seconds per stage)."""
     adapter = adapter_for(model)
-    blocks = adapter.block_list(model)
     names = adapter.layer_names(model)
     seconds = {e: 0.0 for e in estimators} | {"solve": 0.0}
     fisher = probe = None
@@ -65,10 +64,7 @@ def solve_and_score(model, calib, estimators):
         seconds["kl"] += time.perf_counter() - t
     profiles = {e: Profile(e, fixed_bytes(model, names)) for e in estimators}
     deqs = {}
-    x, kwargs = block_inputs(model, adapter, calib)
-    for i, block in enumerate(blocks):
-        with hessians(block, adapter) as stats:
-            y = run_block(block, x, kwargs)
+    for i, block, stats in float_block_stats(model, adapter, calib):
         for group in adapter.groups:
             for n in group:
                 name, lin = f"{adapter.blocks}.{i}.{n}", block.get_submodule(n)
@@ -85,7 +81,6 @@ def solve_and_score(model, calib, estimators):
                     lp.damage = [get_estimator(e)(w, d, stats[group[0]], context) for d in deq]
                     seconds[e] += time.perf_counter() - t
                     profiles[e].layers.append(lp)
-        x = y
         if probe:
             probe.advance()
         print(f"block {i}: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), flush=True)

@@ -79,6 +79,17 @@ def _fit_batch(kwargs: dict, n: int) -> dict:
     return {k: fit(v) for k, v in kwargs.items()}
 
 
+def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
+    """(block index, block, {group leader: LayerStats}) for every block, each run on the outputs of the block
+    before it as that block is (float, unless the caller changed it in between)."""
+    x, kwargs = block_inputs(model, adapter, ids)
+    for i, block in enumerate(adapter.block_list(model)):
+        with hessians(block, adapter) as stats:
+            y = run_block(block, x, kwargs)
+        yield i, block, stats
+        x = y
+
+
 @contextmanager
 def hessians(block: nn.Module, adapter: Adapter):
     """Collect H = E[x xᵀ] of the input of each group of linears while the block runs.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, _allocation, check_budget
-from .capture import block_inputs, hessians, run_block
+from .capture import float_block_stats
 from .models import adapter_for
 from .plan import Budget
 from .profile import LayerProfile, Profile
@@ -33,7 +33,7 @@ class Refinement:
     kl_before: float
     kl_after: float
     measured: int  # KL measurements made
-    trades: list[str] = field(default_factory=list)  # "up:layer → down:layer" of each kept trade
+    trades: list[str] = field(default_factory=list)  # "layer → candidate; layer → candidate" of each kept trade
 
 
 def frontier(lp: LayerProfile) -> list[int]:
@@ -62,14 +62,10 @@ class _Weights:
         adapter = adapter_for(model)
         self.model, self.hessian, self.cache = model, {}, {}
         self.float = {n: model.get_submodule(n).weight.data for n in adapter.layer_names(model)}
-        x, kwargs = block_inputs(model, adapter, calib)
-        for i, block in enumerate(adapter.block_list(model)):
-            with hessians(block, adapter) as stats:
-                y = run_block(block, x, kwargs)
+        for i, _, stats in float_block_stats(model, adapter, calib):
             for group in adapter.groups:
                 for n in group:
                     self.hessian[f"{adapter.blocks}.{i}.{n}"] = stats[group[0]].hessian
-            x = y
 
     def set(self, lp: LayerProfile, k: int) -> None:
         key = (lp.name, k)
@@ -90,6 +86,7 @@ def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Alloc
     probe = KLProbe(model, adapter_for(model), calib, REFINE_WINDOWS, REFINE_LENGTH)
     weights = _Weights(model, calib)
     layers = {lp.name: lp for lp in profile.layers}
+    hulls = {lp.name: frontier(lp) for lp in profile.layers}
     chosen = {lp.name: lp.candidates.index(alloc.plan.layers[lp.name]) for lp in profile.layers}
     try:
         for lp in profile.layers:
@@ -98,58 +95,53 @@ def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Alloc
         measured, trades = 1, []
         for r in range(rounds):
             used = sum(layers[n].bits[k] for n, k in chosen.items())
-            options = _trades(layers, chosen, limit - used)[:pairs]
+            options = _trades(layers, hulls, chosen, limit - used)[:pairs]
             results = []
-            for (up, ku), (down, kd), _ in options:
-                for name, k in ((up, ku), (down, kd)):
-                    if name:
-                        weights.set(layers[name], k)
+            for moves in options:
+                for name, k in moves:
+                    weights.set(layers[name], k)
                 results.append(probe.kl())
                 measured += 1
-                for name in (up, down):
-                    if name:
-                        weights.set(layers[name], chosen[name])
+                for name, _ in moves:
+                    weights.set(layers[name], chosen[name])
             if step:
                 step("refine", r + 1, rounds)
             if not results or min(results) >= best:
                 break
             i = min(range(len(results)), key=results.__getitem__)
             best = results[i]
-            (up, ku), (down, kd), _ = options[i]
-            for name, k in ((up, ku), (down, kd)):
-                if name:
-                    chosen[name] = k
-                    weights.set(layers[name], k)
-            trades.append(f"{up} → {layers[up].candidates[ku].name}; {down or '-'}"
-                          + (f" → {layers[down].candidates[kd].name}" if down else ""))
+            for name, k in options[i]:
+                chosen[name] = k
+                weights.set(layers[name], k)
+            trades.append("; ".join(f"{name} → {layers[name].candidates[k].name}" for name, k in options[i]))
     finally:
         weights.restore()
     return Refinement(_allocation(profile, chosen), before, best, measured, trades)
 
 
-def _trades(layers: dict[str, LayerProfile], chosen: dict[str, int], slack: int):
-    """((up layer, candidate), (down layer or None, candidate), predicted loss), cheapest first: for every layer
-    that can move up its frontier, the move down of another layer that pays for it (none if the slack does)."""
+def _trades(layers: dict[str, LayerProfile], hulls: dict[str, list[int]], chosen: dict[str, int], slack: int):
+    """The moves of each trade ((layer, candidate) pairs), cheapest predicted loss first: for every layer that can
+    move up its frontier, that move and, unless the slack pays for it, the move down of another layer that does."""
     ups, downs = [], []
     for name, lp in layers.items():
-        hull, k = frontier(lp), chosen[name]
+        hull, k = hulls[name], chosen[name]
         pos = _position(lp, hull, k)
         if pos + 1 < len(hull):
             u = hull[pos + 1]
             ups.append((name, u, lp.bits[u] - lp.bits[k], lp.damage[u] - lp.damage[k]))
-        if pos > 0 and hull[pos - 1] != k:
+        if pos > 0:
             d = hull[pos - 1]
             downs.append((name, d, lp.bits[d] - lp.bits[k], lp.damage[d] - lp.damage[k]))
     out = []
     for name, u, dbits, ddmg in ups:
         if dbits <= slack:
-            out.append(((name, u), (None, None), ddmg))
+            out.append((ddmg, [(name, u)]))
             continue
         fits = [(dd, n, d) for n, d, db, dd in downs if n != name and dbits + db <= slack]
         if fits:
             dd, n, d = min(fits)
-            out.append(((name, u), (n, d), ddmg + dd))
-    return sorted(out, key=lambda t: t[2])
+            out.append((ddmg + dd, [(name, u), (n, d)]))
+    return [moves for _, moves in sorted(out, key=lambda t: t[0])]
 
 
 def _position(lp: LayerProfile, hull: list[int], k: int) -> int:

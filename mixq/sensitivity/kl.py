@@ -3,9 +3,10 @@ from the float model's, with one layer quantized by the candidate and every othe
 
     damage = mean over tokens t of KL(p_float(·|t) ‖ p_quantized(·|t))   (nats per token)
 
-on the first KL_WINDOWS calibration windows cut to KL_LENGTH tokens. The float model's log-probabilities are
-computed once and kept (KL_WINDOWS · KL_LENGTH · vocabulary floats, whatever the calibration size); each
-measurement runs only the blocks from the layer's own on, from the float hidden states cached at its input.
+on the first KL_WINDOWS calibration windows cut to KL_LENGTH tokens. The float model's log-probabilities and
+probabilities are computed once and kept (2 · KL_WINDOWS · KL_LENGTH · vocabulary floats, whatever the calibration
+size); each measurement runs only the blocks from the layer's own on, from the float hidden states cached at its
+input.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class KLProbe:
         self.block = 0
         with torch.no_grad():
             self.ref = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+        self.p = self.ref.exp()  # once, not per measurement (Σ p·(log p − log q) keeps small KLs exact)
 
     def advance(self) -> None:
         """Move to the next block's input (run the current block as it is now: float)."""
@@ -47,7 +49,7 @@ class KLProbe:
         with torch.no_grad():
             head = self.model.get_submodule(self.adapter.head)
             logq = F.log_softmax(head(self.model.get_submodule(self.adapter.norm)(h)).float(), -1)
-        return float((self.ref.exp() * (self.ref - logq)).sum(-1).mean())
+        return float((self.p * (self.ref - logq)).sum(-1).mean())
 
     def layer(self, linear: nn.Linear):
         """`measure(dequantized weight) -> KL` for one linear of the current block, restored after each call."""
