@@ -96,8 +96,10 @@ def quantize(
     _quiet()
     if (plan is None) == (bits is None and size is None) or (bits is not None and size is not None):
         _fail("give exactly one of --bits, --size or --plan")
-    if refine < 0 or (refine and plan is not None):
-        _fail("--refine takes a number of rounds ≥ 0, and refines an allocation: it does not go with --plan")
+    if refine < 0:
+        _fail(f"--refine takes a number of rounds ≥ 0 (0: off), got {refine}")
+    if refine and plan is not None:
+        _fail("--refine refines an allocation: it does not go with --plan (a plan is applied as written)")
     try:
         budget = None if plan is not None else Budget.parse(bits, size)
         hand_plan = None
