@@ -64,7 +64,7 @@ def run_rtn(model, bits: int, group: int):
     seconds = time.perf_counter() - t
     total = sum(w.numel() for w in ws.values())
     bpw = sum(spec.storage_bits(*w.shape) for w in ws.values()) / total
-    return with_weights(model, ws), bpw, seconds, f"RTN {spec.name}"
+    return with_weights(model, ws), bpw, seconds, {}
 
 
 def run_hqq(model, bits: int, group: int):
@@ -80,7 +80,7 @@ def run_hqq(model, bits: int, group: int):
         ws[n] = Quantizer.dequantize(codes, meta)
     seconds = time.perf_counter() - t
     bpw = HQQ_CODE_BITS[bits] + 2 * 16 / group  # fp16 scale and fp16 zero per group
-    return with_weights(model, ws), bpw, seconds, f"HQQ {bits}-bit g{group}"
+    return with_weights(model, ws), bpw, seconds, {}
 
 
 def run_llmcompressor(model, tok, calib: torch.Tensor, bits: int, group: int, out: Path):
@@ -127,7 +127,7 @@ def run_llmcompressor(model, tok, calib: torch.Tensor, bits: int, group: int, ou
                     size = 2 if t_.dtype == torch.float32 else t_.element_size()
                     stored += t_.numel() * size * 8
     weights = sum(model.get_submodule(n).weight.numel() for n in names)
-    return m, stored / weights, seconds, f"llm-compressor GPTQ {bits}-bit g{group} sym"
+    return m, stored / weights, seconds, {}
 
 
 def run_llama_cpp(model, tools: Path, kind: str, imatrix: Path, work: Path):
@@ -142,13 +142,15 @@ def run_llama_cpp(model, tools: Path, kind: str, imatrix: Path, work: Path):
                    check=True, capture_output=True)
     seconds = time.perf_counter() - t
     stored = weights = 0
+    types: dict[str, int] = {}  # the ggml type each block weight got (fallbacks on 576-wide rows show here)
     for tensor in GGUFReader(out).tensors:
         parts = tensor.name.split(".")
         if parts[0] == "blk" and parts[2] in GGUF_LINEARS:
             stored += int(tensor.n_bytes) * 8
             weights += int(tensor.n_elements)
+            types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
     m = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, torch_dtype=torch.float32).eval()
-    return m, stored / weights, seconds, f"llama.cpp {kind} (imatrix)"
+    return m, stored / weights, seconds, {"types": {k: v / weights for k, v in sorted(types.items())}}
 
 
 def imatrix_for(tools: Path, tok, work: Path) -> tuple[Path, float]:
@@ -170,7 +172,7 @@ def run_mixq(model, calib, profile: Profile, bpw: float):
     qt = apply_plan(m, calib, plan)
     pack_model(m, qt)
     bits, weights = block_linear_bits(m)
-    return m, bits / weights, time.perf_counter() - t, "mixq"
+    return m, bits / weights, time.perf_counter() - t, {}
 
 
 def main():
@@ -183,37 +185,52 @@ def main():
                     help="run mixq at each peer's real bpw (--no-mixq: the peers only)")
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--out", default=str(HERE / "results" / "peers"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in OUT.json and run only the missing ones")
     args = ap.parse_args()
     model, tok, calib, evals = smollm2(args.windows)
     profile = Profile.from_json(args.profile.read_text())
-    rows = [{"tool": "float", "method": "reference", "bpw": 32.0, "seconds": 0.0, "ppl": perplexity(model, evals)}]
     out = Path(args.out)
+    rows = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
+        else [{"tool": "float", "method": "reference", "bpw": 32.0, "seconds": 0.0, "ppl": perplexity(model, evals)}]
+    done = {r["method"] for r in rows}
 
-    def record(tool, result):
-        m, bpw, seconds, label = result
-        rows.append({"tool": tool, "method": label, "bpw": bpw, "seconds": seconds, "ppl": perplexity(m, evals)})
+    def record(tool, label, run):
+        if label in done:
+            return
+        m, bpw, seconds, extra = run()
+        rows.append({"tool": tool, "method": label, "bpw": bpw, "seconds": seconds, "ppl": perplexity(m, evals),
+                     **extra})
         print(rows[-1], flush=True)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if "rtn" in args.peers:
-            for bits in (2, 3, 4):
-                record("RTN", run_rtn(model, bits, 64))
-        if "hqq" in args.peers:
-            for bits in (2, 3, 4):
-                record("HQQ", run_hqq(model, bits, 64))
-        if "llmcompressor" in args.peers:
-            for bits in (2, 3, 4):
-                record("llm-compressor", run_llmcompressor(model, tok, calib, bits, 64, work / f"llmc{bits}"))
-        if "llama.cpp" in args.peers:
-            imatrix, imatrix_seconds = imatrix_for(args.llama_cpp, tok, work)
-            for kind in GGUF_TYPES:
-                record("llama.cpp", run_llama_cpp(model, args.llama_cpp, kind, imatrix, work))
-                rows[-1]["seconds"] += imatrix_seconds
+        for bits in (2, 3, 4) if "rtn" in args.peers else ():
+            record("RTN", f"RTN {QuantSpec.of(bits, 64, 'int').name}", lambda: run_rtn(model, bits, 64))
+        for bits in (2, 3, 4) if "hqq" in args.peers else ():
+            record("HQQ", f"HQQ {bits}-bit g64", lambda: run_hqq(model, bits, 64))
+        for bits in (2, 3, 4) if "llmcompressor" in args.peers else ():
+            record("llm-compressor", f"llm-compressor GPTQ {bits}-bit g64 sym",
+                   lambda: run_llmcompressor(model, tok, calib, bits, 64, work / f"llmc{bits}"))
+        imatrix = None
+        for kind in GGUF_TYPES if "llama.cpp" in args.peers else ():
+            def run():
+                nonlocal imatrix
+                if imatrix is None:
+                    imatrix = imatrix_for(args.llama_cpp, tok, work)
+                m, bpw, seconds, extra = run_llama_cpp(model, args.llama_cpp, kind, imatrix[0], work)
+                return m, bpw, seconds + imatrix[1], extra
+            record("llama.cpp", f"llama.cpp {kind} (imatrix)", run)
     for bpw in sorted({round(r["bpw"], 3) for r in rows if r["tool"] not in ("float", "mixq")} if args.mixq else []):
-        record("mixq", run_mixq(model, calib, profile, bpw))
+        record("mixq", f"mixq at {bpw:.3f}", lambda: run_mixq(model, calib, profile, bpw))
     write(rows, out, args.windows)
+
+
+def method(row) -> str:
+    """The method's name, with the share of each ggml type llama.cpp actually wrote."""
+    types = row.get("types")
+    return row["method"] + (": " + ", ".join(f"{k} {v:.0%}" for k, v in types.items()) if types else "")
 
 
 def write(rows, out: Path, windows: int):
@@ -228,14 +245,15 @@ def write(rows, out: Path, windows: int):
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens (reference {ref:.3f}). "
              f"Real bpw: stored bits of the block linears in each tool's own format over their weights. mixq at "
              f"each peer's real bpw. " + provenance(), "",
-             "| tool | method | real bpw | ppl | mixq at ≤ that bpw | seconds |", "|---|---|---|---|---|---|"]
+             "| tool | method | real bpw | ppl | best mixq at ≤ that bpw (its bpw) | seconds |",
+             "|---|---|---|---|---|---|"]
     for r in rows[1:]:
         if r["tool"] == "mixq":
             continue
-        ours = [p for b, p in mixq if b <= r["bpw"] + 1e-9]
-        lines.append(f"| {r['tool']} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.2f} | "
-                     f"{min(ours):.2f} | {r['seconds']:.0f} |" if ours else
-                     f"| {r['tool']} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.2f} | - | {r['seconds']:.0f} |")
+        ours = min(((p, b) for b, p in mixq if b <= r["bpw"] + 1e-9), default=None)
+        cell = f"**{ours[0]:.2f}** ({ours[1]:.3f})" if ours and ours[0] < r["ppl"] else \
+            f"{ours[0]:.2f} ({ours[1]:.3f})" if ours else "-"
+        lines.append(f"| {r['tool']} | {method(r)} | {r['bpw']:.3f} | {r['ppl']:.2f} | {cell} | {r['seconds']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if mixq:
