@@ -122,22 +122,25 @@ def hessians(block: nn.Module, adapter: Adapter):
             s.hessian = (s.hessian / max(s.tokens, 1)).float()
 
 
-def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None) -> dict[str, torch.Tensor]:
+def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None,
+                  tables: bool = False) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of each block linear's output: F_i = E_t[(∂L/∂y_ti)²], L the next-token NLL summed
     over a window. One backward pass per window; no weight gradients are kept (the graph starts at the embeddings).
+    `tables` adds the head's output (over the vocabulary: the logits) and the embedding's (over its width).
     """
-    names = adapter.layer_names(model)
-    sums = {n: None for n in names}
+    names = adapter.layer_names(model) + ([adapter.head] if tables else [])
+    sums = {n: None for n in names + ([adapter.embed] if tables else [])}
     tokens = 0
     handles = []
 
+    def add(name, g):
+        sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).double()
+        sums[name] = sq if sums[name] is None else sums[name] + sq
+
     def make(name):
         def fwd(_module, _args, out):
-            def grad_hook(g):
-                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).double()
-                sums[name] = sq if sums[name] is None else sums[name] + sq
             if out.requires_grad:
-                out.register_hook(grad_hook)
+                out.register_hook(lambda g: add(name, g))
         return fwd
 
     for n in names:
@@ -150,6 +153,8 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                      window[:, 1:].reshape(-1), reduction="sum")
             loss.backward()
+            if tables:
+                add(adapter.embed, x.grad)
             tokens += window.numel()
             if step:
                 step("fisher", k + 1, len(ids))

@@ -70,9 +70,13 @@ def quantize(
     calib: Optional[Path] = typer.Option(None, "--calib", help="A UTF-8 text file to calibrate on. Default: the "
                                          "first 60 % of the pydoc tokens (the project's protocol)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Budget: average stored bits per weight of the block "
-                                         "linears (codes + scales + zeros), e.g. 3.0."),
+                                         "linears (codes + scales + zeros), e.g. 3.0; with --include-embeddings, of "
+                                         "the block linears, the embedding table and the head together."),
     size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored weight, "
-                                       "embeddings in fp16 included), e.g. 95MB."),
+                                       "embeddings included: fp16 unless --include-embeddings), e.g. 95MB."),
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Let the embedding table and the "
+                                            "output head (one table when tied) join the allocation as candidates "
+                                            "(4, 6 or 8 bits, round-to-nearest) instead of staying fp16."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
@@ -122,15 +126,16 @@ def quantize(
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
         from .pipeline import preflight
 
-        preflight(net, budget, hand_plan, estimator=sensitivity)
+        preflight(net, budget, hand_plan, estimator=sensitivity, tables=include_embeddings)
         with _progress() as progress:
             eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
             from .pipeline import quantize as run
 
-            checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, sensitivity)
+            checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, sensitivity, include_embeddings)
             result = run(net, calib_ids, budget=budget, plan=hand_plan, estimator=sensitivity,
-                         step=_Bars(progress), checkpoint=checkpoint, refine_rounds=refine)
+                         step=_Bars(progress), checkpoint=checkpoint, refine_rounds=refine,
+                         tables=include_embeddings)
             result.seconds["total"] = time.perf_counter() - t0
             meta = _save(net, tok, result, out, source, budget, calib, calib_ids)
             if checkpoint:
@@ -150,7 +155,7 @@ def quantize(
     _print_summary(meta, out)
 
 
-def _checkpoint(out: Path, source: str, calib_ids, estimator: str):
+def _checkpoint(out: Path, source: str, calib_ids, estimator: str, tables: bool):
     """Where the profile is kept while it grows: beside --out, keyed by everything that decides it, so that the
     same command started again after a crash resumes from the blocks already profiled."""
     from .checkpoint import Checkpoint, run_key
@@ -160,7 +165,7 @@ def _checkpoint(out: Path, source: str, calib_ids, estimator: str):
 
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     key = run_key(source, calib_ids, default_candidates(), estimator, fisher_windows=FISHER_WINDOWS,
-                  kl_tokens=[KL_WINDOWS, KL_LENGTH])
+                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=tables)
     return Checkpoint(out.absolute().parent / f".{out.name}.profile-partial.json", key)
 
 
@@ -168,6 +173,7 @@ def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) ->
     from .io import save_quantized
     from .runtime.qlinear import QuantLinear
 
+    from .models import adapter_for
     from .pipeline import block_linear_bits
 
     qbits, weights = block_linear_bits(net)
@@ -177,6 +183,10 @@ def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) ->
             "bpw": qbits / weights, "block_linear_weights": weights, "seconds": result.seconds,
             "shapes": {n: [m.out_features, m.in_features] for n, m in net.named_modules()
                        if isinstance(m, QuantLinear)}}
+    adapter = adapter_for(net)
+    tables = {n: result.plan.layers[n].spec.name for n in (adapter.embed, adapter.head) if n in result.plan.layers}
+    if tables:
+        meta["tables"] = tables
     if result.refinement is not None:
         r = result.refinement
         meta["refine"] = {"kl_before": r.kl_before, "kl_after": r.kl_after, "measured": r.measured,
@@ -200,6 +210,8 @@ def _print_summary(meta: dict, out: Path) -> None:
     table.add_row("mixq (after)", f"{ev['ppl_after']:.3f}" if ev else "-", f"{meta['bpw']:.3f}",
                   f"{meta['file_bytes'] / 1e6:.2f}")
     Console().print(table)
+    if meta.get("tables"):
+        Console().print("embeddings: " + ", ".join(f"{n} {spec}" for n, spec in meta["tables"].items()))
     Console().print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
 
 

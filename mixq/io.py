@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .plan import Plan
-from .runtime.qlinear import QuantLinear
+from .runtime.qlinear import QuantEmbedding, QuantLinear
 
 MARKER = "mixq.json"
 FLOAT_DTYPE = torch.float16  # storage of everything that is not a quantized block linear
@@ -80,10 +80,13 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, met
         for name, p in model.named_parameters():
             if not _in_quantized(name, plan):
                 tensors[name] = p.detach().to(FLOAT_DTYPE).contiguous()
+        stored = set()  # a head tied to a QuantEmbedding holds the table's buffers: stored once, under the table
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 for key, buf in m.named_buffers(recurse=False):
-                    tensors[f"{name}.{key}"] = buf.contiguous()
+                    if id(buf) not in stored:
+                        stored.add(id(buf))
+                        tensors[f"{name}.{key}"] = buf.contiguous()
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "mixq"})
         (tmp / "config.json").write_text(model.config.to_json_string())
         tokenizer.save_pretrained(tmp)
@@ -109,12 +112,14 @@ def _in_quantized(param_name: str, plan: Plan) -> bool:
 
 
 def install_quant_linears(model: nn.Module, plan: Plan) -> None:
-    """Swap each planned nn.Linear for an empty QuantLinear of its spec (the loader fills the buffers)."""
+    """Swap each planned nn.Linear for an empty QuantLinear of its spec, and an embedding table for a
+    QuantEmbedding (the loader fills the buffers)."""
     for name, cand in plan.layers.items():
-        lin = model.get_submodule(name)
-        parent, attr = name.rsplit(".", 1)
-        q = QuantLinear(lin.in_features, lin.out_features, cand.spec, lin.bias is not None)
-        setattr(model.get_submodule(parent), attr, q)
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Embedding):
+            model.set_submodule(name, QuantEmbedding(m.num_embeddings, m.embedding_dim, cand.spec))
+        else:
+            model.set_submodule(name, QuantLinear(m.in_features, m.out_features, cand.spec, m.bias is not None))
 
 
 def load(path: str | Path):
@@ -131,6 +136,10 @@ def load(path: str | Path):
         raise SavedModelError(f"{path} is corrupt: {str(e).splitlines()[0][:200]}") from e
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    input_table = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    output_table = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    tied_table = input_table in plan.layers and model.get_output_embeddings().weight is \
+        model.get_input_embeddings().weight
     install_quant_linears(model, plan)
     state = {k: v.float() if v.dtype == FLOAT_DTYPE and not k.endswith(".scales") else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -138,7 +147,10 @@ def load(path: str | Path):
     missing = [k for k in missing if k not in tied and not _is_tied(model, k)]
     if missing or unexpected:
         raise SavedModelError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
+    if tied_table:  # the head computes from the table's packed buffers
+        model.set_submodule(output_table, model.get_input_embeddings().tied_head())
+    else:
+        model.tie_weights()
     model.eval()
     return model
 

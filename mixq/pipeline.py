@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, allocate, check_budget
-from .capture import block_inputs, hessians, output_fisher, run_block
+from .capture import LayerStats, block_inputs, hessians, output_fisher, run_block
 from .checkpoint import Checkpoint
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .plan import Budget, Candidate, Plan
-from .profile import Profile, cost_profile, default_candidates, profile_group
+from .profile import LayerProfile, Profile, cost_profile, default_candidates, layer_costs, profile_group, \
+    table_candidates
 from .refine import Refinement, refine
-from .runtime.qlinear import QuantLinear
+from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
 from .solvers import get_solver, solve
@@ -56,24 +57,29 @@ def fixed_bytes(model: nn.Module, layer_names: list[str]) -> int:
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Fail before any calibration: unknown layers, layers that are not linear, formats that do not fit."""
-    known = set(adapter_for(model).layer_names(model))
+    adapter = adapter_for(model)
+    known, tables = set(adapter.layer_names(model)), set(adapter.tables(model))
     for name, cand in plan.layers.items():
-        if name not in known:
+        if name not in known | tables:
             near = sorted(known)[:3]
             raise ValueError(f"plan names unknown layer {name!r}; layers look like {', '.join(near)}, …")
-        cols = model.get_submodule(name).in_features
+        if name in tables and cand.solver != "rtn":
+            raise ValueError(f"plan gives {name} solver {cand.solver!r}: the embedding table and the head take rtn")
+        cols = model.get_submodule(name).weight.shape[1]
         if not cand.spec.fits(cols):
             raise ValueError(f"plan gives {name} {cand.spec.name}, whose groups do not divide its rows of {cols}")
         get_solver(cand.solver)
 
 
 def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "fisher",
-                  step: Step = _no_step, checkpoint: Checkpoint | None = None) -> Profile:
-    """Every layer × candidate, block by block. With a checkpoint, the profile is saved after each block and the
-    blocks an earlier run with the same key finished are taken from it (only run forward, to feed the next)."""
+                  step: Step = _no_step, checkpoint: Checkpoint | None = None, tables: bool = False) -> Profile:
+    """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
+    (profile_tables). With a checkpoint, the profile is saved after each block and the blocks an earlier run with
+    the same key finished are taken from it (only run forward, to feed the next)."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
-    prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model)))
+    prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model) + (adapter.tables(model) if tables
+                                                                               else [])))
     done = checkpoint.load() if checkpoint else {}
     fisher = None
     probe = KLProbe(model, adapter, calib) if estimator in MEASURED else None
@@ -88,7 +94,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             step("profile", i + 1, len(blocks))
             continue
         if fisher is None and estimator in NEEDS_FISHER:
-            fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step)
+            fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step, tables)
         with hessians(block, adapter) as stats:
             y = run_block(block, x, kwargs)
         for group in adapter.groups:
@@ -102,7 +108,52 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
         if checkpoint:
             checkpoint.save(prof)
         step("profile", i + 1, len(blocks))
+    names = adapter.tables(model) if tables else []
+    if all(n in done for n in names):
+        prof.layers += [done[n] for n in names]
+    else:
+        if fisher is None and estimator in NEEDS_FISHER:
+            fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step, tables)
+        prof.layers += profile_tables(model, calib, x, estimator, fisher, probe)
+        if checkpoint:
+            checkpoint.save(prof)
     return prof
+
+
+def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: str,
+                   fisher: dict[str, torch.Tensor] | None, probe: KLProbe | None) -> list[LayerProfile]:
+    """The embedding table and the head × table_candidates. The head's damage is that of a linear on the final
+    hidden states (`last`: the last block's outputs, normalised); the table's that of its rows the calibration
+    reads, each weighted by how often it is read (and, for fisher, each column by the embedding output's Fisher);
+    a tied table gets the sum of both. A measured estimator runs the whole model with the table quantized."""
+    adapter = adapter_for(model)
+    candidates = table_candidates()
+    names = adapter.tables(model)
+    out = []
+    for name in names:
+        module = model.get_submodule(name)
+        w = module.weight.detach()
+        if probe is not None:
+            out += profile_group({name: w}, LayerStats(torch.empty(0, 0), 0), candidates, estimator, None,
+                                 {name: probe.layer(module, whole=True)})
+            continue
+        lp = layer_costs(name, *w.shape, candidates)
+        parts = []
+        if name == adapter.head or adapter.head not in names:  # the head, or a table tied to it
+            with torch.no_grad():
+                h = model.get_submodule(adapter.norm)(last).reshape(-1, w.shape[1]).float()
+            head = {name: fisher[adapter.head]} if fisher is not None else None
+            parts += profile_group({name: w}, LayerStats(h.T @ h / len(h), len(h)), candidates, estimator, head,
+                                   sample=False)  # every row: the logits' Fisher sits on a few tokens
+        if name == adapter.embed:
+            counts = torch.bincount(calib.reshape(-1), minlength=w.shape[0]).float()
+            seen = counts.nonzero().squeeze(1)
+            cols = fisher[adapter.embed] if fisher is not None else torch.ones(w.shape[1])
+            parts += profile_group({name: w[seen]}, LayerStats(torch.diag(cols), int(counts.sum())), candidates,
+                                   estimator, {name: counts[seen] / counts.sum()}, sample=False)
+        lp.damage = [sum(p.damage[k] for p in parts) for k in range(len(lp.candidates))]
+        out.append(lp)
+    return out
 
 
 def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) -> dict[str, QuantizedTensor]:
@@ -110,6 +161,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
     bit-identical to what QuantLinear computes), the next block fed by this block's quantized outputs."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
+    tables = [n for n in adapter.tables(model) if n in plan.layers]
     _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
     x, kwargs = block_inputs(model, adapter, calib)
     out: dict[str, QuantizedTensor] = {}
@@ -128,6 +180,11 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 out[name] = qt
         x = run_block(block, x, kwargs)
         step("apply", i + 1, len(blocks))
+    for name in tables:  # round-to-nearest: nothing feeds on them (a tied table changes in both uses)
+        module = model.get_submodule(name)
+        qt = solve(plan.layers[name].solver, module.weight.detach(), torch.empty(0, 0), plan.layers[name].spec)
+        module.weight.data = qt.dequantize()
+        out[name] = qt
     return out
 
 
@@ -139,15 +196,22 @@ def _round_float_params(model: nn.Module, quantized: set[str]) -> None:
 
 
 def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
-    """Swap each quantized nn.Linear for a QuantLinear holding the packed codes."""
+    """Swap each quantized nn.Linear for a QuantLinear holding the packed codes (an embedding table for a
+    QuantEmbedding, and a head tied to it for a QuantLinear on the same buffers)."""
+    adapter = adapter_for(model)
+    tied = adapter.embed in qtensors and adapter.head not in adapter.tables(model)
     for name, qt in qtensors.items():
-        lin = model.get_submodule(name)
-        parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, QuantLinear.from_quantized(qt, lin.bias))
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            model.set_submodule(name, QuantEmbedding.from_quantized(qt))
+        else:
+            model.set_submodule(name, QuantLinear.from_quantized(qt, module.bias))
+    if tied:
+        model.set_submodule(adapter.head, model.get_submodule(adapter.embed).tied_head())
 
 
 def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[Candidate] | None = None,
-              estimator: str = "fisher") -> None:
+              estimator: str = "fisher", tables: bool = False) -> None:
     """Every check that needs no calibration, so bad input fails in seconds, not after the profile."""
     if plan is not None:
         check_plan(model, plan)
@@ -155,24 +219,32 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
     if budget is None:
         raise ValueError("give a budget or a plan")
     get_estimator(estimator)
-    names = adapter_for(model).layer_names(model)
-    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
-    check_budget(cost_profile(shapes, candidates or default_candidates(), fixed_bytes(model, names), estimator),
-                 budget)
+    adapter = adapter_for(model)
+    names, extra = adapter.layer_names(model), adapter.tables(model) if tables else []
+
+    def shapes(ns):
+        return {n: tuple(model.get_submodule(n).weight.shape) for n in ns}
+
+    costs = cost_profile(shapes(names), candidates or default_candidates(), fixed_bytes(model, names + extra),
+                         estimator)
+    costs.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator).layers
+    check_budget(costs, budget)
 
 
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
-             step: Step = _no_step, checkpoint: Checkpoint | None = None, refine_rounds: int = 0) -> Result:
+             step: Step = _no_step, checkpoint: Checkpoint | None = None, refine_rounds: int = 0,
+             tables: bool = False) -> Result:
     """Profile + allocate (unless a plan is given), optionally refine the plan by measured KL (refine.py), then
-    apply. The model is left packed (QuantLinear)."""
+    apply. `tables`: the embedding table and the head join the allocation. The model is left packed
+    (QuantLinear)."""
     seconds = {}
     prof = alloc = refinement = None
     candidates = candidates or default_candidates()
-    preflight(model, budget, plan, candidates, estimator)
+    preflight(model, budget, plan, candidates, estimator, tables)
     if plan is None:
         t = time.perf_counter()
-        prof = profile_model(model, calib, candidates, estimator, step, checkpoint)
+        prof = profile_model(model, calib, candidates, estimator, step, checkpoint, tables)
         seconds["profile"] = time.perf_counter() - t
         t = time.perf_counter()
         alloc = allocate(prof, budget)

@@ -32,6 +32,14 @@ def default_candidates(solver: str = "gptq", bits=(2, 3, 4, 5, 6, 8), groups=Non
     return [Candidate(QuantSpec.of(b, g, k, sb), solver) for b in bits for g, k, sb in formats]
 
 
+TABLE_BITS = (4, 6, 8)  # the embedding table and the output head (--include-embeddings)
+
+
+def table_candidates(bits=TABLE_BITS, formats=DEFAULT_FORMATS) -> list[Candidate]:
+    """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
+    return [Candidate(QuantSpec.of(b, g, k, sb), "rtn") for b in bits for g, k, sb in formats]
+
+
 @dataclass
 class LayerProfile:
     name: str
@@ -91,10 +99,11 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None,
-                  measures: dict | None = None) -> list[LayerProfile]:
+                  measures: dict | None = None, sample: bool = True) -> list[LayerProfile]:
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
     solved in one call: rows of every layer × every width stacked (rows are independent given H). A measured
-    estimator (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows."""
+    estimator (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows; so
+    does every estimator with `sample` False (rows whose weights are too uneven for an even sample: the tables)."""
     estimate = get_estimator(estimator)
     layers = {name: layer_costs(name, *w.shape, candidates) for name, w in weights.items()}
     sampled, row_weight = {}, {}
@@ -102,7 +111,7 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
         if measures is not None:
             sampled[name], row_weight[name] = w, measures[name]
             continue
-        idx = _row_sample(w.shape[0])
+        idx = _row_sample(w.shape[0]) if sample else torch.arange(w.shape[0])
         sampled[name] = w[idx]
         # damages that are sums over rows (fisher, roundoff) count each sampled row for the rows it stands for
         stands_for = torch.full((idx.numel(),), w.shape[0] / idx.numel())

@@ -61,7 +61,7 @@ class _Weights:
     def __init__(self, model: nn.Module, calib: torch.Tensor):
         adapter = adapter_for(model)
         self.model, self.hessian, self.cache = model, {}, {}
-        self.float = {n: model.get_submodule(n).weight.data for n in adapter.layer_names(model)}
+        self.float = {n: model.get_submodule(n).weight.data for n in adapter.layer_names(model) + adapter.tables(model)}
         for i, _, stats in float_block_stats(model, adapter, calib):
             for group in adapter.groups:
                 for n in group:
@@ -71,7 +71,8 @@ class _Weights:
         key = (lp.name, k)
         if key not in self.cache:
             cand = lp.candidates[k]
-            self.cache[key] = solve(cand.solver, self.float[lp.name], self.hessian[lp.name], cand.spec).dequantize()
+            hessian = self.hessian.get(lp.name, torch.empty(0, 0))  # the tables' solver (rtn) takes none
+            self.cache[key] = solve(cand.solver, self.float[lp.name], hessian, cand.spec).dequantize()
         self.model.get_submodule(lp.name).weight.data = self.cache[key]
 
     def restore(self) -> None:
@@ -88,10 +89,11 @@ def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Alloc
     layers = {lp.name: lp for lp in profile.layers}
     hulls = {lp.name: frontier(lp) for lp in profile.layers}
     chosen = {lp.name: lp.candidates.index(alloc.plan.layers[lp.name]) for lp in profile.layers}
+    whole = any(name in layers for name in adapter_for(model).tables(model))  # a quantized table: run it too
     try:
         for lp in profile.layers:
             weights.set(lp, chosen[lp.name])
-        best = before = probe.kl()
+        best = before = probe.kl(whole)
         measured, trades = 1, []
         for r in range(rounds):
             used = sum(layers[n].bits[k] for n, k in chosen.items())
@@ -100,7 +102,7 @@ def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Alloc
             for moves in options:
                 for name, k in moves:
                     weights.set(layers[name], k)
-                results.append(probe.kl())
+                results.append(probe.kl(whole))
                 measured += 1
                 for name, _ in moves:
                     weights.set(layers[name], chosen[name])

@@ -278,3 +278,18 @@ def test_quantize_with_refinement_records_the_measured_kl(tiny_hf_dir, text_file
                  "--out", tmp_path / "x")
     assert res.exit_code == 2 and "does not go with --plan" in _error(res.stderr)
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_with_embeddings_and_refinement(tiny_hf_dir, text_file, tmp_path):
+    out = tmp_path / "e"
+    res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 4.0, "--eval-windows", 0, "--calib-windows", 4,
+                 "--calib", text_file, "--include-embeddings", "--refine", 1, "--out", out)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / MARKER).read_text())
+    assert set(meta["tables"]) == {"model.embed_tokens"}  # tied: the head is the table's second use
+    assert "embeddings: model.embed_tokens" in res.stdout
+    assert "model.embed_tokens" in json.loads((out / "plan.json").read_text())["layers"]
+    assert "`model.embed_tokens` int" in (out / "report.md").read_text()
+    res = invoke("eval", out, "--text", text_file)
+    assert res.exit_code == 0, res.output
+    assert 1 < _json_line(res.stdout)["ppl"] < 10_000

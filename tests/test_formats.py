@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixq.formats import BITS, GRIDS, GROUP_SIZES, MIN_BITS, SCALE_BITS, QuantSpec, dequantize, quantize
-from mixq.runtime.qlinear import QuantLinear
+from mixq.runtime.qlinear import QuantEmbedding, QuantLinear
 
 SPECS = [QuantSpec.of(b, g, k) for b, g, k in itertools.product((2, 3, 4, 5, 6, 8), (32, 64, 0), GRIDS)] + [
     QuantSpec.of(b, g, k, sb) for b, g, k, sb in itertools.product((2, 4, 8), (32, 0), ("sym", "min"), (4, 6, 8))]
@@ -118,6 +118,23 @@ def test_storage_bits_equal_packed_bytes(spec, rows, groups, seed):
     assert spec.bits_per_weight(rows, cols) == pytest.approx(packed_bits / (rows * cols), rel=1e-12)
     # and the layer computes exactly with the reference weight
     assert torch.equal(layer.weight_float(), qt.dequantize())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@settings(max_examples=4)
+@given(rows=st.integers(1, 40), groups=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_embedding_lookup_reads_the_rows_of_the_packed_table(spec, rows, groups, seed):
+    """A lookup dequantizes only the rows it needs, read in place from the packing (odd widths and row counts,
+    rows that straddle bytes), and equals the reference; the tied head computes with the same buffers."""
+    cols = spec.group_size * groups if spec.group_size else 8 * groups + 3
+    qt = quantize(_weights(seed, rows, cols, 1.0, False), spec)
+    table = QuantEmbedding.from_quantized(qt)
+    ids = torch.randint(0, rows, (2, 7), generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(table(ids), qt.dequantize()[ids])
+    head = table.tied_head()
+    assert all(a is b for a, b in zip(head.buffers(), table.buffers()))
+    x = torch.randn(3, cols)
+    assert torch.equal(head(x), x @ qt.dequantize().T)
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if not s.double], ids=lambda s: s.name)

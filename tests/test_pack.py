@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mixq.runtime.pack import pack, unpack
+from mixq.runtime.pack import pack, unpack, unpack_at
 
 WIDTHS = range(2, 9)
 
@@ -72,3 +72,14 @@ def test_empty():
         packed = pack(torch.zeros(0, dtype=torch.uint8), bits)
         assert packed.numel() == 0
         assert unpack(packed, bits, 0).numel() == 0
+
+
+@given(codes_of_width(), st.data())
+def test_unpack_at_reads_any_positions(case, data):
+    bits, values = case
+    if not values:
+        return
+    packed = pack(torch.tensor(values, dtype=torch.uint8), bits)
+    where = data.draw(st.lists(st.integers(0, len(values) - 1), min_size=1, max_size=20))
+    got = unpack_at(packed, bits, torch.tensor(where))
+    assert got.tolist() == [values[i] for i in where]

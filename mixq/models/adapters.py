@@ -13,6 +13,7 @@ class Adapter:
     groups: tuple[tuple[str, ...], ...]
     norm: str = "model.norm"  # final normalisation and output head: what turns the last block's output into logits
     head: str = "lm_head"
+    embed: str = "model.embed_tokens"
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -20,6 +21,12 @@ class Adapter:
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.groups for name in group)
+
+    def tables(self, model: nn.Module) -> list[str]:
+        """The embedding table, and the output head unless it is tied to the table (then the table's second use):
+        what joins the allocation with --include-embeddings."""
+        head = model.get_submodule(self.head)
+        return [self.embed] + ([] if head.weight is model.get_submodule(self.embed).weight else [self.head])
 
     def layer_names(self, model: nn.Module) -> list[str]:
         """Full names of every quantizable linear, block after block."""

@@ -49,14 +49,18 @@ def write_report(folder: str | Path) -> Path:
                  f"{meta['file_bytes'] / 1e6:.2f} |")
     if ev:
         lines += ["", f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}."]
+    if meta.get("tables"):
+        lines += ["", "Embedding table and head (--include-embeddings): "
+                  + ", ".join(f"`{n}` {spec}" for n, spec in meta["tables"].items()) + "."]
     lines += ["", "![bits per layer](bits_per_layer.png)", ""]
     if prof is not None:
         curve = pareto(prof)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label="exact optimum (Pareto)")
-        ax.axvline(meta["bpw"], color="gray", ls="--", label="this model")
+        here = sum(lp.bits[lp.candidates.index(plan.layers[lp.name])] for lp in prof.layers) / prof.weights
+        ax.axvline(here, color="gray", ls="--", label="this model")
         ax.set_yscale("log")
-        ax.set_xlabel("block-linear bits per weight")
+        ax.set_xlabel("bits per weight of the allocated layers")
         ax.set_ylabel(f"estimated damage ({prof.estimator})")
         ax.legend()
         ax.grid(alpha=0.3)

@@ -31,3 +31,13 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(1, keepdim=True)
     codes = (word >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n].to(torch.uint8)
+
+
+def unpack_at(packed: torch.Tensor, bits: int, index: torch.Tensor) -> torch.Tensor:
+    """The codes at the given flat positions (any shape) as uint8, without unpacking the rest: in `pack`'s layout
+    code i starts at bit b·i of the little-endian byte stream, so it lies within the two bytes from ⌊b·i/8⌋."""
+    pos = index.to(torch.int64) * bits
+    byte = pos >> 3
+    lo = packed[byte].to(torch.int64)
+    hi = packed[(byte + 1).clamp(max=packed.numel() - 1)].to(torch.int64)
+    return (((hi << 8) | lo) >> (pos & 7)).bitwise_and((1 << bits) - 1).to(torch.uint8)

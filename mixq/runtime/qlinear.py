@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import QuantizedTensor, QuantSpec
-from .pack import pack, unpack
+from .pack import pack, unpack, unpack_at
 
 
 class QuantLinear(nn.Module):
@@ -56,19 +56,26 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(bias)
         return m
 
-    def quantized(self) -> QuantizedTensor:
-        """The stored tensors, unpacked."""
-        spec, rows = self.spec, self.out_features
-        codes = unpack(self.qweight, spec.bits, rows * self.in_features).view(rows, self.in_features)
-        sym_zeros = torch.full((rows, self.groups // rows), 1 << (spec.bits - 1), dtype=torch.uint8)
+    def quantized(self, rows: torch.Tensor | None = None) -> QuantizedTensor:
+        """The stored tensors, unpacked: every row, or only `rows` (indices), read in place from the packing."""
+        spec, cols, per_row = self.spec, self.in_features, self.groups // self.out_features
+        n = self.out_features if rows is None else len(rows)
+
+        def read(packed, bits, width):  # width values per row
+            if rows is None:
+                return unpack(packed, bits, n * width).view(n, width)
+            return unpack_at(packed, bits, rows[:, None] * width + torch.arange(width))
+
+        codes = read(self.qweight, spec.bits, cols)
+        sym_zeros = torch.full((n, per_row), 1 << (spec.bits - 1), dtype=torch.uint8)
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         if spec.double:
-            scales = unpack(self.scales, spec.scale_bits, self.groups).view(rows, -1)
-            zeros = unpack(self.qzeros, spec.scale_bits, self.groups).view(rows, -1) if spec.grid == "min" \
-                else sym_zeros
-            return QuantizedTensor(codes, scales, zeros, spec, self.steps)
-        zeros = {"min": lambda: self.mins, "sym": lambda: sym_zeros,
-                 "int": lambda: unpack(self.qzeros, spec.bits, self.groups).view(rows, -1)}[spec.grid]()
-        return QuantizedTensor(codes, self.scales, zeros, spec)
+            scales = read(self.scales, spec.scale_bits, per_row)
+            zeros = read(self.qzeros, spec.scale_bits, per_row) if spec.grid == "min" else sym_zeros
+            return QuantizedTensor(codes, scales, zeros, spec, pick(self.steps))
+        zeros = {"min": lambda: pick(self.mins), "sym": lambda: sym_zeros,
+                 "int": lambda: read(self.qzeros, spec.bits, per_row)}[spec.grid]()
+        return QuantizedTensor(codes, pick(self.scales), zeros, spec)
 
     def weight_float(self) -> torch.Tensor:
         return self.quantized().dequantize()
@@ -78,3 +85,34 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}"
+
+
+class QuantEmbedding(QuantLinear):
+    """An embedding table (rows: tokens) in QuantLinear's storage; a lookup dequantizes only the rows it reads.
+    With tied weights the output head is a QuantLinear holding the very same buffers (`tied_head`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec):
+        super().__init__(embedding_dim, num_embeddings, spec)
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias=None) -> "QuantEmbedding":
+        if bias is not None:
+            raise ValueError("an embedding has no bias")
+        m = QuantLinear.from_quantized(qt)
+        e = cls(m.out_features, m.in_features, m.spec)
+        e.load_state_dict(m.state_dict())
+        return e
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        seen, where = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows = self.quantized(seen).dequantize()
+        return rows[where].view(*ids.shape, self.in_features)
+
+    def tied_head(self) -> QuantLinear:
+        head = QuantLinear(self.in_features, self.out_features, self.spec)
+        for name, buf in self.named_buffers(recurse=False):
+            setattr(head, name, buf)  # the same tensors: stored once, loaded once
+        return head
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, spec={self.spec.name}"

@@ -29,7 +29,7 @@ class KLProbe:
                  length: int = KL_LENGTH):
         self.model, self.adapter = model, adapter
         self.blocks = adapter.block_list(model)
-        ids = calib[:windows, :length]
+        ids = self.ids = calib[:windows, :length]
         self.x, self.kwargs = block_inputs(model, adapter, ids)
         self.block = 0
         with torch.no_grad():
@@ -41,23 +41,27 @@ class KLProbe:
         self.x = run_block(self.blocks[self.block], self.x, self.kwargs)
         self.block += 1
 
-    def kl(self) -> float:
-        """KL of the model as it is now (from the current block on) from the float reference."""
-        h = self.x
-        for blk in self.blocks[self.block:]:
-            h = run_block(blk, h, self.kwargs)
+    def kl(self, whole: bool = False) -> float:
+        """KL of the model as it is now (from the current block on, or `whole`: from the embeddings) from the float
+        reference."""
         with torch.no_grad():
-            head = self.model.get_submodule(self.adapter.head)
-            logq = F.log_softmax(head(self.model.get_submodule(self.adapter.norm)(h)).float(), -1)
-        return float((self.p * (self.ref - logq)).sum(-1).mean())
+            if whole:
+                logits = self.model(self.ids, use_cache=False).logits
+            else:
+                h = self.x
+                for blk in self.blocks[self.block:]:
+                    h = run_block(blk, h, self.kwargs)
+                logits = self.model.get_submodule(self.adapter.head)(self.model.get_submodule(self.adapter.norm)(h))
+        return float((self.p * (self.ref - F.log_softmax(logits.float(), -1))).sum(-1).mean())
 
-    def layer(self, linear: nn.Linear):
-        """`measure(dequantized weight) -> KL` for one linear of the current block, restored after each call."""
+    def layer(self, linear: nn.Module, whole: bool = False):
+        """`measure(dequantized weight) -> KL` for one linear of the current block, restored after each call;
+        `whole`: for the embedding table or the head, the whole model is run (a tied table is judged in both uses)."""
         def measure(deq: torch.Tensor) -> float:
             saved = linear.weight.data
             linear.weight.data = deq.to(saved.dtype)
             try:
-                return self.kl()
+                return self.kl(whole)
             finally:
                 linear.weight.data = saved
         return measure

@@ -1,0 +1,157 @@
+"""--include-embeddings: the embedding table and the output head join the allocation (tied: one table, two uses),
+are stored packed once, and load back bit for bit."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import mixq
+from mixq.allocate import BudgetError
+from mixq.formats import QuantSpec
+from mixq.io import save_quantized
+from mixq.models import adapter_for
+from mixq.pipeline import apply_plan, check_plan, fixed_bytes, pack_model, preflight, quantize
+from mixq.plan import Budget, Candidate, Plan
+from mixq.profile import default_candidates
+from mixq.runtime.qlinear import QuantEmbedding, QuantLinear
+
+from conftest import make_tiny_model, random_ids, tiny_config
+
+EMBED, HEAD = "model.embed_tokens", "lm_head"
+
+
+def _candidates():
+    return default_candidates(groups=(32, 0))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def untied_model(seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config()
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float().eval()
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """(float model, packed model with its table quantized, Result, calibration ids)."""
+    float_model = make_tiny_model()
+    model = copy.deepcopy(float_model)
+    calib = random_ids(8, 32, seed=1)
+    result = quantize(model, calib, budget=Budget(bits=4.0), candidates=_candidates(), tables=True)
+    return float_model, model, result, calib
+
+
+def test_tables_are_the_embedding_and_an_untied_head(tiny_model):
+    assert adapter_for(tiny_model).tables(tiny_model) == [EMBED]
+    untied = untied_model()
+    assert adapter_for(untied).tables(untied) == [EMBED, HEAD]
+
+
+def test_a_tied_table_is_one_allocation_unit_stored_once(tied, tmp_path, tiny_tokenizer):
+    _, model, result, _ = tied
+    assert EMBED in result.plan.layers and HEAD not in result.plan.layers
+    assert EMBED in {lp.name for lp in result.profile.layers}
+    table, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(table, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert all(a is b for a, b in zip(head.buffers(), table.buffers()))
+    save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert f"{EMBED}.qweight" in keys and f"{EMBED}.weight" not in keys
+    assert not any(k.startswith(HEAD) for k in keys)
+    loaded = mixq.load(tmp_path / "q")
+    ids = random_ids(3, 32, seed=10)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert all(a is b for a, b in zip(loaded.lm_head.buffers(), loaded.model.embed_tokens.buffers()))
+
+
+def test_packed_table_computes_what_was_applied(tiny_model, calib_ids):
+    """Fake-quantized (apply) and packed (QuantEmbedding + tied head) models give the same logits."""
+    spec = QuantSpec.of(4, 32, "min", 6)
+    plan = Plan({EMBED: Candidate(spec, "rtn"), "model.layers.0.mlp.up_proj": Candidate(QuantSpec(3, 32), "gptq")})
+    float_table = tiny_model.model.embed_tokens.weight.detach().clone()
+    qt = apply_plan(tiny_model, calib_ids, plan)
+    fake = copy.deepcopy(tiny_model)
+    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight  # still tied: both uses quantized
+    assert not torch.equal(tiny_model.model.embed_tokens.weight, float_table)
+    pack_model(tiny_model, qt)
+    ids = random_ids(3, 32, seed=11)
+    assert torch.equal(_logits(tiny_model, ids), _logits(fake, ids))
+
+
+def test_untied_head_and_table_are_separate_layers(tmp_path, tiny_tokenizer):
+    model = untied_model()
+    calib = random_ids(8, 32, seed=1)
+    result = quantize(model, calib, budget=Budget(bits=4.0), candidates=_candidates(), tables=True)
+    assert {EMBED, HEAD} <= set(result.plan.layers)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and type(model.lm_head) is QuantLinear
+    assert not any(a is b for a in model.lm_head.buffers() for b in model.model.embed_tokens.buffers())
+    save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
+    loaded = mixq.load(tmp_path / "q")
+    ids = random_ids(3, 32, seed=10)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("estimator", ["fisher", "hessian", "roundoff", "kl"])
+def test_table_damage_falls_with_bits(estimator):
+    model = make_tiny_model()
+    calib = random_ids(8, 32, seed=1)
+    result = quantize(model, calib, budget=Budget(bits=8.5), candidates=_candidates(), estimator=estimator,
+                      tables=True)
+    lp = next(lp for lp in result.profile.layers if lp.name == EMBED)
+    by_bits = {}
+    for c, d in zip(lp.candidates, lp.damage):
+        by_bits.setdefault(c.spec.bits, []).append(d)
+    assert all(d > 0 for d in lp.damage)
+    assert max(by_bits[8]) < min(by_bits[4]), by_bits
+
+
+def test_size_budget_that_only_a_quantized_table_meets(tiny_model, calib_ids, tiny_tokenizer, tmp_path):
+    """A size below what fp16 embeddings allow fails in preflight without the flag, is met with it, and the file
+    written stays within it."""
+    adapter = adapter_for(tiny_model)
+    names = adapter.layer_names(tiny_model)
+    weights = sum(tiny_model.get_submodule(n).weight.numel() for n in names)
+    table = tiny_model.model.embed_tokens.weight.numel()
+    size = fixed_bytes(tiny_model, names + [EMBED]) + int((3.0 * weights + 6 * table) / 8)
+    assert size < fixed_bytes(tiny_model, names) + int(2.5 * weights / 8)  # below the smallest fp16-table model
+    with pytest.raises(BudgetError, match="below the smallest possible model"):
+        preflight(tiny_model, Budget(bytes=size), None, _candidates())
+    result = quantize(tiny_model, calib_ids, budget=Budget(bytes=size), candidates=_candidates(), tables=True)
+    save_quantized(tiny_model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size <= size
+
+
+def test_plan_may_not_give_a_table_a_hessian_solver(tiny_model):
+    with pytest.raises(ValueError, match="take rtn"):
+        check_plan(tiny_model, Plan({EMBED: Candidate(QuantSpec(4, 32), "gptq")}))
+    check_plan(tiny_model, Plan({EMBED: Candidate(QuantSpec(4, 32), "rtn")}))
+
+
+def test_tied_table_damage_is_the_sum_of_both_uses(tiny_model, calib_ids):
+    """roundoff, by hand: Σ over every row of ‖ΔW‖² (the head) + Σ over tokens of how often the calibration reads
+    them × ‖ΔE_token‖² (the lookup)."""
+    from mixq.capture import block_inputs, run_block
+    from mixq.pipeline import profile_tables
+    from mixq.solvers import solve
+
+    adapter = adapter_for(tiny_model)
+    x, kwargs = block_inputs(tiny_model, adapter, calib_ids)
+    for block in adapter.block_list(tiny_model):
+        x = run_block(block, x, kwargs)
+    [lp] = profile_tables(tiny_model, calib_ids, x, "roundoff", None, None)
+    w = tiny_model.model.embed_tokens.weight.detach()
+    freq = torch.bincount(calib_ids.reshape(-1), minlength=w.shape[0]).float() / calib_ids.numel()
+    for cand, damage in zip(lp.candidates, lp.damage):
+        err = ((w - solve("rtn", w, torch.empty(0, 0), cand.spec).dequantize()) ** 2).sum(1)
+        assert damage == pytest.approx(float(err.sum() + (freq * err).sum()), rel=1e-5)
