@@ -134,7 +134,7 @@ def test_embedding_lookup_reads_the_rows_of_the_packed_table(spec, rows, groups,
     head = table.tied_head()
     assert all(a is b for a, b in zip(head.buffers(), table.buffers()))
     x = torch.randn(3, cols)
-    assert torch.equal(head(x), x @ qt.dequantize().T)
+    torch.testing.assert_close(head(x), x @ qt.dequantize().T, rtol=1e-4, atol=1e-4)  # the kernel sums in its order
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if not s.double], ids=lambda s: s.name)

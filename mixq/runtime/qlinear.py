@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import QuantizedTensor, QuantSpec
+from .cpu import kernel
 from .pack import pack, unpack, unpack_at
+
+KERNEL_MAX_ROWS = 8  # rows of x up to which the kernel beats dequantize + matmul (benchmarks/runtime.py)
 
 
 class QuantLinear(nn.Module):
@@ -34,6 +37,7 @@ class QuantLinear(nn.Module):
             elif spec.grid == "min":
                 self.register_buffer("mins", torch.zeros_like(self.scales))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._ac = None  # the kernel's per-group (a, c) with w = a·q + c: decoded on first use, never saved
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -81,7 +85,31 @@ class QuantLinear(nn.Module):
         return self.quantized().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and not x.requires_grad and self._kernel_fits():
+            k = kernel()
+            if k is not None:
+                a, c = self._group_params()
+                y = k.qgemv(self.qweight, a, c, x.reshape(rows, self.in_features), self.spec.bits,
+                            self.spec.group(self.in_features)).view(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_float().to(x.dtype), self.bias)
+
+    def _kernel_fits(self) -> bool:
+        """The kernel reads runs of 8 codes: rows and groups must be multiples of 8 columns."""
+        return self.in_features % 8 == 0 and self.spec.group(self.in_features) % 8 == 0 \
+            and self.qweight.device.type == "cpu"
+
+    def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ac is None:
+            s, z = self.quantized().grid_values()
+            s = s.float()
+            self._ac = (s, z.float() if z.is_floating_point() else -z.float() * s)  # q·s + m, or (q − z)·s
+        return self._ac
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._ac = None  # new buffers: decode again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}"

@@ -1,0 +1,193 @@
+// y = x · Wᵀ straight from packed codes, for a few rows of x (decode, small batches): no fp32 weight is formed.
+//
+// Codes are `pack`'s layout (mixq/runtime/pack.py): code i of the flattened rows × cols matrix starts at bit
+// BITS·i of a little-endian byte stream, so every run of 8 codes is BITS whole bytes. Each group of `group`
+// columns of a row has w = a·q + c (a, c: float32, rows × groups, decoded once by QuantLinear from whatever grid
+// and scale storage the format has), hence
+//     y[n, r] = Σ_g a[r, g] · Σ_{j∈g} q[r, j] · x[n, j]  +  c[r, g] · Σ_{j∈g} x[n, j]
+// with the per-group sums of x computed once per call.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t MAX_N = 8;  // rows of x handled in one pass over the weights
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+// Eight codes (BITS whole bytes) as eight floats: codes 0-3 from the low 32 bits, codes 4-7 from the 32 bits
+// that start at code 4, each lane shifted right by its code's offset and masked.
+// WIDE: read 8 bytes (one load; the bytes past the run belong to later codes and are masked off), allowed
+// everywhere but at the end of the buffer.
+template <int BITS, bool WIDE>
+inline __m256 decode8(const uint8_t* p) {
+  uint64_t word = 0;
+  std::memcpy(&word, p, WIDE ? 8 : BITS);
+  const __m256i lanes = _mm256_setr_epi32(static_cast<uint32_t>(word), static_cast<uint32_t>(word),
+                                          static_cast<uint32_t>(word), static_cast<uint32_t>(word),
+                                          static_cast<uint32_t>(word >> (4 * BITS)),
+                                          static_cast<uint32_t>(word >> (4 * BITS)),
+                                          static_cast<uint32_t>(word >> (4 * BITS)),
+                                          static_cast<uint32_t>(word >> (4 * BITS)));
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), mask));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One row of W against NB rows of x (NB a compile-time count, so every accumulator stays in a register), two
+// independent FMA chains per row of x.
+template <int BITS, int NB, bool WIDE>
+inline void row_dot(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
+                    float* y, int64_t rows, int64_t cols, int64_t group, int64_t r) {
+  const int64_t groups = cols / group;
+  const uint8_t* p = packed + r * (cols / 8 * BITS);
+  __m256 total[NB];
+  float offset[NB];
+  for (int b = 0; b < NB; ++b) total[b] = _mm256_setzero_ps(), offset[b] = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 d0[NB], d1[NB];
+    for (int b = 0; b < NB; ++b) d0[b] = d1[b] = _mm256_setzero_ps();
+    const int64_t end = (g + 1) * group;
+    int64_t j = g * group;
+    for (; j + 16 <= end; j += 16, p += 2 * BITS) {
+      const __m256 q0 = decode8<BITS, WIDE>(p), q1 = decode8<BITS, WIDE>(p + BITS);
+      for (int b = 0; b < NB; ++b) {
+        d0[b] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + b * cols + j), d0[b]);
+        d1[b] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + b * cols + j + 8), d1[b]);
+      }
+    }
+    if (j < end) {
+      const __m256 q0 = decode8<BITS, WIDE>(p);
+      p += BITS;
+      for (int b = 0; b < NB; ++b) d0[b] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + b * cols + j), d0[b]);
+    }
+    const __m256 ag = _mm256_set1_ps(a[r * groups + g]);
+    const float cg = c[r * groups + g];
+    for (int b = 0; b < NB; ++b) {
+      total[b] = _mm256_fmadd_ps(_mm256_add_ps(d0[b], d1[b]), ag, total[b]);
+      offset[b] += cg * xsum[b * groups + g];
+    }
+  }
+  for (int b = 0; b < NB; ++b) y[b * rows + r] = hsum(total[b]) + offset[b];
+}
+
+template <int BITS, int NB>
+void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
+             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + 1 == rows)
+      row_dot<BITS, NB, false>(packed, a, c, x, xsum, y, rows, cols, group, r);
+    else
+      row_dot<BITS, NB, true>(packed, a, c, x, xsum, y, rows, cols, group, r);
+  }
+}
+
+template <int BITS>
+void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
+               float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+  // n ≤ MAX_N rows of x, taken 4, 2 and 1 at a time
+  const int64_t groups = cols / group;
+  for (int64_t b = 0; b < n;) {
+    const float *xb = x + b * cols, *sb = xsum + b * groups;
+    float* yb = y + b * rows;
+    if (n - b >= 4) {
+      rows_nb<BITS, 4>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      b += 4;
+    } else if (n - b >= 2) {
+      rows_nb<BITS, 2>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      b += 2;
+    } else {
+      rows_nb<BITS, 1>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      b += 1;
+    }
+  }
+}
+#else
+template <int BITS>
+void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
+               float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+  constexpr uint64_t MASK = (1u << BITS) - 1;
+  const int64_t groups = cols / group;
+  const int64_t row_bytes = cols / 8 * BITS;
+  for (int64_t r = r0; r < r1; ++r) {
+    float out[MAX_N] = {0};
+    const uint8_t* p = packed + r * row_bytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      float dot[MAX_N] = {0};
+      for (int64_t j = g * group; j < (g + 1) * group; j += 8, p += BITS) {
+        uint64_t word = 0;
+        std::memcpy(&word, p, BITS);
+        for (int64_t b = 0; b < n; ++b)
+          for (int k = 0; k < 8; ++k)
+            dot[b] += static_cast<float>((word >> (k * BITS)) & MASK) * x[b * cols + j + k];
+      }
+      for (int64_t b = 0; b < n; ++b) out[b] += a[r * groups + g] * dot[b] + c[r * groups + g] * xsum[b * groups + g];
+    }
+    for (int64_t b = 0; b < n; ++b) y[b * rows + r] = out[b];
+  }
+}
+#endif
+
+using Kernel = void (*)(const uint8_t*, const float*, const float*, const float*, const float*, float*, int64_t,
+                        int64_t, int64_t, int64_t, int64_t, int64_t);
+
+Kernel kernel_for(int64_t bits) {
+  switch (bits) {
+    case 2: return gemv_rows<2>;
+    case 3: return gemv_rows<3>;
+    case 4: return gemv_rows<4>;
+    case 5: return gemv_rows<5>;
+    case 6: return gemv_rows<6>;
+    case 7: return gemv_rows<7>;
+    case 8: return gemv_rows<8>;
+  }
+  TORCH_CHECK(false, "codes of ", bits, " bits are not supported (2 to 8)");
+}
+
+}  // namespace
+
+torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torch::Tensor x, int64_t bits,
+                    int64_t group) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed codes must be contiguous uint8");
+  TORCH_CHECK(a.dtype() == torch::kFloat && c.dtype() == torch::kFloat && x.dtype() == torch::kFloat,
+              "a, c and x must be float32");
+  a = a.contiguous();
+  c = c.contiguous();
+  x = x.contiguous();
+  const int64_t rows = a.size(0), groups = a.size(1), n = x.size(0), cols = x.size(1);
+  TORCH_CHECK(group % 8 == 0 && cols == groups * group, "groups must be multiples of 8 that tile the row");
+  TORCH_CHECK(packed.numel() >= rows * cols / 8 * bits, "too few packed bytes for ", rows, " × ", cols);
+  auto y = torch::empty({n, rows}, x.options());
+  Kernel k = kernel_for(bits);
+  for (int64_t b0 = 0; b0 < n; b0 += MAX_N) {
+    const int64_t nb = std::min(MAX_N, n - b0);
+    auto xb = x.narrow(0, b0, nb);
+    auto xsum = xb.view({nb, groups, group}).sum(2).contiguous();
+    auto yb = torch::empty({nb, rows}, x.options());
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    const float *pa = a.data_ptr<float>(), *pc = c.data_ptr<float>(), *px = xb.data_ptr<float>(),
+                *ps = xsum.data_ptr<float>();
+    float* py = yb.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      k(pp, pa, pc, px, ps, py, nb, rows, cols, group, r0, r1);
+    });
+    y.narrow(0, b0, nb).copy_(yb);
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qgemv", &qgemv, "x · Wᵀ from packed codes and per-group (a, c): w = a·q + c");
+}
