@@ -291,6 +291,48 @@ def generate(
 
 
 @app.command()
+def bench(
+    folder: Path = typer.Argument(..., help="A mixq output folder."),
+    prompt_tokens: int = typer.Option(512, min=9, help="Prompt length for the prefill speed."),
+    new_tokens: int = typer.Option(128, min=1, help="Tokens to decode (greedy, batch 1)."),
+):
+    """Prompt and decode tokens per second of the packed model against its float source, in one process."""
+    from . import data
+    from .eval.speed import speed
+    from .io import MARKER, SavedModelError
+    from .models import ModelError, load_model
+
+    _quiet()
+    try:
+        if not (folder / MARKER).exists():
+            _fail(f"{folder} is not a mixq model folder (no {MARKER})")
+        packed, tok, bpw = _open(str(folder))
+        source = json.loads((folder / MARKER).read_text())["source"]
+        float_model, _, _ = load_model(source)
+        ids = data.evaluation_windows(tok, count=1)[:, :prompt_tokens]
+    except (ModelError, SavedModelError, data.DataError, ValueError) as e:
+        _fail(str(e))
+    if ids.shape[1] < prompt_tokens:
+        _fail(f"the evaluation text has only {ids.shape[1]} tokens for a {prompt_tokens}-token prompt")
+    rows = {"float": speed(float_model, ids, new_tokens), "mixq": speed(packed, ids, new_tokens)}
+    table = Table(title=f"{folder}: {prompt_tokens}-token prompt, {new_tokens} decoded tokens, "
+                        f"{torch_threads()} threads")
+    for col in ("model", "prompt tok/s", "decode tok/s", "decode speed-up", "resident MB"):
+        table.add_column(col)
+    for name, s in rows.items():
+        table.add_row(f"{name} ({bpw:.3f} bpw)" if name == "mixq" else "float (fp32)", f"{s.prompt_tps:.1f}",
+                      f"{s.decode_tps:.2f}", f"{s.decode_tps / rows['float'].decode_tps:.2f} ×",
+                      f"{s.resident_mb:.1f}")
+    Console().print(table)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@app.command()
 def report(folder: Path = typer.Argument(..., help="A mixq output folder.")):
     """Write report.md and PNGs (bits per layer, the Pareto curve) into the folder."""
     from .io import SavedModelError

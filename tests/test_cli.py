@@ -293,3 +293,24 @@ def test_quantize_with_embeddings_and_refinement(tiny_hf_dir, text_file, tmp_pat
     res = invoke("eval", out, "--text", text_file)
     assert res.exit_code == 0, res.output
     assert 1 < _json_line(res.stdout)["ppl"] < 10_000
+
+
+def test_bench_compares_with_the_float_source(quantized_dir, tmp_path):
+    res = invoke("bench", quantized_dir, "--prompt-tokens", 16, "--new-tokens", 4)
+    assert res.exit_code == 0, res.output
+    assert "decode tok/s" in res.stdout and "float (fp32)" in res.stdout and "bpw)" in res.stdout
+    res = invoke("bench", tmp_path)
+    assert res.exit_code == 2 and "not a mixq model folder" in _error(res.stderr)
+
+
+def test_speed_counts_tokens_and_resident_memory(quantized_dir):
+    from mixq.eval.speed import resident_bytes, speed
+
+    model = mixq.load(quantized_dir)
+    before = resident_bytes(model)
+    s = speed(model, torch.randint(0, 256, (1, 16)), 3)
+    assert s.prompt_tps > 0 and s.decode_tps > 0
+    from mixq.runtime.cpu import kernel
+
+    if kernel() is not None:
+        assert s.resident_mb * 1e6 > before  # the decoded kernel tables now count too

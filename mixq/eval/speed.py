@@ -1,0 +1,41 @@
+"""Tokens per second of a causal LM on this machine: one forward over a prompt (prefill), then greedy decoding one
+token at a time from the KV cache; and the bytes the model keeps in memory."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Speed:
+    prompt_tps: float  # prompt tokens per second (one forward over the whole prompt)
+    decode_tps: float  # new tokens per second (batch 1, KV cache)
+    resident_mb: float  # parameters, buffers and decoded kernel tables held by the model
+
+
+def resident_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for m in model.modules():  # QuantLinear's decoded (a, c), once it has run
+        for t in getattr(m, "_ac", None) or ():
+            tensors[id(t)] = t
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Speed:
+    """`prompt`: 1 × n token ids. A short warm-up first (kernel builds, decoded tables, allocator)."""
+    with torch.no_grad():
+        warm = model(prompt[:, :8], use_cache=True)
+        model(prompt[:, 8:9], past_key_values=warm.past_key_values, use_cache=True)
+        t = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        prefill = time.perf_counter() - t
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - t
+    return Speed(prompt.shape[1] / prefill, new_tokens / decode, resident_bytes(model) / 1e6)
