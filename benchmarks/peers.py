@@ -185,6 +185,8 @@ def main():
                     help="run mixq at each peer's real bpw (--no-mixq: the peers only)")
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--out", default=str(HERE / "results" / "peers"))
+    ap.add_argument("--mixq-at", type=float, nargs="+",
+                    help="run mixq at these bpw only (default: at every peer's real bpw)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in OUT.json and run only the missing ones")
     args = ap.parse_args()
@@ -222,7 +224,8 @@ def main():
                 m, bpw, seconds, extra = run_llama_cpp(model, args.llama_cpp, kind, imatrix[0], work)
                 return m, bpw, seconds + imatrix[1], extra
             record("llama.cpp", f"llama.cpp {kind} (imatrix)", run)
-    for bpw in sorted({round(r["bpw"], 3) for r in rows if r["tool"] not in ("float", "mixq")} if args.mixq else []):
+    peer_bpws = {round(r["bpw"], 3) for r in rows if r["tool"] not in ("float", "mixq")}
+    for bpw in sorted(args.mixq_at or peer_bpws) if args.mixq else []:
         record("mixq", f"mixq at {bpw:.3f}", lambda: run_mixq(model, calib, profile, bpw))
     write(rows, out, args.windows)
 

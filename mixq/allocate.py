@@ -14,6 +14,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
+from .cost import CostTable, layer_seconds
 from .plan import Budget, Plan
 from .profile import Profile
 
@@ -44,9 +45,12 @@ def budget_bits(profile: Profile, budget: Budget) -> int:
     return (budget.bytes - profile.fixed_bytes) * 8
 
 
-def check_budget(profile: Profile, budget: Budget) -> int:
-    """The budget in stored bits, or a BudgetError naming the smallest and largest possible models. Needs only
-    the costs, so it runs before any profiling (see profile.cost_profile)."""
+def check_budget(profile: Profile, budget: Budget, costs: CostTable | None = None) -> float:
+    """The budget in stored bits (or, for a latency, seconds per token of the block linears), or a BudgetError
+    naming the smallest and largest possible models. Needs only the costs, so it runs before any profiling (see
+    profile.cost_profile)."""
+    if budget.latency:
+        return _check_latency(profile, budget, costs)
     limit = budget_bits(profile, budget)
     lo, hi = bit_limits(profile)
     if limit < lo:
@@ -58,9 +62,27 @@ def check_budget(profile: Profile, budget: Budget) -> int:
     return limit
 
 
-def allocate(profile: Profile, budget: Budget) -> Allocation:
-    limit = check_budget(profile, budget)
-    cost = np.concatenate([lp.bits for lp in profile.layers]).astype(float)
+def _check_latency(profile: Profile, budget: Budget, costs: CostTable | None) -> float:
+    if costs is None:
+        raise BudgetError("a latency budget needs a cost table: run `mixq calibrate-cost` first")
+    floats = costs.float_token
+    limit = (budget.seconds if budget.seconds is not None else budget.of_float * floats) - costs.rest
+    fastest = sum(min(layer_seconds(costs, lp)) for lp in profile.layers)
+    if limit < fastest:
+        best = costs.rest + fastest
+        raise BudgetError(f"budget {budget} is below the fastest possible model on this machine: "
+                          f"{best * 1000:.2f} ms per token ({best / floats:.2f} × the float model's "
+                          f"{floats * 1000:.2f} ms)")
+    return limit
+
+
+def allocate(profile: Profile, budget: Budget, costs: CostTable | None = None) -> Allocation:
+    """`costs`: the measured cost table a latency budget is allocated under (unused for bits and sizes)."""
+    limit = check_budget(profile, budget, costs)
+    cost = np.concatenate([layer_seconds(costs, lp) if budget.latency else lp.bits
+                           for lp in profile.layers]).astype(float)
+    if budget.latency:  # seconds are ~1e-5: in units of the limit, HiGHS's absolute tolerances mean something
+        cost, limit = cost / limit, 1.0
     dmg = np.concatenate([lp.damage for lp in profile.layers]).astype(float)
     sizes = [len(lp.bits) for lp in profile.layers]
     owner = np.repeat(np.arange(len(sizes)), sizes)

@@ -74,6 +74,12 @@ def quantize(
                                          "the block linears, the embedding table and the head together."),
     size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored weight, "
                                        "embeddings included: fp16 unless --include-embeddings), e.g. 95MB."),
+    latency: Optional[str] = typer.Option(None, "--latency", help="Budget: time per decoded token (batch 1) on "
+                                          "this machine, as a fraction of the float model's (0.6x) or in ms "
+                                          "(25ms), predicted from a measured cost table (see --cost-table)."),
+    cost_table: Optional[Path] = typer.Option(None, "--cost-table", help="The cost table of --latency (from "
+                                              "`mixq calibrate-cost`). Default: measure it now (about a minute) "
+                                              "and save it in the output folder as cost.json."),
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Let the embedding table and the "
                                             "output head (one table when tied) join the allocation as candidates "
                                             "(4, 6 or 8 bits, round-to-nearest) instead of staying fp16."),
@@ -98,14 +104,23 @@ def quantize(
     from .plan import Budget, Plan
 
     _quiet()
-    if (plan is None) == (bits is None and size is None) or (bits is not None and size is not None):
-        _fail("give exactly one of --bits, --size or --plan")
+    if sum(x is not None for x in (plan, bits, size, latency)) != 1:
+        _fail("give exactly one of --bits, --size, --latency or --plan")
+    if cost_table is not None and latency is None:
+        _fail("--cost-table goes with --latency")
     if refine < 0:
         _fail(f"--refine takes a number of rounds ≥ 0 (0: off), got {refine}")
     if refine and plan is not None:
         _fail("--refine refines an allocation: it does not go with --plan (a plan is applied as written)")
     try:
-        budget = None if plan is not None else Budget.parse(bits, size)
+        budget = None if plan is not None else Budget.parse(bits, size, latency)
+        costs = None
+        if cost_table is not None:
+            if not cost_table.is_file():
+                _fail(f"cost table not found: {cost_table}")
+            from .cost import CostTable
+
+            costs = CostTable.from_json(cost_table.read_text())
         hand_plan = None
         if plan is not None:
             if not plan.is_file():
@@ -126,8 +141,13 @@ def quantize(
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
         from .pipeline import preflight
 
-        preflight(net, budget, hand_plan, estimator=sensitivity, tables=include_embeddings)
         with _progress() as progress:
+            if budget is not None and budget.latency and costs is None:
+                from .cost import measure
+                from .profile import default_candidates
+
+                costs = measure(net, [c.spec for c in default_candidates()], _Bars(progress))
+            preflight(net, budget, hand_plan, estimator=sensitivity, tables=include_embeddings, costs=costs)
             eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
             from .pipeline import quantize as run
@@ -135,9 +155,9 @@ def quantize(
             checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, sensitivity, include_embeddings)
             result = run(net, calib_ids, budget=budget, plan=hand_plan, estimator=sensitivity,
                          step=_Bars(progress), checkpoint=checkpoint, refine_rounds=refine,
-                         tables=include_embeddings)
+                         tables=include_embeddings, costs=costs)
             result.seconds["total"] = time.perf_counter() - t0
-            meta = _save(net, tok, result, out, source, budget, calib, calib_ids)
+            meta = _save(net, tok, result, out, source, budget, calib, calib_ids, costs)
             if checkpoint:
                 checkpoint.remove()
             after = _perplexity(net, eval_ids, "ppl after", progress) if eval_windows else None
@@ -169,7 +189,7 @@ def _checkpoint(out: Path, source: str, calib_ids, estimator: str, tables: bool)
     return Checkpoint(out.absolute().parent / f".{out.name}.profile-partial.json", key)
 
 
-def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) -> dict:
+def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids, costs=None) -> dict:
     from .io import save_quantized
     from .runtime.qlinear import QuantLinear
 
@@ -192,6 +212,13 @@ def _save(net, tok, result, out: Path, source: str, budget, calib, calib_ids) ->
         meta["refine"] = {"kl_before": r.kl_before, "kl_after": r.kl_after, "measured": r.measured,
                           "trades": r.trades}
     extra = {"profile.json": result.profile.to_json()} if result.profile is not None else {}
+    if costs is not None:
+        from .cost import token_seconds
+
+        predicted = costs.predicted(result.profile, result.plan)
+        meta["latency"] = {"predicted_ms": predicted * 1000, "measured_ms": token_seconds(net) * 1000,
+                           "float_ms": costs.float_token * 1000, "threads": costs.threads}
+        extra["cost.json"] = costs.to_json()
     save_quantized(net, tok, result.plan, out, meta, extra)
     meta["file_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     from .io import atomic_write_text
@@ -210,6 +237,10 @@ def _print_summary(meta: dict, out: Path) -> None:
     table.add_row("mixq (after)", f"{ev['ppl_after']:.3f}" if ev else "-", f"{meta['bpw']:.3f}",
                   f"{meta['file_bytes'] / 1e6:.2f}")
     Console().print(table)
+    if meta.get("latency"):
+        lat = meta["latency"]
+        Console().print(f"ms per token: predicted {lat['predicted_ms']:.2f}, measured {lat['measured_ms']:.2f} "
+                        f"(float {lat['float_ms']:.2f}, {lat['threads']} threads)")
     if meta.get("tables"):
         Console().print("embeddings: " + ", ".join(f"{n} {spec}" for n, spec in meta["tables"].items()))
     Console().print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
@@ -290,6 +321,31 @@ def generate(
     print()
 
 
+@app.command("calibrate-cost")
+def calibrate_cost(
+    out: Path = typer.Option(Path("cost.json"), "--out", help="Where to write the cost table (JSON)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A .gguf file or a Hugging Face model folder. "
+                                        "Default: the bundled SmolLM2."),
+):
+    """Measure the latency cost table of --latency on this machine: each format's decode time on each block-linear
+    shape of the model, the rest of the model's time per token, and the float model's."""
+    from .cost import measure
+    from .io import atomic_write_text
+    from .models import ModelError, load_model
+    from .profile import default_candidates
+
+    _quiet()
+    try:
+        net, _, _ = load_model(model)
+        with _progress() as progress:
+            table = measure(net, [c.spec for c in default_candidates()], _Bars(progress))
+        atomic_write_text(out, table.to_json())
+    except (ModelError, ValueError, OSError) as e:
+        _fail(str(e))
+    print(json.dumps({"cost_table": str(out), "float_ms": round(table.float_token * 1000, 3),
+                      "rest_ms": round(table.rest * 1000, 3), "formats": len(table.formats)}))
+
+
 @app.command()
 def bench(
     folder: Path = typer.Argument(..., help="A mixq output folder."),
@@ -351,20 +407,29 @@ def allocate(
     out: Path = typer.Option(..., "--out", help="Where to write the plan (JSON)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Average stored bits per weight of block linears."),
     size: Optional[str] = typer.Option(None, "--size", help="Size of the whole saved model, e.g. 60MB."),
+    latency: Optional[str] = typer.Option(None, "--latency", help="Time per decoded token: 0.6x or 25ms (needs "
+                                          "--cost-table)."),
+    cost_table: Optional[Path] = typer.Option(None, "--cost-table", help="A cost table from calibrate-cost (or "
+                                              "the cost.json of a --latency run)."),
 ):
     """Rerun the allocation for another budget from a saved profile, without the model; apply with --plan."""
     from .allocate import allocate as solve_budget
+    from .cost import CostTable
     from .io import atomic_write_text
     from .plan import Budget
     from .profile import Profile
 
-    if (bits is None) == (size is None):
-        _fail("give exactly one of --bits or --size")
+    if sum(x is not None for x in (bits, size, latency)) != 1:
+        _fail("give exactly one of --bits, --size or --latency")
+    if (latency is None) != (cost_table is None):
+        _fail("--latency and --cost-table go together")
     try:
-        if not profile.is_file():
-            _fail(f"profile not found: {profile}")
+        for path, what in ((profile, "profile"), (cost_table, "cost table")):
+            if path is not None and not path.is_file():
+                _fail(f"{what} not found: {path}")
         prof = Profile.from_json(profile.read_text())
-        alloc = solve_budget(prof, Budget.parse(bits, size))
+        costs = CostTable.from_json(cost_table.read_text()) if cost_table else None
+        alloc = solve_budget(prof, Budget.parse(bits, size, latency), costs)
         atomic_write_text(out, alloc.plan.to_json())
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         _fail(f"{e}")

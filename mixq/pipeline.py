@@ -13,6 +13,7 @@ from torch import nn
 from .allocate import Allocation, allocate, check_budget
 from .capture import LayerStats, block_inputs, hessians, output_fisher, run_block
 from .checkpoint import Checkpoint
+from .cost import CostTable
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
@@ -211,13 +212,16 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
 
 
 def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[Candidate] | None = None,
-              estimator: str = "fisher", tables: bool = False) -> None:
+              estimator: str = "fisher", tables: bool = False, costs: CostTable | None = None) -> None:
     """Every check that needs no calibration, so bad input fails in seconds, not after the profile."""
     if plan is not None:
         check_plan(model, plan)
         return
     if budget is None:
         raise ValueError("give a budget or a plan")
+    if budget.latency and tables:
+        raise ValueError("a latency budget does not take --include-embeddings yet: the cost table times the block "
+                         "linears only")
     get_estimator(estimator)
     adapter = adapter_for(model)
     names, extra = adapter.layer_names(model), adapter.tables(model) if tables else []
@@ -225,29 +229,31 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
     def shapes(ns):
         return {n: tuple(model.get_submodule(n).weight.shape) for n in ns}
 
-    costs = cost_profile(shapes(names), candidates or default_candidates(), fixed_bytes(model, names + extra),
+    sizes = cost_profile(shapes(names), candidates or default_candidates(), fixed_bytes(model, names + extra),
                          estimator)
-    costs.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator).layers
-    check_budget(costs, budget)
+    sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator).layers
+    check_budget(sizes, budget, costs)
 
 
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
              step: Step = _no_step, checkpoint: Checkpoint | None = None, refine_rounds: int = 0,
-             tables: bool = False) -> Result:
+             tables: bool = False, costs: CostTable | None = None) -> Result:
     """Profile + allocate (unless a plan is given), optionally refine the plan by measured KL (refine.py), then
-    apply. `tables`: the embedding table and the head join the allocation. The model is left packed
-    (QuantLinear)."""
+    apply. `tables`: the embedding table and the head join the allocation; `costs`: the measured cost table of
+    a latency budget. The model is left packed (QuantLinear)."""
     seconds = {}
     prof = alloc = refinement = None
     candidates = candidates or default_candidates()
-    preflight(model, budget, plan, candidates, estimator, tables)
+    preflight(model, budget, plan, candidates, estimator, tables, costs)
+    if refine_rounds and budget is not None and budget.latency:
+        raise ValueError("--refine trades bits, not time: it does not go with a latency budget yet")
     if plan is None:
         t = time.perf_counter()
         prof = profile_model(model, calib, candidates, estimator, step, checkpoint, tables)
         seconds["profile"] = time.perf_counter() - t
         t = time.perf_counter()
-        alloc = allocate(prof, budget)
+        alloc = allocate(prof, budget, costs)
         plan = alloc.plan
         seconds["allocate"] = time.perf_counter() - t
         if refine_rounds:

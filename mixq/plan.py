@@ -33,21 +33,41 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Budget:
-    """Average bits per weight of the block linears (`bits`), or bytes of the whole saved model (`bytes`)."""
+    """Exactly one of: average bits per weight of the block linears (`bits`), bytes of the whole saved model
+    (`bytes`), seconds per decoded token (`seconds`), or a fraction of the float model's time per token
+    (`of_float`); the last two through a measured cost table (cost.py)."""
 
     bits: float | None = None
     bytes: int | None = None
+    seconds: float | None = None
+    of_float: float | None = None
 
     def __post_init__(self):
-        if (self.bits is None) == (self.bytes is None):
-            raise ValueError("a budget is either bits per weight or a size, exactly one of them")
+        given = [v for v in (self.bits, self.bytes, self.seconds, self.of_float) if v is not None]
+        if len(given) != 1:
+            raise ValueError("a budget is bits per weight, a size or a latency: exactly one of them")
         if self.bits is not None and not 0 < self.bits <= 32:
             raise ValueError(f"bits per weight must be in (0, 32], got {self.bits}")
         if self.bytes is not None and self.bytes <= 0:
             raise ValueError(f"size must be positive, got {self.bytes}")
+        if (self.seconds is not None and self.seconds <= 0) or (self.of_float is not None and self.of_float <= 0):
+            raise ValueError("a latency budget must be positive")
+
+    @property
+    def latency(self) -> bool:
+        return self.seconds is not None or self.of_float is not None
 
     @classmethod
-    def parse(cls, bits: float | None = None, size: str | None = None) -> "Budget":
+    def parse(cls, bits: float | None = None, size: str | None = None, latency: str | None = None) -> "Budget":
+        if latency is not None:
+            m = re.fullmatch(r"\s*([0-9.]+)\s*(x|×|ms|s)\s*", latency, re.IGNORECASE)
+            if not m:
+                raise ValueError(f"cannot read latency {latency!r}: write e.g. 0.6x (of the float model's time per "
+                                 "token) or 25ms (per token)")
+            value, unit = float(m.group(1)), m.group(2).lower()
+            if unit in ("x", "×"):
+                return cls(of_float=value)
+            return cls(seconds=value / 1000 if unit == "ms" else value)
         if size is None:
             return cls(bits=bits)
         m = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", size, re.IGNORECASE)
@@ -58,7 +78,13 @@ class Budget:
         return cls(bytes=int(float(m.group(1)) * mult))
 
     def __str__(self) -> str:
-        return f"{self.bits:g} bits per weight" if self.bits is not None else f"{self.bytes / 1e6:.2f} MB"
+        if self.bits is not None:
+            return f"{self.bits:g} bits per weight"
+        if self.bytes is not None:
+            return f"{self.bytes / 1e6:.2f} MB"
+        if self.seconds is not None:
+            return f"{self.seconds * 1000:g} ms per token"
+        return f"{self.of_float:g} × the float model's time per token"
 
 
 @dataclass(frozen=True)

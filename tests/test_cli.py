@@ -212,7 +212,8 @@ def test_eval_of_an_empty_text(quantized_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, phrase", [(["--bits", 1.0], "smallest"), ([], "exactly one"),
-                                          (["--bits", 3, "--size", "1MB"], "exactly one")])
+                                          (["--bits", 3, "--size", "1MB"], "exactly one"),
+                                          (["--latency", "0.5x"], "go together")])
 def test_allocate_bad_inputs(quantized_dir, tmp_path, args, phrase):
     res = invoke("allocate", quantized_dir / "profile.json", *args, "--out", tmp_path / "p.json")
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), repr(res.exception)
@@ -314,3 +315,39 @@ def test_speed_counts_tokens_and_resident_memory(quantized_dir):
 
     if kernel() is not None:
         assert s.resident_mb * 1e6 > before  # the decoded kernel tables now count too
+
+
+def test_quantize_under_a_latency_budget(tiny_hf_dir, text_file, tmp_path):
+    out = tmp_path / "lat"
+    res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "3x", "--eval-windows", 0, "--calib-windows", 4,
+                 "--calib", text_file, "--out", out)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / MARKER).read_text())
+    lat = meta["latency"]
+    assert lat["predicted_ms"] > 0 and lat["measured_ms"] > 0 and lat["float_ms"] > 0
+    assert lat["predicted_ms"] <= 3 * lat["float_ms"] * (1 + 1e-6)
+    assert "ms per token: predicted" in res.stdout and (out / "cost.json").is_file()
+    # the saved table serves again; an impossible budget names the fastest model; wrong combinations fail early
+    res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "0.01x", "--cost-table", out / "cost.json",
+                 "--calib", text_file, "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "fastest possible model" in _error(res.stderr)
+    res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "1x", "--include-embeddings", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "--include-embeddings" in _error(res.stderr)
+    res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3, "--cost-table", out / "cost.json",
+                 "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "goes with --latency" in _error(res.stderr)
+    res = invoke("allocate", out / "profile.json", "--latency", "2x", "--cost-table", out / "cost.json",
+                 "--out", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "soon", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "cannot read latency" in _error(res.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+def test_calibrate_cost_writes_a_table(tiny_hf_dir, tmp_path):
+    from mixq.cost import CostTable
+
+    res = invoke("calibrate-cost", "--model", tiny_hf_dir, "--out", tmp_path / "c.json")
+    assert res.exit_code == 0, res.output
+    table = CostTable.from_json((tmp_path / "c.json").read_text())
+    assert table.float_token > table.rest > 0 and table.formats
