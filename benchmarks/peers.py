@@ -246,8 +246,11 @@ def write(rows, out: Path, windows: int):
     mixq = sorted((r["bpw"], r["ppl"]) for r in rows if r["tool"] == "mixq")
     lines = ["# mixq against the tools people use: SmolLM2-135M", "",
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens (reference {ref:.3f}). "
-             f"Real bpw: stored bits of the block linears in each tool's own format over their weights. mixq at "
-             f"each peer's real bpw. " + provenance(), "",
+             f"Real bpw: stored bits of the block linears in each tool's own format over their weights. mixq runs "
+             f"at each peer's real bpw or at those `--mixq-at` names; the table gives, for each peer, mixq's best point "
+             f"at the same or a lower bpw. Rows may come from several runs of this script (`--resume` keeps finished "
+             f"rows); seconds are wall time on a 2-core machine that other jobs shared, so indicative only. "
+             + provenance(), "",
              "| tool | method | real bpw | ppl | best mixq at ≤ that bpw (its bpw) | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows[1:]:
