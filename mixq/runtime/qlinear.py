@@ -19,6 +19,7 @@ class QuantLinear(nn.Module):
         if not spec.fits(in_features):
             raise ValueError(f"{spec.name} does not fit rows of {in_features} weights")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._group = spec.group(in_features)
         groups = out_features * (in_features // spec.group(in_features))
         self.groups = groups
         u8 = dict(dtype=torch.uint8)
@@ -86,19 +87,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and not x.requires_grad and self._kernel_fits():
-            k = kernel()
+        if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and not x.requires_grad:
+            k = kernel() if self._kernel_fits() else None
             if k is not None:
                 a, c = self._group_params()
-                y = k.qgemv(self.qweight, a, c, x.reshape(rows, self.in_features), self.spec.bits,
-                            self.spec.group(self.in_features)).view(*x.shape[:-1], self.out_features)
+                y = k.qgemv(self.qweight, a, c, x.reshape(rows, self.in_features), self.spec.bits, self._group)
+                y = y.view(*x.shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_float().to(x.dtype), self.bias)
 
     def _kernel_fits(self) -> bool:
         """The kernel reads runs of 8 codes: rows and groups must be multiples of 8 columns."""
-        return self.in_features % 8 == 0 and self.spec.group(self.in_features) % 8 == 0 \
-            and self.qweight.device.type == "cpu"
+        return self._group % 8 == 0 and self.in_features % 8 == 0 and self.qweight.device.type == "cpu"
 
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ac is None:

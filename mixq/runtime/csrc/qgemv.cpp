@@ -171,19 +171,17 @@ torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torc
   TORCH_CHECK(packed.numel() >= rows * cols / 8 * bits, "too few packed bytes for ", rows, " × ", cols);
   auto y = torch::empty({n, rows}, x.options());
   Kernel k = kernel_for(bits);
-  for (int64_t b0 = 0; b0 < n; b0 += MAX_N) {
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *pa = a.data_ptr<float>(), *pc = c.data_ptr<float>(), *px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  std::vector<float> xsum(n * groups, 0.f);  // Σ_{j∈g} x[b, j], for the offsets c
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t j = 0; j < cols; ++j) xsum[b * groups + j / group] += px[b * cols + j];
+  for (int64_t b0 = 0; b0 < n; b0 += MAX_N) {  // the weights are read once per block of MAX_N rows of x
     const int64_t nb = std::min(MAX_N, n - b0);
-    auto xb = x.narrow(0, b0, nb);
-    auto xsum = xb.view({nb, groups, group}).sum(2).contiguous();
-    auto yb = torch::empty({nb, rows}, x.options());
-    const uint8_t* pp = packed.data_ptr<uint8_t>();
-    const float *pa = a.data_ptr<float>(), *pc = c.data_ptr<float>(), *px = xb.data_ptr<float>(),
-                *ps = xsum.data_ptr<float>();
-    float* py = yb.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      k(pp, pa, pc, px, ps, py, nb, rows, cols, group, r0, r1);
+      k(pp, pa, pc, px + b0 * cols, xsum.data() + b0 * groups, py + b0 * rows, nb, rows, cols, group, r0, r1);
     });
-    y.narrow(0, b0, nb).copy_(yb);
   }
   return y;
 }
