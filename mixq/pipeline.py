@@ -162,10 +162,15 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
     bit-identical to what QuantLinear computes), the next block fed by this block's quantized outputs."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
-    tables = [n for n in adapter.tables(model) if n in plan.layers]
     _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
-    x, kwargs = block_inputs(model, adapter, calib)
     out: dict[str, QuantizedTensor] = {}
+    # the tables first, so that the blocks calibrate on the quantized embeddings (rtn needs no inputs)
+    for name in [n for n in adapter.tables(model) if n in plan.layers]:
+        module = model.get_submodule(name)
+        qt = solve(plan.layers[name].solver, module.weight.detach(), torch.empty(0, 0), plan.layers[name].spec)
+        module.weight.data = qt.dequantize()  # a tied head changes with it
+        out[name] = qt
+    x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         with hessians(block, adapter) as stats:
             run_block(block, x, kwargs)
@@ -181,11 +186,6 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 out[name] = qt
         x = run_block(block, x, kwargs)
         step("apply", i + 1, len(blocks))
-    for name in tables:  # round-to-nearest: nothing feeds on them (a tied table changes in both uses)
-        module = model.get_submodule(name)
-        qt = solve(plan.layers[name].solver, module.weight.detach(), torch.empty(0, 0), plan.layers[name].spec)
-        module.weight.data = qt.dequantize()
-        out[name] = qt
     return out
 
 

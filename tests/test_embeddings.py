@@ -155,3 +155,21 @@ def test_tied_table_damage_is_the_sum_of_both_uses(tiny_model, calib_ids):
     for cand, damage in zip(lp.candidates, lp.damage):
         err = ((w - solve("rtn", w, torch.empty(0, 0), cand.spec).dequantize()) ** 2).sum(1)
         assert damage == pytest.approx(float(err.sum() + (freq * err).sum()), rel=1e-5)
+
+
+def test_blocks_calibrate_on_the_quantized_embeddings(tiny_model, calib_ids, monkeypatch):
+    import mixq.pipeline
+
+    float_table = tiny_model.model.embed_tokens.weight.detach().clone()
+    seen = []
+    real = mixq.pipeline.block_inputs
+
+    def spy(model, adapter, ids):
+        seen.append(model.model.embed_tokens.weight.detach().clone())
+        return real(model, adapter, ids)
+
+    monkeypatch.setattr(mixq.pipeline, "block_inputs", spy)
+    spec = QuantSpec.of(4, 32, "min", 6)
+    qt = apply_plan(tiny_model, calib_ids, Plan({EMBED: Candidate(spec, "rtn"),
+                                                "model.layers.0.mlp.up_proj": Candidate(QuantSpec(3, 32), "gptq")}))
+    assert torch.equal(seen[0], qt[EMBED].dequantize()) and not torch.equal(seen[0], float_table)
