@@ -146,7 +146,7 @@ def quantize(
                 from .cost import measure
                 from .profile import default_candidates
 
-                costs = measure(net, [c.spec for c in default_candidates()], _Bars(progress))
+                costs = measure(net, default_candidates(), _Bars(progress))
             preflight(net, budget, hand_plan, estimator=sensitivity, tables=include_embeddings, costs=costs)
             eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
@@ -338,7 +338,7 @@ def calibrate_cost(
     try:
         net, _, _ = load_model(model)
         with _progress() as progress:
-            table = measure(net, [c.spec for c in default_candidates()], _Bars(progress))
+            table = measure(net, default_candidates(), _Bars(progress))
         atomic_write_text(out, table.to_json())
     except (ModelError, ValueError, OSError) as e:
         _fail(str(e))

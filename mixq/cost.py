@@ -95,10 +95,12 @@ def token_seconds(model: nn.Module, tokens: int = DECODE_TOKENS) -> float:
     return 1 / speed(model, prompt, tokens).decode_tps
 
 
-def measure(model: nn.Module, specs: list[QuantSpec], step=None) -> CostTable:
-    """Time the float model's decode, its decode with stub block linears (`rest`), and every spec that fits on
-    every block-linear shape (random weights: the time does not depend on the values)."""
+def measure(model: nn.Module, candidates, step=None) -> CostTable:
+    """Time the float model's decode, its decode with stub block linears (`rest`), and the format of every
+    candidate on every block-linear shape it may take there (profile.layer_costs: whole rows where no group
+    divides), on random weights: the time does not depend on the values."""
     from .models import adapter_for
+    from .profile import layer_costs
 
     names = adapter_for(model).layer_names(model)
     linears = {n: model.get_submodule(n) for n in names}
@@ -116,10 +118,9 @@ def measure(model: nn.Module, specs: list[QuantSpec], step=None) -> CostTable:
     for k, (rows, cols) in enumerate(shapes):
         w = torch.randn(rows, cols, generator=gen)
         x = torch.randn(1, cols, generator=gen)
-        for spec in specs:
-            if spec.fits(cols):
-                layer = QuantLinear.from_quantized(quantize(w, spec))
-                table.formats.setdefault(spec.name, {})[_key(rows, cols)] = _time(layer, x)
+        for spec in {c.spec for c in layer_costs("", rows, cols, candidates).candidates}:
+            layer = QuantLinear.from_quantized(quantize(w, spec))
+            table.formats.setdefault(spec.name, {})[_key(rows, cols)] = _time(layer, x)
         if step:
             step("cost", k + 1, len(shapes))
     return table

@@ -136,10 +136,9 @@ def load(path: str | Path):
         raise SavedModelError(f"{path} is corrupt: {str(e).splitlines()[0][:200]}") from e
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    input_table = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    output_table = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    tied_table = input_table in plan.layers and model.get_output_embeddings().weight is \
-        model.get_input_embeddings().weight
+    names = {id(m): n for n, m in model.named_modules()}
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    tied_table = names[id(table)] in plan.layers and head is not None and head.weight is table.weight
     install_quant_linears(model, plan)
     state = {k: v.float() if v.dtype == FLOAT_DTYPE and not k.endswith(".scales") else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -148,7 +147,7 @@ def load(path: str | Path):
     if missing or unexpected:
         raise SavedModelError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if tied_table:  # the head computes from the table's packed buffers
-        model.set_submodule(output_table, model.get_input_embeddings().tied_head())
+        model.set_submodule(names[id(head)], model.get_input_embeddings().tied_head())
     else:
         model.tie_weights()
     model.eval()

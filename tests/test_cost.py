@@ -9,6 +9,7 @@ from hypothesis import given, settings
 
 from mixq.allocate import BudgetError, allocate, budget_bits
 from mixq.cost import CostTable, measure
+from mixq.formats import QuantSpec
 from mixq.plan import Budget
 from mixq.profile import default_candidates
 
@@ -76,11 +77,18 @@ def test_impossible_latency_names_the_fastest_model(profile):
 
 
 def test_measure_times_every_fitting_format(tiny_model):
-    specs = [c.spec for c in default_candidates(groups=(32, 0))]
-    table = measure(tiny_model, specs)
-    assert set(table.formats) == {s.name for s in specs}
+    candidates = default_candidates(groups=(32, 0))
+    table = measure(tiny_model, candidates)
+    assert set(table.formats) == {c.spec.name for c in candidates}
     assert all(set(t) == {"128x64", "64x64", "64x128", "32x64"} and min(t.values()) > 0
                for t in table.formats.values())
     assert 0 < table.rest < table.float_token
     assert CostTable.from_json(table.to_json()) == table
     assert isinstance(tiny_model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # the stubs are gone again
+
+
+def test_measure_times_the_whole_row_formats_where_no_group_fits(tiny_model):
+    """Rows of 64 take no group of 192: layer_costs falls back to whole rows, and the table has those times."""
+    table = measure(tiny_model, default_candidates(bits=(3,), formats=((192, "min", 16),)))
+    assert set(table.formats) == {QuantSpec.of(3, 0, "min").name}
+    assert len(table.formats[QuantSpec.of(3, 0, "min").name]) == 4  # every shape
