@@ -371,8 +371,10 @@ def bench(
     if ids.shape[1] < prompt_tokens:
         _fail(f"the evaluation text has only {ids.shape[1]} tokens for a {prompt_tokens}-token prompt")
     rows = {"float": speed(float_model, ids, new_tokens), "mixq": speed(packed, ids, new_tokens)}
+    import torch
+
     table = Table(title=f"{folder}: {prompt_tokens}-token prompt, {new_tokens} decoded tokens, "
-                        f"{torch_threads()} threads")
+                        f"{torch.get_num_threads()} threads")
     for col in ("model", "prompt tok/s", "decode tok/s", "decode speed-up", "resident MB"):
         table.add_column(col)
     for name, s in rows.items():
@@ -380,12 +382,6 @@ def bench(
                       f"{s.decode_tps:.2f}", f"{s.decode_tps / rows['float'].decode_tps:.2f} ×",
                       f"{s.resident_mb:.1f}")
     Console().print(table)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 @app.command()

@@ -139,8 +139,8 @@ def test_plan_may_not_give_a_table_a_hessian_solver(tiny_model):
 
 
 def test_tied_table_damage_is_the_sum_of_both_uses(tiny_model, calib_ids):
-    """roundoff, by hand: Σ over every row of ‖ΔW‖² (the head) + Σ over tokens of how often the calibration reads
-    them × ‖ΔE_token‖² (the lookup)."""
+    """roundoff, by hand: Σ over every row of ‖ΔW‖² (the head) + Σ over tokens of how often the calibration
+    reads them × ‖ΔE_token‖² (the lookup)."""
     from mixq.capture import block_inputs, run_block
     from mixq.pipeline import profile_tables
     from mixq.solvers import solve
@@ -170,6 +170,6 @@ def test_blocks_calibrate_on_the_quantized_embeddings(tiny_model, calib_ids, mon
 
     monkeypatch.setattr(mixq.pipeline, "block_inputs", spy)
     spec = QuantSpec.of(4, 32, "min", 6)
-    qt = apply_plan(tiny_model, calib_ids, Plan({EMBED: Candidate(spec, "rtn"),
-                                                "model.layers.0.mlp.up_proj": Candidate(QuantSpec(3, 32), "gptq")}))
+    plan = Plan({EMBED: Candidate(spec, "rtn"), "model.layers.0.mlp.up_proj": Candidate(QuantSpec(3, 32), "gptq")})
+    qt = apply_plan(tiny_model, calib_ids, plan)
     assert torch.equal(seen[0], qt[EMBED].dequantize()) and not torch.equal(seen[0], float_table)

@@ -10,7 +10,8 @@ from ..formats import QuantizedTensor, QuantSpec
 from .cpu import kernel
 from .pack import pack, unpack, unpack_at
 
-KERNEL_MAX_ROWS = 8  # rows of x up to which the kernel beats dequantize + matmul (benchmarks/runtime.py)
+# rows of x up to which the kernel is used (on SmolLM2's shapes it ties dequantize + matmul near 16 rows)
+KERNEL_MAX_ROWS = 8
 
 
 class QuantLinear(nn.Module):
@@ -20,7 +21,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{spec.name} does not fit rows of {in_features} weights")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self._group = spec.group(in_features)
-        groups = out_features * (in_features // spec.group(in_features))
+        groups = out_features * (in_features // self._group)
         self.groups = groups
         u8 = dict(dtype=torch.uint8)
         self.register_buffer("qweight", torch.zeros(-(-out_features * in_features // 8) * spec.bits, **u8))
