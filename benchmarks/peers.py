@@ -131,7 +131,6 @@ def run_llmcompressor(model, tok, calib: torch.Tensor, bits: int, group: int, ou
 
 
 def run_llama_cpp(model, tools: Path, kind: str, imatrix: Path, work: Path):
-    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     src = default_model_path()
@@ -141,16 +140,25 @@ def run_llama_cpp(model, tools: Path, kind: str, imatrix: Path, work: Path):
                     "--token-embedding-type", "f32", str(src), str(out), kind, "2"],
                    check=True, capture_output=True)
     seconds = time.perf_counter() - t
+    bpw, types = gguf_block_bits(out)
+    m = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, torch_dtype=torch.float32).eval()
+    return m, bpw, seconds, {"types": types}
+
+
+def gguf_block_bits(path: Path) -> tuple[float, dict[str, float]]:
+    """(stored bits per weight of a GGUF's block linears, the share of those weights in each ggml type): the
+    types show llama.cpp's fallbacks on rows its type does not fit."""
+    from gguf import GGUFReader
+
     stored = weights = 0
-    types: dict[str, int] = {}  # the ggml type each block weight got (fallbacks on 576-wide rows show here)
-    for tensor in GGUFReader(out).tensors:
+    types: dict[str, int] = {}
+    for tensor in GGUFReader(path).tensors:
         parts = tensor.name.split(".")
         if parts[0] == "blk" and parts[2] in GGUF_LINEARS:
             stored += int(tensor.n_bytes) * 8
             weights += int(tensor.n_elements)
             types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
-    m = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, torch_dtype=torch.float32).eval()
-    return m, stored / weights, seconds, {"types": {k: v / weights for k, v in sorted(types.items())}}
+    return stored / weights, {k: v / weights for k, v in sorted(types.items())}
 
 
 def imatrix_for(tools: Path, tok, work: Path) -> tuple[Path, float]:

@@ -83,6 +83,9 @@ def quantize(
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Let the embedding table and the "
                                             "output head (one table when tied) join the allocation as candidates "
                                             "(4, 6 or 8 bits, round-to-nearest) instead of staying fp16."),
+    gguf_compatible: bool = typer.Option(False, "--gguf-compatible", help="Allocate among ggml block types only "
+                                         "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-weight groups), so that `mixq export "
+                                         "--to gguf` writes the very codes mixq chose for llama.cpp."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
@@ -112,6 +115,8 @@ def quantize(
         _fail(f"--refine takes a number of rounds ≥ 0 (0: off), got {refine}")
     if refine and plan is not None:
         _fail("--refine refines an allocation: it does not go with --plan (a plan is applied as written)")
+    if gguf_compatible and (plan is not None or include_embeddings or latency is not None):
+        _fail("--gguf-compatible chooses the block linears' candidates: it goes with --bits or --size only")
     try:
         budget = None if plan is not None else Budget.parse(bits, size, latency)
         costs = None
@@ -140,20 +145,27 @@ def quantize(
         net, tok, path = load_model(model)
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
         from .pipeline import preflight
+        from .profile import default_candidates, gguf_candidates
 
+        candidates = gguf_candidates() if gguf_compatible else default_candidates()
+        if gguf_compatible:
+            from .export.gguf import check_rows
+
+            check_rows(net)
         with _progress() as progress:
             if budget is not None and budget.latency and costs is None:
                 from .cost import measure
-                from .profile import default_candidates
 
-                costs = measure(net, default_candidates(), _Bars(progress))
-            preflight(net, budget, hand_plan, estimator=sensitivity, tables=include_embeddings, costs=costs)
+                costs = measure(net, candidates, _Bars(progress))
+            preflight(net, budget, hand_plan, candidates, estimator=sensitivity, tables=include_embeddings,
+                      costs=costs)
             eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None
             before = _perplexity(net, eval_ids, "ppl before", progress) if eval_windows else None
             from .pipeline import quantize as run
 
-            checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, sensitivity, include_embeddings)
-            result = run(net, calib_ids, budget=budget, plan=hand_plan, estimator=sensitivity,
+            checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, candidates, sensitivity,
+                                                            include_embeddings)
+            result = run(net, calib_ids, budget=budget, plan=hand_plan, candidates=candidates, estimator=sensitivity,
                          step=_Bars(progress), checkpoint=checkpoint, refine_rounds=refine,
                          tables=include_embeddings, costs=costs)
             result.seconds["total"] = time.perf_counter() - t0
@@ -175,16 +187,15 @@ def quantize(
     _print_summary(meta, out)
 
 
-def _checkpoint(out: Path, source: str, calib_ids, estimator: str, tables: bool):
+def _checkpoint(out: Path, source: str, calib_ids, candidates, estimator: str, tables: bool):
     """Where the profile is kept while it grows: beside --out, keyed by everything that decides it, so that the
     same command started again after a crash resumes from the blocks already profiled."""
     from .checkpoint import Checkpoint, run_key
     from .pipeline import FISHER_WINDOWS
-    from .profile import default_candidates
     from .sensitivity.kl import KL_LENGTH, KL_WINDOWS
 
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    key = run_key(source, calib_ids, default_candidates(), estimator, fisher_windows=FISHER_WINDOWS,
+    key = run_key(source, calib_ids, candidates, estimator, fisher_windows=FISHER_WINDOWS,
                   kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=tables)
     return Checkpoint(out.absolute().parent / f".{out.name}.profile-partial.json", key)
 
@@ -319,6 +330,31 @@ def generate(
         net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tok),
                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     print()
+
+
+@app.command()
+def export(
+    folder: Path = typer.Argument(..., help="A mixq output folder."),
+    to: str = typer.Option(..., "--to", help="Target format: gguf (llama.cpp)."),
+    out: Path = typer.Argument(..., help="The file to write (written atomically)."),
+):
+    """Export a quantized model for another runtime. GGUF writes each block linear's codes as the ggml type that
+    holds them exactly (quantize with --gguf-compatible), on the source GGUF's tokenizer and metadata."""
+    from .export.gguf import ExportError, export_gguf
+    from .io import MARKER, SavedModelError, load
+
+    _quiet()
+    if to != "gguf":
+        _fail(f"--to takes gguf, got {to!r}")
+    try:
+        if not (folder / MARKER).is_file():
+            raise SavedModelError(f"{folder} is not a mixq model folder (no {MARKER})")
+        source = Path(json.loads((folder / MARKER).read_text())["source"])
+        counts = export_gguf(load(folder), source, out)
+    except (SavedModelError, ExportError, OSError) as e:
+        _fail(str(e))
+    Console().print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): " +
+                    ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 
 @app.command("calibrate-cost")

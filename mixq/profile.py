@@ -35,6 +35,13 @@ def default_candidates(solver: str = "gptq", bits=(2, 3, 4, 5, 6, 8), groups=Non
 TABLE_BITS = (4, 6, 8)  # the embedding table and the output head (--include-embeddings)
 
 
+def gguf_candidates(solver: str = "gptq") -> list[Candidate]:
+    """The formats that are ggml block types (export.gguf.GGML_TYPES), for `--gguf-compatible`."""
+    from .export.gguf import gguf_specs
+
+    return [Candidate(spec, solver) for spec in gguf_specs()]
+
+
 def table_candidates(bits=TABLE_BITS, formats=DEFAULT_FORMATS) -> list[Candidate]:
     """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
     return [Candidate(QuantSpec.of(b, g, k, sb), "rtn") for b in bits for g, k, sb in formats]

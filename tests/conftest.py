@@ -130,3 +130,55 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "words.txt"
     path.write_text(word_text(600, seed=3), encoding="utf-8")
     return path
+
+
+def write_tiny_gguf(model, path) -> None:
+    """The tiny model as a llama GGUF (F32 tensors, q/k rows in ggml's rotary order) with a byte-level tokenizer:
+    each of the 256 ids is one byte, so any text tokenizes without merges."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from mixq.export.gguf import _rotary_rows
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    byte_chars = bytes_to_unicode()
+    tokens = [byte_chars[b] for b in range(256)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
+    for hf, p in model.named_parameters():
+        name = names.get_name(hf, try_suffixes=(".weight",))
+        data = p.detach().numpy()
+        if name.split(".")[-2] in heads:
+            data = data[_rotary_rows(data.shape[0], heads[name.split(".")[-2]])]
+        w.add_tensor(name, np.ascontiguousarray(data.astype(np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, _tiny_model_pristine):
+    """The tiny model as a GGUF file (a byte-level tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    write_tiny_gguf(_tiny_model_pristine, path)
+    return path

@@ -1,0 +1,1 @@
+"""Exports of a saved mixq folder to the formats other runtimes read (`gguf`)."""

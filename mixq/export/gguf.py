@@ -1,0 +1,199 @@
+"""GGUF export: the codes and scales mixq chose, written as the ggml block types that hold them exactly, so that
+llama.cpp runs the very model mixq evaluated.
+
+mixq formats that are ggml types (`GGML_TYPES`): 32-weight groups with an fp16 scale,
+    sym 4 / 5 / 8 bits → Q4_0 / Q5_0 / Q8_0   (w = d · (q − 2^(bits−1)), d signed: ggml's convention too)
+    min 4 / 5 bits     → Q4_1 / Q5_1          (w = d · q + m, m an fp16 minimum)
+`mixq quantize --gguf-compatible` allocates among these only. Every other tensor is written as mixq stores it:
+norms in F32, other float matrices in F16.
+
+The file is built on the model's source GGUF: its metadata (architecture, hyper-parameters, tokenizer) is copied
+and each tensor is replaced by the saved model's. Llama's q and k rows are permuted back into ggml's rotary order
+(the inverse of what transformers' GGUF loader does on reading).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..formats import QuantizedTensor, QuantSpec
+
+BLOCK = 32
+
+# (bits, grid) of the 32-group fp16-scale formats → ggml type name
+GGML_TYPES = {(4, "sym"): "Q4_0", (4, "min"): "Q4_1", (5, "sym"): "Q5_0", (5, "min"): "Q5_1", (8, "sym"): "Q8_0"}
+
+
+class ExportError(ValueError):
+    pass
+
+
+def ggml_type(spec: QuantSpec) -> str | None:
+    """The ggml type that stores `spec` exactly, or None."""
+    if spec.group_size != BLOCK or spec.double:
+        return None
+    return GGML_TYPES.get((spec.bits, spec.grid))
+
+
+def gguf_specs() -> list[QuantSpec]:
+    """The formats `--gguf-compatible` allocates among, narrowest first."""
+    return [QuantSpec.of(b, BLOCK, g) for b, g in GGML_TYPES]
+
+
+def check_rows(model: torch.nn.Module) -> None:
+    """Refuse, before any work, a model with a block linear whose rows no ggml block type divides."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    for name in adapter.layer_names(model):
+        cols = model.get_submodule(name).in_features
+        if cols % BLOCK:
+            raise ExportError(f"{name}'s rows of {cols} weights are not a multiple of {BLOCK}: no ggml block type "
+                              "fits them, so --gguf-compatible cannot quantize this model")
+
+
+def encode_blocks(qt: QuantizedTensor) -> np.ndarray:
+    """A quantized rows × cols tensor → ggml blocks, uint8 rows × (cols / 32 · block bytes)."""
+    name = ggml_type(qt.spec)
+    if name is None:
+        raise ExportError(f"{qt.spec.name} is not a ggml type")
+    rows, cols = qt.codes.shape
+    q = qt.codes.numpy().reshape(-1, BLOCK)
+    d = qt.scales.numpy().astype(np.float16).reshape(-1, 1).view(np.uint8)
+    parts = [d]
+    if qt.spec.grid == "min":
+        parts.append(qt.zeros.numpy().astype(np.float16).reshape(-1, 1).view(np.uint8))
+    if qt.spec.bits == 8:
+        parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:  # low nibbles: weight j in byte j's low half, weight j + 16 in its high half
+        if qt.spec.bits == 5:  # the fifth bits, weight j at bit j of a little-endian uint32
+            parts.append(np.packbits((q >> 4) & 1, axis=-1, bitorder="little"))
+        parts.append((q[:, :16] & 15) | ((q[:, 16:] & 15) << 4))
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+def _rotary_rows(rows: int, heads: int) -> np.ndarray:
+    """Row order of a llama q/k weight in GGUF, given in HF rows: the inverse of transformers' reverse permute."""
+    half = rows // heads // 2
+    back = np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)  # gguf row of each HF row
+    return np.argsort(back)
+
+
+def export_gguf(model: torch.nn.Module, source: Path, out: Path, step=None) -> dict[str, int]:
+    """Write `model` (a loaded mixq folder) as a GGUF at `out` (atomically), on `source`'s metadata.
+    Returns the count of tensors of each ggml type."""
+    import gguf
+
+    from ..runtime.qlinear import QuantLinear
+
+    reader = _read_source(source)
+    arch = _field(reader, "general.architecture")
+    try:
+        model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    except StopIteration:
+        raise ExportError(f"{source}: architecture {arch!r} is unknown to the gguf package") from None
+    blocks = int(_field(reader, f"{arch}.block_count"))
+    names = gguf.get_tensor_name_map(model_arch, blocks)
+    heads = {"attn_q": int(_field(reader, f"{arch}.attention.head_count"))}
+    heads["attn_k"] = int(_field(reader, f"{arch}.attention.head_count_kv", heads["attn_q"]))
+    ours = _tensors_by_gguf_name(model, names)
+    writer_tensors = []
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        if t.name not in ours:
+            raise ExportError(f"{source} holds tensor {t.name}, which the saved model has no counterpart for")
+        hf, obj = ours.pop(t.name)
+        role = t.name.split(".")[-2]
+        rows = int(t.shape[-1])  # ggml lists dimensions fastest first
+        perm = _rotary_rows(rows, heads[role]) if arch == "llama" and role in heads else None
+        if isinstance(obj, QuantLinear):
+            qt = obj.quantized()
+            kind = ggml_type(qt.spec)
+            if kind is None:
+                raise ExportError(f"{hf} is {qt.spec.name}, which no ggml type stores; quantize with "
+                                  "--gguf-compatible to allocate among ggml types only")
+            if perm is not None:
+                qt = QuantizedTensor(qt.codes[perm], qt.scales[perm], qt.zeros[perm], qt.spec)
+            data = encode_blocks(qt)
+        else:
+            data = obj.detach().float().numpy()
+            data = data[perm] if perm is not None else data
+            kind = "F32" if data.ndim == 1 else "F16"
+            data = data.astype(np.float32 if data.ndim == 1 else np.float16)
+        counts[kind] = counts.get(kind, 0) + 1
+        writer_tensors.append((t.name, np.ascontiguousarray(data), getattr(gguf.GGMLQuantizationType, kind)))
+    left = [hf for hf, obj in ours.values() if isinstance(obj, QuantLinear)]
+    if left:
+        raise ExportError(f"the saved model's {left[0]} has no tensor in {source}")
+    _write(reader, arch, writer_tensors, out, step)
+    return counts
+
+
+def _tensors_by_gguf_name(model: torch.nn.Module, names) -> dict[str, tuple[str, object]]:
+    """GGUF tensor name → (HF name, QuantLinear or float parameter) of the saved model. A head tied to its
+    embedding table is the table's tensor (GGUF stores it once)."""
+    from ..runtime.qlinear import QuantLinear
+
+    out, seen = {}, set()
+    for hf, m in model.named_modules():
+        if isinstance(m, QuantLinear) and id(m.qweight) not in seen:
+            seen.add(id(m.qweight))
+            out[f"{names.get_name(hf)}.weight"] = (hf, m)
+    for hf, p in model.named_parameters():
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            out.setdefault(name, (hf, p))
+    return out
+
+
+def _read_source(source: Path):
+    from gguf import GGUFReader
+
+    if not source.is_file() or source.suffix != ".gguf":
+        raise ExportError(f"GGUF export builds on the model's source GGUF (its tokenizer and metadata); the source "
+                          f"{source} is not a .gguf file: convert the model with llama.cpp's convert_hf_to_gguf.py "
+                          "and quantize that file")
+    try:
+        return GGUFReader(source)
+    except Exception as e:
+        raise ExportError(f"{source} is a corrupt GGUF file: {str(e).splitlines()[0][:200]}") from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise ExportError(f"the source GGUF has no {key}")
+        return default
+    return f.contents()
+
+
+def _write(reader, arch: str, tensors, out: Path, step=None) -> None:
+    import gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        w.add_string("general.quantized_by", "mixq")
+        for name, data, dtype in tensors:
+            w.add_tensor(name, data, raw_dtype=dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,114 @@
+"""GGUF export: ggml blocks that dequantize (by the gguf package's reference) to exactly mixq's weights, and a
+file that transformers' GGUF loader reads back into the very model mixq saved."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mixq
+from mixq.cli import app
+from mixq.export.gguf import ExportError, encode_blocks, export_gguf, ggml_type, gguf_specs
+from mixq.formats import QuantSpec, quantize
+from mixq.models import load_model
+from mixq.plan import Candidate, Plan
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("spec", gguf_specs(), ids=lambda s: ggml_type(s))
+def test_blocks_dequantize_to_mixq_weights(spec):
+    torch.manual_seed(0)
+    w = torch.randn(6, 96) * torch.logspace(-2, 1, 96)  # groups of very different ranges
+    qt = quantize(w, spec)
+    blocks = encode_blocks(qt)
+    kind = getattr(gguf.GGMLQuantizationType, ggml_type(spec))
+    assert blocks.shape == (6, 96 // 32 * gguf.GGML_QUANT_SIZES[kind][1])
+    theirs = gguf.quants.dequantize(blocks, kind)
+    np.testing.assert_array_equal(theirs, qt.dequantize().numpy())
+
+
+def test_only_32_groups_with_fp16_scales_are_ggml_types():
+    assert ggml_type(QuantSpec.of(4, 32, "sym")) == "Q4_0"
+    assert ggml_type(QuantSpec.of(4, 64, "sym")) is None
+    assert ggml_type(QuantSpec.of(4, 32, "min", 6)) is None
+    assert ggml_type(QuantSpec.of(3, 32, "sym")) is None
+    assert ggml_type(QuantSpec.of(4, 32, "int")) is None
+    with pytest.raises(ExportError, match="not a ggml type"):
+        encode_blocks(quantize(torch.randn(2, 64), QuantSpec.of(3, 32, "sym")))
+
+
+def _quantize_with_plan(source, plan: Plan, text_file, out):
+    plan_file = out.with_suffix(".plan.json")
+    plan_file.write_text(plan.to_json())
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", source, "--plan", plan_file, "--out", out,
+                                               "--eval-windows", 0, "--calib", text_file, "--calib-windows", 2)])
+    assert res.exit_code == 0, res.output
+
+
+def _every_type_plan(model) -> Plan:
+    """Every block linear, the five ggml types in turn (so q and k, whose rows are permuted, get several)."""
+    from mixq.models import adapter_for
+
+    names = adapter_for(model).layer_names(model)
+    specs = gguf_specs()
+    return Plan({n: Candidate(specs[i % len(specs)], "gptq") for i, n in enumerate(names)})
+
+
+def test_exported_gguf_loads_back_as_the_saved_model(tiny_gguf, text_file, tmp_path):
+    float_model, _, _ = load_model(str(tiny_gguf))
+    out = tmp_path / "q"
+    _quantize_with_plan(tiny_gguf, _every_type_plan(float_model), text_file, out)
+    res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "q.gguf")])
+    assert res.exit_code == 0, res.output
+    assert "Q4_0" in res.output and "Q8_0" in res.output
+    ours = mixq.load(out)
+    theirs, _, _ = load_model(str(tmp_path / "q.gguf"))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, f = ours(ids).logits, theirs(ids).logits, float_model(ids).logits
+    assert (a - f).abs().max() > 1e-3  # really quantized
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert reader.fields["general.quantized_by"].contents() == "mixq"
+    ppl = {}
+    for target in (out, tmp_path / "q.gguf"):  # `mixq eval` reads the export as it reads the folder
+        res = runner.invoke(app, ["eval", str(target), "--text", str(text_file), "--windows", "2"])
+        assert res.exit_code == 0, res.output
+        ppl[target] = json.loads(res.stdout.strip().splitlines()[-1])["ppl"]
+    assert ppl[out] == pytest.approx(ppl[tmp_path / "q.gguf"], rel=1e-4)
+
+
+def test_export_refuses_formats_without_a_ggml_type(tiny_gguf, text_file, tmp_path):
+    float_model, _, _ = load_model(str(tiny_gguf))
+    plan = _every_type_plan(float_model)
+    first = next(iter(plan.layers))
+    plan.layers[first] = Candidate(QuantSpec.of(3, 32, "min", 6), "gptq")
+    _quantize_with_plan(tiny_gguf, plan, text_file, tmp_path / "q")
+    with pytest.raises(ExportError, match=f"{first} is int3-g32-min-dq6.*--gguf-compatible"):
+        export_gguf(mixq.load(tmp_path / "q"), tiny_gguf, tmp_path / "q.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".q.gguf*"))
+
+
+def test_export_cli_errors(tiny_hf_dir, text_file, tmp_path):
+    res = runner.invoke(app, ["export", str(tmp_path / "missing"), "--to", "gguf", str(tmp_path / "x.gguf")])
+    assert res.exit_code == 2 and "not a mixq model folder" in res.output
+    out = tmp_path / "hf"
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", tiny_hf_dir, "--bits", 5, "--out", out,
+                                               "--eval-windows", 0, "--calib", text_file, "--calib-windows", 2,
+                                               "--gguf-compatible")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "mixq.json").read_text())
+    assert all(ggml_type(Candidate.from_dict(c).spec) for c in json.loads((out / "plan.json").read_text())
+               ["layers"].values()), meta
+    res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "x.gguf")])
+    assert res.exit_code == 2 and "not a .gguf file" in res.output
+    res = runner.invoke(app, ["export", str(out), "--to", "onnx", str(tmp_path / "x.gguf")])
+    assert res.exit_code == 2 and "gguf" in res.output
+    assert not list(tmp_path.glob("*.gguf"))
