@@ -16,6 +16,9 @@ Double quantization (`scale_bits` 4, 6 or 8; "sym" and "min" grids, as llama.cpp
 each group's scale (and minimum) is stored as a `scale_bits`-wide code times an fp16 step per row:
 s = Δs · c (unsigned c ≥ 1, "min") or Δs · (c − 2^(scale_bits-1)) (signed, "sym"); m = Δm · (c − 2^(scale_bits-1)).
 Small groups then cost little: 4-bit group 32 with 6-bit scale and minimum codes is 4.375 bits + 32 bits a row.
+With `super_block` (256: llama.cpp's k-quant super-blocks) the steps are per `super_block` consecutive weights of a
+row instead of per row: sym 3 bits, groups of 16, 6-bit scale codes, super-blocks of 256 is ggml's Q3_K exactly
+(w = d · (sc − 32) · (q − 4)), and sym 6 bits with 8-bit codes is Q6_K.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 96, 128, 192, 256)  # 0 means one group per whole row
+GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256)  # 0 means one group per whole row
+SUPER_BLOCKS = (256,)  # weights per double-quantization step; 0 means one step per row
 SCALE_BITS = 16  # scales are stored as fp16
 MIN_BITS = 16  # so are the minima of "min" grids
 GRIDS = ("int", "sym", "min")
@@ -42,6 +46,7 @@ class QuantSpec:
     symmetric: bool = False
     minimum: bool = False
     scale_bits: int = SCALE_BITS  # 16: fp16 scales; 4, 6 or 8: double-quantized (codes + an fp16 step per row)
+    super_block: int = 0  # double-quantized: weights per step (0: the whole row)
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -55,12 +60,19 @@ class QuantSpec:
                              f"got {self.scale_bits}")
         if self.double and not (self.symmetric or self.minimum):
             raise ValueError("double-quantized scales need a symmetric or a minimum grid")
+        if self.super_block:
+            if self.super_block not in SUPER_BLOCKS or not self.double:
+                raise ValueError(f"super_block must be 0 or, with double-quantized scales, one of {SUPER_BLOCKS}")
+            if self.group_size == 0 or self.super_block % self.group_size:
+                raise ValueError(f"groups of {self.group_size or 'whole rows'} do not divide super-blocks of "
+                                 f"{self.super_block}")
 
     @classmethod
-    def of(cls, bits: int, group_size: int = 0, grid: str = "int", scale_bits: int = SCALE_BITS) -> "QuantSpec":
+    def of(cls, bits: int, group_size: int = 0, grid: str = "int", scale_bits: int = SCALE_BITS,
+           super_block: int = 0) -> "QuantSpec":
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
-        return cls(bits, group_size, grid == "sym", grid == "min", scale_bits)
+        return cls(bits, group_size, grid == "sym", grid == "min", scale_bits, super_block)
 
     @property
     def double(self) -> bool:
@@ -80,7 +92,11 @@ class QuantSpec:
         return cols if self.group_size == 0 else self.group_size
 
     def fits(self, cols: int) -> bool:
-        return cols % self.group(cols) == 0
+        return cols % self.group(cols) == 0 and cols % (self.super_block or cols) == 0
+
+    def steps_per_row(self, cols: int) -> int:
+        """Double-quantization steps (of scales; as many again of minima) in a row of `cols` weights."""
+        return cols // self.super_block if self.super_block else 1
 
     def overhead_bits_per_group(self) -> int:
         return SCALE_BITS + {"sym": 0, "int": self.bits, "min": MIN_BITS}[self.grid]
@@ -90,9 +106,10 @@ class QuantSpec:
         if not self.fits(cols):
             raise ValueError(f"{self.name} does not fit rows of {cols} weights")
         groups = rows * (cols // self.group(cols))
-        if self.double:  # scale (and minimum) codes + one fp16 step per row for each
+        if self.double:  # scale (and minimum) codes + one fp16 step per row (or super-block) for each
             n = 2 if self.minimum else 1
-            return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + rows * STEP_BITS)
+            steps = rows * self.steps_per_row(cols)
+            return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps * STEP_BITS)
         zeros = {"sym": 0, "int": _packed_bits(groups, self.bits), "min": groups * MIN_BITS}[self.grid]
         return _packed_bits(rows * cols, self.bits) + groups * SCALE_BITS + zeros
 
@@ -102,7 +119,7 @@ class QuantSpec:
     @property
     def name(self) -> str:
         g = "row" if self.group_size == 0 else f"g{self.group_size}"
-        dq = f"-dq{self.scale_bits}" if self.double else ""
+        dq = (f"-dq{self.scale_bits}" if self.double else "") + (f"-s{self.super_block}" if self.super_block else "")
         return f"int{self.bits}-{g}-{'asym' if self.grid == 'int' else self.grid}{dq}"
 
     def to_dict(self) -> dict:
@@ -111,17 +128,19 @@ class QuantSpec:
             del d["minimum"]
         if not self.double:
             del d["scale_bits"]
+        if not self.super_block:
+            del d["super_block"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits", "super_block"}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
         if "bits" not in d:
             raise ValueError(f"a format needs 'bits' (one of {BITS}); got {d}")
         return cls(int(d["bits"]), int(d.get("group_size", 0)), bool(d.get("symmetric", False)),
-                   bool(d.get("minimum", False)), int(d.get("scale_bits", SCALE_BITS)))
+                   bool(d.get("minimum", False)), int(d.get("scale_bits", SCALE_BITS)), int(d.get("super_block", 0)))
 
 
 def _packed_bits(n: int, bits: int) -> int:
@@ -133,7 +152,8 @@ def _packed_bits(n: int, bits: int) -> int:
 class QuantizedTensor:
     """What is stored, unpacked: integer codes (rows × cols, uint8); per group (rows × groups) fp16 scales and
     uint8 integer zeros or fp16 minima ("min"); with double quantization, uint8 scale (and minimum) codes instead,
-    and `steps` (rows × 1 or 2, fp16): Δs (and Δm) of each row."""
+    and `steps` (rows × k or 2k, fp16, k steps per row): Δs (and Δm) of each row, or of each super-block of a row
+    (Δs₀, Δm₀, Δs₁, Δm₁, …)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -203,7 +223,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
     if isinstance(shrink, torch.Tensor):
         shrink = shrink.reshape(-1, 1)
     scale, zero = fit_params(wg, maxq, spec.grid, shrink)
-    dq = DoubleQuant.of(w.float(), g, maxq[:rows], spec.grid, spec.scale_bits)
+    dq = DoubleQuant.of(w.float(), g, maxq[:rows], spec.grid, spec.scale_bits, spec.super_block)
     if dq is not None:
         scale, zero = dq.snap(scale, zero)
     codes = quantize_codes(wg, scale, zero, maxq).to(torch.uint8).view(rows, cols)
@@ -258,17 +278,27 @@ class DoubleQuant:
     """The per-row steps of a double-quantized solve, fixed before it from the original weights; solvers snap
     every grid they fit to them."""
 
-    steps: torch.Tensor  # rows × 2
+    steps: torch.Tensor  # (rows · k) × 2: k steps per row, one per super-block
     grid: str
     scale_bits: int
+    per_row: int = 1  # k
 
     @classmethod
-    def of(cls, w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int) -> "DoubleQuant | None":
+    def of(cls, w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int,
+           super_block: int = 0) -> "DoubleQuant | None":
         if scale_bits == SCALE_BITS:
             return None
         if grid not in ("sym", "min"):
             raise ValueError("double-quantized scales need a symmetric or a minimum grid")
-        return cls(row_steps(w, group, maxq, grid, scale_bits), grid, scale_bits)
+        k = w.shape[1] // super_block if super_block else 1  # a super-block is a row of its own for the steps
+        steps = row_steps(w.reshape(-1, w.shape[1] // k), group, maxq.repeat_interleave(k, 0), grid, scale_bits)
+        return cls(steps, grid, scale_bits, k)
+
+    def column(self, gi: int, groups: int) -> "DoubleQuant":
+        """The steps of group column `gi` (of `groups` in a row): rows × 2, for a solver that fits one column of
+        groups at a time."""
+        return DoubleQuant(self.steps.view(-1, self.per_row, 2)[:, gi * self.per_row // groups], self.grid,
+                           self.scale_bits)
 
     def snap(self, scale: torch.Tensor, zero: torch.Tensor):
         """Snap (scale, zero) of rows × 1 grids; (rows · groups) × 1 are expanded to their row's steps."""
@@ -279,10 +309,11 @@ class DoubleQuant:
 
     def encode(self, scale: torch.Tensor, zero: torch.Tensor):
         """rows × groups snapped grids → stored (scale codes, zero codes, fp16 steps rows × 1 or 2)."""
-        rows = self.steps.shape[0]
-        scale, zero = scale.reshape(rows, -1), zero.reshape(rows, -1)
+        blocks, rows = self.steps.shape[0], self.steps.shape[0] // self.per_row
+        scale, zero = scale.reshape(blocks, -1), zero.reshape(blocks, -1)
         sc, zc = encode_scales(scale, zero, self.steps, self.grid, self.scale_bits)
-        return sc, zc, self.steps[:, :2 if self.grid == "min" else 1].half()
+        steps = self.steps[:, :2 if self.grid == "min" else 1].half().reshape(rows, -1)
+        return sc.reshape(rows, -1), zc.reshape(rows, -1), steps
 
 
 def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
@@ -297,7 +328,12 @@ def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
 def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor, spec: QuantSpec):
     """The reference decoding of double-quantized scales: float32 (scale, zero-or-minimum) of every group."""
     half = 1 << (spec.scale_bits - 1)
-    ds = steps[:, :1].float()
+    rows, groups = scales.shape
+    k = steps.shape[1] // (2 if spec.grid == "min" else 1)  # steps per row
+    steps = steps.float().reshape(rows * k, -1)
+    ds = steps[:, :1]
     if spec.grid == "sym":
-        return ds * (scales.float() - half), zeros
-    return ds * scales.float(), steps[:, 1:].float() * (zeros.float() - half)
+        return (ds * (scales.float().reshape(rows * k, -1) - half)).reshape(rows, groups), zeros
+    s = ds * scales.float().reshape(rows * k, -1)
+    m = steps[:, 1:] * (zeros.float().reshape(rows * k, -1) - half)
+    return s.reshape(rows, groups), m.reshape(rows, groups)

@@ -127,11 +127,13 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     fitting = next(iter(layers.values())).candidates
     by_call: dict[tuple, list[Candidate]] = {}
     for c in fitting:
-        by_call.setdefault((c.solver, c.spec.group(cols), c.spec.grid, c.spec.scale_bits), []).append(c)
-    for (solver, group, grid, scale_bits), cands in by_call.items():
+        by_call.setdefault((c.solver, c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block),
+                           []).append(c)
+    for (solver, group, grid, scale_bits, super_block), cands in by_call.items():
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
-        codes, scales, zeros, steps = get_solver(solver)(stacked.float(), stats.hessian, group, bits, grid, scale_bits)
+        codes, scales, zeros, steps = get_solver(solver)(stacked.float(), stats.hessian, group, bits, grid, scale_bits,
+                                                         super_block)
         r0 = 0
         for c in cands:
             for name, w in sampled.items():

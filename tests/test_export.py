@@ -23,11 +23,14 @@ runner = CliRunner()
 @pytest.mark.parametrize("spec", gguf_specs(), ids=lambda s: ggml_type(s))
 def test_blocks_dequantize_to_mixq_weights(spec):
     torch.manual_seed(0)
-    w = torch.randn(6, 96) * torch.logspace(-2, 1, 96)  # groups of very different ranges
+    cols = 512 if spec.super_block else 96
+    w = torch.randn(6, cols) * torch.logspace(-2, 1, cols)  # groups of very different ranges
     qt = quantize(w, spec)
     blocks = encode_blocks(qt)
     kind = getattr(gguf.GGMLQuantizationType, ggml_type(spec))
-    assert blocks.shape == (6, 96 // 32 * gguf.GGML_QUANT_SIZES[kind][1])
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    assert blocks.shape == (6, cols // per_block * block_bytes)
+    assert blocks.size * 8 == spec.storage_bits(6, cols)  # mixq's accounting is ggml's bytes
     theirs = gguf.quants.dequantize(blocks, kind)
     np.testing.assert_array_equal(theirs, qt.dequantize().numpy())
 
@@ -38,6 +41,8 @@ def test_only_32_groups_with_fp16_scales_are_ggml_types():
     assert ggml_type(QuantSpec.of(4, 32, "min", 6)) is None
     assert ggml_type(QuantSpec.of(3, 32, "sym")) is None
     assert ggml_type(QuantSpec.of(4, 32, "int")) is None
+    assert ggml_type(QuantSpec.of(3, 16, "sym", 6, 256)) == "Q3_K"
+    assert ggml_type(QuantSpec.of(3, 16, "sym", 6)) is None  # one step per row is not Q3_K
     with pytest.raises(ExportError, match="not a ggml type"):
         encode_blocks(quantize(torch.randn(2, 64), QuantSpec.of(3, 32, "sym")))
 
@@ -51,21 +56,39 @@ def _quantize_with_plan(source, plan: Plan, text_file, out):
 
 
 def _every_type_plan(model) -> Plan:
-    """Every block linear, the five ggml types in turn (so q and k, whose rows are permuted, get several)."""
+    """Every block linear, the ggml types that fit it in turn (q and k, whose rows are permuted, get several; the
+    256-wide down projections the k-quants)."""
     from mixq.models import adapter_for
 
-    names = adapter_for(model).layer_names(model)
-    specs = gguf_specs()
-    return Plan({n: Candidate(specs[i % len(specs)], "gptq") for i, n in enumerate(names)})
+    plan = Plan({})
+    for i, name in enumerate(adapter_for(model).layer_names(model)):
+        specs = [s for s in gguf_specs() if s.fits(model.get_submodule(name).in_features)]
+        k_quants = [s for s in specs if s.super_block]
+        plan.layers[name] = Candidate(k_quants[i // 7 % 2] if k_quants else specs[i % len(specs)], "gptq")
+    return plan
 
 
-def test_exported_gguf_loads_back_as_the_saved_model(tiny_gguf, text_file, tmp_path):
-    float_model, _, _ = load_model(str(tiny_gguf))
+@pytest.fixture(scope="module")
+def wide_gguf(tmp_path_factory):
+    """The tiny Llama with 256-wide down-projection rows (k-quants fit them), as a GGUF."""
+    from conftest import tiny_config, write_tiny_gguf
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config()
+    config.intermediate_size = 256
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("wide") / "wide.gguf"
+    write_tiny_gguf(LlamaForCausalLM(config).eval(), path)
+    return path
+
+
+def test_exported_gguf_loads_back_as_the_saved_model(wide_gguf, text_file, tmp_path):
+    float_model, _, _ = load_model(str(wide_gguf))
     out = tmp_path / "q"
-    _quantize_with_plan(tiny_gguf, _every_type_plan(float_model), text_file, out)
+    _quantize_with_plan(wide_gguf, _every_type_plan(float_model), text_file, out)
     res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "q.gguf")])
     assert res.exit_code == 0, res.output
-    assert "Q4_0" in res.output and "Q8_0" in res.output
+    assert all(k in res.output for k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q6_K"))
     ours = mixq.load(out)
     theirs, _, _ = load_model(str(tmp_path / "q.gguf"))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -13,9 +13,17 @@ from mixq.formats import BITS, GRIDS, GROUP_SIZES, MIN_BITS, SCALE_BITS, QuantSp
 from mixq.runtime.qlinear import QuantEmbedding, QuantLinear
 
 SPECS = [QuantSpec.of(b, g, k) for b, g, k in itertools.product((2, 3, 4, 5, 6, 8), (32, 64, 0), GRIDS)] + [
-    QuantSpec.of(b, g, k, sb) for b, g, k, sb in itertools.product((2, 4, 8), (32, 0), ("sym", "min"), (4, 6, 8))]
+    QuantSpec.of(b, g, k, sb) for b, g, k, sb in itertools.product((2, 4, 8), (32, 0), ("sym", "min"), (4, 6, 8))] + [
+    QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(6, 16, "sym", 8, 256), QuantSpec.of(4, 32, "min", 6, 256)]
 # float32 slack on top of the half-step bound: |w| · a few ulps
 REL_EPS = 1e-6
+
+
+def _width(spec: QuantSpec, groups: int, whole_row: int = 48) -> int:
+    """A row width that `spec` fits: `groups` groups (super-blocks where it has them; else rows of `whole_row`)."""
+    if spec.super_block:
+        return spec.super_block * groups
+    return spec.group_size * groups if spec.group_size else whole_row * groups
 
 
 def _weights(seed: int, rows: int, cols: int, magnitude: float, outliers: bool) -> torch.Tensor:
@@ -45,7 +53,7 @@ def _grid_bounds(qt):
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 5), groups=st.integers(1, 3),
        magnitude=st.sampled_from([0.02, 1.0, 30.0]), outliers=st.booleans())
 def test_round_trip_error_is_at_most_half_a_step(spec, seed, rows, groups, magnitude, outliers):
-    cols = (spec.group_size or 48) * groups
+    cols = _width(spec, groups)
     w = _weights(seed, rows, cols, magnitude, outliers)
     qt = quantize(w, spec)
 
@@ -55,7 +63,8 @@ def test_round_trip_error_is_at_most_half_a_step(spec, seed, rows, groups, magni
     if spec.double:  # codes of the scales (and minima), fp16 steps per row
         assert qt.scales.dtype == torch.uint8 and int(qt.scales.max()) < 1 << spec.scale_bits
         assert qt.zeros.dtype == torch.uint8
-        assert qt.steps.dtype == torch.float16 and qt.steps.shape == (rows, 2 if spec.minimum else 1)
+        per_row = (2 if spec.minimum else 1) * spec.steps_per_row(cols)
+        assert qt.steps.dtype == torch.float16 and qt.steps.shape == (rows, per_row)
     else:
         assert qt.scales.dtype == torch.float16
         assert qt.zeros.dtype == (torch.float16 if spec.grid == "min" else torch.uint8)
@@ -110,7 +119,7 @@ def test_round_trip_is_exact_on_grid_points(spec):
 @settings(max_examples=6)
 @given(rows=st.integers(1, 9), groups=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_storage_bits_equal_packed_bytes(spec, rows, groups, seed):
-    cols = spec.group_size * groups if spec.group_size else 8 * groups + 3  # odd widths for whole-row groups
+    cols = _width(spec, groups, 8) + (0 if spec.group_size else 3)  # odd widths for whole-row groups
     qt = quantize(_weights(seed, rows, cols, 1.0, False), spec)
     layer = QuantLinear.from_quantized(qt)
     packed_bits = sum(b.numel() * b.element_size() * 8 for b in layer.buffers())
@@ -126,7 +135,7 @@ def test_storage_bits_equal_packed_bytes(spec, rows, groups, seed):
 def test_embedding_lookup_reads_the_rows_of_the_packed_table(spec, rows, groups, seed):
     """A lookup dequantizes only the rows it needs, read in place from the packing (odd widths and row counts,
     rows that straddle bytes), and equals the reference; the tied head computes with the same buffers."""
-    cols = spec.group_size * groups if spec.group_size else 8 * groups + 3
+    cols = _width(spec, groups, 8) + (0 if spec.group_size else 3)
     qt = quantize(_weights(seed, rows, cols, 1.0, False), spec)
     table = QuantEmbedding.from_quantized(qt)
     ids = torch.randint(0, rows, (2, 7), generator=torch.Generator().manual_seed(seed))
@@ -157,7 +166,7 @@ def test_spec_rejects_bad_bits(bits):
         QuantSpec(bits)
 
 
-@pytest.mark.parametrize("group", [1, 16, 48, 100, 512, -32])
+@pytest.mark.parametrize("group", [1, 8, 48, 100, 512, -32])
 def test_spec_rejects_bad_group_sizes(group):
     with pytest.raises(ValueError, match="group_size"):
         QuantSpec(4, group)
@@ -309,3 +318,30 @@ def test_double_quantized_spec():
         QuantSpec.of(4, 32, "min", 5)
     with pytest.raises(ValueError, match="symmetric or a minimum"):
         QuantSpec.of(4, 32, "int", 6)
+
+
+def test_k_quant_super_blocks_cost_what_ggml_stores():
+    """sym 3 bits, groups of 16, 6-bit scale codes, one fp16 step per 256 weights: Q3_K's 110 bytes per 256
+    weights (3.4375 bpw); sym 6 bits with 8-bit codes: Q6_K's 210 bytes (6.5625)."""
+    assert QuantSpec.of(3, 16, "sym", 6, 256).bits_per_weight(576, 1536) == 110 * 8 / 256
+    assert QuantSpec.of(6, 16, "sym", 8, 256).bits_per_weight(576, 1536) == 210 * 8 / 256
+    assert not QuantSpec.of(3, 16, "sym", 6, 256).fits(576)  # 576 = 2.25 super-blocks
+    with pytest.raises(ValueError, match="super_block"):
+        QuantSpec.of(3, 16, "sym", 16, 256)  # fp16 scales have no steps
+    with pytest.raises(ValueError, match="do not divide"):
+        QuantSpec.of(3, 192, "sym", 6, 256)
+    spec = QuantSpec.of(3, 16, "sym", 6, 256)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec and spec.name == "int3-g16-sym-dq6-s256"
+
+
+def test_super_block_steps_follow_each_super_block():
+    """A row whose halves differ 100× in scale: per-super-block steps keep the small half's scales fine, where
+    one step per row would round them to a few codes."""
+    w = torch.cat([torch.randn(4, 256) * 0.01, torch.randn(4, 256)], 1)
+    per_block = quantize(w, QuantSpec.of(3, 16, "sym", 6, 256))
+    per_row = quantize(w, QuantSpec.of(3, 16, "sym", 6))
+    assert per_block.steps.shape == (4, 2) and per_row.steps.shape == (4, 1)
+    small = slice(0, 256)
+    err_block = (per_block.dequantize() - w)[:, small].pow(2).sum()
+    err_row = (per_row.dequantize() - w)[:, small].pow(2).sum()
+    assert err_block < 0.5 * err_row

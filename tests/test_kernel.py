@@ -80,3 +80,14 @@ def test_decoded_group_params_follow_new_buffers():
     first(x)  # decodes and keeps (a, c)
     first.load_state_dict(second.state_dict())
     torch.testing.assert_close(first(x), x @ w2.T, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_on_k_quant_super_blocks():
+    k = kernel()
+    for spec in (QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(6, 16, "sym", 8, 256)):
+        layer, w = _layer(spec, 9, 512, 3)
+        a, c = layer._group_params()
+        x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+        ref = x @ w.T
+        y = k.qgemv(layer.qweight, a, c, x, spec.bits, 16)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -202,3 +202,23 @@ def test_gptq_reuses_the_inverse_only_for_the_same_unchanged_hessian(hessian):
     gptq_module._last = ()
     assert torch.equal(after.codes, solve("gptq", w, h, spec).codes)
     assert not torch.equal(after.codes, before.codes)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(4, 32, "min", 6, 256)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_super_block_steps_in_every_solver(name, spec):
+    """k-quant layouts (one step per 256 weights of a row): valid codes and steps, each group's scale a code of
+    its own super-block's step, and GPTQ still beats RTN on the output error."""
+    cols = 512
+    h = correlated_hessian(cols)
+    w = weight(rows=8, cols=cols)
+    w[:, 256:] *= 20  # the two super-blocks of each row need very different steps
+    qt = solve(name, w, h, spec)
+    _check(qt, 8, cols, spec.bits)
+    k = 2 if spec.minimum else 1
+    assert qt.steps.shape == (8, 2 * k)
+    ds = qt.steps.float().view(8, 2, k)[..., 0]
+    assert torch.all(ds[:, 1] > 5 * ds[:, 0])
+    if name.startswith("gptq"):
+        assert _err(name, w, h, spec) < _err("rtn", w, h, spec)

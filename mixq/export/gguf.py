@@ -1,9 +1,13 @@
 """GGUF export: the codes and scales mixq chose, written as the ggml block types that hold them exactly, so that
 llama.cpp runs the very model mixq evaluated.
 
-mixq formats that are ggml types (`GGML_TYPES`): 32-weight groups with an fp16 scale,
-    sym 4 / 5 / 8 bits → Q4_0 / Q5_0 / Q8_0   (w = d · (q − 2^(bits−1)), d signed: ggml's convention too)
-    min 4 / 5 bits     → Q4_1 / Q5_1          (w = d · q + m, m an fp16 minimum)
+mixq formats that are ggml types (`GGML_TYPES`, `K_QUANTS`):
+    32-weight groups with an fp16 scale,
+        sym 4 / 5 / 8 bits → Q4_0 / Q5_0 / Q8_0   (w = d · (q − 2^(bits−1)), d signed: ggml's convention too)
+        min 4 / 5 bits     → Q4_1 / Q5_1          (w = d · q + m, m an fp16 minimum)
+    16-weight groups with scale codes and one fp16 step per 256 weights (rows of a multiple of 256),
+        sym 3 bits, 6-bit codes → Q3_K           (w = d · (sc − 32) · (q − 4))
+        sym 6 bits, 8-bit codes → Q6_K           (w = d · (sc − 128) · (q − 32))
 `mixq quantize --gguf-compatible` allocates among these only. Every other tensor is written as mixq stores it:
 norms in F32, other float matrices in F16.
 
@@ -26,6 +30,8 @@ BLOCK = 32
 
 # (bits, grid) of the 32-group fp16-scale formats → ggml type name
 GGML_TYPES = {(4, "sym"): "Q4_0", (4, "min"): "Q4_1", (5, "sym"): "Q5_0", (5, "min"): "Q5_1", (8, "sym"): "Q8_0"}
+SUPER = 256
+K_QUANTS = {QuantSpec.of(3, 16, "sym", 6, SUPER): "Q3_K", QuantSpec.of(6, 16, "sym", 8, SUPER): "Q6_K"}
 
 
 class ExportError(ValueError):
@@ -34,14 +40,16 @@ class ExportError(ValueError):
 
 def ggml_type(spec: QuantSpec) -> str | None:
     """The ggml type that stores `spec` exactly, or None."""
+    if spec in K_QUANTS:
+        return K_QUANTS[spec]
     if spec.group_size != BLOCK or spec.double:
         return None
     return GGML_TYPES.get((spec.bits, spec.grid))
 
 
 def gguf_specs() -> list[QuantSpec]:
-    """The formats `--gguf-compatible` allocates among, narrowest first."""
-    return [QuantSpec.of(b, BLOCK, g) for b, g in GGML_TYPES]
+    """The formats `--gguf-compatible` allocates among (the k-quants only where rows are multiples of 256)."""
+    return [QuantSpec.of(b, BLOCK, g) for b, g in GGML_TYPES] + list(K_QUANTS)
 
 
 def check_rows(model: torch.nn.Module) -> None:
@@ -62,6 +70,8 @@ def encode_blocks(qt: QuantizedTensor) -> np.ndarray:
     if name is None:
         raise ExportError(f"{qt.spec.name} is not a ggml type")
     rows, cols = qt.codes.shape
+    if name in ("Q3_K", "Q6_K"):
+        return _encode_k(qt, name).reshape(rows, -1)
     q = qt.codes.numpy().reshape(-1, BLOCK)
     d = qt.scales.numpy().astype(np.float16).reshape(-1, 1).view(np.uint8)
     parts = [d]
@@ -74,6 +84,32 @@ def encode_blocks(qt: QuantizedTensor) -> np.ndarray:
             parts.append(np.packbits((q >> 4) & 1, axis=-1, bitorder="little"))
         parts.append((q[:, :16] & 15) | ((q[:, 16:] & 15) << 4))
     return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+def _encode_k(qt: QuantizedTensor, name: str) -> np.ndarray:
+    """Q3_K / Q6_K super-blocks (the layouts of ggml-quants.c, as the gguf package's reference reads them)."""
+    q = qt.codes.numpy().reshape(-1, SUPER)
+    n = len(q)
+    sc = qt.scales.numpy().reshape(n, 16)  # codes c: the scale is d · (c − 2^(scale_bits − 1))
+    d = qt.steps.numpy().astype(np.float16).reshape(n, 1).view(np.uint8)
+    shifts = np.arange(8, dtype=np.uint8)
+    if name == "Q3_K":
+        # weight j·32 + l: bit j of hmask[l] holds its third bit; weight h·128 + j·32 + l: bits 2j of qs[h·32 + l]
+        hmask = (((q.reshape(n, 8, 32) >> 2) & 1) << shifts[:, None]).sum(1, dtype=np.uint8)
+        low = (q & 3).reshape(n, 2, 4, 32) << (2 * shifts[:4])[:, None]
+        qs = low.sum(2, dtype=np.uint8).reshape(n, 64)
+        # 16 six-bit codes: low nibbles of codes s and s + 8 in byte s; high pairs of code k·4 + b at bits 2k of 8 + b
+        scales = np.concatenate([(sc[:, :8] & 15) | ((sc[:, 8:] & 15) << 4),
+                                 (((sc.reshape(n, 4, 4) >> 4) & 3) << (2 * shifts[:4])[:, None]).sum(1, dtype=np.uint8)],
+                                axis=1)
+        return np.concatenate([hmask, qs, scales, d], axis=1)
+    # Q6_K: weight h·128 + k·64 + l: nibble k of ql[h·64 + l]; its top two bits at bits 2j of qh[h·32 + l] for
+    # weight h·128 + j·32 + l; scales as int8
+    nib = (q & 15).reshape(n, 2, 2, 64)
+    ql = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(n, 128)
+    qh = (((q >> 4) & 3).reshape(n, 2, 4, 32) << (2 * shifts[:4])[:, None]).sum(2, dtype=np.uint8).reshape(n, 64)
+    signed = (sc.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    return np.concatenate([ql, qh, signed, d], axis=1)
 
 
 def _rotary_rows(rows: int, heads: int) -> np.ndarray:
@@ -117,7 +153,8 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path, step=None) -> d
                 raise ExportError(f"{hf} is {qt.spec.name}, which no ggml type stores; quantize with "
                                   "--gguf-compatible to allocate among ggml types only")
             if perm is not None:
-                qt = QuantizedTensor(qt.codes[perm], qt.scales[perm], qt.zeros[perm], qt.spec)
+                qt = QuantizedTensor(qt.codes[perm], qt.scales[perm], qt.zeros[perm], qt.spec,
+                                     None if qt.steps is None else qt.steps[perm])
             data = encode_blocks(qt)
         else:
             data = obj.detach().float().numpy()

@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(packed, **u8))
             if spec.grid == "min":
                 self.register_buffer("qzeros", torch.zeros(packed, **u8))
-            steps = 2 if spec.grid == "min" else 1
+            steps = (2 if spec.grid == "min" else 1) * spec.steps_per_row(in_features)
             self.register_buffer("steps", torch.zeros(out_features, steps, dtype=torch.float16))
         else:
             self.register_buffer("scales", torch.zeros(out_features, groups // out_features, dtype=torch.float16))

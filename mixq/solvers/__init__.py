@@ -1,6 +1,6 @@
 """Per-layer solvers, registered by name. Each is a pure function on tensors:
 
-    solver(weight rows × cols, hessian cols × cols, group, bits (rows,), grid, scale_bits=16)
+    solver(weight rows × cols, hessian cols × cols, group, bits (rows,), grid, scale_bits=16, super_block=0)
         -> (codes, scales, zeros, steps)    as QuantizedTensor stores them (steps None unless double-quantized)
 
 `bits` is per row so that one call can solve rows of several widths at once (profiling stacks every candidate
@@ -24,7 +24,8 @@ def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpe
     if not spec.fits(cols):
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
     bits = torch.full((rows,), spec.bits)
-    out = get_solver(name)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits)
+    out = get_solver(name)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits,
+                           spec.super_block)
     return QuantizedTensor(*out[:3], spec, out[3])
 
 

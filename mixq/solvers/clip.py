@@ -66,10 +66,10 @@ def column_importance(hessian: torch.Tensor, rows: int, group: int) -> torch.Ten
 
 
 @register_solver("clip")
-def clip(weight, hessian, group, bits, grid, scale_bits=16):
+def clip(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
     rows, cols = weight.shape
     maxq = row_maxq(bits).repeat_interleave(cols // group, 0)
     wg = grouped(weight, group)
-    dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits)
+    dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits, super_block)
     scale, zero = search(wg, column_importance(hessian, rows, group), maxq, grid, snap=dq and dq.snap)
     return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)

@@ -44,7 +44,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
-def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16):
+def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0):
     rows, cols = weight.shape
     w = weight.clone().float()
     h = hessian.clone().float()
@@ -52,7 +52,7 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
     h[dead, dead] = 1
     w[:, dead] = 0
     maxq = row_maxq(bits)  # rows × 1
-    dq = DoubleQuant.of(w, group, maxq, grid, scale_bits)  # steps from the original weights
+    dq = DoubleQuant.of(w, group, maxq, grid, scale_bits, super_block)  # steps from the original weights
     ngroups = cols // group
     scales = torch.empty(rows, ngroups)
     zeros = torch.empty(rows, ngroups)
@@ -60,7 +60,7 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
 
     def fit_group(gi, source):
         sl = slice(gi * group, (gi + 1) * group)
-        s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=dq and dq.snap)
+        s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=dq and dq.column(gi, ngroups).snap)
         scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
 
     perm = torch.arange(cols)
@@ -97,10 +97,12 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
 
 
 @register_solver("gptq")
-def gptq(weight, hessian, group, bits, grid, scale_bits=16):
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=False, scale_bits=scale_bits)
+def gptq(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+    return gptq_quantize(weight, hessian, group, bits, grid, act_order=False, scale_bits=scale_bits,
+                         super_block=super_block)
 
 
 @register_solver("gptq-act")
-def gptq_act(weight, hessian, group, bits, grid, scale_bits=16):
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits)
+def gptq_act(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
+                         super_block=super_block)

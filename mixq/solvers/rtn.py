@@ -25,12 +25,12 @@ def row_maxq(bits: torch.Tensor) -> torch.Tensor:
 
 
 @register_solver("rtn")
-def rtn(weight, hessian, group, bits, grid, scale_bits=16):
+def rtn(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
     rows, cols = weight.shape
     maxq = row_maxq(bits).repeat_interleave(cols // group, 0)
     wg = grouped(weight, group)
     scale, zero = fit_params(wg, maxq, grid)
-    dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits)
+    dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits, super_block)
     if dq is not None:
         scale, zero = dq.snap(scale, zero)
     return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)
