@@ -86,6 +86,9 @@ def quantize(
     gguf_compatible: bool = typer.Option(False, "--gguf-compatible", help="Allocate among ggml block types only "
                                          "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-weight groups), so that `mixq export "
                                          "--to gguf` writes the very codes mixq chose for llama.cpp."),
+    ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="Allocate among formats "
+                                       "compressed-tensors stores exactly (symmetric, fp16 scales, groups 32 / 64 "
+                                       "/ 192 or whole rows), for `mixq export --to compressed-tensors`."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
@@ -115,8 +118,11 @@ def quantize(
         _fail(f"--refine takes a number of rounds ≥ 0 (0: off), got {refine}")
     if refine and plan is not None:
         _fail("--refine refines an allocation: it does not go with --plan (a plan is applied as written)")
-    if gguf_compatible and (plan is not None or include_embeddings or latency is not None):
-        _fail("--gguf-compatible chooses the block linears' candidates: it goes with --bits or --size only")
+    for flag, on in (("--gguf-compatible", gguf_compatible), ("--compressed-tensors-compatible", ct_compatible)):
+        if on and (plan is not None or include_embeddings or latency is not None):
+            _fail(f"{flag} chooses the block linears' candidates: it goes with --bits or --size only")
+    if gguf_compatible and ct_compatible:
+        _fail("choose one of --gguf-compatible and --compressed-tensors-compatible")
     try:
         budget = None if plan is not None else Budget.parse(bits, size, latency)
         costs = None
@@ -145,9 +151,10 @@ def quantize(
         net, tok, path = load_model(model)
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
         from .pipeline import preflight
-        from .profile import default_candidates, gguf_candidates
+        from .profile import ct_candidates, default_candidates, gguf_candidates
 
-        candidates = gguf_candidates() if gguf_compatible else default_candidates()
+        candidates = gguf_candidates() if gguf_compatible else ct_candidates() if ct_compatible \
+            else default_candidates()
         if gguf_compatible:
             from .export.gguf import check_rows
 
@@ -335,25 +342,41 @@ def generate(
 @app.command()
 def export(
     folder: Path = typer.Argument(..., help="A mixq output folder."),
-    to: str = typer.Option(..., "--to", help="Target format: gguf (llama.cpp)."),
-    out: Path = typer.Argument(..., help="The file to write (written atomically)."),
+    to: str = typer.Option(..., "--to", help="Target format: gguf (llama.cpp: a .gguf file) or compressed-tensors "
+                           "(transformers / vLLM: a Hugging Face folder)."),
+    out: Path = typer.Argument(..., help="The file (gguf) or folder (compressed-tensors) to write, atomically."),
 ):
-    """Export a quantized model for another runtime. GGUF writes each block linear's codes as the ggml type that
-    holds them exactly (quantize with --gguf-compatible), on the source GGUF's tokenizer and metadata."""
+    """Export a quantized model for another runtime, storing the very codes mixq chose. GGUF writes each block
+    linear as the ggml type that holds it exactly (quantize with --gguf-compatible), on the source GGUF's
+    tokenizer and metadata; compressed-tensors writes the pack-quantized format, one config group per format
+    (quantize with --compressed-tensors-compatible)."""
     from .export.gguf import ExportError, export_gguf
     from .io import MARKER, SavedModelError, load
 
     _quiet()
-    if to != "gguf":
-        _fail(f"--to takes gguf, got {to!r}")
+    if to not in ("gguf", "compressed-tensors"):
+        _fail(f"--to takes gguf or compressed-tensors, got {to!r}")
     try:
         if not (folder / MARKER).is_file():
             raise SavedModelError(f"{folder} is not a mixq model folder (no {MARKER})")
-        source = Path(json.loads((folder / MARKER).read_text())["source"])
-        counts = export_gguf(load(folder), source, out)
+        if to == "gguf":
+            source = Path(json.loads((folder / MARKER).read_text())["source"])
+            counts = export_gguf(load(folder), source, out)
+        else:
+            from transformers import AutoTokenizer
+
+            from .export.compressed import export_compressed
+
+            if out.exists():
+                raise ExportError(f"{out} exists; choose another output folder or delete it")
+            counts = export_compressed(load(folder), AutoTokenizer.from_pretrained(folder), out)
+    except ImportError as e:
+        package = (e.name or "compressed_tensors").split(".")[0].replace("_", "-")
+        _fail(f"the {to} export needs the {package} package: pip install {package}")
     except (SavedModelError, ExportError, OSError) as e:
         _fail(str(e))
-    Console().print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): " +
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
+    Console().print(f"wrote {out} ({size / 1e6:.1f} MB): " +
                     ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 

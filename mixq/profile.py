@@ -42,6 +42,14 @@ def gguf_candidates(solver: str = "gptq") -> list[Candidate]:
     return [Candidate(spec, solver) for spec in gguf_specs()]
 
 
+def ct_candidates(solver: str = "gptq") -> list[Candidate]:
+    """The formats compressed-tensors stores exactly (export.compressed.ct_specs), for
+    `--compressed-tensors-compatible`."""
+    from .export.compressed import ct_specs
+
+    return [Candidate(spec, solver) for spec in ct_specs()]
+
+
 def table_candidates(bits=TABLE_BITS, formats=DEFAULT_FORMATS) -> list[Candidate]:
     """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
     return [Candidate(QuantSpec.of(b, g, k, sb), "rtn") for b in bits for g, k, sb in formats]

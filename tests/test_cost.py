@@ -82,7 +82,8 @@ def test_measure_times_every_fitting_format(tiny_model):
     assert set(table.formats) == {c.spec.name for c in candidates}
     assert all(set(t) == {"128x64", "64x64", "64x128", "32x64"} and min(t.values()) > 0
                for t in table.formats.values())
-    assert 0 < table.rest < table.float_token
+    # the tiny model's linears are a few % of its time: on a busy machine rest and float_token can swap order
+    assert 0 < table.rest < 1.25 * table.float_token
     assert CostTable.from_json(table.to_json()) == table
     assert isinstance(tiny_model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # the stubs are gone again
 

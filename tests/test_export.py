@@ -135,3 +135,57 @@ def test_export_cli_errors(tiny_hf_dir, text_file, tmp_path):
     res = runner.invoke(app, ["export", str(out), "--to", "onnx", str(tmp_path / "x.gguf")])
     assert res.exit_code == 2 and "gguf" in res.output
     assert not list(tmp_path.glob("*.gguf"))
+
+
+# --- compressed-tensors ------------------------------------------------------------------------------------------
+
+def test_compressed_tensors_export_loads_in_transformers(tiny_hf_dir, text_file, tmp_path):
+    """Every width, 32 / 64 groups and whole rows, one config group per format; transformers (with the
+    compressed-tensors package) computes the saved model's very logits, and `mixq eval` reads the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from mixq.export.compressed import ct_args
+    from mixq.models import adapter_for
+
+    float_model, _, _ = load_model(str(tiny_hf_dir))
+    specs = [QuantSpec.of(b, g, "sym") for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 0)]
+    names = adapter_for(float_model).layer_names(float_model)
+    plan = Plan({n: Candidate(specs[7 * i % len(specs)], "gptq") for i, n in enumerate(names)})
+    assert all(ct_args(c.spec) is not None for c in plan.layers.values())
+    _quantize_with_plan(tiny_hf_dir, plan, text_file, tmp_path / "q")
+    res = runner.invoke(app, ["export", str(tmp_path / "q"), "--to", "compressed-tensors", str(tmp_path / "ct")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and len(config["config_groups"]) == len(names)
+    ours = mixq.load(tmp_path / "q")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, f = ours(ids).logits, theirs(ids).logits, float_model(ids).logits
+    assert (a - f).abs().max() > 1e-3
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    res = runner.invoke(app, ["eval", str(tmp_path / "ct"), "--text", str(text_file), "--windows", "2"])
+    assert res.exit_code == 0, res.output
+
+
+def test_compressed_tensors_refuses_what_it_cannot_store(tiny_hf_dir, text_file, tmp_path):
+    from mixq.export.compressed import ct_args
+
+    assert ct_args(QuantSpec.of(4, 32, "min")) is None and ct_args(QuantSpec.of(4, 32, "sym", 6)) is None
+    out = tmp_path / "q"
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", tiny_hf_dir, "--bits", 3, "--out", out,
+                                               "--eval-windows", 0, "--calib", text_file, "--calib-windows", 2)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", str(tmp_path / "ct")])
+    assert res.exit_code == 2 and "--compressed-tensors-compatible" in res.output
+    assert not (tmp_path / "ct").exists() and not list(tmp_path.glob(".ct*"))
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", tiny_hf_dir, "--bits", 3, "--out", out,
+                                               "--eval-windows", 0, "--calib", text_file, "--calib-windows", 2,
+                                               "--compressed-tensors-compatible")])
+    assert res.exit_code == 0, res.output
+    specs = [Candidate.from_dict(c).spec for c in json.loads((out / "plan.json").read_text())["layers"].values()]
+    assert all(ct_args(s) is not None for s in specs)
+    res = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", str(tmp_path / "ct")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", str(tmp_path / "ct")])
+    assert res.exit_code == 2 and "exists" in res.output

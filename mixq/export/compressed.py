@@ -1,0 +1,92 @@
+"""compressed-tensors export: a Hugging Face folder in the "pack-quantized" format that transformers (with the
+compressed-tensors package) and vLLM load, one config group per format, each listing its layers by name.
+
+mixq formats it stores exactly (`ct_args`): the "sym" grid with fp16 scales, w = (q − 2^(bits−1)) · s, any width
+2–8, any group or whole rows ("channel"); compressed-tensors holds the codes as signed integers q − 2^(bits−1),
+packed densely into int32 by its own `pack_to_int32`, and the (signed) scales as they are.
+`mixq quantize --compressed-tensors-compatible` allocates among such formats only. The "min" grids and
+double-quantized scales of the default candidates have no compressed-tensors form; the asymmetric "int" grid has
+one on paper (packed zero points), but compressed-tensors 0.20 with transformers 5.23 builds unpacked zero-point
+buffers at load and then refuses the packed ones, so it is not offered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..formats import QuantSpec
+from .gguf import ExportError
+
+CT_GROUPS = (32, 64, 192)  # --compressed-tensors-compatible: these groups (whole rows where none divides)
+
+
+def ct_args(spec: QuantSpec):
+    """compressed-tensors' QuantizationArgs for `spec`, or None where it has no exact form."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if spec.double or spec.grid != "sym":
+        return None
+    return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True,
+                            strategy="group" if spec.group_size else "channel", group_size=spec.group_size or None)
+
+
+def ct_specs(bits=(2, 3, 4, 5, 6, 8)) -> list[QuantSpec]:
+    return [QuantSpec.of(b, g, "sym") for b in bits for g in CT_GROUPS]
+
+
+def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str, int]:
+    """Write `model` (a loaded mixq folder) as a compressed-tensors folder at `out` (atomically). Returns the
+    count of layers of each format."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from safetensors.torch import save_file
+
+    from ..runtime.qlinear import QuantEmbedding, QuantLinear
+
+    tensors, groups, seen = {}, {}, set()
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear) or id(m.qweight) in seen:
+            continue
+        seen.add(id(m.qweight))
+        if isinstance(m, QuantEmbedding):
+            raise ExportError(f"{name} is a quantized embedding table, which compressed-tensors does not store; "
+                              "quantize without --include-embeddings")
+        args = ct_args(m.spec)
+        if args is None:
+            raise ExportError(f"{name} is {m.spec.name}, which compressed-tensors does not store exactly; quantize "
+                              "with --compressed-tensors-compatible")
+        qt = m.quantized()
+        half = 1 << (m.spec.bits - 1)
+        tensors[f"{name}.weight_packed"] = pack_to_int32((qt.codes.int() - half).to(torch.int8), m.spec.bits)
+        tensors[f"{name}.weight_scale"] = qt.scales.half().contiguous()
+        tensors[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
+        groups.setdefault(m.spec, (args, []))[1].append(name)
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[0] + ".weight_packed" not in tensors or name.endswith(".bias"):
+            tensors[name] = p.detach().half().contiguous()
+    config = QuantizationConfig(
+        config_groups={spec.name: QuantizationScheme(targets=names, weights=args)
+                       for spec, (args, names) in groups.items()},
+        format="pack-quantized", quantization_status="compressed")
+    hf_config = model.config.to_dict()
+    hf_config["quantization_config"] = config.model_dump(mode="json", exclude_none=True)
+    hf_config["dtype"] = "float16"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        tmp.chmod(0o755)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            raise ExportError(f"{out} exists; choose another output folder or delete it")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {spec.name: len(names) for spec, (_, names) in groups.items()}
