@@ -134,14 +134,18 @@ def load(path: str | Path):
         state = load_file(path / "model.safetensors")
     except (OSError, ValueError, SafetensorError) as e:
         raise SavedModelError(f"{path} is corrupt: {str(e).splitlines()[0][:200]}") from e
+    from accelerate import init_empty_weights
+
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with init_empty_weights(include_buffers=False):  # parameters on meta: the fp32 model is never allocated
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     names = {id(m): n for n, m in model.named_modules()}
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
-    tied_table = names[id(table)] in plan.layers and head is not None and head.weight is table.weight
+    tied_table = names[id(table)] in plan.layers and head is not None and \
+        (head.weight is table.weight or bool(getattr(config, "tie_word_embeddings", False)))
     install_quant_linears(model, plan)
     state = {k: v.float() if v.dtype == FLOAT_DTYPE and not k.endswith(".scales") else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not _is_tied(model, k)]
     if missing or unexpected:
@@ -150,6 +154,9 @@ def load(path: str | Path):
         model.set_submodule(names[id(head)], model.get_input_embeddings().tied_head())
     else:
         model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise SavedModelError(f"{path} does not hold {left[0]} (and {len(left) - 1} more)")
     model.eval()
     return model
 
