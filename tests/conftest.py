@@ -134,7 +134,7 @@ def text_file(tmp_path_factory):
 
 def write_tiny_gguf(model, path) -> None:
     """The tiny model as a llama GGUF (F32 tensors, q/k rows in ggml's rotary order) with a byte-level tokenizer:
-    each of the 256 ids is one byte, so any text tokenizes without merges."""
+    ids 0–254 are one byte each, 255 two spaces, so any text without byte 255 tokenizes."""
     import gguf
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -154,12 +154,13 @@ def write_tiny_gguf(model, path) -> None:
     w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     byte_chars = bytes_to_unicode()
-    tokens = [byte_chars[b] for b in range(256)]
-    w.add_tokenizer_model("gpt2")
+    space = byte_chars[ord(" ")]
+    tokens = [byte_chars[b] for b in range(255)] + [space * 2]  # byte 255 gives way to one merge (llama.cpp
+    w.add_tokenizer_model("gpt2")                                 # refuses a BPE vocabulary without merges)
     w.add_token_list(tokens)
     w.add_token_types([1] * len(tokens))
     w.add_token_scores([0.0] * len(tokens))
-    w.add_token_merges([])
+    w.add_token_merges([f"{space} {space}"])
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)

@@ -189,3 +189,26 @@ def test_compressed_tensors_refuses_what_it_cannot_store(tiny_hf_dir, text_file,
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", str(tmp_path / "ct")])
     assert res.exit_code == 2 and "exists" in res.output
+
+
+def test_llama_cpp_runs_the_export_as_mixq_does(wide_gguf, text_file, tmp_path):
+    """llama.cpp itself (the llama-cpp-python bindings, when installed: benchmarks/gguf_export.py says how) loads
+    the export and scores the same tokens within 1 % of mixq's perplexity (it multiplies with 8-bit activations)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import math
+
+    import torch.nn.functional as F
+
+    float_model, _, _ = load_model(str(wide_gguf))
+    _quantize_with_plan(wide_gguf, _every_type_plan(float_model), text_file, tmp_path / "q")
+    export_gguf(mixq.load(tmp_path / "q"), wide_gguf, tmp_path / "q.gguf")
+    ids = list(text_file.read_bytes()[:128])  # the byte-level vocabulary: one id per byte
+    llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_ctx=128, n_batch=128, logits_all=True, n_threads=1,
+                          verbose=False)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[:len(ids) - 1], dtype=np.float32))
+    with torch.no_grad():
+        ours = mixq.load(tmp_path / "q")(torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(ids[1:])
+    ppl = [math.exp(F.cross_entropy(z, target).item()) for z in (ours, theirs)]
+    assert ppl[1] == pytest.approx(ppl[0], rel=0.01)
