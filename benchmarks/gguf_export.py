@@ -1,17 +1,18 @@
 """mixq's GGUF export against llama.cpp's own importance-matrix quantizations, every file run in llama.cpp.
 
-For each budget, `mixq quantize --gguf-compatible` (GPTQ into Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, allocated by
-the fisher profile) is saved, loaded back, evaluated by mixq, exported with `mixq export --to gguf`, and the
-GGUF is evaluated by llama.cpp on the very same token windows (the pydoc protocol: 64 windows of 512 tokens,
-each scored on its own). llama.cpp's `llama-quantize` with an imatrix over the same calibration split makes its
-own types from the source GGUF; they are evaluated the same way. Token embeddings are F16 in every file.
+For each budget, `mixq quantize --gguf-compatible` (GPTQ into Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0, and Q3_K / Q6_K on
+rows of a multiple of 256, allocated by the fisher profile) is saved, loaded back, evaluated by mixq, exported with
+`mixq export --to gguf`, and the GGUF is evaluated by llama.cpp on the very same token windows (the pydoc
+protocol: 64 windows of 512 tokens, each scored on its own). llama.cpp's `llama-quantize` with an imatrix over the
+same calibration split makes its own types from the source GGUF; they are evaluated the same way. Token
+embeddings are F16 in every file.
 
 Needs llama.cpp: the `llama_cpp` Python bindings (llama-cpp-python) and, for the peers, `llama-quantize` and
 `llama-imatrix`. Without a wheel, build them from the llama-cpp-python sdist (see benchmarks/peers.py) with the
 shared library, and point the bindings at it:
     LLAMA_CPP_LIB_PATH=build/llama.cpp/bin PYTHONPATH=llama_cpp_python-0.3.36 \\
-        python benchmarks/gguf_export.py --llama-cpp build/llama.cpp/bin          (about 40 minutes on 2 cores)
-Writes benchmarks/results/gguf_export.{md,json}.
+        python benchmarks/gguf_export.py --llama-cpp build/llama.cpp/bin        (about 45 minutes on 2 cores)
+Writes benchmarks/results/gguf_export.{md,json} (and gguf_profile.json, the profile, reused when present).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def run_llama_cpp(tools: Path, kind: str, imatrix: Path, evals, work: Path) -> d
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", type=Path, help="folder with llama-quantize and llama-imatrix (the peers)")
-    ap.add_argument("--bits", type=float, nargs="+", default=[4.5, 4.634, 5.0, 5.534])
+    ap.add_argument("--bits", type=float, nargs="+", default=[4.2344, 4.438, 4.634, 5.534])
     ap.add_argument("--profile", type=Path, default=HERE / "results" / "gguf_profile.json",
                     help="mixq's fisher profile over the ggml candidates: reused when present, else written")
     ap.add_argument("--windows", type=int, default=64)
