@@ -91,3 +91,34 @@ def test_kernel_on_k_quant_super_blocks():
         ref = x @ w.T
         y = k.qgemv(layer.qweight, a, c, x, spec.bits, 16)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_the_portable_branch_equals_the_reference(tmp_path):
+    """The kernel's branch for CPUs without AVX2 (compiled here with AVX2 and FMA turned off) on every width."""
+    import os
+
+    import ninja
+    from torch.utils.cpp_extension import load
+
+    from mixq.runtime.cpu import _SOURCE
+
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    portable = load(name="mixq_qgemv_portable", sources=[str(_SOURCE)], build_directory=str(tmp_path),
+                    extra_cflags=["-O2", "-mno-avx2", "-mno-fma"], verbose=False)
+    for spec in SPECS[::3] + [QuantSpec.of(3, 16, "sym", 6, 256)]:
+        cols = 512 if spec.super_block else 192
+        layer, w = _layer(spec, 5, cols, 7)
+        a, c = layer._group_params()
+        x = torch.randn(3, cols, generator=torch.Generator().manual_seed(1))
+        ref = x @ w.T
+        y = portable.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols))
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_fp16_rows_gemv_equals_the_float32_product():
+    k = kernel()
+    for rows, cols, n in ((1, 8, 1), (7, 13, 3), (33, 200, 8), (6, 64, 2)):  # odd widths take the scalar tail
+        w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).half()
+        x = torch.randn(n, cols, generator=torch.Generator().manual_seed(cols))
+        ref = x @ w.float().T
+        torch.testing.assert_close(k.hgemv(w, x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

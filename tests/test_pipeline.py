@@ -389,3 +389,25 @@ def test_save_creates_missing_parent_folders(quantized, tiny_tokenizer, tmp_path
     check_out_dir(out, SOURCE)
     save_quantized(model, tiny_tokenizer, result.plan, out, {"version": 1, "source": SOURCE}, {})
     assert (out / MARKER).exists() and (out / "model.safetensors").exists()
+
+
+def test_loaded_float_table_stays_fp16_and_shared(tmp_path, tiny_model, calib_ids):
+    """The table mixq did not quantize is kept as stored (fp16, half the memory), the tied head computes from the
+    very same tensor, and the logits are those of float32 copies of it, for one token (kernel) and for many."""
+    from mixq.runtime.half import HalfEmbedding, HalfLinear
+    from conftest import make_tokenizer
+
+    result = quantize(tiny_model, calib_ids, budget=Budget(bits=4.0))
+    save_quantized(tiny_model, make_tokenizer(), result.plan, tmp_path / "q", {"source": "x", "bpw": 4.0}, {})
+    model = mixq.load(tmp_path / "q")
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(table, HalfEmbedding) and table.weight.dtype == torch.float16
+    assert isinstance(head, HalfLinear) and head.weight is table.weight
+    upcast = copy.deepcopy(model)
+    plain = torch.nn.Embedding.from_pretrained(table.weight.float(), freeze=True)
+    upcast.set_input_embeddings(plain)
+    upcast.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    upcast.lm_head.weight = plain.weight
+    with torch.no_grad():
+        for ids in (calib_ids[:1, :1], calib_ids[:2]):
+            torch.testing.assert_close(model(ids).logits, upcast(ids).logits, rtol=1e-5, atol=1e-5)

@@ -17,26 +17,38 @@ namespace {
 
 constexpr int64_t MAX_N = 8;  // rows of x handled in one pass over the weights
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-// Eight codes (BITS whole bytes) as eight floats: codes 0-3 from the low 32 bits, codes 4-7 from the 32 bits
-// that start at code 4, each lane shifted right by its code's offset and masked.
-// WIDE: read 8 bytes (one load; the bytes past the run belong to later codes and are masked off), allowed
-// everywhere but at the end of the buffer.
+// Eight codes (BITS whole bytes) as eight floats. 8 bits: widen the bytes. Up to 4 bits the eight codes fit one
+// 32-bit word: broadcast it and shift each lane by its code's offset. Wider: codes 0-3 from the low 32 bits, codes
+// 4-7 from the 32 bits that start at code 4.
+// WIDE: read whole words (the bytes past the run belong to later codes and are masked off), allowed everywhere
+// but at the end of the buffer.
 template <int BITS, bool WIDE>
 inline __m256 decode8(const uint8_t* p) {
-  uint64_t word = 0;
-  std::memcpy(&word, p, WIDE ? 8 : BITS);
-  const __m256i lanes = _mm256_setr_epi32(static_cast<uint32_t>(word), static_cast<uint32_t>(word),
-                                          static_cast<uint32_t>(word), static_cast<uint32_t>(word),
-                                          static_cast<uint32_t>(word >> (4 * BITS)),
-                                          static_cast<uint32_t>(word >> (4 * BITS)),
-                                          static_cast<uint32_t>(word >> (4 * BITS)),
-                                          static_cast<uint32_t>(word >> (4 * BITS)));
-  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), mask));
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    if constexpr (BITS * 8 <= 32) {
+      uint32_t word = 0;
+      std::memcpy(&word, p, WIDE ? 4 : BITS);
+      const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask));
+    } else {
+      uint64_t word = 0;
+      std::memcpy(&word, p, WIDE ? 8 : BITS);
+      const __m256i lanes = _mm256_setr_epi32(static_cast<uint32_t>(word), static_cast<uint32_t>(word),
+                                              static_cast<uint32_t>(word), static_cast<uint32_t>(word),
+                                              static_cast<uint32_t>(word >> (4 * BITS)),
+                                              static_cast<uint32_t>(word >> (4 * BITS)),
+                                              static_cast<uint32_t>(word >> (4 * BITS)),
+                                              static_cast<uint32_t>(word >> (4 * BITS)));
+      const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), mask));
+    }
+  }
 }
 
 inline float hsum(__m256 v) {
@@ -46,73 +58,113 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One row of W against NB rows of x (NB a compile-time count, so every accumulator stays in a register), two
-// independent FMA chains per row of x.
-template <int BITS, int NB, bool WIDE>
-inline void row_dot(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
-                    float* y, int64_t rows, int64_t cols, int64_t group, int64_t r) {
+// RB rows of W (from row r) against NB rows of x, compile-time counts so that every accumulator stays in a
+// register: RB × NB independent FMA chains, each x load shared by the RB rows.
+template <int BITS, int NB, int RB, bool WIDE>
+inline void rows_dot(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
+                     float* y, int64_t rows, int64_t cols, int64_t group, int64_t r) {
   const int64_t groups = cols / group;
-  const uint8_t* p = packed + r * (cols / 8 * BITS);
-  __m256 total[NB];
-  float offset[NB];
-  for (int b = 0; b < NB; ++b) total[b] = _mm256_setzero_ps(), offset[b] = 0;
+  const uint8_t* p[RB];
+  for (int i = 0; i < RB; ++i) p[i] = packed + (r + i) * (cols / 8 * BITS);
+  __m256 total[RB][NB];
+  float offset[RB][NB];
+  for (int i = 0; i < RB; ++i)
+    for (int b = 0; b < NB; ++b) total[i][b] = _mm256_setzero_ps(), offset[i][b] = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 d0[NB], d1[NB];
-    for (int b = 0; b < NB; ++b) d0[b] = d1[b] = _mm256_setzero_ps();
-    const int64_t end = (g + 1) * group;
-    int64_t j = g * group;
-    for (; j + 16 <= end; j += 16, p += 2 * BITS) {
-      const __m256 q0 = decode8<BITS, WIDE>(p), q1 = decode8<BITS, WIDE>(p + BITS);
-      for (int b = 0; b < NB; ++b) {
-        d0[b] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + b * cols + j), d0[b]);
-        d1[b] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + b * cols + j + 8), d1[b]);
+    __m256 d[RB][NB];
+    for (int i = 0; i < RB; ++i)
+      for (int b = 0; b < NB; ++b) d[i][b] = _mm256_setzero_ps();
+    for (int64_t j = g * group, end = (g + 1) * group; j < end; j += 8) {
+      __m256 xv[NB];
+      for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(x + b * cols + j);
+      for (int i = 0; i < RB; ++i) {
+        const __m256 q = decode8<BITS, WIDE>(p[i]);
+        p[i] += BITS;
+        for (int b = 0; b < NB; ++b) d[i][b] = _mm256_fmadd_ps(q, xv[b], d[i][b]);
       }
     }
-    if (j < end) {
-      const __m256 q0 = decode8<BITS, WIDE>(p);
-      p += BITS;
-      for (int b = 0; b < NB; ++b) d0[b] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + b * cols + j), d0[b]);
-    }
-    const __m256 ag = _mm256_set1_ps(a[r * groups + g]);
-    const float cg = c[r * groups + g];
-    for (int b = 0; b < NB; ++b) {
-      total[b] = _mm256_fmadd_ps(_mm256_add_ps(d0[b], d1[b]), ag, total[b]);
-      offset[b] += cg * xsum[b * groups + g];
+    for (int i = 0; i < RB; ++i) {
+      const __m256 ag = _mm256_set1_ps(a[(r + i) * groups + g]);
+      const float cg = c[(r + i) * groups + g];
+      for (int b = 0; b < NB; ++b) {
+        total[i][b] = _mm256_fmadd_ps(d[i][b], ag, total[i][b]);
+        offset[i][b] += cg * xsum[b * groups + g];
+      }
     }
   }
-  for (int b = 0; b < NB; ++b) y[b * rows + r] = hsum(total[b]) + offset[b];
+  for (int i = 0; i < RB; ++i)
+    for (int b = 0; b < NB; ++b) y[b * rows + r + i] = hsum(total[i][b]) + offset[i][b];
 }
 
-template <int BITS, int NB>
+// rows r0..r1 in blocks of RB (then one at a time); the block that holds the last row reads no word past it
+template <int BITS, int NB, int RB>
 void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
              int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    if (r + 1 == rows)
-      row_dot<BITS, NB, false>(packed, a, c, x, xsum, y, rows, cols, group, r);
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) {
+    if (r + RB == rows)
+      rows_dot<BITS, NB, RB, false>(packed, a, c, x, xsum, y, rows, cols, group, r);
     else
-      row_dot<BITS, NB, true>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, RB, true>(packed, a, c, x, xsum, y, rows, cols, group, r);
+  }
+  for (; r < r1; ++r) {
+    if (r + 1 == rows)
+      rows_dot<BITS, NB, 1, false>(packed, a, c, x, xsum, y, rows, cols, group, r);
+    else
+      rows_dot<BITS, NB, 1, true>(packed, a, c, x, xsum, y, rows, cols, group, r);
   }
 }
 
 template <int BITS>
 void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
                float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
-  // n ≤ MAX_N rows of x, taken 4, 2 and 1 at a time
+  // n ≤ MAX_N rows of x, taken 4, 2 and 1 at a time, with 1, 2 and 4 rows of W per pass
   const int64_t groups = cols / group;
   for (int64_t b = 0; b < n;) {
     const float *xb = x + b * cols, *sb = xsum + b * groups;
     float* yb = y + b * rows;
     if (n - b >= 4) {
-      rows_nb<BITS, 4>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      rows_nb<BITS, 4, 1>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
       b += 4;
     } else if (n - b >= 2) {
-      rows_nb<BITS, 2>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      rows_nb<BITS, 2, 2>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
       b += 2;
     } else {
-      rows_nb<BITS, 1>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      rows_nb<BITS, 1, 4>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
       b += 1;
     }
   }
+}
+// fp16 weights (an embedding table kept as it is stored, used as the output head): RB rows of W against one or
+// more rows of x, the halves widened to float32 in registers (F16C), accumulated in float32.
+template <int RB>
+inline void half_rows(const uint16_t* w, const float* x, float* y, int64_t n, int64_t rows, int64_t cols,
+                      int64_t r) {
+  for (int64_t b = 0; b < n; ++b) {
+    __m256 acc[RB];
+    for (int i = 0; i < RB; ++i) acc[i] = _mm256_setzero_ps();
+    const float* xb = x + b * cols;
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      const __m256 xv = _mm256_loadu_ps(xb + j);
+      for (int i = 0; i < RB; ++i) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (r + i) * cols + j));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(h), xv, acc[i]);
+      }
+    }
+    for (int i = 0; i < RB; ++i) {
+      float tail = 0;
+      for (int64_t k = j; k < cols; ++k) tail += _cvtsh_ss(w[(r + i) * cols + k]) * xb[k];
+      y[b * rows + r + i] = hsum(acc[i]) + tail;
+    }
+  }
+}
+
+void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t rows, int64_t cols, int64_t r0,
+               int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) half_rows<4>(w, x, y, n, rows, cols, r);
+  for (; r < r1; ++r) half_rows<1>(w, x, y, n, rows, cols, r);
 }
 #else
 template <int BITS>
@@ -137,6 +189,16 @@ void gemv_rows(const uint8_t* packed, const float* a, const float* c, const floa
     }
     for (int64_t b = 0; b < n; ++b) y[b * rows + r] = out[b];
   }
+}
+void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t rows, int64_t cols, int64_t r0,
+               int64_t r1) {
+  const c10::Half* h = reinterpret_cast<const c10::Half*>(w);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t b = 0; b < n; ++b) {
+      float acc = 0;
+      for (int64_t j = 0; j < cols; ++j) acc += static_cast<float>(h[r * cols + j]) * x[b * cols + j];
+      y[b * rows + r] = acc;
+    }
 }
 #endif
 
@@ -186,6 +248,20 @@ torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torc
   return y;
 }
 
+torch::Tensor hgemv(torch::Tensor w, torch::Tensor x) {
+  TORCH_CHECK(w.dtype() == torch::kHalf && w.is_contiguous() && w.dim() == 2, "w must be contiguous fp16 rows");
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.size(1) == w.size(1), "x must be float32 n × cols");
+  x = x.contiguous();
+  const int64_t rows = w.size(0), cols = w.size(1), n = x.size(0);
+  auto y = torch::empty({n, rows}, x.options());
+  const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { half_gemv(pw, px, py, n, rows, cols, r0, r1); });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, "x · Wᵀ from packed codes and per-group (a, c): w = a·q + c");
+  m.def("hgemv", &hgemv, "x · Wᵀ for fp16 W, float32 x and result");
 }

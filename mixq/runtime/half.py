@@ -1,0 +1,36 @@
+"""Float tables kept as they are stored (fp16): the embedding table and an output head that mixq did not quantize.
+Lookups and products give float32, the same numbers as the float32 copy they replace, in half the memory; a few
+rows of x (decoding) go through the kernel's fp16 matrix-vector product (csrc/qgemv.cpp, `hgemv`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cpu import kernel
+from .qlinear import KERNEL_MAX_ROWS
+
+
+class HalfEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+class HalfLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        k = kernel() if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and not x.requires_grad else None
+        if k is not None:
+            y = k.hgemv(self.weight, x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def half_modules(table: nn.Embedding, head: nn.Linear | None) -> tuple[HalfEmbedding, HalfLinear | None]:
+    """Empty (meta) fp16 counterparts of `table` and `head`, for the loader to assign the stored tensors to."""
+    with torch.device("meta"):
+        emb = HalfEmbedding(table.num_embeddings, table.embedding_dim, table.padding_idx, dtype=torch.float16)
+        lin = None if head is None else HalfLinear(head.in_features, head.out_features, head.bias is not None,
+                                                   dtype=torch.float16)
+    return emb, lin
