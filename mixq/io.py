@@ -145,7 +145,8 @@ def load(path: str | Path):
     tied = head is not None and (head.weight is table.weight or bool(getattr(config, "tie_word_embeddings", False)))
     table_name, head_name = names[id(table)], names.get(id(head))
     tied_table = tied and table_name in plan.layers
-    install_quant_linears(model, plan)
+    with init_empty_weights(include_buffers=True):  # the packed buffers too are assigned, not copied into
+        install_quant_linears(model, plan)
     keep_half = set()  # float tables stay fp16 as stored (runtime/half.py)
     if table_name not in plan.layers and isinstance(table, nn.Embedding):
         half_table, half_head = half_modules(table, head if isinstance(head, nn.Linear) else None)

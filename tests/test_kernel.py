@@ -40,7 +40,7 @@ def test_kernel_equals_the_reference(spec):
         a, c = layer._group_params()
         for n in (1, 2, 3, 5, 8, 13):
             x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
-            y = k.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols))
+            y = k.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols), spec.grid == "min")
             ref = x @ w.T
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
@@ -57,16 +57,20 @@ def test_quantlinear_uses_the_kernel_for_few_rows_and_falls_back(monkeypatch):
             calls.append(args[3].shape[0])
             return real.qgemv(*args)
 
+        def dequant(self, *args):
+            calls.append("dequant")
+            return real.dequant(*args)
+
     monkeypatch.setattr(qlinear, "kernel", lambda: Spy())
     with torch.no_grad():
         for shape in ((192,), (1, 1, 192), (2, 4, 192), (3, 9, 192)):
             x = torch.randn(*shape)
             torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-4)
-    assert calls == [1, 1, 8]  # 27 rows go through dequantize + matmul
+    assert calls == [1, 1, 8, "dequant"]  # 27 rows: the kernel decodes the weight, torch multiplies
     odd, w_odd = _layer(QuantSpec.of(4, 0, "min"), 5, 203, 6)  # rows not in runs of 8: the reference path
     x = torch.randn(1, 203)
     torch.testing.assert_close(odd(x), x @ w_odd.T, rtol=1e-5, atol=1e-4)
-    assert calls == [1, 1, 8]
+    assert calls == [1, 1, 8, "dequant"]
     monkeypatch.setattr(qlinear, "kernel", lambda: None)  # no compiler: the reference path, same numbers
     x = torch.randn(1, 192)
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-4)
@@ -89,12 +93,13 @@ def test_kernel_on_k_quant_super_blocks():
         a, c = layer._group_params()
         x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
         ref = x @ w.T
-        y = k.qgemv(layer.qweight, a, c, x, spec.bits, 16)
+        y = k.qgemv(layer.qweight, a, c, x, spec.bits, 16, False)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_the_portable_branch_equals_the_reference(tmp_path):
-    """The kernel's branch for CPUs without AVX2 (compiled here with AVX2 and FMA turned off) on every width."""
+    """The kernel's branch for CPUs without AVX2 (compiled here with AVX2 and FMA turned off) on every width:
+    products within float tolerance, decoded weights bit for bit."""
     import os
 
     import ninja
@@ -104,15 +109,17 @@ def test_the_portable_branch_equals_the_reference(tmp_path):
 
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     portable = load(name="mixq_qgemv_portable", sources=[str(_SOURCE)], build_directory=str(tmp_path),
-                    extra_cflags=["-O2", "-mno-avx2", "-mno-fma"], verbose=False)
+                    extra_cflags=["-O2", "-mno-avx2", "-mno-fma", "-ffp-contract=off"], verbose=False)
     for spec in SPECS[::3] + [QuantSpec.of(3, 16, "sym", 6, 256)]:
         cols = 512 if spec.super_block else 192
         layer, w = _layer(spec, 5, cols, 7)
         a, c = layer._group_params()
         x = torch.randn(3, cols, generator=torch.Generator().manual_seed(1))
         ref = x @ w.T
-        y = portable.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols))
+        y = portable.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols), spec.grid == "min")
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        assert torch.equal(portable.dequant(layer.qweight, a, c, cols, spec.bits, spec.group(cols),
+                                            spec.grid == "min"), w)
 
 
 def test_fp16_rows_gemv_equals_the_float32_product():
@@ -122,3 +129,16 @@ def test_fp16_rows_gemv_equals_the_float32_product():
         x = torch.randn(n, cols, generator=torch.Generator().manual_seed(cols))
         ref = x @ w.float().T
         torch.testing.assert_close(k.hgemv(w, x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("spec", SPECS + [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(5, 32, "sym")],
+                         ids=lambda s: s.name)
+def test_kernel_dequant_is_the_reference_bit_for_bit(spec):
+    """Prompts multiply with the weight the kernel decodes: the very numbers of `dequantize` (no fused rounding)."""
+    k = kernel()
+    for rows, seed in ((1, 0), (7, 1)):
+        cols = 512 if spec.super_block else 192
+        layer, w = _layer(spec, rows, cols, seed)
+        s, zm = layer._group_params()
+        got = k.dequant(layer.qweight, s, zm, cols, spec.bits, spec.group(cols), spec.grid == "min")
+        assert torch.equal(got, w)

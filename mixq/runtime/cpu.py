@@ -11,10 +11,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "qgemv.cpp"
 _state: dict = {}
+# no -ffast-math, and no fused multiply-add but the kernel's own: `dequant` must round as the reference does
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
 
 
 def kernel():
-    """The compiled module (its `qgemv(packed, a, c, x, bits, group)`), or None."""
+    """The compiled module (its `qgemv`, `dequant` and `hgemv`), or None."""
     if os.environ.get("MIXQ_KERNEL", "1") == "0":
         return None
     if "module" not in _state:
@@ -34,7 +36,7 @@ def kernel():
             if not list(Path(_get_build_directory("mixq_qgemv", False)).glob("*.so")):
                 print("mixq: building the CPU kernel (once, about a minute)", file=sys.stderr, flush=True)
             _state["module"] = load(name="mixq_qgemv", sources=[str(_SOURCE)],
-                                    extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+                                    extra_cflags=CFLAGS, verbose=False)
         except Exception as e:  # no compiler, no headers: the reference path still works
             log.warning("mixq's CPU kernel could not be built (%s); QuantLinear dequantizes instead",
                         str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -10,6 +10,8 @@ from torch import nn
 from .cpu import kernel
 from .qlinear import KERNEL_MAX_ROWS
 
+CHUNK = 4096  # rows of an fp16 weight widened at a time for a long input
+
 
 class HalfEmbedding(nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -22,8 +24,8 @@ class HalfLinear(nn.Linear):
         k = kernel() if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and not x.requires_grad else None
         if k is not None:
             y = k.hgemv(self.weight, x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype))
+        else:  # a float32 copy of CHUNK rows of W at a time, never of the whole table
+            y = torch.cat([F.linear(x, w.to(x.dtype)) for w in self.weight.split(CHUNK)], -1)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 

@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
             elif spec.grid == "min":
                 self.register_buffer("mins", torch.zeros_like(self.scales))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._ac = None  # the kernel's per-group (a, c) with w = a·q + c: decoded on first use, never saved
+        self._ac = None  # the kernel's per-group (s, z or m), float32: decoded on first use, never saved
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -87,25 +87,29 @@ class QuantLinear(nn.Module):
         return self.quantized().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and not x.requires_grad:
-            k = kernel() if self._kernel_fits() else None
-            if k is not None:
-                a, c = self._group_params()
-                y = k.qgemv(self.qweight, a, c, x.reshape(rows, self.in_features), self.spec.bits, self._group)
-                y = y.view(*x.shape[:-1], self.out_features)
-                return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight_float().to(x.dtype), self.bias)
+        """A few rows of x: straight from the codes (qgemv). More: the weight decoded by the kernel (exactly the
+        reference's numbers), then torch's matmul. Without the kernel: the reference dequantize."""
+        k = kernel() if x.dtype == torch.float32 and not x.requires_grad and self._kernel_fits() else None
+        if k is None:
+            return F.linear(x, self.weight_float().to(x.dtype), self.bias)
+        s, zm = self._group_params()
+        rows, minimum = x.numel() // self.in_features, self.spec.grid == "min"
+        if rows > KERNEL_MAX_ROWS:
+            w = k.dequant(self.qweight, s, zm, self.in_features, self.spec.bits, self._group, minimum)
+            return F.linear(x, w, self.bias)
+        y = k.qgemv(self.qweight, s, zm, x.reshape(rows, self.in_features), self.spec.bits, self._group, minimum)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def _kernel_fits(self) -> bool:
         """The kernel reads runs of 8 codes: rows and groups must be multiples of 8 columns."""
         return self._group % 8 == 0 and self.in_features % 8 == 0 and self.qweight.device.type == "cpu"
 
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, z) of w = (q − z)·s, or (s, m) of w = q·s + m ("min" grids), float32 rows × groups."""
         if self._ac is None:
             s, z = self.quantized().grid_values()
-            s = s.float()
-            self._ac = (s, z.float() if z.is_floating_point() else -z.float() * s)  # q·s + m, or (q − z)·s
+            self._ac = (s.float().contiguous(), z.float().contiguous())
         return self._ac
 
     def _load_from_state_dict(self, *args, **kwargs):

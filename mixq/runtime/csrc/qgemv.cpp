@@ -2,10 +2,12 @@
 //
 // Codes are `pack`'s layout (mixq/runtime/pack.py): code i of the flattened rows × cols matrix starts at bit
 // BITS·i of a little-endian byte stream, so every run of 8 codes is BITS whole bytes. Each group of `group`
-// columns of a row has w = a·q + c (a, c: float32, rows × groups, decoded once by QuantLinear from whatever grid
-// and scale storage the format has), hence
-//     y[n, r] = Σ_g a[r, g] · Σ_{j∈g} q[r, j] · x[n, j]  +  c[r, g] · Σ_{j∈g} x[n, j]
-// with the per-group sums of x computed once per call.
+// columns of a row has a scale s and either an integer zero z, w = (q − z)·s, or a minimum m, w = q·s + m (s, z or
+// m: float32, rows × groups, decoded once by QuantLinear from whatever grid and scale storage the format has).
+// With c = m or −z·s,
+//     y[n, r] = Σ_g s[r, g] · Σ_{j∈g} q[r, j] · x[n, j]  +  c[r, g] · Σ_{j∈g} x[n, j]
+// with the per-group sums of x computed once per call. `dequant` writes the weights themselves, computed exactly
+// as the reference does (no fused multiply-add: built with -ffp-contract=off), for longer inputs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -60,7 +62,7 @@ inline float hsum(__m256 v) {
 
 // RB rows of W (from row r) against NB rows of x, compile-time counts so that every accumulator stays in a
 // register: RB × NB independent FMA chains, each x load shared by the RB rows.
-template <int BITS, int NB, int RB, bool WIDE>
+template <int BITS, int NB, int RB, bool WIDE, bool MIN>
 inline void rows_dot(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
                      float* y, int64_t rows, int64_t cols, int64_t group, int64_t r) {
   const int64_t groups = cols / group;
@@ -84,8 +86,9 @@ inline void rows_dot(const uint8_t* packed, const float* a, const float* c, cons
       }
     }
     for (int i = 0; i < RB; ++i) {
-      const __m256 ag = _mm256_set1_ps(a[(r + i) * groups + g]);
-      const float cg = c[(r + i) * groups + g];
+      const float sg = a[(r + i) * groups + g];
+      const __m256 ag = _mm256_set1_ps(sg);
+      const float cg = MIN ? c[(r + i) * groups + g] : -c[(r + i) * groups + g] * sg;
       for (int b = 0; b < NB; ++b) {
         total[i][b] = _mm256_fmadd_ps(d[i][b], ag, total[i][b]);
         offset[i][b] += cg * xsum[b * groups + g];
@@ -97,44 +100,74 @@ inline void rows_dot(const uint8_t* packed, const float* a, const float* c, cons
 }
 
 // rows r0..r1 in blocks of RB (then one at a time); the block that holds the last row reads no word past it
-template <int BITS, int NB, int RB>
+template <int BITS, int NB, int RB, bool MIN>
 void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
              int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
   int64_t r = r0;
   for (; r + RB <= r1; r += RB) {
     if (r + RB == rows)
-      rows_dot<BITS, NB, RB, false>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, RB, false, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
     else
-      rows_dot<BITS, NB, RB, true>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, RB, true, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
   }
   for (; r < r1; ++r) {
     if (r + 1 == rows)
-      rows_dot<BITS, NB, 1, false>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, 1, false, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
     else
-      rows_dot<BITS, NB, 1, true>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, 1, true, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
   }
+}
+
+template <int NB, int RB, int BITS>
+void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
+             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1, bool minimum) {
+  if (minimum)
+    rows_nb<BITS, NB, RB, true>(packed, a, c, x, xsum, y, rows, cols, group, r0, r1);
+  else
+    rows_nb<BITS, NB, RB, false>(packed, a, c, x, xsum, y, rows, cols, group, r0, r1);
 }
 
 template <int BITS>
 void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
-               float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+               float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1,
+               bool minimum) {
   // n ≤ MAX_N rows of x, taken 4, 2 and 1 at a time, with 1, 2 and 4 rows of W per pass
   const int64_t groups = cols / group;
   for (int64_t b = 0; b < n;) {
     const float *xb = x + b * cols, *sb = xsum + b * groups;
     float* yb = y + b * rows;
     if (n - b >= 4) {
-      rows_nb<BITS, 4, 1>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      rows_nb<4, 1, BITS>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
       b += 4;
     } else if (n - b >= 2) {
-      rows_nb<BITS, 2, 2>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      rows_nb<2, 2, BITS>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
       b += 2;
     } else {
-      rows_nb<BITS, 1, 4>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1);
+      rows_nb<1, 4, BITS>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
       b += 1;
     }
   }
 }
+// The weights of rows r0..r1, as the reference computes them: (q − z)·s, or q·s + m.
+template <int BITS>
+void dequant_rows(const uint8_t* packed, const float* s, const float* zm, float* out, int64_t rows, int64_t cols,
+                  int64_t group, int64_t r0, int64_t r1, bool minimum) {
+  const int64_t groups = cols / group;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = packed + r * (cols / 8 * BITS);
+    float* o = out + r * cols;
+    const bool last = r + 1 == rows;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 sg = _mm256_set1_ps(s[r * groups + g]), zg = _mm256_set1_ps(zm[r * groups + g]);
+      for (int64_t j = g * group; j < (g + 1) * group; j += 8, p += BITS) {
+        const __m256 q = last ? decode8<BITS, false>(p) : decode8<BITS, true>(p);
+        _mm256_storeu_ps(o + j, minimum ? _mm256_add_ps(_mm256_mul_ps(q, sg), zg)
+                                        : _mm256_mul_ps(_mm256_sub_ps(q, zg), sg));
+      }
+    }
+  }
+}
+
 // fp16 weights (an embedding table kept as it is stored, used as the output head): RB rows of W against one or
 // more rows of x, the halves widened to float32 in registers (F16C), accumulated in float32.
 template <int RB>
@@ -169,7 +202,8 @@ void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t r
 #else
 template <int BITS>
 void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
-               float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+               float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1,
+               bool minimum) {
   constexpr uint64_t MASK = (1u << BITS) - 1;
   const int64_t groups = cols / group;
   const int64_t row_bytes = cols / 8 * BITS;
@@ -185,11 +219,31 @@ void gemv_rows(const uint8_t* packed, const float* a, const float* c, const floa
           for (int k = 0; k < 8; ++k)
             dot[b] += static_cast<float>((word >> (k * BITS)) & MASK) * x[b * cols + j + k];
       }
-      for (int64_t b = 0; b < n; ++b) out[b] += a[r * groups + g] * dot[b] + c[r * groups + g] * xsum[b * groups + g];
+      const float sg = a[r * groups + g], cg = minimum ? c[r * groups + g] : -c[r * groups + g] * sg;
+      for (int64_t b = 0; b < n; ++b) out[b] += sg * dot[b] + cg * xsum[b * groups + g];
     }
     for (int64_t b = 0; b < n; ++b) y[b * rows + r] = out[b];
   }
 }
+template <int BITS>
+void dequant_rows(const uint8_t* packed, const float* s, const float* zm, float* out, int64_t rows, int64_t cols,
+                  int64_t group, int64_t r0, int64_t r1, bool minimum) {
+  constexpr uint64_t MASK = (1u << BITS) - 1;
+  const int64_t groups = cols / group;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = packed + r * (cols / 8 * BITS);
+    for (int64_t j = 0; j < cols; j += 8, p += BITS) {
+      uint64_t word = 0;
+      std::memcpy(&word, p, BITS);
+      const float sg = s[r * groups + j / group], zg = zm[r * groups + j / group];
+      for (int k = 0; k < 8; ++k) {
+        const float q = static_cast<float>((word >> (k * BITS)) & MASK);
+        out[r * cols + j + k] = minimum ? q * sg + zg : (q - zg) * sg;
+      }
+    }
+  }
+}
+
 void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t rows, int64_t cols, int64_t r0,
                int64_t r1) {
   const c10::Half* h = reinterpret_cast<const c10::Half*>(w);
@@ -203,36 +257,48 @@ void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t r
 #endif
 
 using Kernel = void (*)(const uint8_t*, const float*, const float*, const float*, const float*, float*, int64_t,
-                        int64_t, int64_t, int64_t, int64_t, int64_t);
+                        int64_t, int64_t, int64_t, int64_t, int64_t, bool);
+using Dequant = void (*)(const uint8_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                         int64_t, bool);
 
-Kernel kernel_for(int64_t bits) {
+template <template <int> class F, typename T>
+T for_bits(int64_t bits) {
   switch (bits) {
-    case 2: return gemv_rows<2>;
-    case 3: return gemv_rows<3>;
-    case 4: return gemv_rows<4>;
-    case 5: return gemv_rows<5>;
-    case 6: return gemv_rows<6>;
-    case 7: return gemv_rows<7>;
-    case 8: return gemv_rows<8>;
+    case 2: return F<2>::fn;
+    case 3: return F<3>::fn;
+    case 4: return F<4>::fn;
+    case 5: return F<5>::fn;
+    case 6: return F<6>::fn;
+    case 7: return F<7>::fn;
+    case 8: return F<8>::fn;
   }
   TORCH_CHECK(false, "codes of ", bits, " bits are not supported (2 to 8)");
+}
+
+template <int B> struct GemvOf { static constexpr Kernel fn = gemv_rows<B>; };
+template <int B> struct DequantOf { static constexpr Dequant fn = dequant_rows<B>; };
+
+void check(const torch::Tensor& packed, const torch::Tensor& s, const torch::Tensor& zm, int64_t cols,
+           int64_t bits, int64_t group) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed codes must be contiguous uint8");
+  TORCH_CHECK(s.dtype() == torch::kFloat && zm.dtype() == torch::kFloat && s.sizes() == zm.sizes(),
+              "scales and zeros (or minima) must be float32 rows × groups");
+  TORCH_CHECK(group % 8 == 0 && cols == s.size(1) * group, "groups must be multiples of 8 that tile the row");
+  TORCH_CHECK(packed.numel() >= s.size(0) * cols / 8 * bits, "too few packed bytes for ", s.size(0), " × ", cols);
 }
 
 }  // namespace
 
 torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torch::Tensor x, int64_t bits,
-                    int64_t group) {
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed codes must be contiguous uint8");
-  TORCH_CHECK(a.dtype() == torch::kFloat && c.dtype() == torch::kFloat && x.dtype() == torch::kFloat,
-              "a, c and x must be float32");
+                    int64_t group, bool minimum) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2, "x must be float32 n × cols");
   a = a.contiguous();
   c = c.contiguous();
   x = x.contiguous();
   const int64_t rows = a.size(0), groups = a.size(1), n = x.size(0), cols = x.size(1);
-  TORCH_CHECK(group % 8 == 0 && cols == groups * group, "groups must be multiples of 8 that tile the row");
-  TORCH_CHECK(packed.numel() >= rows * cols / 8 * bits, "too few packed bytes for ", rows, " × ", cols);
+  check(packed, a, c, cols, bits, group);
   auto y = torch::empty({n, rows}, x.options());
-  Kernel k = kernel_for(bits);
+  Kernel k = for_bits<GemvOf, Kernel>(bits);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *pa = a.data_ptr<float>(), *pc = c.data_ptr<float>(), *px = x.data_ptr<float>();
   float* py = y.data_ptr<float>();
@@ -242,10 +308,28 @@ torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torc
   for (int64_t b0 = 0; b0 < n; b0 += MAX_N) {  // the weights are read once per block of MAX_N rows of x
     const int64_t nb = std::min(MAX_N, n - b0);
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      k(pp, pa, pc, px + b0 * cols, xsum.data() + b0 * groups, py + b0 * rows, nb, rows, cols, group, r0, r1);
+      k(pp, pa, pc, px + b0 * cols, xsum.data() + b0 * groups, py + b0 * rows, nb, rows, cols, group, r0, r1,
+        minimum);
     });
   }
   return y;
+}
+
+torch::Tensor dequant(torch::Tensor packed, torch::Tensor s, torch::Tensor zm, int64_t cols, int64_t bits,
+                      int64_t group, bool minimum) {
+  s = s.contiguous();
+  zm = zm.contiguous();
+  check(packed, s, zm, cols, bits, group);
+  const int64_t rows = s.size(0);
+  auto out = torch::empty({rows, cols}, s.options());
+  Dequant k = for_bits<DequantOf, Dequant>(bits);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *ps = s.data_ptr<float>(), *pz = zm.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    k(pp, ps, pz, po, rows, cols, group, r0, r1, minimum);
+  });
+  return out;
 }
 
 torch::Tensor hgemv(torch::Tensor w, torch::Tensor x) {
@@ -262,6 +346,7 @@ torch::Tensor hgemv(torch::Tensor w, torch::Tensor x) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qgemv", &qgemv, "x · Wᵀ from packed codes and per-group (a, c): w = a·q + c");
+  m.def("qgemv", &qgemv, "x · Wᵀ from packed codes and per-group (s, z or m): w = (q − z)·s or q·s + m");
+  m.def("dequant", &dequant, "the rows × cols weights from packed codes and per-group (s, z or m), exactly");
   m.def("hgemv", &hgemv, "x · Wᵀ for fp16 W, float32 x and result");
 }
