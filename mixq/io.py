@@ -144,28 +144,27 @@ def load(path: str | Path):
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and (head.weight is table.weight or bool(getattr(config, "tie_word_embeddings", False)))
     table_name, head_name = names[id(table)], names.get(id(head))
-    tied_table = tied and table_name in plan.layers
     with init_empty_weights(include_buffers=True):  # the packed buffers too are assigned, not copied into
         install_quant_linears(model, plan)
-    keep_half = set()  # float tables stay fp16 as stored (runtime/half.py)
+    keep_half, half_head = set(), None  # float tables stay fp16 as stored (runtime/half.py)
     if table_name not in plan.layers and isinstance(table, nn.Embedding):
-        half_table, half_head = half_modules(table, head if isinstance(head, nn.Linear) else None)
+        float_head = isinstance(head, nn.Linear) and head_name not in plan.layers
+        half_table, half_head = half_modules(table, head if float_head else None)
         model.set_submodule(table_name, half_table)
         keep_half.add(f"{table_name}.weight")
-        if half_head is not None and not tied and head_name not in plan.layers:
+        if half_head is not None and not tied:
             model.set_submodule(head_name, half_head)
             keep_half |= {f"{head_name}.weight", f"{head_name}.bias"}
     state = {k: v.float() if v.dtype == FLOAT_DTYPE and not k.endswith(".scales") and k not in keep_half else v
              for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not _is_tied(model, k)]
+    tied_keys = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied_keys and not _is_tied(model, k)]
     if missing or unexpected:
         raise SavedModelError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if tied_table:  # the head computes from the table's packed buffers
+    if tied and table_name in plan.layers:  # the head computes from the table's packed buffers
         model.set_submodule(head_name, model.get_input_embeddings().tied_head())
-    elif tied and keep_half:  # … or from the fp16 table itself
-        _, half_head = half_modules(table, head)
+    elif tied and half_head is not None:  # … or from the fp16 table itself
         half_head.weight = model.get_input_embeddings().weight
         model.set_submodule(head_name, half_head)
     else:

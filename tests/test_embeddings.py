@@ -102,6 +102,22 @@ def test_untied_head_and_table_are_separate_layers(tmp_path, tiny_tokenizer):
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
 
 
+def test_untied_float_head_loads_as_its_own_fp16_table(tmp_path, tiny_tokenizer):
+    """Without --include-embeddings an untied model keeps a table and a head of its own, both fp16 as stored."""
+    from mixq.runtime.half import HalfEmbedding, HalfLinear
+
+    model = untied_model()
+    calib = random_ids(8, 32, seed=1)
+    result = quantize(model, calib, budget=Budget(bits=4.0), candidates=_candidates())
+    save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
+    loaded = mixq.load(tmp_path / "q")
+    assert isinstance(loaded.model.embed_tokens, HalfEmbedding) and isinstance(loaded.lm_head, HalfLinear)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.half())
+    ids = random_ids(3, 32, seed=10)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("estimator", ["fisher", "hessian", "roundoff", "kl"])
 def test_table_damage_falls_with_bits(estimator):
     model = make_tiny_model()
