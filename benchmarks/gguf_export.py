@@ -17,7 +17,6 @@ Writes benchmarks/results/gguf_export.{md,json} (and gguf_profile.json, the prof
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import subprocess
@@ -29,16 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixq.allocate import allocate
 from mixq.eval.perplexity import perplexity
 from mixq.export.gguf import export_gguf
-from mixq.io import load, save_quantized
+from mixq.io import load
 from mixq.models.load import default_model_path
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
-from mixq.plan import Budget
+from mixq.pipeline import profile_model
 from mixq.profile import Profile, gguf_candidates
 
-from common import HERE, provenance, smollm2
+from common import HERE, packed_at, provenance, save_packed, smollm2
 from peers import gguf_block_bits, imatrix_for
 
 LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_S", "IQ4_XS", "Q4_0", "Q4_K_M")
@@ -70,13 +67,10 @@ def llama_cpp_text(path: Path, prompt: str = PROMPT, tokens: int = 24) -> str:
 
 def run_mixq(model, tok, calib, evals, profile: Profile, bpw: float, work: Path) -> dict:
     t = time.perf_counter()
-    m = copy.deepcopy(model)
-    plan = allocate(profile, Budget(bits=bpw)).plan
-    pack_model(m, apply_plan(m, calib, plan))
+    m, plan, real = packed_at(model, calib, profile, bpw)
     seconds = time.perf_counter() - t
-    bits, weights = block_linear_bits(m)
     folder = work / f"mixq-{bpw:g}"
-    save_quantized(m, tok, plan, folder, {"source": str(default_model_path()), "bpw": bits / weights}, {})
+    save_packed(m, tok, plan, real, folder)
     saved = load(folder)
     own = perplexity(saved, evals)
     path = work / f"mixq-{bpw:g}.gguf"

@@ -29,16 +29,13 @@ from pathlib import Path
 import torch
 
 from mixq import data
-from mixq.allocate import allocate
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec, quantize
 from mixq.models import adapter_for
 from mixq.models.load import default_model_path
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model
-from mixq.plan import Budget
 from mixq.profile import Profile
 
-from common import HERE, finish_bpw_plot, provenance, smollm2
+from common import HERE, finish_bpw_plot, packed_at, provenance, smollm2
 
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ3_S", "IQ4_XS")
 GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -174,13 +171,9 @@ def imatrix_for(tools: Path, tok, work: Path) -> tuple[Path, float]:
 
 
 def run_mixq(model, calib, profile: Profile, bpw: float):
-    m = copy.deepcopy(model)
     t = time.perf_counter()
-    plan = allocate(profile, Budget(bits=bpw)).plan
-    qt = apply_plan(m, calib, plan)
-    pack_model(m, qt)
-    bits, weights = block_linear_bits(m)
-    return m, bits / weights, time.perf_counter() - t, {}
+    m, _, real = packed_at(model, calib, profile, bpw)
+    return m, real, time.perf_counter() - t, {}
 
 
 def main():

@@ -15,7 +15,6 @@ memory before loading (the interpreter, torch and transformers: the same for eve
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -27,28 +26,22 @@ import numpy as np
 import torch
 
 from mixq import data
-from mixq.allocate import allocate
 from mixq.eval.speed import speed
 from mixq.export.gguf import export_gguf
-from mixq.io import load, save_quantized
+from mixq.io import load
 from mixq.models import load_model
 from mixq.models.load import default_model_path
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model
-from mixq.plan import Budget
 from mixq.profile import Profile
 
-from common import HERE, provenance
+from common import HERE, packed_at, provenance, save_packed
 
 PROMPT, NEW = 512, 128
 
 
 def quantized(model, tok, calib, profile: Profile, bpw: float, out: Path) -> float:
-    m = copy.deepcopy(model)
-    plan = allocate(profile, Budget(bits=bpw)).plan
-    pack_model(m, apply_plan(m, calib, plan))
-    bits, weights = block_linear_bits(m)
-    save_quantized(m, tok, plan, out, {"source": str(default_model_path()), "bpw": bits / weights}, {})
-    return bits / weights
+    m, plan, real = packed_at(model, calib, profile, bpw)
+    save_packed(m, tok, plan, real, out)
+    return real
 
 
 def llama_cpp_speed(path: Path, prompt: list[int], new: int, threads: int = 2) -> tuple[float, float]:

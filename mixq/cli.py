@@ -84,8 +84,9 @@ def quantize(
                                             "output head (one table when tied) join the allocation as candidates "
                                             "(4, 6 or 8 bits, round-to-nearest) instead of staying fp16."),
     gguf_compatible: bool = typer.Option(False, "--gguf-compatible", help="Allocate among ggml block types only "
-                                         "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-weight groups), so that `mixq export "
-                                         "--to gguf` writes the very codes mixq chose for llama.cpp."),
+                                         "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q3_K and Q6_K on rows of a multiple of "
+                                         "256), so that `mixq export --to gguf` writes the very codes mixq chose "
+                                         "for llama.cpp."),
     ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="Allocate among formats "
                                        "compressed-tensors stores exactly (symmetric, fp16 scales, groups 32 / 64 "
                                        "/ 192 or whole rows), for `mixq export --to compressed-tensors`."),
@@ -350,7 +351,8 @@ def export(
     linear as the ggml type that holds it exactly (quantize with --gguf-compatible), on the source GGUF's
     tokenizer and metadata; compressed-tensors writes the pack-quantized format, one config group per format
     (quantize with --compressed-tensors-compatible)."""
-    from .export.gguf import ExportError, export_gguf
+    from .export import ExportError
+    from .export.gguf import export_gguf
     from .io import MARKER, SavedModelError, load
 
     _quiet()
@@ -367,8 +369,6 @@ def export(
 
             from .export.compressed import export_compressed
 
-            if out.exists():
-                raise ExportError(f"{out} exists; choose another output folder or delete it")
             counts = export_compressed(load(folder), AutoTokenizer.from_pretrained(folder), out)
     except ImportError as e:
         package = (e.name or "compressed_tensors").split(".")[0].replace("_", "-")

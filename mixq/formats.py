@@ -108,8 +108,8 @@ class QuantSpec:
         groups = rows * (cols // self.group(cols))
         if self.double:  # scale (and minimum) codes + one fp16 step per row (or super-block) for each
             n = 2 if self.minimum else 1
-            steps = rows * self.steps_per_row(cols)
-            return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps * STEP_BITS)
+            steps = rows * self.steps_per_row(cols) * STEP_BITS
+            return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps)
         zeros = {"sym": 0, "int": _packed_bits(groups, self.bits), "min": groups * MIN_BITS}[self.grid]
         return _packed_bits(rows * cols, self.bits) + groups * SCALE_BITS + zeros
 
@@ -308,7 +308,7 @@ class DoubleQuant:
         return snap(scale, zero, steps, self.grid, self.scale_bits)
 
     def encode(self, scale: torch.Tensor, zero: torch.Tensor):
-        """rows × groups snapped grids → stored (scale codes, zero codes, fp16 steps rows × 1 or 2)."""
+        """rows × groups snapped grids → stored (scale codes, zero codes, fp16 steps rows × k or 2k)."""
         blocks, rows = self.steps.shape[0], self.steps.shape[0] // self.per_row
         scale, zero = scale.reshape(blocks, -1), zero.reshape(blocks, -1)
         sc, zc = encode_scales(scale, zero, self.steps, self.grid, self.scale_bits)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,14 +70,32 @@ def check_out_dir(out: str | Path, source: str) -> None:
                               "choose another --out or delete it")
 
 
-def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, meta: dict,
-                   extra_files: dict[str, str]) -> None:
-    """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder)."""
+@contextmanager
+def staged_folder(out: str | Path):
+    """A temporary folder beside `out` to write into; when the block ends it is swapped into place (replacing an
+    earlier `out`), and if the block fails it is removed: `out` is never half-written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         tmp.chmod(0o755)
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, meta: dict,
+                   extra_files: dict[str, str]) -> None:
+    """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder)."""
+    with staged_folder(out) as tmp:
         tensors = {}
         for name, p in model.named_parameters():
             if not _in_quantized(name, plan):
@@ -95,16 +114,6 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, met
         for fname, text in extra_files.items():
             (tmp / fname).write_text(text)
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _in_quantized(param_name: str, plan: Plan) -> bool:

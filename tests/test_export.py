@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import mixq
 from mixq.cli import app
-from mixq.export.gguf import ExportError, encode_blocks, export_gguf, ggml_type, gguf_specs
+from mixq.export import ExportError
+from mixq.export.gguf import encode_blocks, export_gguf, ggml_type, gguf_specs
 from mixq.formats import QuantSpec, quantize
 from mixq.models import load_model
 from mixq.plan import Candidate, Plan

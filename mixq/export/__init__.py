@@ -1,1 +1,5 @@
-"""Exports of a saved mixq folder to the formats other runtimes read (`gguf`)."""
+"""Exports of a saved mixq folder to the formats other runtimes read (`gguf`, `compressed`)."""
+
+
+class ExportError(ValueError):
+    pass

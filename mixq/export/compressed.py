@@ -12,15 +12,12 @@ buffers at load and then refuses the packed ones, so it is not offered.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..formats import QuantSpec
-from .gguf import ExportError
+from . import ExportError
 
 CT_GROUPS = (32, 64, 192)  # --compressed-tensors-compatible: these groups (whole rows where none divides)
 
@@ -46,8 +43,11 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     from safetensors.torch import save_file
 
+    from ..io import staged_folder
     from ..runtime.qlinear import QuantEmbedding, QuantLinear
 
+    if out.exists():
+        raise ExportError(f"{out} exists; choose another output folder or delete it")
     tensors, groups, seen = {}, {}, set()
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear) or id(m.qweight) in seen:
@@ -76,17 +76,8 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = config.model_dump(mode="json", exclude_none=True)
     hf_config["dtype"] = "float16"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        tmp.chmod(0o755)
+    with staged_folder(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            raise ExportError(f"{out} exists; choose another output folder or delete it")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {spec.name: len(names) for spec, (_, names) in groups.items()}

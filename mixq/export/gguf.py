@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..formats import QuantizedTensor, QuantSpec
+from . import ExportError
 
 BLOCK = 32
 
@@ -32,10 +33,6 @@ BLOCK = 32
 GGML_TYPES = {(4, "sym"): "Q4_0", (4, "min"): "Q4_1", (5, "sym"): "Q5_0", (5, "min"): "Q5_1", (8, "sym"): "Q8_0"}
 SUPER = 256
 K_QUANTS = {QuantSpec.of(3, 16, "sym", 6, SUPER): "Q3_K", QuantSpec.of(6, 16, "sym", 8, SUPER): "Q6_K"}
-
-
-class ExportError(ValueError):
-    pass
 
 
 def ggml_type(spec: QuantSpec) -> str | None:
@@ -99,9 +96,8 @@ def _encode_k(qt: QuantizedTensor, name: str) -> np.ndarray:
         low = (q & 3).reshape(n, 2, 4, 32) << (2 * shifts[:4])[:, None]
         qs = low.sum(2, dtype=np.uint8).reshape(n, 64)
         # 16 six-bit codes: low nibbles of codes s and s + 8 in byte s; high pairs of code k·4 + b at bits 2k of 8 + b
-        scales = np.concatenate([(sc[:, :8] & 15) | ((sc[:, 8:] & 15) << 4),
-                                 (((sc.reshape(n, 4, 4) >> 4) & 3) << (2 * shifts[:4])[:, None]).sum(1, dtype=np.uint8)],
-                                axis=1)
+        high = ((sc.reshape(n, 4, 4) >> 4) & 3) << (2 * shifts[:4])[:, None]
+        scales = np.concatenate([(sc[:, :8] & 15) | ((sc[:, 8:] & 15) << 4), high.sum(1, dtype=np.uint8)], axis=1)
         return np.concatenate([hmask, qs, scales, d], axis=1)
     # Q6_K: weight h·128 + k·64 + l: nibble k of ql[h·64 + l]; its top two bits at bits 2j of qh[h·32 + l] for
     # weight h·128 + j·32 + l; scales as int8
@@ -119,7 +115,7 @@ def _rotary_rows(rows: int, heads: int) -> np.ndarray:
     return np.argsort(back)
 
 
-def export_gguf(model: torch.nn.Module, source: Path, out: Path, step=None) -> dict[str, int]:
+def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, int]:
     """Write `model` (a loaded mixq folder) as a GGUF at `out` (atomically), on `source`'s metadata.
     Returns the count of tensors of each ggml type."""
     import gguf
@@ -166,7 +162,7 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path, step=None) -> d
     left = [hf for hf, obj in ours.values() if isinstance(obj, QuantLinear)]
     if left:
         raise ExportError(f"the saved model's {left[0]} has no tensor in {source}")
-    _write(reader, arch, writer_tensors, out, step)
+    _write(reader, arch, writer_tensors, out)
     return counts
 
 
@@ -209,7 +205,7 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
-def _write(reader, arch: str, tensors, out: Path, step=None) -> None:
+def _write(reader, arch: str, tensors, out: Path) -> None:
     import gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,7 @@ from ..formats import QuantizedTensor, QuantSpec
 from .cpu import kernel
 from .pack import pack, unpack, unpack_at
 
-# rows of x up to which the kernel is used (on SmolLM2's shapes it ties dequantize + matmul near 16 rows)
-KERNEL_MAX_ROWS = 8
+KERNEL_MAX_ROWS = 8  # rows of x (decoding, small batches) that qgemv takes; longer inputs: dequant + matmul
 
 
 class QuantLinear(nn.Module):
