@@ -62,9 +62,9 @@ inline float hsum(__m256 v) {
 
 // RB rows of W (from row r) against NB rows of x, compile-time counts so that every accumulator stays in a
 // register: RB × NB independent FMA chains, each x load shared by the RB rows.
-template <int BITS, int NB, int RB, bool WIDE, bool MIN>
+template <int BITS, int NB, int RB, bool WIDE>
 inline void rows_dot(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
-                     float* y, int64_t rows, int64_t cols, int64_t group, int64_t r) {
+                     float* y, int64_t rows, int64_t cols, int64_t group, int64_t r, bool minimum) {
   const int64_t groups = cols / group;
   const uint8_t* p[RB];
   for (int i = 0; i < RB; ++i) p[i] = packed + (r + i) * (cols / 8 * BITS);
@@ -88,7 +88,7 @@ inline void rows_dot(const uint8_t* packed, const float* a, const float* c, cons
     for (int i = 0; i < RB; ++i) {
       const float sg = a[(r + i) * groups + g];
       const __m256 ag = _mm256_set1_ps(sg);
-      const float cg = MIN ? c[(r + i) * groups + g] : -c[(r + i) * groups + g] * sg;
+      const float cg = minimum ? c[(r + i) * groups + g] : -c[(r + i) * groups + g] * sg;
       for (int b = 0; b < NB; ++b) {
         total[i][b] = _mm256_fmadd_ps(d[i][b], ag, total[i][b]);
         offset[i][b] += cg * xsum[b * groups + g];
@@ -100,31 +100,22 @@ inline void rows_dot(const uint8_t* packed, const float* a, const float* c, cons
 }
 
 // rows r0..r1 in blocks of RB (then one at a time); the block that holds the last row reads no word past it
-template <int BITS, int NB, int RB, bool MIN>
+template <int BITS, int NB, int RB>
 void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
-             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1, bool minimum) {
   int64_t r = r0;
   for (; r + RB <= r1; r += RB) {
     if (r + RB == rows)
-      rows_dot<BITS, NB, RB, false, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, RB, false>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
     else
-      rows_dot<BITS, NB, RB, true, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, RB, true>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
   }
   for (; r < r1; ++r) {
     if (r + 1 == rows)
-      rows_dot<BITS, NB, 1, false, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, 1, false>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
     else
-      rows_dot<BITS, NB, 1, true, MIN>(packed, a, c, x, xsum, y, rows, cols, group, r);
+      rows_dot<BITS, NB, 1, true>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
   }
-}
-
-template <int NB, int RB, int BITS>
-void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
-             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1, bool minimum) {
-  if (minimum)
-    rows_nb<BITS, NB, RB, true>(packed, a, c, x, xsum, y, rows, cols, group, r0, r1);
-  else
-    rows_nb<BITS, NB, RB, false>(packed, a, c, x, xsum, y, rows, cols, group, r0, r1);
 }
 
 template <int BITS>
@@ -137,13 +128,13 @@ void gemv_rows(const uint8_t* packed, const float* a, const float* c, const floa
     const float *xb = x + b * cols, *sb = xsum + b * groups;
     float* yb = y + b * rows;
     if (n - b >= 4) {
-      rows_nb<4, 1, BITS>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
+      rows_nb<BITS, 4, 1>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
       b += 4;
     } else if (n - b >= 2) {
-      rows_nb<2, 2, BITS>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
+      rows_nb<BITS, 2, 2>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
       b += 2;
     } else {
-      rows_nb<1, 4, BITS>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
+      rows_nb<BITS, 1, 4>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
       b += 1;
     }
   }
