@@ -109,6 +109,18 @@ def test_exported_gguf_loads_back_as_the_saved_model(wide_gguf, text_file, tmp_p
     assert ppl[out] == pytest.approx(ppl[tmp_path / "q.gguf"], rel=1e-4)
 
 
+def test_export_names_a_missing_source(tiny_gguf, text_file, tmp_path):
+    import shutil
+
+    source = tmp_path / "moved.gguf"
+    shutil.copy(tiny_gguf, source)
+    float_model, _, _ = load_model(str(source))
+    _quantize_with_plan(source, _every_type_plan(float_model), text_file, tmp_path / "q")
+    source.unlink()
+    res = runner.invoke(app, ["export", str(tmp_path / "q"), "--to", "gguf", str(tmp_path / "q.gguf")])
+    assert res.exit_code == 2 and "is gone" in res.output and not (tmp_path / "q.gguf").exists()
+
+
 def test_export_refuses_formats_without_a_ggml_type(tiny_gguf, text_file, tmp_path):
     float_model, _, _ = load_model(str(tiny_gguf))
     plan = _every_type_plan(float_model)
@@ -133,6 +145,8 @@ def test_export_cli_errors(tiny_hf_dir, text_file, tmp_path):
                ["layers"].values()), meta
     res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "x.gguf")])
     assert res.exit_code == 2 and "not a .gguf file" in res.output
+    res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder" in res.output
     res = runner.invoke(app, ["export", str(out), "--to", "onnx", str(tmp_path / "x.gguf")])
     assert res.exit_code == 2 and "gguf" in res.output
     assert not list(tmp_path.glob("*.gguf"))

@@ -122,6 +122,8 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
 
     from ..runtime.qlinear import QuantLinear
 
+    if out.is_dir():
+        raise ExportError(f"{out} is a folder; give the path of the .gguf file to write")
     reader = _read_source(source)
     arch = _field(reader, "general.architecture")
     try:
@@ -186,6 +188,9 @@ def _tensors_by_gguf_name(model: torch.nn.Module, names) -> dict[str, tuple[str,
 def _read_source(source: Path):
     from gguf import GGUFReader
 
+    if not source.exists():
+        raise ExportError(f"the model's source GGUF {source} is gone (moved or deleted?); GGUF export copies its "
+                          "tokenizer and metadata")
     if not source.is_file() or source.suffix != ".gguf":
         raise ExportError(f"GGUF export builds on the model's source GGUF (its tokenizer and metadata); the source "
                           f"{source} is not a .gguf file: convert the model with llama.cpp's convert_hf_to_gguf.py "
