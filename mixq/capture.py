@@ -23,10 +23,18 @@ class _Stop(Exception):
 
 @dataclass
 class LayerStats:
-    """What capture collected for the linears that share one input: H = E[x xᵀ] (cols × cols), token count."""
+    """What capture collected for the linears that share one input: H = E[x xᵀ] (cols × cols), token count, and
+    the input mean E[x] (cols; None where not collected)."""
 
     hessian: torch.Tensor
     tokens: int
+    mean: torch.Tensor | None = None
+
+    def covariance(self) -> torch.Tensor:
+        """E[(x − μ)(x − μ)ᵀ] = H − μμᵀ: the output error left once a bias absorbs the mean error (solvers.bias)."""
+        if self.mean is None:
+            raise ValueError("these statistics carry no input mean")
+        return self.hessian - torch.outer(self.mean, self.mean)
 
 
 def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
@@ -92,7 +100,7 @@ def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
 
 @contextmanager
 def hessians(block: nn.Module, adapter: Adapter):
-    """Collect H = E[x xᵀ] of the input of each group of linears while the block runs.
+    """Collect H = E[x xᵀ] and E[x] of the input of each group of linears while the block runs.
 
     Yields a dict group-leader name → LayerStats, filled as the block runs.
     """
@@ -103,12 +111,14 @@ def hessians(block: nn.Module, adapter: Adapter):
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             xtx = (x.T @ x).double()  # float32 product, float64 running sum
+            total = x.sum(0).double()
             s = stats.get(name)
             if s is None:
-                stats[name] = LayerStats(xtx, x.shape[0])
+                stats[name] = LayerStats(xtx, x.shape[0], total)
             else:
                 s.hessian += xtx
                 s.tokens += x.shape[0]
+                s.mean += total
         return hook
 
     for group in adapter.groups:
@@ -120,6 +130,7 @@ def hessians(block: nn.Module, adapter: Adapter):
             h.remove()
         for s in stats.values():
             s.hessian = (s.hessian / max(s.tokens, 1)).float()
+            s.mean = (s.mean / max(s.tokens, 1)).float()
 
 
 def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None,

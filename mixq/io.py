@@ -129,7 +129,8 @@ def install_quant_linears(model: nn.Module, plan: Plan) -> None:
         if isinstance(m, nn.Embedding):
             model.set_submodule(name, QuantEmbedding(m.num_embeddings, m.embedding_dim, cand.spec))
         else:
-            model.set_submodule(name, QuantLinear(m.in_features, m.out_features, cand.spec, m.bias is not None))
+            model.set_submodule(name, QuantLinear(m.in_features, m.out_features, cand.spec,
+                                                  m.bias is not None or cand.bias))
 
 
 def load(path: str | Path):

@@ -25,6 +25,7 @@ from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
 from .solvers import get_solver, solve
+from .solvers.bias import compensation
 
 log = logging.getLogger(__name__)
 Step = Callable[[str, int, int], None]
@@ -49,8 +50,9 @@ HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance: name, dtype, shap
 
 def fixed_bytes(model: nn.Module, layer_names: list[str]) -> int:
     """Bytes of model.safetensors that do not depend on the plan: every parameter saved in float (FLOAT_DTYPE),
-    all but the block linears' weights, plus a header allowance for every tensor (3 per quantized linear)."""
-    quantized = {f"{n}.weight" for n in layer_names}
+    all but the block linears' weights and biases (a layer's bias counts in its candidates' bits), plus a header
+    allowance for every tensor (3 per quantized linear)."""
+    quantized = {f"{n}.{p}" for n in layer_names for p in ("weight", "bias")}
     size = torch.finfo(FLOAT_DTYPE).bits // 8
     floats = [p for n, p in model.named_parameters() if n not in quantized]
     return sum(p.numel() * size for p in floats) + HEADER_BYTES_PER_TENSOR * (len(floats) + 3 * len(layer_names))
@@ -102,7 +104,8 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
             measures = {f"{adapter.blocks}.{i}.{n}": probe.layer(block.get_submodule(n)) for n in group} \
                 if probe else None
-            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher, measures)
+            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher, measures,
+                                         biased=biased_layers(model, weights))
         x = y
         if probe:
             probe.advance()
@@ -138,7 +141,7 @@ def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: st
             out += profile_group({name: w}, LayerStats(torch.empty(0, 0), 0), candidates, estimator, None,
                                  {name: probe.layer(module, whole=True)})
             continue
-        lp = layer_costs(name, *w.shape, candidates)
+        lp = layer_costs(name, *w.shape, candidates, getattr(module, "bias", None) is not None)
         parts = []
         if name == adapter.head or adapter.head not in names:  # the head, or a table tied to it
             with torch.no_grad():
@@ -179,10 +182,14 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 name = f"{adapter.blocks}.{i}.{n}"
                 if name not in plan.layers:
                     continue
-                lin = block.get_submodule(n)
-                cand = plan.layers[name]
-                qt = solve(cand.solver, lin.weight.detach(), stats[group[0]].hessian, cand.spec)
-                lin.weight.data = qt.dequantize()
+                lin, cand, st = block.get_submodule(n), plan.layers[name], stats[group[0]]
+                qt = solve(cand.solver, lin.weight.detach(), st.covariance() if cand.bias else st.hessian, cand.spec)
+                deq = qt.dequantize()
+                if cand.bias:  # stored as fp16, like every float parameter
+                    delta = compensation(lin.weight.detach(), deq, st.mean)
+                    lin.bias = nn.Parameter((delta if lin.bias is None else lin.bias.data + delta).to(FLOAT_DTYPE)
+                                            .float())
+                lin.weight.data = deq
                 out[name] = qt
         x = run_block(block, x, kwargs)
         step("apply", i + 1, len(blocks))
@@ -230,8 +237,8 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
         return {n: tuple(model.get_submodule(n).weight.shape) for n in ns}
 
     sizes = cost_profile(shapes(names), candidates or default_candidates(), fixed_bytes(model, names + extra),
-                         estimator)
-    sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator).layers
+                         estimator, biased_layers(model, names))
+    sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator, biased_layers(model, extra)).layers
     check_budget(sizes, budget, costs)
 
 
@@ -269,7 +276,8 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
 
 
 def block_linear_bits(model: nn.Module) -> tuple[int, int]:
-    """(stored bits, weights) of every block linear: packed buffers of QuantLinear, FLOAT_DTYPE for the rest."""
+    """(stored bits, weights) of every block linear: packed buffers of QuantLinear, FLOAT_DTYPE for the rest; and
+    each one's bias, stored in FLOAT_DTYPE."""
     bits = weights = 0
     for name in adapter_for(model).layer_names(model):
         m = model.get_submodule(name)
@@ -278,4 +286,11 @@ def block_linear_bits(model: nn.Module) -> tuple[int, int]:
             bits += sum(b.numel() * b.element_size() * 8 for b in m.buffers(recurse=False))
         else:
             bits += m.weight.numel() * torch.finfo(FLOAT_DTYPE).bits
+        if m.bias is not None:
+            bits += m.bias.numel() * torch.finfo(FLOAT_DTYPE).bits
     return bits, weights
+
+
+def biased_layers(model: nn.Module, names) -> frozenset:
+    """Those of `names` whose module has a bias of its own."""
+    return frozenset(n for n in names if getattr(model.get_submodule(n), "bias", None) is not None)

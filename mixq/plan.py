@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from .formats import QuantSpec
 
 VERSION = 1
+BIAS_BITS = 16  # biases are stored as fp16 (io.FLOAT_DTYPE)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A storage format plus the solver that fills it."""
+    """A storage format plus the solver that fills it ("gptq-act", or a chain "gptq-act+comq+bias")."""
 
     spec: QuantSpec
     solver: str = "gptq"
@@ -20,6 +21,16 @@ class Candidate:
     @property
     def name(self) -> str:
         return f"{self.solver}:{self.spec.name}"
+
+    @property
+    def bias(self) -> bool:
+        """Bias compensation (solvers.bias): solved on the input covariance, and the layer stores a bias."""
+        return "bias" in self.solver.split("+")[1:]
+
+    def storage_bits(self, rows: int, cols: int, has_bias: bool = False) -> int:
+        """Exact stored bits of a rows × cols linear: its format's, plus its bias where it has one (`has_bias`)
+        or gets one."""
+        return self.spec.storage_bits(rows, cols) + (rows * BIAS_BITS if has_bias or self.bias else 0)
 
     def to_dict(self) -> dict:
         return {"solver": self.solver, **self.spec.to_dict()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -12,6 +13,7 @@ from .formats import QuantizedTensor, QuantSpec
 from .plan import Candidate
 from .sensitivity import get_estimator
 from .solvers import get_solver
+from .solvers.bias import compensation
 
 VERSION = 1
 PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each layer (rows are independent given H)
@@ -96,31 +98,37 @@ class Profile:
         return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]])
 
 
-def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate]) -> LayerProfile:
-    """The candidates that fit a rows × cols layer with their exact stored bits; damage still zero. Where none
-    fits (no group size divides the rows), the same formats with one group per row."""
+def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate], has_bias: bool = False) -> LayerProfile:
+    """The candidates that fit a rows × cols layer with their exact stored bits (its bias included, where it has
+    one or a candidate gives it one); damage still zero. Where none fits (no group size divides the rows), the same
+    formats with one group per row."""
     fitting = [c for c in candidates if c.spec.fits(cols)]
     if not fitting:
         fitting = list(dict.fromkeys(Candidate(replace(c.spec, group_size=0), c.solver) for c in candidates))
-    return LayerProfile(name, rows, cols, fitting, [c.spec.storage_bits(rows, cols) for c in fitting],
+    return LayerProfile(name, rows, cols, fitting, [c.storage_bits(rows, cols, has_bias) for c in fitting],
                         [0.0] * len(fitting))
 
 
 def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate], fixed_bytes: int,
-                 estimator: str) -> Profile:
-    """A profile with every cost and no damage (zeros): enough to check a budget before the long work."""
-    return Profile(estimator, fixed_bytes, [layer_costs(n, r, c, candidates) for n, (r, c) in shapes.items()])
+                 estimator: str, biased: frozenset = frozenset()) -> Profile:
+    """A profile with every cost and no damage (zeros): enough to check a budget before the long work. `biased`:
+    the layers that have a bias of their own."""
+    return Profile(estimator, fixed_bytes, [layer_costs(n, r, c, candidates, n in biased)
+                                            for n, (r, c) in shapes.items()])
 
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None,
-                  measures: dict | None = None, sample: bool = True) -> list[LayerProfile]:
+                  measures: dict | None = None, sample: bool = True, biased: frozenset = frozenset()
+                  ) -> list[LayerProfile]:
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
-    solved in one call: rows of every layer × every width stacked (rows are independent given H). A measured
-    estimator (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows; so
-    does every estimator with `sample` False (rows whose weights are too uneven for an even sample: the tables)."""
+    solved in one call: rows of every layer × every width stacked (rows are independent given H; bias-compensated
+    solvers get the input covariance instead, and are judged on it). A measured estimator (`measures`: layer name →
+    measure(dequantized weight)) gets whole layers, not a sample of rows; so does every estimator with `sample`
+    False (rows whose weights are too uneven for an even sample: the tables). `biased`: layers with a bias of
+    their own."""
     estimate = get_estimator(estimator)
-    layers = {name: layer_costs(name, *w.shape, candidates) for name, w in weights.items()}
+    layers = {name: layer_costs(name, *w.shape, candidates, name in biased) for name, w in weights.items()}
     sampled, row_weight = {}, {}
     for name, w in weights.items():
         if measures is not None:
@@ -140,15 +148,19 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     for (solver, group, grid, scale_bits, super_block), cands in by_call.items():
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
-        codes, scales, zeros, steps = get_solver(solver)(stacked.float(), stats.hessian, group, bits, grid, scale_bits,
-                                                         super_block)
+        solved = LayerStats(stats.covariance(), stats.tokens, stats.mean) if cands[0].bias else stats
+        codes, scales, zeros, steps = get_solver(solver)(stacked.float(), solved.hessian, group, bits, grid,
+                                                         scale_bits, super_block)
         r0 = 0
         for c in cands:
             for name, w in sampled.items():
                 r1 = r0 + w.shape[0]
                 qt = QuantizedTensor(codes[r0:r1], scales[r0:r1], zeros[r0:r1], c.spec,
                                      None if steps is None else steps[r0:r1])
-                layers[name].damage[fitting.index(c)] = estimate(w, qt.dequantize(), stats, row_weight[name])
+                deq, judge = qt.dequantize(), row_weight[name]
+                if measures is not None and c.bias:  # the measured model gets the compensated bias too
+                    judge = partial(judge, bias=compensation(w, deq, stats.mean))
+                layers[name].damage[fitting.index(c)] = estimate(w, deq, solved, judge)
                 r0 = r1
     return list(layers.values())
 

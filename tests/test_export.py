@@ -56,17 +56,48 @@ def _quantize_with_plan(source, plan: Plan, text_file, out):
     assert res.exit_code == 0, res.output
 
 
-def _every_type_plan(model) -> Plan:
+def _every_type_plan(model, bias: bool = False) -> Plan:
     """Every block linear, the ggml types that fit it in turn (q and k, whose rows are permuted, get several; the
-    256-wide down projections the k-quants)."""
+    256-wide down projections the k-quants); with `bias`, every other layer bias-compensated (q and k included)."""
     from mixq.models import adapter_for
 
     plan = Plan({})
     for i, name in enumerate(adapter_for(model).layer_names(model)):
         specs = [s for s in gguf_specs() if s.fits(model.get_submodule(name).in_features)]
         k_quants = [s for s in specs if s.super_block]
-        plan.layers[name] = Candidate(k_quants[i // 7 % 2] if k_quants else specs[i % len(specs)], "gptq")
+        solver = "gptq+bias" if bias and i % 2 == 0 else "gptq"
+        plan.layers[name] = Candidate(k_quants[i // 7 % 2] if k_quants else specs[i % len(specs)], solver)
     return plan
+
+
+def test_gguf_export_writes_compensated_biases_in_ggml_row_order(wide_gguf, text_file, tmp_path):
+    """llama.cpp's Llama reads optional biases of every block linear: the export writes each added bias as F32,
+    q and k rows in the rotary order their weights are written in."""
+    from mixq.export.gguf import _rotary_rows
+
+    float_model, _, _ = load_model(str(wide_gguf))
+    plan = _every_type_plan(float_model, bias=True)
+    _quantize_with_plan(wide_gguf, plan, text_file, tmp_path / "q")
+    ours = mixq.load(tmp_path / "q")
+    export_gguf(ours, wide_gguf, tmp_path / "q.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    written = 0
+    for name, cand in plan.layers.items():
+        block, kind = name.split(".")[2], name.split(".", 3)[3]
+        key = f"blk.{block}.{names[kind]}.bias"
+        assert (key in tensors) == cand.bias
+        if cand.bias:
+            bias = ours.get_submodule(name).bias.detach().numpy()
+            if kind in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = ours.config.num_attention_heads if "q_proj" in kind else ours.config.num_key_value_heads
+                bias = bias[_rotary_rows(len(bias), heads)]
+            assert tensors[key].tensor_type.name == "F32"
+            np.testing.assert_array_equal(np.asarray(tensors[key].data), bias)
+            written += 1
+    assert written == sum(c.bias for c in plan.layers.values()) > 0
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +196,17 @@ def test_compressed_tensors_export_loads_in_transformers(tiny_hf_dir, text_file,
     float_model, _, _ = load_model(str(tiny_hf_dir))
     specs = [QuantSpec.of(b, g, "sym") for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 0)]
     names = adapter_for(float_model).layer_names(float_model)
-    plan = Plan({n: Candidate(specs[7 * i % len(specs)], "gptq") for i, n in enumerate(names)})
+    plan = Plan({n: Candidate(specs[7 * i % len(specs)], "gptq+bias" if "mlp" in n and i % 2 else "gptq")
+                 for i, n in enumerate(names)})  # biases on some MLP linears: the config switches them on for all
     assert all(ct_args(c.spec) is not None for c in plan.layers.values())
+    assert any(c.bias for c in plan.layers.values())
     _quantize_with_plan(tiny_hf_dir, plan, text_file, tmp_path / "q")
     res = runner.invoke(app, ["export", str(tmp_path / "q"), "--to", "compressed-tensors", str(tmp_path / "ct")])
     assert res.exit_code == 0, res.output
-    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    hf_config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    config = hf_config["quantization_config"]
     assert config["format"] == "pack-quantized" and len(config["config_groups"]) == len(names)
+    assert hf_config["mlp_bias"] and not hf_config["attention_bias"]
     ours = mixq.load(tmp_path / "q")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -208,14 +243,15 @@ def test_compressed_tensors_refuses_what_it_cannot_store(tiny_hf_dir, text_file,
 
 def test_llama_cpp_runs_the_export_as_mixq_does(wide_gguf, text_file, tmp_path):
     """llama.cpp itself (the llama-cpp-python bindings, when installed: benchmarks/gguf_export.py says how) loads
-    the export and scores the same tokens within 1 % of mixq's perplexity (it multiplies with 8-bit activations)."""
+    the export, compensated biases included, and scores the same tokens within 1 % of mixq's perplexity (it
+    multiplies with 8-bit activations)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import math
 
     import torch.nn.functional as F
 
     float_model, _, _ = load_model(str(wide_gguf))
-    _quantize_with_plan(wide_gguf, _every_type_plan(float_model), text_file, tmp_path / "q")
+    _quantize_with_plan(wide_gguf, _every_type_plan(float_model, bias=True), text_file, tmp_path / "q")
     export_gguf(mixq.load(tmp_path / "q"), wide_gguf, tmp_path / "q.gguf")
     ids = list(text_file.read_bytes()[:128])  # the byte-level vocabulary: one id per byte
     llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_ctx=128, n_batch=128, logits_all=True, n_threads=1,

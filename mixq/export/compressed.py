@@ -69,11 +69,12 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[0] + ".weight_packed" not in tensors or name.endswith(".bias"):
             tensors[name] = p.detach().half().contiguous()
+    hf_config = model.config.to_dict()
+    _zero_biases(model, hf_config, tensors)
     config = QuantizationConfig(
         config_groups={spec.name: QuantizationScheme(targets=names, weights=args)
                        for spec, (args, names) in groups.items()},
         format="pack-quantized", quantization_status="compressed")
-    hf_config = model.config.to_dict()
     hf_config["quantization_config"] = config.model_dump(mode="json", exclude_none=True)
     hf_config["dtype"] = "float16"
     with staged_folder(out) as tmp:
@@ -81,3 +82,23 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
         tokenizer.save_pretrained(tmp)
     return {spec.name: len(names) for spec, (_, names) in groups.items()}
+
+
+# Llama-style configs switch biases on for all attention (q, k, v, o) or all MLP (gate, up, down) linears at once
+BIAS_FLAGS = {"attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+              "mlp_bias": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None:
+    """Bias compensation gives some layers a bias: switch on the config flag of their kind and store zeros for
+    the layers of that kind that have none, so that transformers builds and fills every one."""
+    for flag, kinds in BIAS_FLAGS.items():
+        layers = {n: m for n, m in model.named_modules() if n.endswith(kinds)}
+        if not any(m.bias is not None for m in layers.values()) or hf_config.get(flag):
+            continue
+        if flag not in hf_config:
+            raise ExportError(f"the model has biases on layers whose config ({hf_config.get('model_type')}) has no "
+                              f"{flag} to declare them")
+        hf_config[flag] = True
+        for n, m in layers.items():
+            tensors.setdefault(f"{n}.bias", torch.zeros(m.out_features, dtype=torch.float16))

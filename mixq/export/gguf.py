@@ -164,6 +164,14 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
     left = [hf for hf, obj in ours.values() if isinstance(obj, QuantLinear)]
     if left:
         raise ExportError(f"the saved model's {left[0]} has no tensor in {source}")
+    for name, (hf, p) in ours.items():  # biases that bias compensation added: llama.cpp reads them if present
+        if name.endswith(".bias") and name.startswith("blk."):
+            role = name.split(".")[-2]
+            data = p.detach().float().numpy()
+            if arch == "llama" and role in heads:
+                data = data[_rotary_rows(len(data), heads[role])]
+            counts["F32"] = counts.get("F32", 0) + 1
+            writer_tensors.append((name, np.ascontiguousarray(data), gguf.GGMLQuantizationType.F32))
     _write(reader, arch, writer_tensors, out)
     return counts
 

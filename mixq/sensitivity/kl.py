@@ -55,15 +55,20 @@ class KLProbe:
         return float((self.p * (self.ref - F.log_softmax(logits.float(), -1))).sum(-1).mean())
 
     def layer(self, linear: nn.Module, whole: bool = False):
-        """`measure(dequantized weight) -> KL` for one linear of the current block, restored after each call;
-        `whole`: for the embedding table or the head, the whole model is run (a tied table is judged in both uses)."""
-        def measure(deq: torch.Tensor) -> float:
-            saved = linear.weight.data
+        """`measure(dequantized weight, bias change or None) -> KL` for one linear of the current block, restored
+        after each call; `whole`: for the embedding table or the head, the whole model is run (a tied table is
+        judged in both uses)."""
+        def measure(deq: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+            saved, saved_bias = linear.weight.data, getattr(linear, "bias", None)
             linear.weight.data = deq.to(saved.dtype)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias if saved_bias is None else saved_bias.data + bias)
             try:
                 return self.kl(whole)
             finally:
                 linear.weight.data = saved
+                if bias is not None:
+                    linear.bias = saved_bias
         return measure
 
 

@@ -6,6 +6,9 @@
 `bits` is per row so that one call can solve rows of several widths at once (profiling stacks every candidate
 width of every layer that shares an input); `grid` is QuantSpec.grid ("int", "sym" or "min"). `solve` wraps that
 for one layer and one spec.
+
+A refiner improves a solver's result: refiner(weight, hessian, group, bits, grid, scale_bits, super_block, out) ->
+out. A solver's name may chain refiners after it with "+": "gptq-act+comq" is GPTQ, then coordinate descent.
 """
 from __future__ import annotations
 
@@ -16,7 +19,24 @@ from ..registry import Registry
 
 SOLVERS = Registry("solver")
 register_solver = SOLVERS.register
-get_solver = SOLVERS.lookup
+REFINERS = Registry("refiner")
+register_refiner = REFINERS.register
+
+
+def get_solver(name: str):
+    """The solver function of a name: a registered solver, or one followed by registered refiners ("a+b+c")."""
+    base, *after = name.split("+")
+    solver = SOLVERS.lookup(base)
+    if not after:
+        return solver
+    refiners = [REFINERS.lookup(r) for r in after]
+
+    def chained(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+        out = solver(weight, hessian, group, bits, grid, scale_bits, super_block)
+        for refine in refiners:
+            out = refine(weight, hessian, group, bits, grid, scale_bits, super_block, out)
+        return out
+    return chained
 
 
 def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
@@ -35,4 +55,4 @@ def output_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor)
     return ((d @ hessian) * d).sum(1)
 
 
-from . import clip, gptq, rtn  # noqa: E402,F401  (register)
+from . import bias, clip, comq, gptq, rtn  # noqa: E402,F401  (register)

@@ -1,0 +1,120 @@
+"""Coordinate-wise minimisation of the layer-output error (COMQ, Zhang et al. 2024, arXiv 2403.07134).
+
+min ‖(W − Ŵ) X‖² = tr(ΔW H ΔWᵀ) one coordinate at a time, every other one fixed: each weight in turn (columns in
+order of decreasing H_jj, all rows at once) moves to the grid point nearest w_j + (ΔW H)_j / H_jj, which is
+exact for that coordinate; then each group's fp16 scale (and minimum) moves to its least-squares value for the
+codes it now has. A few sweeps, no hyper-parameters; every step can only lower the error (up to fp16 rounding).
+
+As the solver `comq` it starts from the clipping search's grids. As a refiner after another solver (`gptq-act+comq`)
+it starts from that solver's result, which GPTQ's single pass leaves 5–15 % above a coordinate-wise minimum.
+Double-quantized scales stay as the first solver stored them (their codes are a grid of their own): only the
+weights' codes move.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats import decode_scales, QuantSpec
+from . import register_refiner, register_solver
+from .clip import clip
+from .gptq import DAMP
+from .rtn import row_maxq
+
+SWEEPS = 4
+BLOCK = 128  # columns whose error updates are batched, as GPTQ's lazy blocks
+
+
+def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: int = SWEEPS, refit: bool = True):
+    """Lower tr(ΔW H ΔWᵀ) over `codes` (rows × cols, float) and, with `refit`, the grids: `scale` and `zero`
+    (rows × groups, float: integer zeros, or the minima of `minimum` grids). Returns (codes, scale, zero)."""
+    rows, cols = w.shape
+    group = cols // scale.shape[1]
+    codes, scale, zero = codes.clone(), scale.clone(), zero.clone()
+    d = torch.diagonal(h)
+    order = torch.argsort(d, descending=True)
+    order = order[d[order] > 0]  # dead inputs: nothing to gain
+
+    def values(q, s, z):
+        return q * s + z if minimum else (q - z) * s
+
+    for _ in range(sweeps):
+        s, z = scale.repeat_interleave(group, 1), zero.repeat_interleave(group, 1)
+        wq = values(codes, s, z)
+        rh = (w - wq) @ h
+        for b0 in range(0, len(order), BLOCK):
+            idx = order[b0:b0 + BLOCK]
+            hb, rhb = h[idx][:, idx], rh[:, idx].clone()
+            deltas = torch.zeros(rows, len(idx))
+            for i, j in enumerate(idx.tolist()):
+                target = wq[:, j] + rhb[:, i] / d[j]
+                q = (target - z[:, j]) / s[:, j] if minimum else target / s[:, j] + z[:, j]
+                q = torch.minimum(q.round().clamp(min=0), maxq[:, 0])
+                new = values(q, s[:, j], z[:, j])
+                delta = new - wq[:, j]
+                codes[:, j], wq[:, j], deltas[:, i] = q, new, delta
+                rhb -= delta[:, None] * hb[i][None, :]
+            rh -= deltas @ h[idx]
+        if refit:
+            _refit_grids(codes, scale, zero, rh, h, group, minimum)
+    return codes, scale, zero
+
+
+def _refit_grids(codes, scale, zero, rh, h, group: int, minimum: bool) -> None:
+    """Each group's scale (and minimum) in turn to its least-squares value given the codes, in place, keeping
+    rh = ΔW H current; stored values are fp16, and a step that would not lower the error is not taken."""
+    for gi in range(scale.shape[1]):
+        sl = slice(gi * group, (gi + 1) * group)
+        hg = h[sl, sl]
+        u = codes[:, sl] if minimum else codes[:, sl] - zero[:, gi:gi + 1]  # the weights' change per unit of s
+        uh = u @ hg
+        a11, b1 = (uh * u).sum(1), (rh[:, sl] * u).sum(1)
+        if minimum:  # s and m jointly: directions u and 1
+            a12, a22, b2 = uh.sum(1), hg.sum(), rh[:, sl].sum(1)
+            det = a11 * a22 - a12 * a12
+            ok = det > 1e-9 * a11 * a22
+            ds = torch.where(ok, (b1 * a22 - b2 * a12) / det.where(ok, 1.0), 0.0)
+            dm = torch.where(ok, (a11 * b2 - a12 * b1) / det.where(ok, 1.0), 0.0)
+        else:
+            ds = torch.where(a11 > 0, b1 / a11.clamp(min=1e-30), 0.0)
+            dm = torch.zeros_like(ds)
+        new_s = (scale[:, gi] + ds).half().float()
+        new_s = torch.where(new_s.abs() < 1e-6, scale[:, gi], new_s)
+        new_z = (zero[:, gi] + dm).half().float() if minimum else zero[:, gi]
+        delta = (new_s - scale[:, gi])[:, None] * u + (new_z - zero[:, gi])[:, None]
+        gain = 2 * (rh[:, sl] * delta).sum(1) - ((delta @ hg) * delta).sum(1)  # error before − after
+        keep = gain > 0
+        delta = delta * keep[:, None]
+        scale[:, gi] = torch.where(keep, new_s, scale[:, gi])
+        zero[:, gi] = torch.where(keep, new_z, zero[:, gi])
+        rh -= delta @ h[sl]
+
+
+def refine_stored(weight, hessian, bits, grid: str, scale_bits: int, out, sweeps: int = SWEEPS):
+    """A solver's stored output (codes, scales, zeros, steps) → the same after coordinate descent."""
+    codes, scales, zeros, steps = out
+    rows, cols = weight.shape
+    h = hessian.float().clone()
+    h += torch.eye(cols) * DAMP * torch.diagonal(h).mean()  # as GPTQ: a little damping against over-fitting
+    minimum = grid == "min"
+    maxq = row_maxq(bits)
+    if steps is not None:  # the grids stay: only codes move
+        s, z = decode_scales(scales, zeros, steps, QuantSpec.of(8, 0, grid, scale_bits))  # grid and widths only
+        q, _, _ = coordinate_descent(weight, h, codes.float(), s.float(), z.float(), maxq, minimum, sweeps, False)
+        return q.to(torch.uint8), scales, zeros, steps
+    s, z = scales.float(), zeros.float()
+    if minimum:
+        q, s, z = coordinate_descent(weight, h, codes.float(), s, z, maxq, True, sweeps)
+        return q.to(torch.uint8), s.half(), z.half(), None
+    q, s, _ = coordinate_descent(weight, h, codes.float(), s, z, maxq, False, sweeps)
+    return q.to(torch.uint8), s.half(), zeros, None
+
+
+@register_refiner("comq")
+def comq_refiner(weight, hessian, group, bits, grid, scale_bits, super_block, out):
+    return refine_stored(weight, hessian, bits, grid, scale_bits, out)
+
+
+@register_solver("comq")
+def comq(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+    out = clip(weight, hessian, group, bits, grid, scale_bits, super_block)
+    return refine_stored(weight, hessian, bits, grid, scale_bits, out)
