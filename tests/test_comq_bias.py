@@ -144,3 +144,25 @@ def test_allocation_takes_bias_candidates_and_stays_within_budget(tiny_model, ca
     comp = sum(lp.damage[[c.name for c in lp.candidates].index("gptq+bias:int2-g32-asym")]
                for lp in result.profile.layers)
     assert comp < plain
+
+
+def test_profiling_judges_a_chain_without_its_descent_and_the_apply_runs_it(tiny_model, calib_ids):
+    """comq is left out of profiling (profile_solver): a comq chain's damages equal its base solver's; applying
+    the chain still runs it, so the applied weights differ from the base solver's."""
+    from mixq.pipeline import profile_model
+    from mixq.profile import profile_solver
+
+    assert profile_solver("gptq-act+comq+bias") == "gptq-act+bias" and profile_solver("comq") == "comq"
+    names = adapter_for(tiny_model).layer_names(tiny_model)
+    spec = QuantSpec.of(2, 32)
+    damages = {}
+    for solver in ("gptq-act", "gptq-act+comq"):
+        prof = profile_model(copy.deepcopy(tiny_model), calib_ids, [Candidate(spec, solver)])
+        damages[solver] = [lp.damage[0] for lp in prof.layers]
+    assert damages["gptq-act"] == damages["gptq-act+comq"]
+    weights = {}
+    for solver in ("gptq-act", "gptq-act+comq"):
+        model = copy.deepcopy(tiny_model)
+        apply_plan(model, calib_ids, Plan({n: Candidate(spec, solver) for n in names}))
+        weights[solver] = model.get_submodule(names[0]).weight
+    assert not torch.equal(weights["gptq-act"], weights["gptq-act+comq"])

@@ -4,7 +4,7 @@ columns not yet quantized, through the inverse Hessian: min ‖(W − Ŵ) X‖²
 As `fasterquant` in IST-DASLab/gptq: dead columns, damping, Cholesky of H⁻¹, lazy block updates. Group grids come
 from the clipping search (`clip.search`) on the already-updated weights when a group starts; with act-order the
 columns go in order of decreasing H_jj and the grids are fixed beforehand from the original weights ("static
-groups"), so the stored layout needs no permutation.
+groups"), so the stored layout needs no permutation. `gptq-plain` is the published algorithm's min/max grids.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from ..formats import DoubleQuant, quantize_codes
+from ..formats import DoubleQuant, fit_params, quantize_codes
 from . import register_solver
 from .clip import column_importance, search
 from .rtn import finish, row_maxq
@@ -44,7 +44,8 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
-def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0):
+def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0,
+                  minmax=False):
     rows, cols = weight.shape
     w = weight.clone().float()
     h = hessian.clone().float()
@@ -60,7 +61,12 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
 
     def fit_group(gi, source):
         sl = slice(gi * group, (gi + 1) * group)
-        s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=dq and dq.column(gi, ngroups).snap)
+        snap = dq and dq.column(gi, ngroups).snap
+        if minmax:  # the reference algorithm's grid: the group's min/max range, no search
+            s, z = fit_params(source[:, sl], maxq, grid)
+            s, z = snap(s, z) if snap else (s, z)
+        else:
+            s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=snap)
         scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
 
     perm = torch.arange(cols)
@@ -106,3 +112,11 @@ def gptq(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
 def gptq_act(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
     return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
                          super_block=super_block)
+
+
+@register_solver("gptq-plain")
+def gptq_plain(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+    """GPTQ as published and as the usual packages run it: act-order with static groups, each group's grid its
+    min/max range (no clipping search): the baseline mixq's solvers are judged against."""
+    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
+                         super_block=super_block, minmax=True)

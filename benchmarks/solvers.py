@@ -1,0 +1,143 @@
+"""Every per-layer solver (and the useful chains) at uniform formats on SmolLM2-135M, then mixq's allocation with
+the solver chains as candidates: perplexity, real bpw, seconds.
+
+Reruns from scratch: `python benchmarks/solvers.py` (hours on 2 cores: each row applies the whole model and
+evaluates it). Each finished row is written to the JSON at once and a rerun with the same --windows skips it, so
+the script can be stopped and resumed; --solvers / --formats / --budgets pick a subset. Writes
+benchmarks/results/solvers.md, .json and .png. Perplexity by the project's protocol (pydoc split, first 64 windows
+of 512 tokens of the evaluation split); calibration 32 × 512 tokens of the pydoc calibration split. A text unlike
+the calibration (benchmarks/data/botchan.txt, a novel) checks that calibrating on one text does not wreck
+another: its first 32 windows of 512 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mixq import data
+from mixq.eval.perplexity import perplexity
+from mixq.formats import QuantSpec
+from mixq.models import adapter_for
+from mixq.allocate import allocate
+from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
+from mixq.plan import Budget, Candidate, Plan
+from mixq.profile import Profile, default_candidates
+
+from common import HERE, provenance, smollm2
+
+# the issue's four uniform formats, on GPTQ's classic asymmetric grid (integer zeros): 192 and 64 divide every row
+FORMATS = {"3-bit g192": QuantSpec.of(3, 192), "3-bit g64": QuantSpec.of(3, 64), "2-bit g64": QuantSpec.of(2, 64),
+           "4-bit g192": QuantSpec.of(4, 192)}
+SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "comq", "gptq-act+bias", "gptq-act+comq",
+           "gptq-act+comq+bias"]
+ALLOC_SOLVERS = ["gptq-act+comq"]  # the others lose to it at every format above (bias: see the table's note)
+UNLIKE = HERE / "data" / "botchan.txt"
+UNLIKE_WINDOWS = 32
+
+
+def run(float_model, calib, evals: dict, plan: Plan) -> dict:
+    model = copy.deepcopy(float_model)
+    t = time.perf_counter()
+    pack_model(model, apply_plan(model, calib, plan))
+    seconds = time.perf_counter() - t
+    bits, weights = block_linear_bits(model)
+    return {"bpw": bits / weights, "seconds": seconds, **{k: perplexity(model, v) for k, v in evals.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS, help="evaluation windows (protocol: 64)")
+    ap.add_argument("--solvers", nargs="+", default=SOLVERS)
+    ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5],
+                    help="bpw budgets of mixq's allocation with ALLOC_SOLVERS × the default formats as candidates")
+    ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
+    args = ap.parse_args()
+    out = Path(args.out)
+    torch.manual_seed(0)
+    model, tok, calib, pydoc = smollm2(args.windows)
+    evals = {"ppl": pydoc, "unlike": data.evaluation_windows(tok, UNLIKE, UNLIKE_WINDOWS)}
+    rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    rows = [r for r in rows if r["windows"] == args.windows]
+    done = {(r["solver"], r["format"]) for r in rows}
+    if ("float", "") not in done:
+        rows.append({"solver": "float", "format": "", "windows": args.windows, "bpw": 32.0, "seconds": 0.0,
+                     **{k: perplexity(model, v) for k, v in evals.items()}})
+        print(rows[-1], flush=True)
+    names = adapter_for(model).layer_names(model)
+    for fmt in args.formats:
+        for solver in args.solvers:
+            if (solver, fmt) in done:
+                continue
+            plan = Plan({n: Candidate(FORMATS[fmt], solver) for n in names})
+            rows.append({"solver": solver, "format": fmt, "windows": args.windows, **run(model, calib, evals, plan)})
+            print(rows[-1], flush=True)
+            out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    prof, profile_file, profile_seconds = None, out.with_name(out.name + "_profile.json"), None
+    for budget in args.budgets:
+        if ("mixq allocation", f"{budget:g} bpw") in done:
+            continue
+        if prof is None:
+            if profile_file.exists():
+                prof = Profile.from_json(profile_file.read_text())
+            else:
+                t = time.perf_counter()
+                cands = [Candidate(c.spec, s) for s in ALLOC_SOLVERS for c in default_candidates()]
+                prof = profile_model(model, calib, cands)
+                profile_seconds = time.perf_counter() - t
+                profile_file.write_text(prof.to_json())
+                print(f"profile {profile_seconds:.0f} s", flush=True)
+        plan = allocate(prof, Budget(bits=budget)).plan
+        r = run(model, calib, evals, plan)
+        solvers = sorted({c.solver for c in plan.layers.values()})
+        rows.append({"solver": "mixq allocation", "format": f"{budget:g} bpw", "windows": args.windows, **r,
+                     "profile_seconds": profile_seconds, "solvers": {s: sum(c.solver == s for c in plan.layers.values()) for s in solvers}})
+        print(rows[-1], flush=True)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write(rows, out, args.windows)
+
+
+def write(rows, out: Path, windows: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    ref = next(r for r in rows if r["solver"] == "float")
+    lines = ["# SmolLM2-135M: per-layer solvers at uniform formats", "",
+             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration 32 × 512 "
+             f"tokens of the pydoc calibration split. Float reference {ref['ppl']:.3f} (pydoc), "
+             f"{ref['unlike']:.3f} (unlike: {UNLIKE.name}, {UNLIKE_WINDOWS} windows). " + provenance(), "",
+             "| format | solver | real bpw | pydoc ppl | × reference | unlike-text ppl | × reference | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["solver"] != "float":
+            lines.append(f"| {r['format']} | {r['solver']} | {r['bpw']:.3f} | {r['ppl']:.3f} | "
+                         f"{r['ppl'] / ref['ppl']:.3f} | {r['unlike']:.3f} | {r['unlike'] / ref['unlike']:.3f} | "
+                         f"{r['seconds']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    formats = list(dict.fromkeys(r["format"] for r in rows if r["solver"] != "float"))
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["solver"] != "float"))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(len(solvers), 1)
+    for k, solver in enumerate(solvers):
+        got = {r["format"]: r["ppl"] for r in rows if r["solver"] == solver}
+        xs = [i + k * width for i, f in enumerate(formats) if f in got]
+        ax.bar(xs, [got[f] for f in formats if f in got], width, label=solver)
+    ax.axhline(ref["ppl"], color="gray", ls="--", label="float reference")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(formats))], formats)
+    ax.set_yscale("log")
+    ax.set_ylabel("pydoc perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
