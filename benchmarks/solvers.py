@@ -33,7 +33,7 @@ from common import HERE, provenance, smollm2
 # the four uniform formats, on GPTQ's classic asymmetric grid (integer zeros): 192 and 64 divide every row
 FORMATS = {"3-bit g192": QuantSpec.of(3, 192), "3-bit g64": QuantSpec.of(3, 64), "2-bit g64": QuantSpec.of(2, 64),
            "4-bit g192": QuantSpec.of(4, 192)}
-SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "comq", "gptq-act+bias", "gptq-act+comq",
+SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "oac", "comq", "gptq-act+bias", "gptq-act+comq",
            "gptq-act+comq+bias"]
 ALLOC_SOLVERS = ["gptq-act+comq"]  # the others lose to it at every format above (bias: see the table's note)
 UNLIKE = HERE / "data" / "botchan.txt"

@@ -133,25 +133,20 @@ def hessians(block: nn.Module, adapter: Adapter):
             s.mean = (s.mean / max(s.tokens, 1)).float()
 
 
-def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None,
-                  tables: bool = False) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of each block linear's output: F_i = E_t[(∂L/∂y_ti)²], L the next-token NLL summed
-    over a window. One backward pass per window; no weight gradients are kept (the graph starts at the embeddings).
-    `tables` adds the head's output (over the vocabulary: the logits) and the embedding's (over its width).
-    """
-    names = adapter.layer_names(model) + ([adapter.head] if tables else [])
-    sums = {n: None for n in names + ([adapter.embed] if tables else [])}
-    tokens = 0
-    handles = []
-
-    def add(name, g):
-        sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).double()
-        sums[name] = sq if sums[name] is None else sums[name] + sq
+def _backward_passes(model: nn.Module, adapter: Adapter, ids: torch.Tensor, names: list[str], on_grad,
+                     step=None, stage: str = "fisher", embed_name: str | None = None) -> int:
+    """One backward pass of the next-token NLL (summed over a window) per window, calling on_grad(name, x, g) with
+    the input x and output gradient g (tokens × features, detached) of each module in `names`, and of the
+    embedding's output as `embed_name` if given. No weight gradients are kept (the graph starts at the
+    embeddings). Returns the number of tokens."""
+    tokens, handles = 0, []
 
     def make(name):
-        def fwd(_module, _args, out):
+        def fwd(_module, args, out):
             if out.requires_grad:
-                out.register_hook(lambda g: add(name, g))
+                x = args[0].detach()
+                out.register_hook(lambda g: on_grad(name, x.reshape(-1, x.shape[-1]),
+                                                    g.detach().reshape(-1, g.shape[-1])))
         return fwd
 
     for n in names:
@@ -164,12 +159,48 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                      window[:, 1:].reshape(-1), reduction="sum")
             loss.backward()
-            if tables:
-                add(adapter.embed, x.grad)
+            if embed_name:
+                on_grad(embed_name, None, x.grad.reshape(-1, x.shape[-1]))
             tokens += window.numel()
             if step:
-                step("fisher", k + 1, len(ids))
+                step(stage, k + 1, len(ids))
     finally:
         for h in handles:
             h.remove()
+    return tokens
+
+
+def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None,
+                  tables: bool = False) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of each block linear's output: F_i = E_t[(∂L/∂y_ti)²], L the next-token NLL summed
+    over a window. One backward pass per window. `tables` adds the head's output (over the vocabulary: the logits)
+    and the embedding's (over its width).
+    """
+    names = adapter.layer_names(model) + ([adapter.head] if tables else [])
+    sums = {}
+
+    def add(name, _x, g):
+        sq = g.float().pow(2).sum(0).double()
+        sums[name] = sq if name not in sums else sums[name] + sq
+
+    tokens = _backward_passes(model, adapter, ids, names, add, step, embed_name=adapter.embed if tables else None)
     return {n: (s / tokens).float() for n, s in sums.items()}
+
+
+def output_adaptive_hessians(model: nn.Module, adapter: Adapter, ids: torch.Tensor, names: list[str],
+                             step=None) -> dict[str, torch.Tensor]:
+    """OAC (Edalati et al. 2024, arXiv 2405.17009): the Hessian of the output cross-entropy with respect to a
+    linear's weight rows, under the Fisher approximation and shared across rows: H = E_t[‖g_t‖² x_t x_tᵀ] /
+    E_t[‖g_t‖²], g_t = ∂L/∂y_t. Tokens whose output moves the loss weigh more than in XᵀX. One cols × cols matrix
+    per name in `names` (float32)."""
+    sums, weights = {}, {}
+
+    def add(name, x, g):
+        energy = g.float().pow(2).sum(1)
+        xs = x.float() * energy.sqrt()[:, None]
+        xtx = (xs.T @ xs).double()
+        sums[name] = xtx if name not in sums else sums[name] + xtx
+        weights[name] = weights.get(name, 0.0) + float(energy.sum())
+
+    _backward_passes(model, adapter, ids, names, add, step, stage="oac")
+    return {n: (sums[n] / max(weights[n], 1e-30)).float() for n in sums}

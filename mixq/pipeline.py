@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, allocate, check_budget
-from .capture import LayerStats, block_inputs, hessians, output_fisher, run_block
+from .capture import LayerStats, block_inputs, hessians, output_adaptive_hessians, output_fisher, run_block
 from .checkpoint import Checkpoint
 from .cost import CostTable
 from .formats import QuantizedTensor
@@ -173,6 +173,8 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
         qt = solve(plan.layers[name].solver, module.weight.detach(), torch.empty(0, 0), plan.layers[name].spec)
         module.weight.data = qt.dequantize()  # a tied head changes with it
         out[name] = qt
+    oac = [n for n, c in plan.layers.items() if c.solver.split("+")[0] == "oac"]
+    oac = output_adaptive_hessians(model, adapter, calib[:FISHER_WINDOWS], oac, step) if oac else {}
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         with hessians(block, adapter) as stats:
@@ -183,7 +185,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 if name not in plan.layers:
                     continue
                 lin, cand, st = block.get_submodule(n), plan.layers[name], stats[group[0]]
-                qt = solve(cand.solver, lin.weight.detach(), st.covariance() if cand.bias else st.hessian, cand.spec)
+                qt = solve(cand.solver, lin.weight.detach(), solve_hessian(cand, st, oac.get(name)), cand.spec)
                 deq = qt.dequantize()
                 if cand.bias:  # stored as fp16, like every float parameter
                     delta = compensation(lin.weight.detach(), deq, st.mean)
@@ -194,6 +196,15 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
         x = run_block(block, x, kwargs)
         step("apply", i + 1, len(blocks))
     return out
+
+
+def solve_hessian(cand: Candidate, stats: LayerStats, oac: torch.Tensor | None = None) -> torch.Tensor:
+    """The Hessian a candidate's solver gets: the output-adaptive one (`oac`, solvers.oac) for an oac solver, the
+    input covariance for a bias-compensated one (solvers.bias: the error left once the bias absorbs the mean),
+    else H = E[x xᵀ]."""
+    if oac is not None:
+        return oac
+    return stats.covariance() if cand.bias else stats.hessian
 
 
 def _round_float_params(model: nn.Module, quantized: set[str]) -> None:

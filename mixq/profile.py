@@ -122,6 +122,7 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
 
 
 PROFILE_SKIPS = {"comq"}  # refiners left out while profiling (see profile_solver)
+PROFILE_AS = {"oac": "gptq-act"}  # solvers profiled as another (solvers.oac)
 
 
 def profile_solver(name: str) -> str:
@@ -129,7 +130,7 @@ def profile_solver(name: str) -> str:
     Coordinate descent lowers every format's layer error by a similar share (8–12 % on SmolLM2's layers) at 2–3 ×
     the time of the solve: the allocation ranks formats as well without it, and the apply runs the whole chain."""
     base, *after = name.split("+")
-    return "+".join([base] + [r for r in after if r not in PROFILE_SKIPS])
+    return "+".join([PROFILE_AS.get(base, base)] + [r for r in after if r not in PROFILE_SKIPS])
 
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
