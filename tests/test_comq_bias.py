@@ -166,3 +166,23 @@ def test_profiling_judges_a_chain_without_its_descent_and_the_apply_runs_it(tiny
         apply_plan(model, calib_ids, Plan({n: Candidate(spec, solver) for n in names}))
         weights[solver] = model.get_submodule(names[0]).weight
     assert not torch.equal(weights["gptq-act"], weights["gptq-act+comq"])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.of(2, 32, "min", 6), QuantSpec.of(3, 16, "sym", 6, 256)],
+                         ids=lambda s: s.name)
+def test_double_quantized_grids_are_refitted_on_their_steps(hessian, spec):
+    """Scale (and minimum) codes move too, on the steps the first solver fixed: less error than moving the
+    weights' codes alone, and the steps are unchanged."""
+    from mixq.formats import QuantizedTensor, decode_scales
+
+    w = weight(16, 512)
+    base = solve("gptq-act", w, hessian, spec)
+    refined = solve("gptq-act+comq", w, hessian, spec)
+    assert torch.equal(refined.steps, base.steps) and not torch.equal(refined.scales, base.scales)
+    h = hessian + torch.eye(512) * 0.01 * torch.diagonal(hessian).mean()
+    s, z = decode_scales(base.scales, base.zeros, base.steps, spec)
+    q, _, _ = coordinate_descent(w, h, base.codes.float(), s.float(), z.float(),
+                                 torch.full((16, 1), float(spec.maxq)), spec.minimum, refit=False)
+    codes_only = QuantizedTensor(q.to(torch.uint8), base.scales, base.zeros, spec, base.steps).dequantize()
+    assert float(output_error(w, refined.dequantize(), hessian).sum()) < \
+        0.99 * float(output_error(w, codes_only, hessian).sum())

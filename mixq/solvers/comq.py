@@ -7,8 +7,7 @@ codes it now has. A few sweeps, no hyper-parameters; every step can only lower t
 
 As the solver `comq` it starts from the clipping search's grids. As a refiner after another solver (`gptq-act+comq`)
 it starts from that solver's result, which GPTQ's single pass leaves 5–15 % above a coordinate-wise minimum.
-Double-quantized scales stay as the first solver stored them (their codes are a grid of their own): only the
-weights' codes move.
+Double-quantized scales are refitted to codes of the steps the first solver fixed for each row (or super-block).
 """
 from __future__ import annotations
 
@@ -24,9 +23,15 @@ SWEEPS = 4
 BLOCK = 128  # columns whose error updates are batched, as GPTQ's lazy blocks
 
 
-def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: int = SWEEPS, refit: bool = True):
+def fp16(_gi, s, z):
+    return s.half().float(), z.half().float()
+
+
+def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: int = SWEEPS, refit: bool = True,
+                       store=fp16):
     """Lower tr(ΔW H ΔWᵀ) over `codes` (rows × cols, float) and, with `refit`, the grids: `scale` and `zero`
-    (rows × groups, float: integer zeros, or the minima of `minimum` grids). Returns (codes, scale, zero)."""
+    (rows × groups, float: integer zeros, or the minima of `minimum` grids), each refitted grid made storable by
+    `store(group index, scale, zero)` (fp16 values by default). Returns (codes, scale, zero)."""
     rows, cols = w.shape
     group = cols // scale.shape[1]
     codes, scale, zero = codes.clone(), scale.clone(), zero.clone()
@@ -55,13 +60,13 @@ def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: in
                 rhb -= delta[:, None] * hb[i][None, :]
             rh -= deltas @ h[idx]
         if refit:
-            _refit_grids(codes, scale, zero, rh, h, group, minimum)
+            _refit_grids(codes, scale, zero, rh, h, group, minimum, store)
     return codes, scale, zero
 
 
-def _refit_grids(codes, scale, zero, rh, h, group: int, minimum: bool) -> None:
+def _refit_grids(codes, scale, zero, rh, h, group: int, minimum: bool, store) -> None:
     """Each group's scale (and minimum) in turn to its least-squares value given the codes, in place, keeping
-    rh = ΔW H current; stored values are fp16, and a step that would not lower the error is not taken."""
+    rh = ΔW H current; values made storable by `store`, and a step that would not lower the error is not taken."""
     for gi in range(scale.shape[1]):
         sl = slice(gi * group, (gi + 1) * group)
         hg = h[sl, sl]
@@ -77,9 +82,9 @@ def _refit_grids(codes, scale, zero, rh, h, group: int, minimum: bool) -> None:
         else:
             ds = torch.where(a11 > 0, b1 / a11.clamp(min=1e-30), 0.0)
             dm = torch.zeros_like(ds)
-        new_s = (scale[:, gi] + ds).half().float()
+        new_s, new_z = store(gi, scale[:, gi] + ds, zero[:, gi] + dm)
         new_s = torch.where(new_s.abs() < 1e-6, scale[:, gi], new_s)
-        new_z = (zero[:, gi] + dm).half().float() if minimum else zero[:, gi]
+        new_z = new_z if minimum else zero[:, gi]
         delta = (new_s - scale[:, gi])[:, None] * u + (new_z - zero[:, gi])[:, None]
         gain = 2 * (rh[:, sl] * delta).sum(1) - ((delta @ hg) * delta).sum(1)  # error before − after
         keep = gain > 0
@@ -97,16 +102,42 @@ def refine_stored(weight, hessian, bits, grid: str, scale_bits: int, out, sweeps
     h += torch.eye(cols) * DAMP * torch.diagonal(h).mean()  # as GPTQ: a little damping against over-fitting
     minimum = grid == "min"
     maxq = row_maxq(bits)
-    if steps is not None:  # the grids stay: only codes move
+    if steps is not None:  # scale (and minimum) codes on the row's (or super-block's) fixed steps
         s, z = decode_scales(scales, zeros, steps, QuantSpec.of(8, 0, grid, scale_bits))  # grid and widths only
-        q, _, _ = coordinate_descent(weight, h, codes.float(), s.float(), z.float(), maxq, minimum, sweeps, False)
-        return q.to(torch.uint8), scales, zeros, steps
+        store, encode = _double_quantized(steps, scales.shape[1], grid, scale_bits)
+        q, s, z = coordinate_descent(weight, h, codes.float(), s.float(), z.float(), maxq, minimum, sweeps,
+                                     store=store)
+        sc, zc = encode(s, z)
+        return q.to(torch.uint8), sc, zc if minimum else zeros, steps
     s, z = scales.float(), zeros.float()
     if minimum:
         q, s, z = coordinate_descent(weight, h, codes.float(), s, z, maxq, True, sweeps)
         return q.to(torch.uint8), s.half(), z.half(), None
     q, s, _ = coordinate_descent(weight, h, codes.float(), s, z, maxq, False, sweeps)
     return q.to(torch.uint8), s.half(), zeros, None
+
+
+def _double_quantized(steps, groups: int, grid: str, scale_bits: int):
+    """(store, encode) for double-quantized grids: `store` snaps a group's scale (and minimum) to the nearest code
+    of its row's step, `encode` turns every group's values into the stored codes (formats.decode_scales'
+    inverse)."""
+    minimum, half = grid == "min", 1 << (scale_bits - 1)
+    k = steps.shape[1] // (2 if minimum else 1)  # steps per row
+    st = steps.float().view(steps.shape[0], k, -1).repeat_interleave(groups // k, 1)  # rows × groups × (1 or 2)
+    ds, dm = st[..., 0], st[..., -1]
+    s_lo, s_hi = (1, (1 << scale_bits) - 1) if minimum else (-half, half - 1)
+
+    def store(gi, s, z):
+        c = (s / ds[:, gi]).round().clamp(s_lo, s_hi)
+        c = torch.where(c == 0, torch.ones_like(c), c)
+        m = dm[:, gi] * (z / dm[:, gi]).round().clamp(-half, half - 1) if minimum else z
+        return ds[:, gi] * c, m
+
+    def encode(s, z):
+        if minimum:
+            return (s / ds).round().to(torch.uint8), ((z / dm).round() + half).to(torch.uint8)
+        return ((s / ds).round() + half).to(torch.uint8), None
+    return store, encode
 
 
 @register_refiner("comq")
