@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .profile import DEFAULT_SOLVER
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mixq: mixed-precision post-training quantization (profile → allocate → apply → pack).")
 console = Console(stderr=True)
@@ -93,6 +95,10 @@ def quantize(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
+    solver: str = typer.Option(DEFAULT_SOLVER, "--solver", help="The solver that fills every candidate format: "
+                               "rtn, clip, gptq-plain, gptq, gptq-act, oac or comq, optionally followed by "
+                               "refiners: +comq (coordinate descent), +bias (bias compensation; its bits count). "
+                               "See the README's Solvers section."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "
@@ -143,6 +149,9 @@ def quantize(
         from .sensitivity import get_estimator
 
         get_estimator(sensitivity)
+        from .solvers import get_solver
+
+        get_solver(solver)
         if calib is not None:
             data.read_text(calib)
     except (ValueError, json.JSONDecodeError) as e:
@@ -154,8 +163,8 @@ def quantize(
         from .pipeline import preflight
         from .profile import ct_candidates, default_candidates, gguf_candidates
 
-        candidates = gguf_candidates() if gguf_compatible else ct_candidates() if ct_compatible \
-            else default_candidates()
+        candidates = gguf_candidates(solver) if gguf_compatible else ct_candidates(solver) if ct_compatible \
+            else default_candidates(solver)
         if gguf_compatible:
             from .export.gguf import check_rows
 

@@ -145,13 +145,15 @@ def _bad_cases(tiny_hf_dir: Path, text_file: Path, tmp: Path) -> dict[str, tuple
         "neither bits nor size": ([*m, *c], "exactly one"),
         "both bits and size": ([*m, "--bits", 3, "--size", "60MB", *c], "exactly one"),
         "plan and bits": ([*m, "--plan", unknown_plan, "--bits", 3, *c], "exactly one"),
+        "unknown solver": ([*m, "--bits", 3, "--solver", "awq", *c], "unknown solver 'awq'"),
+        "unknown refiner": ([*m, "--bits", 3, "--solver", "gptq+nope", *c], "unknown refiner 'nope'"),
     }
 
 
 CASES = ["missing model", "folder without config", "random .gguf", "truncated .gguf", "empty calibration",
          "missing calibration", "latin-1 calibration", "short calibration", "impossible budget", "impossible size",
          "unreadable size", "plan with unknown layer", "missing plan", "out holds another model",
-         "neither bits nor size", "both bits and size", "plan and bits"]
+         "neither bits nor size", "both bits and size", "plan and bits", "unknown solver", "unknown refiner"]
 
 
 def _run_bad(case, tiny_hf_dir, text_file, tmp_path):
@@ -177,6 +179,14 @@ def test_bad_input_fails_cleanly(case, tiny_hf_dir, text_file, tmp_path):
     else:
         assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
+
+
+def test_solver_option_fills_every_candidate(tiny_hf_dir, text_file, tmp_path):
+    res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3, "--calib", text_file, "--calib-windows", 2,
+                 "--eval-windows", 0, "--solver", "gptq+bias", "--out", tmp_path / "q")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "q" / "plan.json").read_text())["layers"]
+    assert {c["solver"] for c in plan.values()} == {"gptq+bias"}
 
 
 def test_errors_are_one_line(tiny_hf_dir, text_file, tmp_path):

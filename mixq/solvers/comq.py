@@ -2,8 +2,9 @@
 
 min ‖(W − Ŵ) X‖² = tr(ΔW H ΔWᵀ) one coordinate at a time, every other one fixed: each weight in turn (columns in
 order of decreasing H_jj, all rows at once) moves to the grid point nearest w_j + (ΔW H)_j / H_jj, which is
-exact for that coordinate; then each group's fp16 scale (and minimum) moves to its least-squares value for the
-codes it now has. A few sweeps, no hyper-parameters; every step can only lower the error (up to fp16 rounding).
+exact for that coordinate; then each group's scale (and minimum) moves to its least-squares value for the codes it
+now has, rounded to what is stored (fp16, or a code of the row's step when double-quantized); a move that would
+raise the error is not taken. A few sweeps, no hyper-parameters.
 
 As the solver `comq` it starts from the clipping search's grids. As a refiner after another solver (`gptq-act+comq`)
 it starts from that solver's result, which GPTQ's single pass leaves 5–15 % above a coordinate-wise minimum.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import decode_scales, QuantSpec
+from ..formats import QuantSpec, decode_scales
 from . import register_refiner, register_solver
 from .clip import clip
 from .gptq import DAMP
