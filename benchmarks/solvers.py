@@ -121,6 +121,10 @@ def write(rows, out: Path, windows: int):
             lines.append(f"| {r['format']} | {r['solver']} | {r['bpw']:.3f} | {r['ppl']:.3f} | "
                          f"{r['ppl'] / ref['ppl']:.3f} | {r['unlike']:.3f} | {r['unlike'] / ref['unlike']:.3f} | "
                          f"{r['seconds']:.0f} |")
+    profiled = [r["profile_seconds"] for r in rows if r.get("profile_seconds")]
+    if profiled:
+        lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} × the default formats; seconds of the "
+                  f"apply; the profile they share took {profiled[0]:.0f} s."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     formats = list(dict.fromkeys(r["format"] for r in rows if r["solver"] != "float"))
     solvers = list(dict.fromkeys(r["solver"] for r in rows if r["solver"] != "float"))
