@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -94,9 +95,9 @@ def main():
                 print(f"profile {profile_seconds:.0f} s", flush=True)
         plan = allocate(prof, Budget(bits=budget)).plan
         r = run(model, calib, evals, plan)
-        solvers = sorted({c.solver for c in plan.layers.values()})
         rows.append({"solver": "mixq allocation", "format": f"{budget:g} bpw", "windows": args.windows, **r,
-                     "profile_seconds": profile_seconds, "solvers": {s: sum(c.solver == s for c in plan.layers.values()) for s in solvers}})
+                     "profile_seconds": profile_seconds,
+                     "solvers": dict(Counter(c.solver for c in plan.layers.values()))})
         print(rows[-1], flush=True)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     write(rows, out, args.windows)

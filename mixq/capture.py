@@ -133,8 +133,8 @@ def hessians(block: nn.Module, adapter: Adapter):
             s.mean = (s.mean / max(s.tokens, 1)).float()
 
 
-def _backward_passes(model: nn.Module, adapter: Adapter, ids: torch.Tensor, names: list[str], on_grad,
-                     step=None, stage: str = "fisher", embed_name: str | None = None) -> int:
+def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,
+                     stage: str = "fisher", embed_name: str | None = None) -> int:
     """One backward pass of the next-token NLL (summed over a window) per window, calling on_grad(name, x, g) with
     the input x and output gradient g (tokens × features, detached) of each module in `names`, and of the
     embedding's output as `embed_name` if given. No weight gradients are kept (the graph starts at the
@@ -183,7 +183,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
         sq = g.float().pow(2).sum(0).double()
         sums[name] = sq if name not in sums else sums[name] + sq
 
-    tokens = _backward_passes(model, adapter, ids, names, add, step, embed_name=adapter.embed if tables else None)
+    tokens = _backward_passes(model, ids, names, add, step, embed_name=adapter.embed if tables else None)
     return {n: (s / tokens).float() for n, s in sums.items()}
 
 
@@ -202,5 +202,5 @@ def output_adaptive_hessians(model: nn.Module, adapter: Adapter, ids: torch.Tens
         sums[name] = xtx if name not in sums else sums[name] + xtx
         weights[name] = weights.get(name, 0.0) + float(energy.sum())
 
-    _backward_passes(model, adapter, ids, names, add, step, stage="oac")
+    _backward_passes(model, ids, names, add, step, stage="oac")
     return {n: (sums[n] / max(weights[n], 1e-30)).float() for n in sums}

@@ -25,7 +25,7 @@ from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
 from .solvers import get_solver, solve
-from .solvers.bias import compensation
+from .solvers.bias import compensation, solve_stats
 
 log = logging.getLogger(__name__)
 Step = Callable[[str, int, int], None]
@@ -173,7 +173,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
         qt = solve(plan.layers[name].solver, module.weight.detach(), torch.empty(0, 0), plan.layers[name].spec)
         module.weight.data = qt.dequantize()  # a tied head changes with it
         out[name] = qt
-    oac = [n for n, c in plan.layers.items() if c.solver.split("+")[0] == "oac"]
+    oac = [n for n, c in plan.layers.items() if c.base == "oac"]
     oac = output_adaptive_hessians(model, adapter, calib[:FISHER_WINDOWS], oac, step) if oac else {}
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
@@ -202,9 +202,7 @@ def solve_hessian(cand: Candidate, stats: LayerStats, oac: torch.Tensor | None =
     """The Hessian a candidate's solver gets: the output-adaptive one (`oac`, solvers.oac) for an oac solver, the
     input covariance for a bias-compensated one (solvers.bias: the error left once the bias absorbs the mean),
     else H = E[x xᵀ]."""
-    if oac is not None:
-        return oac
-    return stats.covariance() if cand.bias else stats.hessian
+    return oac if oac is not None else solve_stats(stats, cand.bias).hessian
 
 
 def _round_float_params(model: nn.Module, quantized: set[str]) -> None:

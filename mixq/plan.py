@@ -23,6 +23,11 @@ class Candidate:
         return f"{self.solver}:{self.spec.name}"
 
     @property
+    def base(self) -> str:
+        """The solver a chain starts with ("gptq-act" of "gptq-act+comq")."""
+        return self.solver.split("+")[0]
+
+    @property
     def bias(self) -> bool:
         """Bias compensation (solvers.bias): solved on the input covariance, and the layer stores a bias."""
         return "bias" in self.solver.split("+")[1:]

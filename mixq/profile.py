@@ -13,7 +13,7 @@ from .formats import QuantizedTensor, QuantSpec
 from .plan import Candidate
 from .sensitivity import get_estimator
 from .solvers import get_solver
-from .solvers.bias import compensation
+from .solvers.bias import compensation, solve_stats
 
 VERSION = 1
 PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each layer (rows are independent given H)
@@ -159,12 +159,12 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     fitting = next(iter(layers.values())).candidates
     by_call: dict[tuple, list[Candidate]] = {}
     for c in fitting:
-        by_call.setdefault((profile_solver(c.solver), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block),
-                           []).append(c)
+        key = (profile_solver(c.solver), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block)
+        by_call.setdefault(key, []).append(c)
     for (solver, group, grid, scale_bits, super_block), cands in by_call.items():
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
-        solved = LayerStats(stats.covariance(), stats.tokens, stats.mean) if cands[0].bias else stats
+        solved = solve_stats(stats, cands[0].bias)
         codes, scales, zeros, steps = get_solver(solver)(stacked.float(), solved.hessian, group, bits, grid,
                                                          scale_bits, super_block)
         r0 = 0

@@ -137,12 +137,15 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
     ours = _tensors_by_gguf_name(model, names)
     writer_tensors = []
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        if t.name not in ours:
-            raise ExportError(f"{source} holds tensor {t.name}, which the saved model has no counterpart for")
-        hf, obj = ours.pop(t.name)
-        role = t.name.split(".")[-2]
-        rows = int(t.shape[-1])  # ggml lists dimensions fastest first
+    wanted = {t.name: int(t.shape[-1]) for t in reader.tensors}  # name → rows (ggml lists dimensions fastest first)
+    # biases that bias compensation added are in no source; llama.cpp reads them where present
+    wanted |= {n: len(p) for n, (_, p) in ours.items() if n.startswith("blk.") and n.endswith(".bias")
+               and n not in wanted}
+    for name, rows in wanted.items():
+        if name not in ours:
+            raise ExportError(f"{source} holds tensor {name}, which the saved model has no counterpart for")
+        hf, obj = ours.pop(name)
+        role = name.split(".")[-2]
         perm = _rotary_rows(rows, heads[role]) if arch == "llama" and role in heads else None
         if isinstance(obj, QuantLinear):
             qt = obj.quantized()
@@ -160,18 +163,10 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
             kind = "F32" if data.ndim == 1 else "F16"
             data = data.astype(np.float32 if data.ndim == 1 else np.float16)
         counts[kind] = counts.get(kind, 0) + 1
-        writer_tensors.append((t.name, np.ascontiguousarray(data), getattr(gguf.GGMLQuantizationType, kind)))
+        writer_tensors.append((name, np.ascontiguousarray(data), getattr(gguf.GGMLQuantizationType, kind)))
     left = [hf for hf, obj in ours.values() if isinstance(obj, QuantLinear)]
     if left:
         raise ExportError(f"the saved model's {left[0]} has no tensor in {source}")
-    for name, (hf, p) in ours.items():  # biases that bias compensation added: llama.cpp reads them if present
-        if name.endswith(".bias") and name.startswith("blk."):
-            role = name.split(".")[-2]
-            data = p.detach().float().numpy()
-            if arch == "llama" and role in heads:
-                data = data[_rotary_rows(len(data), heads[role])]
-            counts["F32"] = counts.get("F32", 0) + 1
-            writer_tensors.append((name, np.ascontiguousarray(data), gguf.GGMLQuantizationType.F32))
     _write(reader, arch, writer_tensors, out)
     return counts
 

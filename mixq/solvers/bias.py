@@ -8,9 +8,18 @@ it, which leaves E‖ΔW (x − μ)‖² = tr(ΔW Σ ΔWᵀ), Σ = H − μμᵀ
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from ..capture import LayerStats
 from . import register_refiner
+
+
+def solve_stats(stats: LayerStats, bias: bool) -> LayerStats:
+    """The statistics a solver is given and judged on: with bias compensation, the input covariance in place
+    of H (the error that remains once the bias absorbs the mean)."""
+    return replace(stats, hessian=stats.covariance()) if bias else stats
 
 
 def compensation(weight: torch.Tensor, deq: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
