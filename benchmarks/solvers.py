@@ -5,9 +5,10 @@ Reruns from scratch: `python benchmarks/solvers.py` (hours on 2 cores: each row 
 evaluates it). Each finished row is written to the JSON at once and a rerun with the same --windows skips it, so
 the script can be stopped and resumed; --solvers / --formats / --budgets pick a subset. Writes
 benchmarks/results/solvers.md, .json and .png. Perplexity by the project's protocol (pydoc split, first 64 windows
-of 512 tokens of the evaluation split); calibration 32 × 512 tokens of the pydoc calibration split. A text unlike
-the calibration (benchmarks/data/botchan.txt, a novel) checks that calibrating on one text does not wreck
-another: its first 32 windows of 512 tokens.
+of 512 tokens of the evaluation split); calibration 32 × 512 tokens of the pydoc calibration split and, as
+`mixq quantize` does by default, --generated windows of 512 tokens the model samples itself (0: pydoc alone). A
+text unlike the calibration (benchmarks/data/botchan.txt, a novel) checks that calibrating on one text does not
+wreck another: its first 32 windows of 512 tokens. Each row records its calibration and GPTQ damping.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from mixq.allocate import allocate
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates
+from mixq.solvers.gptq import DAMP
 
 from common import HERE, provenance, smollm2
 
@@ -57,31 +59,39 @@ def main():
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5],
                     help="bpw budgets of mixq's allocation with ALLOC_SOLVERS × the default formats as candidates")
+    ap.add_argument("--generated", type=int, default=data.GENERATED_WINDOWS,
+                    help="windows the model samples itself, added to the calibration (as mixq quantize does)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
     out = Path(args.out)
     torch.manual_seed(0)
     model, tok, calib, pydoc = smollm2(args.windows)
     evals = {"ppl": pydoc, "unlike": data.evaluation_windows(tok, UNLIKE, UNLIKE_WINDOWS)}
+    label = f"pydoc + {args.generated} generated" if args.generated else "pydoc"
+    if args.generated:
+        calib = data.mixed(calib, data.generated_windows(model, tok.bos_token_id, args.generated))
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     rows = [r for r in rows if r["windows"] == args.windows]
-    done = {(r["solver"], r["format"]) for r in rows}
-    if ("float", "") not in done:
+    done = {(r["solver"], r["format"], r.get("calib"), r.get("damp")) for r in rows}
+    setting = {"calib": label, "damp": DAMP}
+    if not any(r["solver"] == "float" for r in rows):
         rows.append({"solver": "float", "format": "", "windows": args.windows, "bpw": 32.0, "seconds": 0.0,
                      **{k: perplexity(model, v) for k, v in evals.items()}})
         print(rows[-1], flush=True)
     names = adapter_for(model).layer_names(model)
     for fmt in args.formats:
         for solver in args.solvers:
-            if (solver, fmt) in done:
+            if (solver, fmt, label, DAMP) in done:
                 continue
             plan = Plan({n: Candidate(FORMATS[fmt], solver) for n in names})
-            rows.append({"solver": solver, "format": fmt, "windows": args.windows, **run(model, calib, evals, plan)})
+            rows.append({"solver": solver, "format": fmt, "windows": args.windows, **setting,
+                         **run(model, calib, evals, plan)})
             print(rows[-1], flush=True)
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    prof, profile_file, profile_seconds = None, out.with_name(out.name + "_profile.json"), None
+    suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
+    prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
-        if ("mixq allocation", f"{budget:g} bpw") in done:
+        if ("mixq allocation", f"{budget:g} bpw", label, DAMP) in done:
             continue
         if prof is None:
             if profile_file.exists():
@@ -95,12 +105,18 @@ def main():
                 print(f"profile {profile_seconds:.0f} s", flush=True)
         plan = allocate(prof, Budget(bits=budget)).plan
         r = run(model, calib, evals, plan)
-        rows.append({"solver": "mixq allocation", "format": f"{budget:g} bpw", "windows": args.windows, **r,
+        rows.append({"solver": "mixq allocation", "format": f"{budget:g} bpw", "windows": args.windows, **setting,
+                     **r,
                      "profile_seconds": profile_seconds,
                      "solvers": dict(Counter(c.solver for c in plan.layers.values()))})
         print(rows[-1], flush=True)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     write(rows, out, args.windows)
+
+
+def _label(row) -> str:
+    old = (row.get("calib"), row.get("damp")) in (("pydoc", 0.01), (None, None))
+    return row["solver"] if old else f"{row['solver']} ({row['calib']}, damp {row['damp']:g})"
 
 
 def write(rows, out: Path, windows: int):
@@ -113,26 +129,30 @@ def write(rows, out: Path, windows: int):
     ref = next(r for r in rows if r["solver"] == "float")
     lines = ["# SmolLM2-135M: per-layer solvers at uniform formats", "",
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration 32 × 512 "
-             f"tokens of the pydoc calibration split. Float reference {ref['ppl']:.3f} (pydoc), "
-             f"{ref['unlike']:.3f} (unlike: {UNLIKE.name}, {UNLIKE_WINDOWS} windows). " + provenance(), "",
-             "| format | solver | real bpw | pydoc ppl | × reference | unlike-text ppl | × reference | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"tokens of the pydoc calibration split, plus windows the model samples itself where the calibration "
+             f"column says so (`mixq quantize`'s default); GPTQ and comq damping as the damp column says (0.1 since "
+             f"the generated calibration came in; gptq-plain keeps GPTQ's 0.01). Float reference {ref['ppl']:.3f} "
+             f"(pydoc), {ref['unlike']:.3f} (unlike: {UNLIKE.name}, {UNLIKE_WINDOWS} windows). " + provenance(), "",
+             "| format | solver | calibration | damp | real bpw | pydoc ppl | × reference | unlike-text ppl | "
+             "× reference | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["solver"] != "float":
-            lines.append(f"| {r['format']} | {r['solver']} | {r['bpw']:.3f} | {r['ppl']:.3f} | "
+            lines.append(f"| {r['format']} | {r['solver']} | {r['calib']} | {r['damp']:g} | {r['bpw']:.3f} | "
+                         f"{r['ppl']:.3f} | "
                          f"{r['ppl'] / ref['ppl']:.3f} | {r['unlike']:.3f} | {r['unlike'] / ref['unlike']:.3f} | "
                          f"{r['seconds']:.0f} |")
-    profiled = [r["profile_seconds"] for r in rows if r.get("profile_seconds")]
+    profiled = {(r["calib"], r["damp"]): r["profile_seconds"] for r in rows if r.get("profile_seconds")}
     if profiled:
         lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} × the default formats; seconds of the "
-                  f"apply; the profile they share took {profiled[0]:.0f} s."]
+                  "apply; the profile the rows of one calibration share took " +
+                  ", ".join(f"{v:.0f} s ({c}, damp {d:g})" for (c, d), v in profiled.items()) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     formats = list(dict.fromkeys(r["format"] for r in rows if r["solver"] != "float"))
-    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["solver"] != "float"))
+    solvers = list(dict.fromkeys(_label(r) for r in rows if r["solver"] != "float"))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(len(solvers), 1)
     for k, solver in enumerate(solvers):
-        got = {r["format"]: r["ppl"] for r in rows if r["solver"] == solver}
+        got = {r["format"]: r["ppl"] for r in rows if _label(r) == solver}
         xs = [i + k * width for i, f in enumerate(formats) if f in got]
         ax.bar(xs, [got[f] for f in formats if f in got], width, label=solver)
     ax.axhline(ref["ppl"], color="gray", ls="--", label="float reference")

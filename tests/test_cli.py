@@ -147,13 +147,15 @@ def _bad_cases(tiny_hf_dir: Path, text_file: Path, tmp: Path) -> dict[str, tuple
         "plan and bits": ([*m, "--plan", unknown_plan, "--bits", 3, *c], "exactly one"),
         "unknown solver": ([*m, "--bits", 3, "--solver", "awq", *c], "unknown solver 'awq'"),
         "unknown refiner": ([*m, "--bits", 3, "--solver", "gptq+nope", *c], "unknown refiner 'nope'"),
+        "negative generated windows": ([*m, "--bits", 3, "--calib-generated", -1, *c], "--calib-generated"),
     }
 
 
 CASES = ["missing model", "folder without config", "random .gguf", "truncated .gguf", "empty calibration",
          "missing calibration", "latin-1 calibration", "short calibration", "impossible budget", "impossible size",
          "unreadable size", "plan with unknown layer", "missing plan", "out holds another model",
-         "neither bits nor size", "both bits and size", "plan and bits", "unknown solver", "unknown refiner"]
+         "neither bits nor size", "both bits and size", "plan and bits", "unknown solver", "unknown refiner",
+         "negative generated windows"]
 
 
 def _run_bad(case, tiny_hf_dir, text_file, tmp_path):
@@ -187,6 +189,20 @@ def test_solver_option_fills_every_candidate(tiny_hf_dir, text_file, tmp_path):
     assert res.exit_code == 0, res.output
     plan = json.loads((tmp_path / "q" / "plan.json").read_text())["layers"]
     assert {c["solver"] for c in plan.values()} == {"gptq+bias"}
+
+
+def test_generated_calibration_is_recorded_and_changes_the_statistics(tiny_hf_dir, text_file, tmp_path):
+    runs, windows = {}, {}
+    for n in (0, 3):
+        res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3, "--calib", text_file, "--calib-windows", 2,
+                     "--calib-generated", n, "--eval-windows", 0, "--out", tmp_path / f"g{n}")
+        assert res.exit_code == 0, res.output
+        meta = json.loads((tmp_path / f"g{n}" / MARKER).read_text())["calibration"]
+        windows[n] = meta["windows"]
+        assert meta["generated_windows"] == n
+        runs[n] = json.loads((tmp_path / f"g{n}" / "profile.json").read_text())
+    assert windows[3] == windows[0] + 3
+    assert runs[0] != runs[3]  # the generated windows reach the profile
 
 
 def test_errors_are_one_line(tiny_hf_dir, text_file, tmp_path):
