@@ -6,7 +6,7 @@ evaluates it). Each finished row is written to the JSON at once and a rerun with
 the script can be stopped and resumed; --solvers / --formats / --budgets pick a subset. Writes
 benchmarks/results/solvers.md, .json and .png. Perplexity by the project's protocol (pydoc split, first 64 windows
 of 512 tokens of the evaluation split); calibration 32 × 512 tokens of the pydoc calibration split and, as
-`mixq quantize` does by default, --generated windows of 512 tokens the model samples itself (0: pydoc alone). A
+`mixq quantize --calib-generated` adds, --generated windows of 512 tokens the model samples itself (default 0). A
 text unlike the calibration (benchmarks/data/botchan.txt, a novel) checks that calibrating on one text does not
 wreck another: its first 32 windows of 512 tokens. Each row records its calibration and GPTQ damping.
 """
@@ -59,8 +59,8 @@ def main():
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5],
                     help="bpw budgets of mixq's allocation with ALLOC_SOLVERS × the default formats as candidates")
-    ap.add_argument("--generated", type=int, default=data.GENERATED_WINDOWS,
-                    help="windows the model samples itself, added to the calibration (as mixq quantize does)")
+    ap.add_argument("--generated", type=int, default=0,
+                    help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
     out = Path(args.out)
@@ -130,8 +130,8 @@ def write(rows, out: Path, windows: int):
     lines = ["# SmolLM2-135M: per-layer solvers at uniform formats", "",
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration 32 × 512 "
              f"tokens of the pydoc calibration split, plus windows the model samples itself where the calibration "
-             f"column says so (`mixq quantize`'s default); GPTQ and comq damping as the damp column says (0.1 since "
-             f"the generated calibration came in; gptq-plain keeps GPTQ's 0.01). Float reference {ref['ppl']:.3f} "
+             f"column says so (`mixq quantize --calib-generated`); GPTQ and comq damping as the damp column says "
+             f"(0.1 by default since d46a6c5; gptq-plain keeps GPTQ's 0.01). Float reference {ref['ppl']:.3f} "
              f"(pydoc), {ref['unlike']:.3f} (unlike: {UNLIKE.name}, {UNLIKE_WINDOWS} windows). " + provenance(), "",
              "| format | solver | calibration | damp | real bpw | pydoc ppl | × reference | unlike-text ppl | "
              "× reference | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]

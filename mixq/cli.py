@@ -15,7 +15,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .data import GENERATED_WINDOWS
 from .profile import DEFAULT_SOLVER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -96,10 +95,12 @@ def quantize(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) "
                                         "as is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
-    calib_generated: int = typer.Option(GENERATED_WINDOWS, help="Windows of text the model samples itself "
-                                        "(data-free calibration), added to the calibration text so that the "
-                                        "Hessians and the sensitivity do not fit that one text alone (0: off). "
-                                        "About 4 s a window on SmolLM2 here; see the README's Solvers section."),
+    calib_generated: int = typer.Option(0, help="Windows of text the model samples itself (data-free "
+                                        "calibration, e.g. 16), added to the calibration text so that the Hessians "
+                                        "and the sensitivity do not fit that one text alone: better on other text, "
+                                        "a little worse on the calibration's kind, and slower (about 4 s a window "
+                                        "on SmolLM2 here, plus the longer profile and apply). See the README's "
+                                        "Calibration section."),
     solver: str = typer.Option(DEFAULT_SOLVER, "--solver", help="The solver that fills every candidate format: "
                                "rtn, clip, gptq-plain, gptq, gptq-act, oac or comq, optionally followed by "
                                "refiners: +comq (coordinate descent), +bias (bias compensation; its bits count). "
@@ -220,7 +221,7 @@ def _with_generated(net, tok, calib_ids, count: int, progress: Progress):
     start = next((t for t in (tok.bos_token_id, tok.eos_token_id, net.config.bos_token_id) if t is not None), None)
     if start is None:
         raise data.DataError("--calib-generated needs a start token: the tokenizer has no BOS or EOS token "
-                             "(give --calib-generated 0)")
+                             "(leave --calib-generated out)")
     task = progress.add_task("generate", total=calib_ids.shape[1] - 1)
     gen = data.generated_windows(net, start, count, calib_ids.shape[1],
                                  step=lambda done, total: progress.update(task, completed=done))

@@ -15,7 +15,6 @@ CALIB_FRACTION = 0.6
 WINDOW = 512
 EVAL_WINDOWS = 64
 CALIB_WINDOWS = 32  # default calibration: 32 × 512 tokens spread evenly over the calibration split
-GENERATED_WINDOWS = 16  # and 16 × 512 tokens the model samples itself (generated_windows)
 
 
 class DataError(ValueError):
