@@ -376,4 +376,5 @@ def test_calibrate_cost_writes_a_table(tiny_hf_dir, tmp_path):
     res = invoke("calibrate-cost", "--model", tiny_hf_dir, "--out", tmp_path / "c.json")
     assert res.exit_code == 0, res.output
     table = CostTable.from_json((tmp_path / "c.json").read_text())
-    assert 1.25 * table.float_token > table.rest > 0 and table.formats  # close on the tiny model: timing jitter
+    # the rest (all but the block linears) is most of the tiny model's token time; 2x: jitter on a loaded machine
+    assert 2 * table.float_token > table.rest > 0 and table.formats
