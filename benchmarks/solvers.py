@@ -69,7 +69,7 @@ def main():
     evals = {"ppl": pydoc, "unlike": data.evaluation_windows(tok, UNLIKE, UNLIKE_WINDOWS)}
     label = f"pydoc + {args.generated} generated" if args.generated else "pydoc"
     if args.generated:
-        calib = data.mixed(calib, data.generated_windows(model, tok.bos_token_id, args.generated))
+        calib = data.mixed(calib, data.generated_windows(model, data.start_token(tok, model), args.generated))
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     rows = [r for r in rows if r["windows"] == args.windows]
     done = {(r["solver"], r["format"], r.get("calib"), r.get("damp")) for r in rows}

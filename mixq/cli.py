@@ -98,9 +98,8 @@ def quantize(
     calib_generated: int = typer.Option(0, help="Windows of text the model samples itself (data-free "
                                         "calibration, e.g. 16), added to the calibration text so that the Hessians "
                                         "and the sensitivity do not fit that one text alone: better on other text, "
-                                        "a little worse on the calibration's kind, and slower (about 4 s a window "
-                                        "on SmolLM2 here, plus the longer profile and apply). See the README's "
-                                        "Calibration section."),
+                                        "a little worse on the calibration's kind, and slower (the sampling, then "
+                                        "a longer profile and apply). See the README's Calibration section."),
     solver: str = typer.Option(DEFAULT_SOLVER, "--solver", help="The solver that fills every candidate format: "
                                "rtn, clip, gptq-plain, gptq, gptq-act, oac or comq, optionally followed by "
                                "refiners: +comq (coordinate descent), +bias (bias compensation; its bits count). "
@@ -218,13 +217,10 @@ def _with_generated(net, tok, calib_ids, count: int, progress: Progress):
     """The calibration windows with `count` windows the model samples itself, interleaved (data.mixed)."""
     from . import data
 
-    start = next((t for t in (tok.bos_token_id, tok.eos_token_id, net.config.bos_token_id) if t is not None), None)
-    if start is None:
-        raise data.DataError("--calib-generated needs a start token: the tokenizer has no BOS or EOS token "
-                             "(leave --calib-generated out)")
-    task = progress.add_task("generate", total=calib_ids.shape[1] - 1)
+    start = data.start_token(tok, net)
+    task = progress.add_task("generate")
     gen = data.generated_windows(net, start, count, calib_ids.shape[1],
-                                 step=lambda done, total: progress.update(task, completed=done))
+                                 step=lambda done, total: progress.update(task, completed=done, total=total))
     return data.mixed(calib_ids, gen)
 
 

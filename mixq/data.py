@@ -75,9 +75,8 @@ def generated_windows(model, start_id: int, count: int, length: int = WINDOW, se
                       step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """count × length tokens the model samples itself from `start_id` (temperature 1, no truncation): data-free
     calibration text (LLM-QAT, arXiv 2305.17888) covering what the model knows rather than one text's topic.
-    Each window packs two samples of half its length (half the decoding steps at twice the batch: 85 s → 58 s for
-    16 windows of SmolLM2 here). Deterministic for a seed; the global random state is left as it was.
-    `step(done, total)` reports the decoding steps."""
+    Each window packs two samples of half its length (half the decoding steps at twice the batch). Deterministic
+    for a seed; the global random state is left as it was. `step(done, total)` reports the decoding steps."""
     from transformers.generation.streamers import BaseStreamer
 
     half = (length + 1) // 2
@@ -100,6 +99,15 @@ def generated_windows(model, start_id: int, count: int, length: int = WINDOW, se
                              top_p=1.0, max_new_tokens=half - 1, min_new_tokens=half - 1, pad_token_id=start_id,
                              streamer=Counter())
     return ids.reshape(count, 2 * half)[:, :length]
+
+
+def start_token(tokenizer, model) -> int:
+    """The token generated_windows starts each sample from: the tokenizer's BOS, else its EOS, else the config's."""
+    start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, model.config.bos_token_id)
+                  if t is not None), None)
+    if start is None:
+        raise DataError("generated calibration needs a start token: the tokenizer has no BOS or EOS token")
+    return start
 
 
 def mixed(text: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:

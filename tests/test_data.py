@@ -1,6 +1,7 @@
 """Calibration streams: text windows, windows the model samples itself, and their interleaving."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mixq import data
@@ -46,3 +47,17 @@ def test_mixed_interleaves_so_every_prefix_has_both():
     assert 0 < sum(kinds[:3]) < 3  # the first three windows already hold both kinds
     assert all(sum(kinds[:k]) <= k // 3 + 1 for k in range(1, 13))  # no run of generated windows at the start
     assert torch.equal(data.mixed(text, gen[:0]), text)
+
+
+def test_start_token_falls_back_from_bos_to_eos_to_the_config_then_fails(tiny_model):
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(bos_token_id=5, eos_token_id=6)
+    assert data.start_token(tok, tiny_model) == 5
+    tok.bos_token_id = None
+    assert data.start_token(tok, tiny_model) == 6
+    tok.eos_token_id = None
+    assert data.start_token(tok, tiny_model) == tiny_model.config.bos_token_id == 1
+    tiny_model.config.bos_token_id = None
+    with pytest.raises(data.DataError, match="start token"):
+        data.start_token(tok, tiny_model)

@@ -18,8 +18,8 @@ from .clip import column_importance, search
 from .rtn import finish, row_maxq
 
 # Fraction of mean(diag H) added to the diagonal. GPTQ's 0.01 fits the calibration text closest; 0.1 pulls each
-# solve toward the plain weight error and generalises better: on SmolLM2's 3.0 bpw allocation, 16 windows, pydoc
-# perplexity 18.20 → 17.98 and a novel's 61.9 → 57.5 (benchmarks/solvers.py, README's Solvers section).
+# solve toward the plain weight error and generalises better: on SmolLM2's 3.0 bpw allocation, pydoc perplexity
+# 15.53 → 15.56 and a novel's 63.6 → 59.6 (benchmarks/results/solvers.md).
 DAMP = 0.1
 PUBLISHED_DAMP = 0.01  # gptq-plain: GPTQ as published
 BLOCK = 128  # columns per lazy batch
