@@ -74,9 +74,14 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
         scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
 
     perm = torch.arange(cols)
-    if act_order:
-        for gi in range(ngroups):
-            fit_group(gi, w)
+    if act_order:  # every grid from the original weights: one search over all groups at once
+        if minmax:
+            for gi in range(ngroups):
+                fit_group(gi, w)
+        else:
+            maxq_g = maxq.repeat_interleave(ngroups, 0)
+            s, z = search(w.reshape(-1, group), importance.reshape(-1, group), maxq_g, grid, snap=dq and dq.snap)
+            scales[:], zeros[:] = s.view(rows, ngroups), z.view(rows, ngroups)
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky_of(hessian, h, damp, perm if act_order else None)
