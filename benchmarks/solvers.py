@@ -29,15 +29,15 @@ from mixq.allocate import allocate
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates
-from mixq.solvers.gptq import DAMP
+from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
 
 from common import HERE, provenance, smollm2
 
 # the four uniform formats, on GPTQ's classic asymmetric grid (integer zeros): 192 and 64 divide every row
 FORMATS = {"3-bit g192": QuantSpec.of(3, 192), "3-bit g64": QuantSpec.of(3, 64), "2-bit g64": QuantSpec.of(2, 64),
            "4-bit g192": QuantSpec.of(4, 192)}
-SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "oac", "comq", "gptq-act+bias", "gptq-act+comq",
-           "gptq-act+comq+bias"]
+SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "oac", "aespa", "comq", "gptq-act+bias", "gptq-act+comq",
+           "aespa+comq", "gptq-act+comq+bias"]
 ALLOC_SOLVERS = ["gptq-act+comq"]  # the others lose to it at every format above (bias: see the table's note)
 UNLIKE = HERE / "data" / "botchan.txt"
 UNLIKE_WINDOWS = 32
@@ -81,10 +81,11 @@ def main():
     names = adapter_for(model).layer_names(model)
     for fmt in args.formats:
         for solver in args.solvers:
-            if (solver, fmt, label, DAMP) in done:
+            damp = PUBLISHED_DAMP if solver.split("+")[0] == "gptq-plain" else DAMP  # the damping it solves at
+            if (solver, fmt, label, damp) in done:
                 continue
             plan = Plan({n: Candidate(FORMATS[fmt], solver) for n in names})
-            rows.append({"solver": solver, "format": fmt, "windows": args.windows, **setting,
+            rows.append({"solver": solver, "format": fmt, "windows": args.windows, **setting, "damp": damp,
                          **run(model, calib, evals, plan)})
             print(rows[-1], flush=True)
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -6,6 +6,7 @@ forward pass, then run each block on its own.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -131,6 +132,66 @@ def hessians(block: nn.Module, adapter: Adapter):
         for s in stats.values():
             s.hessian = (s.hessian / max(s.tokens, 1)).float()
             s.mean = (s.mean / max(s.tokens, 1)).float()
+
+
+@contextmanager
+def attention_hessians(block: nn.Module, adapter: Adapter):
+    """The value projection's attention-aware Hessians (solvers.aespa) while the block runs: for each key-value
+    head g, H_g = E_t[x̄_ht x̄_htᵀ] over tokens t and the query heads h that read g, x̄_ht = Σ_s A_hts x_s the
+    input averaged by head h's attention probabilities, so that tr(ΔW_g H_g ΔW_gᵀ) is the error a change ΔW_g
+    of g's rows makes in the attention output. The probabilities come from the query and key states the model's
+    own attention function receives (after RoPE and any q/k norm), by wrapping that function for the run.
+
+    Yields a dict {value projection name: kv heads × cols × cols}, filled as the block runs (float32 at exit)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attn = block.get_submodule(adapter.value.rsplit(".", 1)[0])
+    impl = attn.config._attn_implementation
+    original = ALL_ATTENTION_FUNCTIONS.get_interface(
+        impl, getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None))
+    overridden = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
+    seen, sums = {}, {}
+
+    def stash(_module, args):
+        seen["x"] = args[0]
+
+    def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
+        if module is attn:
+            _add_attention_hessians(sums, seen.pop("x"), query, key, attention_mask, kwargs.get("scaling"),
+                                    getattr(module, "is_causal", True))
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    handle = block.get_submodule(adapter.value).register_forward_pre_hook(stash)
+    ALL_ATTENTION_FUNCTIONS[impl] = wrapped
+    out: dict[str, torch.Tensor] = {}
+    try:
+        yield out
+    finally:
+        handle.remove()
+        if overridden is None:
+            del ALL_ATTENTION_FUNCTIONS[impl]
+        else:
+            ALL_ATTENTION_FUNCTIONS[impl] = overridden
+        if sums:
+            out[adapter.value] = (sums["h"] / sums["n"]).float()
+
+
+def _add_attention_hessians(sums: dict, x, query, key, mask, scaling, causal: bool) -> None:
+    """Add Σ x̄ x̄ᵀ per key-value head (and the count) of one batch to `sums` (see attention_hessians)."""
+    b, heads, t, dim = query.shape
+    kv = key.shape[1]
+    scores = query.float() @ key.float().repeat_interleave(heads // kv, 1).transpose(-1, -2)
+    scores = scores * (dim ** -0.5 if scaling is None else scaling)
+    if mask is not None:
+        mask = mask[..., :t, :t]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    elif causal and t > 1:
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    xbar = torch.softmax(scores, -1) @ x.float()[:, None]  # b × heads × t × cols
+    xbar = xbar.view(b, kv, heads // kv, t, -1).transpose(0, 1).reshape(kv, -1, xbar.shape[-1])
+    h = (xbar.transpose(1, 2) @ xbar).double()
+    sums["h"] = h if "h" not in sums else sums["h"] + h
+    sums["n"] = sums.get("n", 0) + xbar.shape[1]
 
 
 def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,

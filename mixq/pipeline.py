@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, allocate, check_budget
-from .capture import LayerStats, block_inputs, hessians, output_adaptive_hessians, output_fisher, run_block
+from .capture import LayerStats, attention_hessians, block_inputs, hessians, output_adaptive_hessians, output_fisher, \
+    run_block
 from .checkpoint import Checkpoint
 from .cost import CostTable
 from .formats import QuantizedTensor
@@ -25,6 +27,7 @@ from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
 from .solvers import get_solver, solve
+from .solvers.aespa import solve_heads
 from .solvers.bias import compensation, solve_stats
 
 log = logging.getLogger(__name__)
@@ -177,7 +180,9 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
     oac = output_adaptive_hessians(model, adapter, calib[:FISHER_WINDOWS], oac, step) if oac else {}
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
-        with hessians(block, adapter) as stats:
+        value = plan.layers.get(f"{adapter.blocks}.{i}.{adapter.value}")
+        aware = attention_hessians(block, adapter) if value is not None and value.base == "aespa" else nullcontext({})
+        with hessians(block, adapter) as stats, aware as attn:
             run_block(block, x, kwargs)
         for group in adapter.groups:
             for n in group:
@@ -185,7 +190,10 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 if name not in plan.layers:
                     continue
                 lin, cand, st = block.get_submodule(n), plan.layers[name], stats[group[0]]
-                qt = solve(cand.solver, lin.weight.detach(), solve_hessian(cand, st, oac.get(name)), cand.spec)
+                if n in attn:  # aespa's value projection: each head's rows on its attention-aware Hessian
+                    qt = solve_heads(cand.solver, lin.weight.detach(), attn[n], cand.spec)
+                else:
+                    qt = solve(cand.solver, lin.weight.detach(), solve_hessian(cand, st, oac.get(name)), cand.spec)
                 deq = qt.dequantize()
                 if cand.bias:  # stored as fp16, like every float parameter
                     delta = compensation(lin.weight.detach(), deq, st.mean)

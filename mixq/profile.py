@@ -123,7 +123,7 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
 
 
 PROFILE_SKIPS = {"comq"}  # refiners left out while profiling (see profile_solver)
-PROFILE_AS = {"oac": "gptq-act"}  # solvers profiled as another (solvers.oac)
+PROFILE_AS = {"oac": "gptq-act", "aespa": "gptq-act"}  # solvers profiled as another (solvers.oac, .aespa)
 
 
 def profile_solver(name: str) -> str:

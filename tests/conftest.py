@@ -72,6 +72,18 @@ def first_block_capture(model, ids: torch.Tensor):
     return hidden, x, stats, y, block
 
 
+def apply_uniform(model, ids: torch.Tensor, solver: str, spec) -> dict:
+    """Every block linear of a copy of `model` quantized to `spec` by `solver`, packed: {layer: QuantizedTensor}."""
+    from mixq.models import adapter_for
+    from mixq.pipeline import apply_plan, pack_model
+    from mixq.plan import Candidate, Plan
+
+    model = copy.deepcopy(model)
+    qt = apply_plan(model, ids, Plan({n: Candidate(spec, solver) for n in adapter_for(model).layer_names(model)}))
+    pack_model(model, qt)
+    return qt
+
+
 def random_ids(windows: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (windows, length), generator=torch.Generator().manual_seed(seed))
 

@@ -9,9 +9,11 @@ import torch
 from mixq.capture import output_adaptive_hessians
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
-from mixq.pipeline import apply_plan, pack_model, quantize
-from mixq.plan import Budget, Candidate, Plan
+from mixq.pipeline import quantize
+from mixq.plan import Budget, Candidate
 from mixq.solvers import output_error, solve
+
+from conftest import apply_uniform
 
 LAYER = "model.layers.1.mlp.down_proj"
 
@@ -65,12 +67,7 @@ def test_oac_lowers_the_loss_weighted_output_error(tiny_model, calib_ids):
 def test_oac_plans_apply_pack_and_allocate(tiny_model, calib_ids):
     names = adapter_for(tiny_model).layer_names(tiny_model)
     spec = QuantSpec.of(3, 32)
-    applied = {}
-    for solver in ("oac", "gptq-act"):
-        model = copy.deepcopy(tiny_model)
-        qt = apply_plan(model, calib_ids, Plan({n: Candidate(spec, solver) for n in names}))
-        pack_model(model, qt)
-        applied[solver] = qt[names[0]].codes
+    applied = {s: apply_uniform(tiny_model, calib_ids, s, spec)[names[0]].codes for s in ("oac", "gptq-act")}
     assert not torch.equal(applied["oac"], applied["gptq-act"])  # the apply really used the other Hessian
     result = quantize(copy.deepcopy(tiny_model), calib_ids, budget=Budget(bits=3.0),
                       candidates=[Candidate(QuantSpec.of(b, 32), "oac+comq") for b in (2, 3, 4)])

@@ -14,6 +14,7 @@ class Adapter:
     norm: str = "model.norm"  # final normalisation and output head: what turns the last block's output into logits
     head: str = "lm_head"
     embed: str = "model.embed_tokens"
+    value: str = "self_attn.v_proj"  # the value projection, in the block's attention module (solvers.aespa)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

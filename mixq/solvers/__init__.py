@@ -55,4 +55,4 @@ def output_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor)
     return ((d @ hessian) * d).sum(1)
 
 
-from . import bias, clip, comq, gptq, oac, rtn  # noqa: E402,F401  (register)
+from . import aespa, bias, clip, comq, gptq, oac, rtn  # noqa: E402,F401  (register)
