@@ -28,7 +28,7 @@ from mixq.models import adapter_for
 from mixq.allocate import allocate
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import Profile, default_candidates
+from mixq.profile import Profile, default_candidates, profile_solver
 from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
 
 from common import HERE, provenance, smollm2
@@ -59,6 +59,8 @@ def main():
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5],
                     help="bpw budgets of mixq's allocation with ALLOC_SOLVERS × the default formats as candidates")
+    ap.add_argument("--alloc-solver", default=ALLOC_SOLVERS[0],
+                    help="the solver of the allocation's candidates (the profile is shared by solvers profiled alike)")
     ap.add_argument("--generated", type=int, default=0,
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
@@ -92,7 +94,8 @@ def main():
     suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
-        if ("mixq allocation", f"{budget:g} bpw", label, DAMP) in done:
+        row_name = "mixq allocation" + ("" if args.alloc_solver == ALLOC_SOLVERS[0] else f" ({args.alloc_solver})")
+        if (row_name, f"{budget:g} bpw", label, DAMP) in done:
             continue
         if prof is None:
             if profile_file.exists():
@@ -105,8 +108,12 @@ def main():
                 profile_file.write_text(prof.to_json())
                 print(f"profile {profile_seconds:.0f} s", flush=True)
         plan = allocate(prof, Budget(bits=budget)).plan
+        if profile_solver(args.alloc_solver) != profile_solver(ALLOC_SOLVERS[0]):
+            raise SystemExit(f"{args.alloc_solver} is profiled as {profile_solver(args.alloc_solver)}, "
+                             "not as this profile")
+        plan = Plan({n: Candidate(c.spec, args.alloc_solver) for n, c in plan.layers.items()})
         r = run(model, calib, evals, plan)
-        rows.append({"solver": "mixq allocation", "format": f"{budget:g} bpw", "windows": args.windows, **setting,
+        rows.append({"solver": row_name, "format": f"{budget:g} bpw", "windows": args.windows, **setting,
                      **r,
                      "profile_seconds": profile_seconds,
                      "solvers": dict(Counter(c.solver for c in plan.layers.values()))})
@@ -144,7 +151,8 @@ def write(rows, out: Path, windows: int):
                          f"{r['seconds']:.0f} |")
     profiled = {(r["calib"], r["damp"]): r["profile_seconds"] for r in rows if r.get("profile_seconds")}
     if profiled:
-        lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} × the default formats; seconds of the "
+        lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} (or the solver in brackets, on the same "
+                  "profile) × the default formats; seconds of the "
                   "apply; the profile the rows of one calibration share took " +
                   ", ".join(f"{v:.0f} s ({c}, damp {d:g})" for (c, d), v in profiled.items()) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -139,8 +139,9 @@ def attention_hessians(block: nn.Module, adapter: Adapter):
     """The value projection's attention-aware Hessians (solvers.aespa) while the block runs: for each key-value
     head g, H_g = E_t[x̄_ht x̄_htᵀ] over tokens t and the query heads h that read g, x̄_ht = Σ_s A_hts x_s the
     input averaged by head h's attention probabilities, so that tr(ΔW_g H_g ΔW_gᵀ) is the error a change ΔW_g
-    of g's rows makes in the attention output. The probabilities come from the query and key states the model's
-    own attention function receives (after RoPE and any q/k norm), by wrapping that function for the run.
+    of g's rows makes in the attention output (averaged over every QUERY_STRIDE-th token t). The probabilities
+    come from the query and key states the model's own attention function receives (after RoPE and any q/k
+    norm), by wrapping that function for the run.
 
     Yields a dict {value projection name: kv heads × cols × cols}, filled as the block runs (float32 at exit)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -176,19 +177,24 @@ def attention_hessians(block: nn.Module, adapter: Adapter):
             out[adapter.value] = (sums["h"] / sums["n"]).float()
 
 
+QUERY_STRIDE = 2  # attention_hessians averages over every other query token (neighbours' x̄ are alike)
+
+
 def _add_attention_hessians(sums: dict, x, query, key, mask, scaling, causal: bool) -> None:
-    """Add Σ x̄ x̄ᵀ per key-value head (and the count) of one batch to `sums` (see attention_hessians)."""
+    """Add Σ x̄ x̄ᵀ per key-value head (and the count) of one batch to `sums` (see attention_hessians), over every
+    QUERY_STRIDE-th query token."""
     b, heads, t, dim = query.shape
     kv = key.shape[1]
-    scores = query.float() @ key.float().repeat_interleave(heads // kv, 1).transpose(-1, -2)
+    rows = torch.arange(0, t, QUERY_STRIDE)
+    scores = query[:, :, rows].float() @ key.float().repeat_interleave(heads // kv, 1).transpose(-1, -2)
     scores = scores * (dim ** -0.5 if scaling is None else scaling)
     if mask is not None:
-        mask = mask[..., :t, :t]
+        mask = mask[..., :t, :t][..., rows, :]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     elif causal and t > 1:
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    xbar = torch.softmax(scores, -1) @ x.float()[:, None]  # b × heads × t × cols
-    xbar = xbar.view(b, kv, heads // kv, t, -1).transpose(0, 1).reshape(kv, -1, xbar.shape[-1])
+        scores = scores.masked_fill(torch.arange(t)[None, :] > rows[:, None], float("-inf"))
+    xbar = torch.softmax(scores, -1) @ x.float()[:, None]  # b × heads × rows × cols
+    xbar = xbar.view(b, kv, heads // kv, len(rows), -1).transpose(0, 1).reshape(kv, -1, xbar.shape[-1])
     h = (xbar.transpose(1, 2) @ xbar).double()
     sums["h"] = h if "h" not in sums else sums["h"] + h
     sums["n"] = sums.get("n", 0) + xbar.shape[1]

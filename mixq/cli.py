@@ -101,9 +101,9 @@ def quantize(
                                         "a little worse on the calibration's kind, and slower (the sampling, then "
                                         "a longer profile and apply). See the README's Calibration section."),
     solver: str = typer.Option(DEFAULT_SOLVER, "--solver", help="The solver that fills every candidate format: "
-                               "rtn, clip, gptq-plain, gptq, gptq-act, oac or comq, optionally followed by "
-                               "refiners: +comq (coordinate descent), +bias (bias compensation; its bits count). "
-                               "See the README's Solvers section."),
+                               "rtn, clip, gptq-plain, gptq, gptq-act, oac, aespa, taskclip or comq, optionally "
+                               "followed by refiners: +comq (coordinate descent), +bias (bias compensation; its bits "
+                               "count). See the README's Solvers section."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "

@@ -28,6 +28,7 @@ from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
 from .solvers import get_solver, solve
 from .solvers.aespa import solve_heads
+from .solvers.taskclip import JUDGE_WINDOWS, search as taskclip_search
 from .solvers.bias import compensation, solve_stats
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
         value = plan.layers.get(f"{adapter.blocks}.{i}.{adapter.value}")
         aware = attention_hessians(block, adapter) if value is not None and value.base == "aespa" else nullcontext({})
         with hessians(block, adapter) as stats, aware as attn:
-            run_block(block, x, kwargs)
+            y = run_block(block, x, kwargs)
+        judge = _block_judge(block, x[:JUDGE_WINDOWS], y[:JUDGE_WINDOWS], kwargs)
         for group in adapter.groups:
             for n in group:
                 name = f"{adapter.blocks}.{i}.{n}"
@@ -192,6 +194,9 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
                 lin, cand, st = block.get_submodule(n), plan.layers[name], stats[group[0]]
                 if n in attn:  # aespa's value projection: each head's rows on its attention-aware Hessian
                     qt = solve_heads(cand.solver, lin.weight.detach(), attn[n], cand.spec)
+                elif cand.base == "taskclip":  # the clipping ratio whose block output is nearest the float one
+                    qt, _ = taskclip_search(cand.solver, lin.weight.detach(), solve_hessian(cand, st), cand.spec,
+                                            judge(lin))
                 else:
                     qt = solve(cand.solver, lin.weight.detach(), solve_hessian(cand, st, oac.get(name)), cand.spec)
                 deq = qt.dequantize()
@@ -204,6 +209,21 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Step = _no_step) ->
         x = run_block(block, x, kwargs)
         step("apply", i + 1, len(blocks))
     return out
+
+
+def _block_judge(block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: dict):
+    """judge(linear)(weight) → Σ‖block(x) − y‖² with the linear's weight set to `weight` (restored after): how far
+    the block's output moves from `y` (its float output) for one layer's candidate weights, the layers before it
+    as they are (solvers.taskclip)."""
+    def judge(lin: nn.Linear):
+        def loss(weight: torch.Tensor) -> float:
+            kept, lin.weight.data = lin.weight.data, weight
+            try:
+                return float(((run_block(block, x, kwargs) - y) ** 2).sum())
+            finally:
+                lin.weight.data = kept
+        return loss
+    return judge
 
 
 def solve_hessian(cand: Candidate, stats: LayerStats, oac: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,10 +23,11 @@ REFINERS = Registry("refiner")
 register_refiner = REFINERS.register
 
 
-def get_solver(name: str):
-    """The solver function of a name: a registered solver, or one followed by registered refiners ("a+b+c")."""
-    base, *after = name.split("+")
-    solver = SOLVERS.lookup(base)
+def get_solver(name: str, base=None):
+    """The solver function of a name: a registered solver, or one followed by registered refiners ("a+b+c");
+    `base`, a solver function that stands in for the chain's first name."""
+    first, *after = name.split("+")
+    solver = SOLVERS.lookup(first) if base is None else base
     if not after:
         return solver
     refiners = [REFINERS.lookup(r) for r in after]
@@ -39,12 +40,12 @@ def get_solver(name: str):
     return chained
 
 
-def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, base=None) -> QuantizedTensor:
     rows, cols = weight.shape
     if not spec.fits(cols):
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
     bits = torch.full((rows,), spec.bits)
-    out = get_solver(name)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits,
+    out = get_solver(name, base)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits,
                            spec.super_block)
     return QuantizedTensor(*out[:3], spec, out[3])
 
@@ -55,4 +56,4 @@ def output_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor)
     return ((d @ hessian) * d).sum(1)
 
 
-from . import aespa, bias, clip, comq, gptq, oac, rtn  # noqa: E402,F401  (register)
+from . import aespa, bias, clip, comq, gptq, oac, rtn, taskclip  # noqa: E402,F401  (register)

@@ -15,12 +15,12 @@ SHRINKS = torch.linspace(1.0, 0.5, 11).tolist()  # steps of 0.05
 
 
 def search(wg: torch.Tensor, importance: torch.Tensor, maxq: torch.Tensor, grid: str, refit: bool = True,
-           snap=None):
+           snap=None, shrinks=None):
     """Best (scale, zero) per row of wg ((rows·groups) × group) under weights `importance` (same shape): every
-    shrink of the min/max range, each also with its least-squares scale (`refit`); every grid first `snap`ped to
-    what double quantization can store."""
+    shrink of the min/max range (`shrinks`, default SHRINKS), each also with its least-squares scale (`refit`);
+    every grid first `snap`ped to what double quantization can store."""
     best_err = best_scale = best_zero = None
-    for s in SHRINKS:
+    for s in SHRINKS if shrinks is None else shrinks:
         fitted = fit_params(wg, maxq, grid, s)
         for scale, zero in (fitted, _refit(wg, importance, *fitted, maxq, grid)) if refit else (fitted,):
             if snap is not None:

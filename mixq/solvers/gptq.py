@@ -49,7 +49,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0,
-                  minmax=False):
+                  minmax=False, shrinks=None):
     rows, cols = weight.shape
     w = weight.clone().float()
     h = hessian.clone().float()
@@ -70,7 +70,7 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
             s, z = fit_params(source[:, sl], maxq, grid)
             s, z = snap(s, z) if snap else (s, z)
         else:
-            s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=snap)
+            s, z = search(source[:, sl], importance[:, gi], maxq, grid, snap=snap, shrinks=shrinks)
         scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
 
     perm = torch.arange(cols)
@@ -80,7 +80,8 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
                 fit_group(gi, w)
         else:
             maxq_g = maxq.repeat_interleave(ngroups, 0)
-            s, z = search(w.reshape(-1, group), importance.reshape(-1, group), maxq_g, grid, snap=dq and dq.snap)
+            s, z = search(w.reshape(-1, group), importance.reshape(-1, group), maxq_g, grid, snap=dq and dq.snap,
+                          shrinks=shrinks)
             scales[:], zeros[:] = s.view(rows, ngroups), z.view(rows, ngroups)
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
