@@ -201,7 +201,7 @@ def _add_attention_hessians(sums: dict, x, query, key, mask, scaling, causal: bo
 
 
 def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,
-                     stage: str = "fisher", embed_name: str | None = None, sampled: bool = False) -> int:
+                     stage: str = "fisher", embed_name: str | None = None) -> int:
     """One backward pass of the next-token NLL (summed over a window) per window, calling on_grad(name, x, g) with
     the input x and output gradient g (tokens × features, detached) of each module in `names`, and of the
     embedding's output as `embed_name` if given. No weight gradients are kept (the graph starts at the
@@ -223,12 +223,8 @@ def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_g
         for k, window in enumerate(ids.split(1)):
             x = embed(window).detach().requires_grad_(True)
             logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1]
-            logits = logits.reshape(-1, logits.shape[-1])
-            labels = window[:, 1:].reshape(-1)
-            if sampled:  # labels drawn from the model's own next-token distribution (seeded per window)
-                gen = torch.Generator().manual_seed(k)
-                labels = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1, generator=gen)[:, 0]
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     window[:, 1:].reshape(-1), reduction="sum")
             loss.backward()
             if embed_name:
                 on_grad(embed_name, None, x.grad.reshape(-1, x.shape[-1]))
@@ -242,7 +238,7 @@ def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_g
 
 
 def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None,
-                  tables: bool = False, sampled: bool = False) -> dict[str, torch.Tensor]:
+                  tables: bool = False) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of each block linear's output: F_i = E_t[(∂L/∂y_ti)²], L the next-token NLL summed
     over a window. One backward pass per window. `tables` adds the head's output (over the vocabulary: the logits)
     and the embedding's (over its width).
@@ -254,8 +250,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
         sq = g.float().pow(2).sum(0).double()
         sums[name] = sq if name not in sums else sums[name] + sq
 
-    tokens = _backward_passes(model, ids, names, add, step, embed_name=adapter.embed if tables else None,
-                              sampled=sampled)
+    tokens = _backward_passes(model, ids, names, add, step, embed_name=adapter.embed if tables else None)
     return {n: (s / tokens).float() for n, s in sums.items()}
 
 
