@@ -65,6 +65,9 @@ def main():
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
+    if profile_solver(args.alloc_solver) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
+        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(args.alloc_solver)}, "
+                         f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")
     out = Path(args.out)
     torch.manual_seed(0)
     model, tok, calib, pydoc = smollm2(args.windows)
@@ -108,9 +111,6 @@ def main():
                 profile_file.write_text(prof.to_json())
                 print(f"profile {profile_seconds:.0f} s", flush=True)
         plan = allocate(prof, Budget(bits=budget)).plan
-        if profile_solver(args.alloc_solver) != profile_solver(ALLOC_SOLVERS[0]):
-            raise SystemExit(f"{args.alloc_solver} is profiled as {profile_solver(args.alloc_solver)}, "
-                             "not as this profile")
         plan = Plan({n: Candidate(c.spec, args.alloc_solver) for n, c in plan.layers.items()})
         r = run(model, calib, evals, plan)
         rows.append({"solver": row_name, "format": f"{budget:g} bpw", "windows": args.windows, **setting,

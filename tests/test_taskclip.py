@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from mixq.capture import block_inputs, hessians, run_block
+from mixq.capture import block_inputs, run_block
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
 from mixq.pipeline import apply_plan
@@ -14,14 +14,11 @@ from mixq.plan import Candidate, Plan
 from mixq.solvers import solve
 from mixq.solvers.taskclip import JUDGE_WINDOWS, RATIOS, at_ratio, search
 
-from conftest import apply_uniform
+from conftest import apply_uniform, first_block_capture
 
 
 def _layer(model, ids):
-    block = adapter_for(model).block_list(model)[0]
-    x, kwargs = block_inputs(model, adapter_for(model), ids)
-    with hessians(block, adapter_for(model)) as stats:
-        run_block(block, x, kwargs)
+    _, _, stats, _, block = first_block_capture(model, ids)
     return block.mlp.down_proj.weight.detach(), stats["mlp.down_proj"].hessian
 
 

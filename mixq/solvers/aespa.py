@@ -18,13 +18,9 @@ import torch
 
 from ..formats import QuantizedTensor, QuantSpec
 from . import register_solver, solve
-from .gptq import gptq_quantize
+from .gptq import gptq_act
 
-
-@register_solver("aespa")
-def aespa(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
-                         super_block=super_block)
+register_solver("aespa")(gptq_act)  # the attention-aware part is the Hessians the pipeline gives it
 
 
 def solve_heads(solver: str, weight: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:

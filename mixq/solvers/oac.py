@@ -10,10 +10,7 @@ that share an input.
 from __future__ import annotations
 
 from . import register_solver
-from .gptq import gptq_quantize
+from .gptq import gptq_act
 
 
-@register_solver("oac")
-def oac(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
-                         super_block=super_block)
+register_solver("oac")(gptq_act)  # the output-adaptive part is the Hessian the pipeline gives it
