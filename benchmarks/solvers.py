@@ -30,6 +30,7 @@ from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_mod
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates, profile_solver
 from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
+from mixq.transforms import apply_transforms, split_chain
 
 from common import HERE, provenance, smollm2
 
@@ -37,7 +38,7 @@ from common import HERE, provenance, smollm2
 FORMATS = {"3-bit g192": QuantSpec.of(3, 192), "3-bit g64": QuantSpec.of(3, 64), "2-bit g64": QuantSpec.of(2, 64),
            "4-bit g192": QuantSpec.of(4, 192)}
 SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "oac", "aespa", "comq", "gptq-act+bias", "gptq-act+comq",
-           "aespa+comq", "gptq-act+comq+bias"]
+           "aespa+comq", "gptq-act+comq+bias", "rotate+gptq-act+comq"]
 ALLOC_SOLVERS = ["gptq-act+comq"]  # the others lose to it at every format above (bias: see the table's note)
 UNLIKE = HERE / "data" / "botchan.txt"
 UNLIKE_WINDOWS = 32
@@ -46,6 +47,7 @@ UNLIKE_WINDOWS = 32
 def run(float_model, calib, evals: dict, plan: Plan) -> dict:
     model = copy.deepcopy(float_model)
     t = time.perf_counter()
+    apply_transforms(model, plan.transforms)
     pack_model(model, apply_plan(model, calib, plan))
     seconds = time.perf_counter() - t
     bits, weights = block_linear_bits(model)
@@ -65,8 +67,9 @@ def main():
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
-    if profile_solver(args.alloc_solver) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
-        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(args.alloc_solver)}, "
+    alloc_transforms, alloc_chain = split_chain(args.alloc_solver)
+    if profile_solver(alloc_chain) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
+        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chain)}, "
                          f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")
     out = Path(args.out)
     torch.manual_seed(0)
@@ -86,15 +89,17 @@ def main():
     names = adapter_for(model).layer_names(model)
     for fmt in args.formats:
         for solver in args.solvers:
-            damp = PUBLISHED_DAMP if solver.split("+")[0] == "gptq-plain" else DAMP  # the damping it solves at
+            transforms, chain = split_chain(solver)
+            damp = PUBLISHED_DAMP if chain.split("+")[0] == "gptq-plain" else DAMP  # the damping it solves at
             if (solver, fmt, label, damp) in done:
                 continue
-            plan = Plan({n: Candidate(FORMATS[fmt], solver) for n in names})
+            plan = Plan({n: Candidate(FORMATS[fmt], chain) for n in names}, transforms)
             rows.append({"solver": solver, "format": fmt, "windows": args.windows, **setting, "damp": damp,
                          **run(model, calib, evals, plan)})
             print(rows[-1], flush=True)
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
+    suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
         row_name = "mixq allocation" + ("" if args.alloc_solver == ALLOC_SOLVERS[0] else f" ({args.alloc_solver})")
@@ -106,12 +111,15 @@ def main():
             else:
                 t = time.perf_counter()
                 cands = [Candidate(c.spec, s) for s in ALLOC_SOLVERS for c in default_candidates()]
-                prof = profile_model(model, calib, cands)
+                profiled = copy.deepcopy(model) if alloc_transforms else model
+                apply_transforms(profiled, alloc_transforms)
+                prof = profile_model(profiled, calib, cands)
+                del profiled
                 profile_seconds = time.perf_counter() - t
                 profile_file.write_text(prof.to_json())
                 print(f"profile {profile_seconds:.0f} s", flush=True)
         plan = allocate(prof, Budget(bits=budget)).plan
-        plan = Plan({n: Candidate(c.spec, args.alloc_solver) for n, c in plan.layers.items()})
+        plan = Plan({n: Candidate(c.spec, alloc_chain) for n, c in plan.layers.items()}, alloc_transforms)
         r = run(model, calib, evals, plan)
         rows.append({"solver": row_name, "format": f"{budget:g} bpw", "windows": args.windows, **setting,
                      **r,

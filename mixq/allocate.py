@@ -114,7 +114,7 @@ def _silent_stdout():
 
 
 def _allocation(profile: Profile, chosen: dict[str, int]) -> Allocation:
-    plan = Plan({lp.name: lp.candidates[chosen[lp.name]] for lp in profile.layers})
+    plan = Plan({lp.name: lp.candidates[chosen[lp.name]] for lp in profile.layers}, profile.transforms)
     bits = sum(lp.bits[chosen[lp.name]] for lp in profile.layers)
     damage = sum(lp.damage[chosen[lp.name]] for lp in profile.layers)
     return Allocation(plan, bits, damage)

@@ -103,7 +103,9 @@ def quantize(
     solver: str = typer.Option(DEFAULT_SOLVER, "--solver", help="The solver that fills every candidate format: "
                                "rtn, clip, gptq-plain, gptq, gptq-act, oac, aespa, taskclip or comq, optionally "
                                "followed by refiners: +comq (coordinate descent), +bias (bias compensation; its bits "
-                               "count). See the README's Solvers section."),
+                               "count); and preceded by whole-model transforms: rotate+ (an orthogonal rotation of the "
+                               "residual stream and of the values, folded into the weights; unties a tied head). See "
+                               "the README's Solvers section."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "
@@ -157,8 +159,14 @@ def quantize(
 
         get_estimator(sensitivity)
         from .solvers import get_solver
+        from .transforms import split_chain
 
+        transforms, solver = split_chain(solver)
         get_solver(solver)
+        if hand_plan is not None:
+            if transforms:
+                _fail("--plan applies the transforms the plan names (its \"transforms\"), not --solver's")
+            transforms = hand_plan.transforms
         if calib is not None:
             data.read_text(calib)
     except (ValueError, json.JSONDecodeError) as e:
@@ -166,6 +174,9 @@ def quantize(
     try:
         t0 = time.perf_counter()
         net, tok, path = load_model(model)
+        from .transforms import apply_transforms
+
+        apply_transforms(net, transforms)  # before anything measures the model: all of it sees the new basis
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
         from .pipeline import preflight
         from .profile import ct_candidates, default_candidates, gguf_candidates
@@ -190,10 +201,10 @@ def quantize(
             from .pipeline import quantize as run
 
             checkpoint = None if hand_plan else _checkpoint(out, source, calib_ids, candidates, sensitivity,
-                                                            include_embeddings)
+                                                            include_embeddings, transforms)
             result = run(net, calib_ids, budget=budget, plan=hand_plan, candidates=candidates, estimator=sensitivity,
                          step=_Bars(progress), checkpoint=checkpoint, refine_rounds=refine,
-                         tables=include_embeddings, costs=costs)
+                         tables=include_embeddings, costs=costs, transforms=transforms)
             result.seconds["total"] = time.perf_counter() - t0
             meta = _save(net, tok, result, out, source, budget, calib, calib_ids, calib_generated, costs)
             if checkpoint:
@@ -224,7 +235,7 @@ def _with_generated(net, tok, calib_ids, count: int, progress: Progress):
     return data.mixed(calib_ids, gen)
 
 
-def _checkpoint(out: Path, source: str, calib_ids, candidates, estimator: str, tables: bool):
+def _checkpoint(out: Path, source: str, calib_ids, candidates, estimator: str, tables: bool, transforms=()):
     """Where the profile is kept while it grows: beside --out, keyed by everything that decides it, so that the
     same command started again after a crash resumes from the blocks already profiled."""
     from .checkpoint import Checkpoint, run_key
@@ -233,7 +244,7 @@ def _checkpoint(out: Path, source: str, calib_ids, candidates, estimator: str, t
 
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     key = run_key(source, calib_ids, candidates, estimator, fisher_windows=FISHER_WINDOWS,
-                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=tables)
+                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=tables, transforms=list(transforms))
     return Checkpoint(out.absolute().parent / f".{out.name}.profile-partial.json", key)
 
 

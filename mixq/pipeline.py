@@ -282,10 +282,11 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
              candidates: list[Candidate] | None = None, estimator: str = "fisher",
              step: Step = _no_step, checkpoint: Checkpoint | None = None, refine_rounds: int = 0,
-             tables: bool = False, costs: CostTable | None = None) -> Result:
+             tables: bool = False, costs: CostTable | None = None, transforms: tuple[str, ...] = ()) -> Result:
     """Profile + allocate (unless a plan is given), optionally refine the plan by measured KL (refine.py), then
     apply. `tables`: the embedding table and the head join the allocation; `costs`: the measured cost table of
-    a latency budget. The model is left packed (QuantLinear)."""
+    a latency budget; `transforms`: the names of the whole-model transforms already applied to `model`
+    (transforms.apply_transforms), which the allocated plan records. The model is left packed (QuantLinear)."""
     seconds = {}
     prof = alloc = refinement = None
     candidates = candidates or default_candidates()
@@ -295,6 +296,7 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
     if plan is None:
         t = time.perf_counter()
         prof = profile_model(model, calib, candidates, estimator, step, checkpoint, tables)
+        prof.transforms = tuple(transforms)  # its plans (allocate, refine) carry them
         seconds["profile"] = time.perf_counter() - t
         t = time.perf_counter()
         alloc = allocate(prof, budget, costs)

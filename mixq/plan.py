@@ -105,19 +105,24 @@ class Budget:
 
 @dataclass(frozen=True)
 class Plan:
-    """Layer name → chosen candidate; plain JSON that a user can write or edit by hand."""
+    """Layer name → chosen candidate; plain JSON that a user can write or edit by hand. `transforms`: the
+    whole-model transforms (mixq.transforms, e.g. "rotate") applied to the float model before its layers were
+    quantized."""
 
     layers: dict[str, Candidate] = field(default_factory=dict)
+    transforms: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps({"version": VERSION, "layers": {k: c.to_dict() for k, c in self.layers.items()}}, indent=1)
+        d = {"version": VERSION, **({"transforms": list(self.transforms)} if self.transforms else {}),
+             "layers": {k: c.to_dict() for k, c in self.layers.items()}}
+        return json.dumps(d, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         d = json.loads(text)
         if not isinstance(d, dict) or "layers" not in d:
             raise ValueError("a plan is a JSON object with a 'layers' mapping")
-        unknown = set(d) - {"version", "layers"}
+        unknown = set(d) - {"version", "layers", "transforms"}
         if unknown:
             raise ValueError(f"unknown plan keys: {sorted(unknown)}")
         if d.get("version", VERSION) != VERSION:
@@ -126,4 +131,11 @@ class Plan:
         if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
             raise ValueError("a plan's 'layers' maps each layer name to an object like "
                              '{"solver": "gptq", "bits": 3, "group_size": 64, "symmetric": false}')
-        return cls({k: Candidate.from_dict(v) for k, v in layers.items()})
+        transforms = d.get("transforms", [])
+        if not isinstance(transforms, list) or not all(isinstance(t, str) for t in transforms):
+            raise ValueError('a plan\'s "transforms" is a list of names, e.g. ["rotate"]')
+        from .transforms import TRANSFORMS
+
+        for t in transforms:
+            TRANSFORMS.lookup(t)
+        return cls({k: Candidate.from_dict(v) for k, v in layers.items()}, tuple(transforms))

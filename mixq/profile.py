@@ -87,6 +87,7 @@ class Profile:
     estimator: str
     fixed_bytes: int  # bytes of everything saved besides the block linears (embeddings, norms, head)
     layers: list[LayerProfile] = field(default_factory=list)
+    transforms: tuple[str, ...] = ()  # the whole-model transforms of the model profiled (its plans apply them)
 
     @property
     def weights(self) -> int:
@@ -94,6 +95,7 @@ class Profile:
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, "estimator": self.estimator, "fixed_bytes": self.fixed_bytes,
+                           **({"transforms": list(self.transforms)} if self.transforms else {}),
                            "layers": [lp.to_dict() for lp in self.layers]})
 
     @classmethod
@@ -101,7 +103,8 @@ class Profile:
         d = json.loads(text)
         if d.get("version") != VERSION:
             raise ValueError(f"profile version {d.get('version')} is not supported (this mixq reads {VERSION})")
-        return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]])
+        return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]],
+                   tuple(d.get("transforms", ())))
 
 
 def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate], has_bias: bool = False) -> LayerProfile:

@@ -141,6 +141,8 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
     # biases that bias compensation added are in no source; llama.cpp reads them where present
     wanted |= {n: len(p) for n, (_, p) in ours.items() if n.startswith("blk.") and n.endswith(".bias")
                and n not in wanted}
+    if "output.weight" in ours and "output.weight" not in wanted:  # a head untied from a tied source (rotate)
+        wanted["output.weight"] = 0
     for name, rows in wanted.items():
         if name not in ours:
             raise ExportError(f"{source} holds tensor {name}, which the saved model has no counterpart for")

@@ -15,6 +15,13 @@ class Adapter:
     head: str = "lm_head"
     embed: str = "model.embed_tokens"
     value: str = "self_attn.v_proj"  # the value projection, in the block's attention module (solvers.aespa)
+    attn_out: str = "self_attn.o_proj"  # the attention's output projection, which reads the values
+    # the block's norms and the linears that read each one's output; the linears that write the residual stream
+    # (transforms.rotate)
+    reads: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+    writes: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

@@ -1,0 +1,132 @@
+"""`rotate`: an orthogonal change of basis of the residual stream and of each attention head's values, folded into
+the weights (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024), so that a few large channels no longer
+dominate the groups they share and every weight row sees inputs of even scale.
+
+A Llama block reads the residual stream x through an RMSNorm (x / rms(x) ⊙ γ) and writes back through o_proj and
+down_proj. rms(xQ) = rms(x) for an orthogonal Q, so once each norm's γ is folded into the columns of the linears
+that read it, the whole model computes the same function on the rotated stream xQ with
+  embedding E → E Q,   readers W → W Q,   writers W → Qᵀ W,   head W → W diag(γ_final) Q.
+Inside attention, each head's values v_h and the o_proj columns that read them turn by one more orthogonal R
+(attention weights mix tokens, not channels). The down projection's input follows a SiLU gate and cannot be
+rotated without an online transform; it is left as is, so that the saved model stays a plain Llama.
+
+The rotation is a Hadamard matrix with random signs where one of the width is built here (2^a · 12^b: 576 = 12² · 4),
+else a random orthogonal matrix; seeded, so a run is reproducible. A head tied to the embedding table is untied
+(the head needs diag(γ_final) folded in and the table does not): the saved model then stores a second table,
+which its file size counts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register_transform
+
+SEED = 0
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """An n × n matrix of ±1 with H Hᵀ = n I, built from 2 × 2 (Sylvester) and 12 × 12 (Paley) factors; None
+    where n is not 2^a · 12^b."""
+    h, left = torch.ones(1, 1, dtype=torch.float64), n
+    while left > 1:
+        if left % 12 == 0:
+            h, left = torch.kron(h, _paley12()), left // 12
+        elif left % 2 == 0:
+            h, left = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)), left // 2
+        else:
+            return None
+    return h
+
+
+def _paley12() -> torch.Tensor:
+    """Paley's construction for q = 11 (≡ 3 mod 4): H = I + [[0, 1ᵀ], [−1, J]], J the Jacobsthal matrix."""
+    q = 11
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = [0] + [1 if a in residues else -1 for a in range(1, q)]
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0] = 1, -1
+    for i in range(q):
+        for j in range(q):
+            s[i + 1, j + 1] = chi[(j - i) % q]
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def random_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
+    """An orthogonal n × n matrix (float64): a Hadamard matrix with random column signs, scaled by 1/√n, where
+    one is built here; else the Q of a Gaussian matrix's QR (sign-corrected: Haar-distributed)."""
+    h = hadamard(n)
+    if h is not None:
+        signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+        return h * signs / n ** 0.5
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def fold_norm(readers: list[nn.Linear], norm: nn.Module) -> None:
+    """Fold an RMSNorm's scale γ into the input columns of the linears that read its output; γ becomes 1."""
+    gamma = norm.weight.detach().double()
+    for lin in readers:
+        _set(lin.weight, lin.weight.double() * gamma)
+    _set(norm.weight, torch.ones_like(gamma))
+
+
+def rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """W Q: the weight that reads the rotated input xQ and returns what W returned from x."""
+    return (weight.double() @ q).to(weight.dtype)
+
+
+def rotate_outputs(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Qᵀ W: the weight whose output is W's output rotated (y → yQ)."""
+    return (q.T @ weight.double()).to(weight.dtype)
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+@register_transform("rotate")
+def rotate(model: nn.Module, adapter) -> None:
+    """Rotate `model` in place (see the module docstring); its outputs stay the same up to rounding."""
+    gen = torch.Generator().manual_seed(SEED)
+    table = model.get_submodule(adapter.embed)
+    head = model.get_submodule(adapter.head)
+    if head.weight is table.weight:  # untie: the head takes γ_final, the table does not
+        head.weight = nn.Parameter(table.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    fold_norm([head], model.get_submodule(adapter.norm))
+    blocks = adapter.block_list(model)
+    for block in blocks:
+        for norm, readers in adapter.reads:
+            fold_norm([block.get_submodule(n) for n in readers], block.get_submodule(norm))
+    q = random_rotation(table.weight.shape[1], gen)
+    _set(table.weight, rotate_inputs(table.weight.detach(), q))  # rows of E are inputs to the stream: E Q
+    _set(head.weight, rotate_inputs(head.weight.detach(), q))
+    attn = model.config
+    head_dim = getattr(attn, "head_dim", None) or attn.hidden_size // attn.num_attention_heads
+    r = random_rotation(head_dim, gen)
+    for block in blocks:
+        for _, readers in adapter.reads:
+            for n in readers:
+                lin = block.get_submodule(n)
+                _set(lin.weight, rotate_inputs(lin.weight.detach(), q))
+        for n in adapter.writes:
+            lin = block.get_submodule(n)
+            _set(lin.weight, rotate_outputs(lin.weight.detach(), q))
+            if lin.bias is not None:
+                _set(lin.bias, lin.bias.detach().double() @ q)
+        _rotate_values(block.get_submodule(adapter.value), block.get_submodule(adapter.attn_out), r)
+
+
+def _rotate_values(v: nn.Linear, o: nn.Linear, r: torch.Tensor) -> None:
+    """Each head's values v_h → v_h R (rows of v_proj: Rᵀ W_h) and the o_proj columns that read them → W R."""
+    d = r.shape[0]
+    w = v.weight.detach().double().reshape(-1, d, v.in_features)
+    _set(v.weight, torch.einsum("ji,hjc->hic", r, w).reshape(v.weight.shape))
+    if v.bias is not None:
+        _set(v.bias, (v.bias.detach().double().reshape(-1, d) @ r).reshape(-1))
+    wo = o.weight.detach().double().reshape(o.out_features, -1, d)
+    _set(o.weight, (wo @ r).reshape(o.weight.shape))
