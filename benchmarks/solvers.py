@@ -65,6 +65,8 @@ def main():
                     help="the solver of the allocation's candidates (the profile is shared by solvers profiled alike)")
     ap.add_argument("--generated", type=int, default=0,
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
+    ap.add_argument("--calib-windows", type=int, default=32,
+                    help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
     alloc_transforms, alloc_chain = split_chain(args.alloc_solver)
@@ -75,7 +77,10 @@ def main():
     torch.manual_seed(0)
     model, tok, calib, pydoc = smollm2(args.windows)
     evals = {"ppl": pydoc, "unlike": data.evaluation_windows(tok, UNLIKE, UNLIKE_WINDOWS)}
-    label = f"pydoc + {args.generated} generated" if args.generated else "pydoc"
+    if args.calib_windows != len(calib):
+        calib = data.calibration_windows(tok, count=args.calib_windows)
+    label = "pydoc" if args.calib_windows == 32 else f"pydoc {args.calib_windows}"
+    label += f" + {args.generated} generated" if args.generated else ""
     if args.generated:
         calib = data.mixed(calib, data.generated_windows(model, data.start_token(tok, model), args.generated))
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
@@ -99,6 +104,7 @@ def main():
             print(rows[-1], flush=True)
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
+    suffix += f"_calib{args.calib_windows}" if args.calib_windows != 32 else ""
     suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
@@ -156,13 +162,17 @@ def write(rows, out: Path, windows: int):
             lines.append(f"| {r['format']} | {r['solver']} | {r['calib']} | {r['damp']:g} | {r['bpw']:.3f} | "
                          f"{r['ppl']:.3f} | "
                          f"{r['ppl'] / ref['ppl']:.3f} | {r['unlike']:.3f} | {r['unlike'] / ref['unlike']:.3f} | "
-                         f"{r['seconds']:.0f} |")
-    profiled = {(r["calib"], r["damp"]): r["profile_seconds"] for r in rows if r.get("profile_seconds")}
+                         f"{r['seconds']:.0f}{'*' if r.get('shared') else ''} |")
+    profiled = {(r["calib"] + (", rotated" if "rotate+" in r["solver"] else ""), r["damp"]): r["profile_seconds"]
+                for r in rows if r.get("profile_seconds")}
     if profiled:
         lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} (or the solver in brackets, on the same "
                   "profile) × the default formats; seconds of the "
                   "apply; the profile the rows of one calibration share took " +
                   ", ".join(f"{v:.0f} s ({c}, damp {d:g})" for (c, d), v in profiled.items()) + "."]
+    if any(r.get("shared") for r in rows):
+        lines += ["", "\\* the machine was shared with another job during this row: its seconds are inflated (the "
+                  "perplexities are not affected)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     formats = list(dict.fromkeys(r["format"] for r in rows if r["solver"] != "float"))
     solvers = list(dict.fromkeys(_label(r) for r in rows if r["solver"] != "float"))
