@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 
 
 def main():
-    from mixq.profile import DEFAULT_FORMATS, default_candidates
+    from mixq.profile import DEFAULT_FORMATS, DEFAULT_SOLVER, default_candidates
 
     formats = ", ".join(f"{'row' if g == 0 else f'g{g}'} {k}{f' dq{sb}' if sb != 16 else ''}"
                         for g, k, sb in DEFAULT_FORMATS)
@@ -34,7 +34,7 @@ def main():
                             cwd=HERE).stdout.strip()
     lines = ["# `mixq quantize --bits 3.0` on SmolLM2-135M: time and memory", "",
              f"Commit {commit}, {platform.machine()}, 2 cores. Default calibration (32 × 512 pydoc tokens), "
-             f"default candidates (gptq × bits 2,3,4,5,6,8 × {formats} = {len(default_candidates())} per layer), "
+             f"default candidates ({DEFAULT_SOLVER} × bits 2,3,4,5,6,8 × {formats} = {len(default_candidates())} per layer), "
              "fisher estimator.", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in meta["seconds"].items()]
