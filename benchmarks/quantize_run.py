@@ -34,7 +34,8 @@ def main():
                             cwd=HERE).stdout.strip()
     lines = ["# `mixq quantize --bits 3.0` on SmolLM2-135M: time and memory", "",
              f"Commit {commit}, {platform.machine()}, 2 cores. Default calibration (32 × 512 pydoc tokens), "
-             f"default candidates ({DEFAULT_SOLVER} × bits 2,3,4,5,6,8 × {formats} = {len(default_candidates())} per layer), "
+             f"default candidates ({DEFAULT_SOLVER} × bits 2,3,4,5,6,8 × {formats} = {len(default_candidates())} "
+             "per layer), "
              "fisher estimator.", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in meta["seconds"].items()]

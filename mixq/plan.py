@@ -131,11 +131,6 @@ class Plan:
         if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
             raise ValueError("a plan's 'layers' maps each layer name to an object like "
                              '{"solver": "gptq", "bits": 3, "group_size": 64, "symmetric": false}')
-        transforms = d.get("transforms", [])
-        if not isinstance(transforms, list) or not all(isinstance(t, str) for t in transforms):
-            raise ValueError('a plan\'s "transforms" is a list of names, e.g. ["rotate"]')
-        from .transforms import TRANSFORMS
+        from .transforms import parse_names
 
-        for t in transforms:
-            TRANSFORMS.lookup(t)
-        return cls({k: Candidate.from_dict(v) for k, v in layers.items()}, tuple(transforms))
+        return cls({k: Candidate.from_dict(v) for k, v in layers.items()}, parse_names(d.get("transforms", [])))

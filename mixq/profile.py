@@ -103,8 +103,10 @@ class Profile:
         d = json.loads(text)
         if d.get("version") != VERSION:
             raise ValueError(f"profile version {d.get('version')} is not supported (this mixq reads {VERSION})")
+        from .transforms import parse_names
+
         return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]],
-                   tuple(d.get("transforms", ())))
+                   parse_names(d.get("transforms", [])))
 
 
 def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate], has_bias: bool = False) -> LayerProfile:

@@ -168,3 +168,11 @@ def test_a_rotated_profile_allocates_rotated_plans(rotated_dir, tmp_path):
                               "--out", str(tmp_path / "p.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "p.json").read_text())["transforms"] == ["rotate"]
+
+
+def test_a_profile_naming_an_unknown_transform_fails_cleanly(rotated_dir, tmp_path):
+    prof = json.loads((rotated_dir / "q" / "profile.json").read_text()) | {"transforms": ["spin"]}
+    (tmp_path / "prof.json").write_text(json.dumps(prof))
+    res = runner.invoke(app, ["allocate", str(tmp_path / "prof.json"), "--bits", "5", "--out", str(tmp_path / "p.json")])
+    assert res.exit_code == 2 and "unknown transform 'spin'" in res.output
+    assert not (tmp_path / "p.json").exists()

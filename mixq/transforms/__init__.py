@@ -20,6 +20,15 @@ def split_chain(chain: str) -> tuple[tuple[str, ...], str]:
     return tuple(names[:k]), "+".join(names[k:])
 
 
+def parse_names(value) -> tuple[str, ...]:
+    """The "transforms" list of a plan or profile file, checked: known names only."""
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError('"transforms" is a list of names, e.g. ["rotate"]')
+    for t in value:
+        TRANSFORMS.lookup(t)
+    return tuple(value)
+
+
 def apply_transforms(model, names) -> None:
     from ..models import adapter_for
 

@@ -98,20 +98,16 @@ def rotate(model: nn.Module, adapter) -> None:
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
     fold_norm([head], model.get_submodule(adapter.norm))
-    blocks = adapter.block_list(model)
-    for block in blocks:
-        for norm, readers in adapter.reads:
-            fold_norm([block.get_submodule(n) for n in readers], block.get_submodule(norm))
     q = random_rotation(table.weight.shape[1], gen)
     _set(table.weight, rotate_inputs(table.weight.detach(), q))  # rows of E are inputs to the stream: E Q
     _set(head.weight, rotate_inputs(head.weight.detach(), q))
-    attn = model.config
-    head_dim = getattr(attn, "head_dim", None) or attn.hidden_size // attn.num_attention_heads
-    r = random_rotation(head_dim, gen)
-    for block in blocks:
-        for _, readers in adapter.reads:
-            for n in readers:
-                lin = block.get_submodule(n)
+    config = model.config
+    r = random_rotation(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads, gen)
+    for block in adapter.block_list(model):
+        for norm, names in adapter.reads:
+            readers = [block.get_submodule(n) for n in names]
+            fold_norm(readers, block.get_submodule(norm))
+            for lin in readers:
                 _set(lin.weight, rotate_inputs(lin.weight.detach(), q))
         for n in adapter.writes:
             lin = block.get_submodule(n)
