@@ -30,7 +30,8 @@ from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_mod
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates, profile_solver
 from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
-from mixq.transforms import apply_transforms, split_chain
+from mixq.transforms import TRANSFORMS, apply_transforms, split_chain
+from mixq.transforms.resq import layer_candidates
 
 from common import HERE, provenance, smollm2
 
@@ -38,7 +39,8 @@ from common import HERE, provenance, smollm2
 FORMATS = {"3-bit g192": QuantSpec.of(3, 192), "3-bit g64": QuantSpec.of(3, 64), "2-bit g64": QuantSpec.of(2, 64),
            "4-bit g192": QuantSpec.of(4, 192)}
 SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "oac", "aespa", "comq", "gptq-act+bias", "gptq-act+comq",
-           "aespa+comq", "gptq-act+comq+bias", "rotate+gptq-act+comq"]
+           "aespa+comq", "gptq-act+comq+bias", "rotate+gptq-act+comq", "rotate+gptq-act+bias", "rotate+aespa+comq",
+           "resq+gptq-act+comq"]
 ALLOC_SOLVERS = ["gptq-act+comq"]  # the others lose to it at every format above (bias: see the table's note)
 UNLIKE = HERE / "data" / "botchan.txt"
 UNLIKE_WINDOWS = 32
@@ -47,7 +49,7 @@ UNLIKE_WINDOWS = 32
 def run(float_model, calib, evals: dict, plan: Plan) -> dict:
     model = copy.deepcopy(float_model)
     t = time.perf_counter()
-    apply_transforms(model, plan.transforms)
+    apply_transforms(model, plan.transforms, calib)
     pack_model(model, apply_plan(model, calib, plan))
     seconds = time.perf_counter() - t
     bits, weights = block_linear_bits(model)
@@ -91,14 +93,16 @@ def main():
         rows.append({"solver": "float", "format": "", "windows": args.windows, "bpw": 32.0, "seconds": 0.0,
                      **{k: perplexity(model, v) for k, v in evals.items()}})
         print(rows[-1], flush=True)
-    names = adapter_for(model).layer_names(model)
+    adapter = adapter_for(model)
+    names = adapter.layer_names(model)
     for fmt in args.formats:
         for solver in args.solvers:
             transforms, chain = split_chain(solver)
             damp = PUBLISHED_DAMP if chain.split("+")[0] == "gptq-plain" else DAMP  # the damping it solves at
             if (solver, fmt, label, damp) in done:
                 continue
-            plan = Plan({n: Candidate(FORMATS[fmt], chain) for n in names}, transforms)
+            plan = Plan({n: layer_candidates(adapter, transforms, n, model.get_submodule(n).in_features,
+                                             [Candidate(FORMATS[fmt], chain)])[0] for n in names}, transforms)
             rows.append({"solver": solver, "format": fmt, "windows": args.windows, **setting, "damp": damp,
                          **run(model, calib, evals, plan)})
             print(rows[-1], flush=True)
@@ -118,8 +122,8 @@ def main():
                 t = time.perf_counter()
                 cands = [Candidate(c.spec, s) for s in ALLOC_SOLVERS for c in default_candidates()]
                 profiled = copy.deepcopy(model) if alloc_transforms else model
-                apply_transforms(profiled, alloc_transforms)
-                prof = profile_model(profiled, calib, cands)
+                apply_transforms(profiled, alloc_transforms, calib)
+                prof = profile_model(profiled, calib, cands, transforms=alloc_transforms)
                 del profiled
                 profile_seconds = time.perf_counter() - t
                 profile_file.write_text(prof.to_json())
@@ -163,7 +167,8 @@ def write(rows, out: Path, windows: int):
                          f"{r['ppl']:.3f} | "
                          f"{r['ppl'] / ref['ppl']:.3f} | {r['unlike']:.3f} | {r['unlike'] / ref['unlike']:.3f} | "
                          f"{r['seconds']:.0f}{'*' if r.get('shared') else ''} |")
-    profiled = {(r["calib"] + (", rotated" if "rotate+" in r["solver"] else ""), r["damp"]): r["profile_seconds"]
+    profiled = {(r["calib"] + "".join(f", {t}" for t in TRANSFORMS if f"({t}+" in r["solver"]), r["damp"]):
+                r["profile_seconds"]
                 for r in rows if r.get("profile_seconds")}
     if profiled:
         lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} (or the solver in brackets, on the same "

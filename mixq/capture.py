@@ -99,6 +99,30 @@ def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
         x = y
 
 
+def residual_covariance(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> torch.Tensor:
+    """E[x̂ x̂ᵀ] (float64, width × width) of the residual stream as every block's norms read it, x̂ = x / rms(x)
+    before the norm's scale, over every token of `ids` and every norm of `adapter.reads` (transforms.resq)."""
+    total = {"sum": None, "n": 0}
+
+    def hook(norm, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).double()
+        total["sum"] = x.T @ x if total["sum"] is None else total["sum"] + x.T @ x
+        total["n"] += x.shape[0]
+
+    handles = [block.get_submodule(norm).register_forward_pre_hook(hook)
+               for block in adapter.block_list(model) for norm, _ in adapter.reads]
+    try:
+        with torch.no_grad():
+            for batch in ids.split(BATCH):
+                model(batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return total["sum"] / total["n"]
+
+
 @contextmanager
 def hessians(block: nn.Module, adapter: Adapter):
     """Collect H = E[x xᵀ] and E[x] of the input of each group of linears while the block runs.

@@ -104,8 +104,9 @@ def quantize(
                                "rtn, clip, gptq-plain, gptq, gptq-act, oac, aespa, taskclip or comq, optionally "
                                "followed by refiners: +comq (coordinate descent), +bias (bias compensation; its bits "
                                "count); and preceded by whole-model transforms: rotate+ (an orthogonal rotation of the "
-                               "residual stream and of the values, folded into the weights; unties a tied head). See "
-                               "the README's Solvers section."),
+                               "residual stream and of the values, folded into the weights; unties a tied head) or "
+                               "resq+ (the same turn into the stream's principal components, whose first 1/8 the "
+                               "stream's readers keep at 8 bits). See the README's Solvers section."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "
@@ -176,8 +177,8 @@ def quantize(
         net, tok, path = load_model(model)
         from .transforms import apply_transforms
 
-        apply_transforms(net, transforms)  # before anything measures the model: all of it sees the new basis
         calib_ids = data.calibration_windows(tok, str(calib) if calib else None, calib_windows)
+        apply_transforms(net, transforms, calib_ids)  # before anything else measures the model: all see the new basis
         from .pipeline import preflight
         from .profile import ct_candidates, default_candidates, gguf_candidates
 
@@ -193,7 +194,7 @@ def quantize(
 
                 costs = measure(net, candidates, _Bars(progress))
             preflight(net, budget, hand_plan, candidates, estimator=sensitivity, tables=include_embeddings,
-                      costs=costs)
+                      costs=costs, transforms=transforms)
             if calib_generated:
                 calib_ids = _with_generated(net, tok, calib_ids, calib_generated, progress)
             eval_ids = data.evaluation_windows(tok, count=eval_windows) if eval_windows else None

@@ -12,6 +12,10 @@ Three grids (`QuantSpec.grid`):
 - "min": an fp16 minimum m instead of an integer zero, w ≈ q · s + m (llama.cpp's Q4_1 / Q5_1; HQQ's float
   zero): the grid's offset is free, not a multiple of the step.
 
+A split row (`high` > 0, for ResQ's high-variance subspace, transforms.resq): the leading `high` columns of each
+row are stored apart as 8-bit asymmetric codes with one fp16 scale and zero a row (`HIGH`), the rest as above;
+group sizes then count in the rest (cols − high).
+
 Double quantization (`scale_bits` 4, 6 or 8; "sym" and "min" grids, as llama.cpp's k-quants): instead of fp16,
 each group's scale (and minimum) is stored as a `scale_bits`-wide code times an fp16 step per row:
 s = Δs · c (unsigned c ≥ 1, "min") or Δs · (c − 2^(scale_bits-1)) (signed, "sym"); m = Δm · (c − 2^(scale_bits-1)).
@@ -22,7 +26,7 @@ row instead of per row: sym 3 bits, groups of 16, 6-bit scale codes, super-block
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -47,8 +51,11 @@ class QuantSpec:
     minimum: bool = False
     scale_bits: int = SCALE_BITS  # 16: fp16 scales; 4, 6 or 8: double-quantized (codes + an fp16 step per row)
     super_block: int = 0  # double-quantized: weights per step (0: the whole row)
+    high: int = 0  # leading columns of each row stored apart at 8 bits (a split row); 0: none
 
     def __post_init__(self):
+        if self.high < 0 or self.high % 8:
+            raise ValueError(f"high (columns stored at 8 bits) must be a multiple of 8 ≥ 0, got {self.high}")
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group_size != 0 and self.group_size not in GROUP_SIZES:
@@ -88,11 +95,17 @@ class QuantSpec:
         return (1 << self.bits) - 1
 
     def group(self, cols: int) -> int:
-        """The group width for a row of `cols` weights."""
-        return cols if self.group_size == 0 else self.group_size
+        """The group width for a row of `cols` weights (in its columns after the `high` ones)."""
+        return cols - self.high if self.group_size == 0 else self.group_size
 
     def fits(self, cols: int) -> bool:
-        return cols % self.group(cols) == 0 and cols % (self.super_block or cols) == 0
+        low = cols - self.high
+        return low > 0 and low % self.group(cols) == 0 and low % (self.super_block or low) == 0
+
+    @property
+    def low(self) -> "QuantSpec":
+        """The format of the columns after the `high` ones."""
+        return replace(self, high=0)
 
     def steps_per_row(self, cols: int) -> int:
         """Double-quantization steps (of scales; as many again of minima) in a row of `cols` weights."""
@@ -105,6 +118,8 @@ class QuantSpec:
         """Exact stored bits for a rows × cols weight: codes + scales + zeros, as packed by `runtime.pack`."""
         if not self.fits(cols):
             raise ValueError(f"{self.name} does not fit rows of {cols} weights")
+        if self.high:
+            return HIGH.storage_bits(rows, self.high) + self.low.storage_bits(rows, cols - self.high)
         groups = rows * (cols // self.group(cols))
         if self.double:  # scale (and minimum) codes + one fp16 step per row (or super-block) for each
             n = 2 if self.minimum else 1
@@ -120,7 +135,8 @@ class QuantSpec:
     def name(self) -> str:
         g = "row" if self.group_size == 0 else f"g{self.group_size}"
         dq = (f"-dq{self.scale_bits}" if self.double else "") + (f"-s{self.super_block}" if self.super_block else "")
-        return f"int{self.bits}-{g}-{'asym' if self.grid == 'int' else self.grid}{dq}"
+        hi = f"-hi{self.high}" if self.high else ""
+        return f"int{self.bits}-{g}-{'asym' if self.grid == 'int' else self.grid}{dq}{hi}"
 
     def to_dict(self) -> dict:
         d = asdict(self)  # the newer fields only when they are set: plain specs read as before
@@ -130,17 +146,23 @@ class QuantSpec:
             del d["scale_bits"]
         if not self.super_block:
             del d["super_block"]
+        if not self.high:
+            del d["high"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits", "super_block"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits", "super_block", "high"}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
         if "bits" not in d:
             raise ValueError(f"a format needs 'bits' (one of {BITS}); got {d}")
         return cls(int(d["bits"]), int(d.get("group_size", 0)), bool(d.get("symmetric", False)),
-                   bool(d.get("minimum", False)), int(d.get("scale_bits", SCALE_BITS)), int(d.get("super_block", 0)))
+                   bool(d.get("minimum", False)), int(d.get("scale_bits", SCALE_BITS)), int(d.get("super_block", 0)),
+                   int(d.get("high", 0)))
+
+
+HIGH = QuantSpec(8)  # the leading columns of a split row: 8-bit asymmetric, one group a row
 
 
 def _packed_bits(n: int, bits: int) -> int:
@@ -153,13 +175,19 @@ class QuantizedTensor:
     """What is stored, unpacked: integer codes (rows × cols, uint8); per group (rows × groups) fp16 scales and
     uint8 integer zeros or fp16 minima ("min"); with double quantization, uint8 scale (and minimum) codes instead,
     and `steps` (rows × k or 2k, fp16, k steps per row): Δs (and Δm) of each row, or of each super-block of a row
-    (Δs₀, Δm₀, Δs₁, Δm₁, …)."""
+    (Δs₀, Δm₀, Δs₁, Δm₁, …). A split spec's (`spec.high`) codes, scales and zeros are those of the columns after
+    the high ones; `high` holds those (in format HIGH)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     spec: QuantSpec
     steps: torch.Tensor | None = None
+    high: "QuantizedTensor | None" = None
+
+    def __post_init__(self):
+        if (self.high is not None) != bool(self.spec.high):
+            raise ValueError(f"{self.spec.name}: a split format holds its high columns, and only it does")
 
     def grid_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) of every group as the reference `dequantize` takes them: float32 scales, and integer
@@ -169,7 +197,23 @@ class QuantizedTensor:
         return decode_scales(self.scales, self.zeros, self.steps, self.spec)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1]))
+        low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high))
+        return low if self.high is None else torch.cat([self.high.dequantize(), low], 1)
+
+    @staticmethod
+    def stack(parts: "list[QuantizedTensor]") -> "QuantizedTensor":
+        """Row blocks of one format, stacked in order."""
+        def cat(ts):
+            return None if ts[0] is None else torch.cat(ts)
+        return QuantizedTensor(cat([p.codes for p in parts]), cat([p.scales for p in parts]),
+                               cat([p.zeros for p in parts]), parts[0].spec, cat([p.steps for p in parts]),
+                               None if parts[0].high is None else QuantizedTensor.stack([p.high for p in parts]))
+
+    def select(self, rows) -> "QuantizedTensor":
+        """The same rows (a slice or indices) of every stored tensor."""
+        return QuantizedTensor(self.codes[rows], self.scales[rows], self.zeros[rows], self.spec,
+                               None if self.steps is None else self.steps[rows],
+                               None if self.high is None else self.high.select(rows))
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
@@ -217,6 +261,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
     rows, cols = w.shape
     if not spec.fits(cols):
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
+    if spec.high:
+        low = quantize(w[:, spec.high:], spec.low, shrink)
+        return QuantizedTensor(low.codes, low.scales, low.zeros, spec, low.steps, quantize(w[:, :spec.high], HIGH))
     g = spec.group(cols)
     wg = w.float().reshape(rows * (cols // g), g)
     maxq = torch.full((wg.shape[0], 1), float(spec.maxq))

@@ -30,6 +30,7 @@ from .solvers import get_solver, solve
 from .solvers.aespa import solve_heads
 from .solvers.taskclip import JUDGE_WINDOWS, search as taskclip_search
 from .solvers.bias import compensation, solve_stats
+from .transforms.resq import layer_candidates
 
 log = logging.getLogger(__name__)
 Step = Callable[[str, int, int], None]
@@ -79,10 +80,12 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
 
 
 def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "fisher",
-                  step: Step = _no_step, checkpoint: Checkpoint | None = None, tables: bool = False) -> Profile:
+                  step: Step = _no_step, checkpoint: Checkpoint | None = None, tables: bool = False,
+                  transforms: tuple[str, ...] = ()) -> Profile:
     """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
     (profile_tables). With a checkpoint, the profile is saved after each block and the blocks an earlier run with
-    the same key finished are taken from it (only run forward, to feed the next)."""
+    the same key finished are taken from it (only run forward, to feed the next). `transforms`: those applied to
+    the model, which may change a layer's candidates (transforms.resq.layer_candidates)."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model) + (adapter.tables(model) if tables
@@ -108,7 +111,9 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
             measures = {f"{adapter.blocks}.{i}.{n}": probe.layer(block.get_submodule(n)) for n in group} \
                 if probe else None
-            prof.layers += profile_group(weights, stats[group[0]], candidates, estimator, fisher, measures,
+            cands = layer_candidates(adapter, transforms, next(iter(weights)),
+                                     next(iter(weights.values())).shape[1], candidates)
+            prof.layers += profile_group(weights, stats[group[0]], cands, estimator, fisher, measures,
                                          biased=biased_layers(model, weights))
         x = y
         if probe:
@@ -256,7 +261,8 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
 
 
 def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[Candidate] | None = None,
-              estimator: str = "fisher", tables: bool = False, costs: CostTable | None = None) -> None:
+              estimator: str = "fisher", tables: bool = False, costs: CostTable | None = None,
+              transforms: tuple[str, ...] = ()) -> None:
     """Every check that needs no calibration, so bad input fails in seconds, not after the profile."""
     if plan is not None:
         check_plan(model, plan)
@@ -273,8 +279,11 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
     def shapes(ns):
         return {n: tuple(model.get_submodule(n).weight.shape) for n in ns}
 
-    sizes = cost_profile(shapes(names), candidates or default_candidates(), fixed_bytes(model, names + extra),
-                         estimator, biased_layers(model, names))
+    candidates = candidates or default_candidates()
+    sizes = cost_profile({}, [], fixed_bytes(model, names + extra), estimator)
+    for n, shape in shapes(names).items():
+        cands = layer_candidates(adapter, transforms, n, shape[1], candidates)
+        sizes.layers += cost_profile({n: shape}, cands, 0, estimator, biased_layers(model, [n])).layers
     sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator, biased_layers(model, extra)).layers
     check_budget(sizes, budget, costs)
 
@@ -290,12 +299,12 @@ def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Pla
     seconds = {}
     prof = alloc = refinement = None
     candidates = candidates or default_candidates()
-    preflight(model, budget, plan, candidates, estimator, tables, costs)
+    preflight(model, budget, plan, candidates, estimator, tables, costs, transforms)
     if refine_rounds and budget is not None and budget.latency:
         raise ValueError("--refine trades bits, not time: it does not go with a latency budget yet")
     if plan is None:
         t = time.perf_counter()
-        prof = profile_model(model, calib, candidates, estimator, step, checkpoint, tables)
+        prof = profile_model(model, calib, candidates, estimator, step, checkpoint, tables, transforms)
         prof.transforms = tuple(transforms)  # its plans (allocate, refine) carry them
         seconds["profile"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -322,7 +331,7 @@ def block_linear_bits(model: nn.Module) -> tuple[int, int]:
         m = model.get_submodule(name)
         weights += m.in_features * m.out_features
         if isinstance(m, QuantLinear):
-            bits += sum(b.numel() * b.element_size() * 8 for b in m.buffers(recurse=False))
+            bits += sum(b.numel() * b.element_size() * 8 for b in m.buffers())  # a split row's high part too
         else:
             bits += m.weight.numel() * torch.finfo(FLOAT_DTYPE).bits
         if m.bias is not None:

@@ -12,8 +12,9 @@ from .capture import LayerStats
 from .formats import QuantizedTensor, QuantSpec
 from .plan import Candidate
 from .sensitivity import get_estimator
-from .solvers import get_solver
+from .solvers import get_solver, split
 from .solvers.bias import compensation, solve_stats
+from .solvers.gptq import DAMP
 
 VERSION = 1
 PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each layer (rows are independent given H);
@@ -166,20 +167,20 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     fitting = next(iter(layers.values())).candidates
     by_call: dict[tuple, list[Candidate]] = {}
     for c in fitting:
-        key = (profile_solver(c.solver), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block)
+        key = (profile_solver(c.solver), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block,
+               c.spec.high)
         by_call.setdefault(key, []).append(c)
-    for (solver, group, grid, scale_bits, super_block), cands in by_call.items():
+    for (solver, group, grid, scale_bits, super_block, high), cands in by_call.items():
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
         solved = solve_stats(stats, cands[0].bias)
-        codes, scales, zeros, steps = get_solver(solver)(stacked.float(), solved.hessian, group, bits, grid,
-                                                         scale_bits, super_block)
+        fn = split(get_solver(solver), high, DAMP) if high else get_solver(solver)
+        out = fn(stacked.float(), solved.hessian, group, bits, grid, scale_bits, super_block)
         r0 = 0
         for c in cands:
             for name, w in sampled.items():
                 r1 = r0 + w.shape[0]
-                qt = QuantizedTensor(codes[r0:r1], scales[r0:r1], zeros[r0:r1], c.spec,
-                                     None if steps is None else steps[r0:r1])
+                qt = QuantizedTensor(*out[:3], c.spec, out[3], out[4] if high else None).select(slice(r0, r1))
                 deq, judge = qt.dequantize(), row_weight[name]
                 if measures is not None and c.bias:  # the measured model gets the compensated bias too
                     judge = partial(judge, bias=compensation(w, deq, stats.mean))

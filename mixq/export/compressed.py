@@ -26,7 +26,7 @@ def ct_args(spec: QuantSpec):
     """compressed-tensors' QuantizationArgs for `spec`, or None where it has no exact form."""
     from compressed_tensors.quantization import QuantizationArgs
 
-    if spec.double or spec.grid != "sym":
+    if spec.double or spec.high or spec.grid != "sym":
         return None
     return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True,
                             strategy="group" if spec.group_size else "channel", group_size=spec.group_size or None)

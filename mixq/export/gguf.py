@@ -37,6 +37,8 @@ K_QUANTS = {QuantSpec.of(3, 16, "sym", 6, SUPER): "Q3_K", QuantSpec.of(6, 16, "s
 
 def ggml_type(spec: QuantSpec) -> str | None:
     """The ggml type that stores `spec` exactly, or None."""
+    if spec.high:  # split rows: no ggml type has two widths in a row
+        return None
     if spec in K_QUANTS:
         return K_QUANTS[spec]
     if spec.group_size != BLOCK or spec.double:

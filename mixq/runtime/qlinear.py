@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import QuantizedTensor, QuantSpec
+from ..formats import HIGH, QuantizedTensor, QuantSpec
 from .cpu import kernel
 from .pack import pack, unpack, unpack_at
 
@@ -19,17 +19,19 @@ class QuantLinear(nn.Module):
         if not spec.fits(in_features):
             raise ValueError(f"{spec.name} does not fit rows of {in_features} weights")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._cols = in_features - spec.high  # the columns stored in `spec`'s codes; the high ones in `high`
+        self.high = QuantLinear(spec.high, out_features, HIGH) if spec.high else None
         self._group = spec.group(in_features)
-        groups = out_features * (in_features // self._group)
+        groups = out_features * (self._cols // self._group)
         self.groups = groups
         u8 = dict(dtype=torch.uint8)
-        self.register_buffer("qweight", torch.zeros(-(-out_features * in_features // 8) * spec.bits, **u8))
+        self.register_buffer("qweight", torch.zeros(-(-out_features * self._cols // 8) * spec.bits, **u8))
         if spec.double:  # packed scale (and minimum) codes, fp16 steps per row
             packed = -(-groups // 8) * spec.scale_bits
             self.register_buffer("scales", torch.zeros(packed, **u8))
             if spec.grid == "min":
                 self.register_buffer("qzeros", torch.zeros(packed, **u8))
-            steps = (2 if spec.grid == "min" else 1) * spec.steps_per_row(in_features)
+            steps = (2 if spec.grid == "min" else 1) * spec.steps_per_row(self._cols)
             self.register_buffer("steps", torch.zeros(out_features, steps, dtype=torch.float16))
         else:
             self.register_buffer("scales", torch.zeros(out_features, groups // out_features, dtype=torch.float16))
@@ -42,7 +44,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
-        rows, cols = qt.codes.shape
+        rows, cols = qt.codes.shape[0], qt.codes.shape[1] + qt.spec.high
         spec = qt.spec
         m = cls(cols, rows, spec, bias is not None)
         m.qweight.copy_(pack(qt.codes, spec.bits))
@@ -57,13 +59,15 @@ class QuantLinear(nn.Module):
                 m.qzeros.copy_(pack(qt.zeros, spec.bits))
             elif spec.grid == "min":
                 m.mins.copy_(qt.zeros)
+        if spec.high:
+            m.high = QuantLinear.from_quantized(qt.high)
         if bias is not None:
             m.bias.data.copy_(bias)
         return m
 
     def quantized(self, rows: torch.Tensor | None = None) -> QuantizedTensor:
         """The stored tensors, unpacked: every row, or only `rows` (indices), read in place from the packing."""
-        spec, cols, per_row = self.spec, self.in_features, self.groups // self.out_features
+        spec, cols, per_row = self.spec, self._cols, self.groups // self.out_features
         n = self.out_features if rows is None else len(rows)
 
         def read(packed, bits, width):  # width values per row
@@ -72,37 +76,46 @@ class QuantLinear(nn.Module):
             return unpack_at(packed, bits, rows[:, None] * width + torch.arange(width))
 
         codes = read(self.qweight, spec.bits, cols)
+        high = None if self.high is None else self.high.quantized(rows)
         sym_zeros = torch.full((n, per_row), 1 << (spec.bits - 1), dtype=torch.uint8)
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         if spec.double:
             scales = read(self.scales, spec.scale_bits, per_row)
             zeros = read(self.qzeros, spec.scale_bits, per_row) if spec.grid == "min" else sym_zeros
-            return QuantizedTensor(codes, scales, zeros, spec, pick(self.steps))
+            return QuantizedTensor(codes, scales, zeros, spec, pick(self.steps), high)
         zeros = {"min": lambda: pick(self.mins), "sym": lambda: sym_zeros,
                  "int": lambda: read(self.qzeros, spec.bits, per_row)}[spec.grid]()
-        return QuantizedTensor(codes, pick(self.scales), zeros, spec)
+        return QuantizedTensor(codes, pick(self.scales), zeros, spec, high=high)
 
     def weight_float(self) -> torch.Tensor:
         return self.quantized().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows of x: straight from the codes (qgemv). More: the weight decoded by the kernel (exactly the
-        reference's numbers), then torch's matmul. Without the kernel: the reference dequantize."""
+        reference's numbers), then torch's matmul. Without the kernel: the reference dequantize. A split row's
+        high columns (spec.high) go through their own QuantLinear."""
+        if self.high is None:
+            return self._forward(x, self.bias)
+        k = self.spec.high
+        return self._forward(x[..., k:].contiguous(), self.bias) + self.high(x[..., :k].contiguous())
+
+    def _forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k = kernel() if x.dtype == torch.float32 and not x.requires_grad and self._kernel_fits() else None
         if k is None:
-            return F.linear(x, self.weight_float().to(x.dtype), self.bias)
+            w = self.quantized().dequantize()
+            return F.linear(x, (w if self.high is None else w[:, self.spec.high:]).to(x.dtype), bias)
         s, zm = self._group_params()
-        rows, minimum = x.numel() // self.in_features, self.spec.grid == "min"
+        rows, minimum = x.numel() // self._cols, self.spec.grid == "min"
         if rows > KERNEL_MAX_ROWS:
-            w = k.dequant(self.qweight, s, zm, self.in_features, self.spec.bits, self._group, minimum)
-            return F.linear(x, w, self.bias)
-        y = k.qgemv(self.qweight, s, zm, x.reshape(rows, self.in_features), self.spec.bits, self._group, minimum)
+            w = k.dequant(self.qweight, s, zm, self._cols, self.spec.bits, self._group, minimum)
+            return F.linear(x, w, bias)
+        y = k.qgemv(self.qweight, s, zm, x.reshape(rows, self._cols), self.spec.bits, self._group, minimum)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if bias is None else y + bias
 
     def _kernel_fits(self) -> bool:
         """The kernel reads runs of 8 codes: rows and groups must be multiples of 8 columns."""
-        return self._group % 8 == 0 and self.in_features % 8 == 0 and self.qweight.device.type == "cpu"
+        return self._group % 8 == 0 and self._cols % 8 == 0 and self.qweight.device.type == "cpu"
 
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, z) of w = (q − z)·s, or (s, m) of w = q·s + m ("min" grids), float32 rows × groups."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import QuantizedTensor, QuantSpec
+from ..formats import HIGH, QuantizedTensor, QuantSpec, quantize
 from ..registry import Registry
 
 SOLVERS = Registry("solver")
@@ -40,14 +40,33 @@ def get_solver(name: str, base=None):
     return chained
 
 
+def split(solver, high: int, damp: float):
+    """`solver` for split rows (QuantSpec.high): the leading `high` columns round to nearest at 8 bits (HIGH), and
+    the solver gets the rest, moved first by GPTQ's update to absorb their error (with ΔW_h fixed, the least
+    tr(ΔW H ΔWᵀ) has ΔW_l = −ΔW_h H_hl H_ll⁻¹) and judged on H_ll. Returns the solver's tuple plus the high
+    columns' QuantizedTensor."""
+    def solve_split(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+        hi = quantize(weight[:, :high], HIGH)
+        h_ll = hessian[high:, high:]
+        h_ll = h_ll + torch.eye(len(h_ll)) * damp * torch.diagonal(h_ll).mean().clamp(min=1e-8)
+        error = weight[:, :high] - hi.dequantize()
+        low = weight[:, high:] + torch.linalg.solve(h_ll, hessian[high:, :high] @ error.T).T
+        return (*solver(low, hessian[high:, high:], group, bits, grid, scale_bits, super_block), hi)
+    return solve_split
+
+
 def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, base=None) -> QuantizedTensor:
     rows, cols = weight.shape
     if not spec.fits(cols):
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
     bits = torch.full((rows,), spec.bits)
-    out = get_solver(name, base)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits,
-                           spec.super_block)
-    return QuantizedTensor(*out[:3], spec, out[3])
+    fn = get_solver(name, base)
+    if spec.high:
+        from .gptq import DAMP
+
+        fn = split(fn, spec.high, DAMP)
+    out = fn(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits, spec.super_block)
+    return QuantizedTensor(*out[:3], spec, out[3], out[4] if spec.high else None)
 
 
 def output_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,4 @@ def solve_heads(solver: str, weight: torch.Tensor, hessians: torch.Tensor, spec:
     if weight.shape[0] % heads:
         raise ValueError(f"{weight.shape[0]} rows do not split into {heads} heads")
     parts = [solve(solver, w, h, spec) for w, h in zip(weight.chunk(heads), hessians)]
-    steps = None if parts[0].steps is None else torch.cat([p.steps for p in parts])
-    return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                           torch.cat([p.zeros for p in parts]), spec, steps)
+    return QuantizedTensor.stack(parts)

@@ -1,6 +1,7 @@
 """Whole-model transforms, registered by name: function-preserving changes of the float model (rotations, norm
 folding) applied before profiling, so that every layer is then quantized in the new basis. A transform is
-transform(model, adapter) -> None (in place); a solver chain names them first: "rotate+gptq-act+comq"."""
+transform(model, adapter, calib) -> None (in place; `calib`, calibration windows, for those that measure the
+model: resq); a solver chain names them first: "rotate+gptq-act+comq"."""
 from __future__ import annotations
 
 from ..registry import Registry
@@ -29,12 +30,12 @@ def parse_names(value) -> tuple[str, ...]:
     return tuple(value)
 
 
-def apply_transforms(model, names) -> None:
+def apply_transforms(model, names, calib=None) -> None:
     from ..models import adapter_for
 
     adapter = adapter_for(model)
     for name in names:
-        TRANSFORMS.lookup(name)(model, adapter)
+        TRANSFORMS.lookup(name)(model, adapter, calib)
 
 
-from . import rotate  # noqa: E402,F401  (register)
+from . import resq, rotate  # noqa: E402,F401  (register)

@@ -87,9 +87,16 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @register_transform("rotate")
-def rotate(model: nn.Module, adapter) -> None:
+def rotate(model: nn.Module, adapter, calib=None) -> None:
     """Rotate `model` in place (see the module docstring); its outputs stay the same up to rounding."""
     gen = torch.Generator().manual_seed(SEED)
+    width = model.get_submodule(adapter.embed).weight.shape[1]
+    rotate_stream(model, adapter, random_rotation(width, gen), gen)
+
+
+def rotate_stream(model: nn.Module, adapter, q: torch.Tensor, gen: torch.Generator) -> None:
+    """Turn the residual stream x → xQ (Q orthogonal, float64), norms folded first, and each head's values by a
+    random rotation drawn from `gen`; in place."""
     table = model.get_submodule(adapter.embed)
     head = model.get_submodule(adapter.head)
     if head.weight is table.weight:  # untie: the head takes γ_final, the table does not
@@ -98,7 +105,6 @@ def rotate(model: nn.Module, adapter) -> None:
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
     fold_norm([head], model.get_submodule(adapter.norm))
-    q = random_rotation(table.weight.shape[1], gen)
     _set(table.weight, rotate_inputs(table.weight.detach(), q))  # rows of E are inputs to the stream: E Q
     _set(head.weight, rotate_inputs(head.weight.detach(), q))
     config = model.config
