@@ -64,16 +64,21 @@ def main():
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5],
                     help="bpw budgets of mixq's allocation with ALLOC_SOLVERS × the default formats as candidates")
     ap.add_argument("--alloc-solver", default=ALLOC_SOLVERS[0],
-                    help="the solver of the allocation's candidates (the profile is shared by solvers profiled alike)")
+                    help="the solver of the allocation's candidates (the profile is shared by solvers profiled "
+                    "alike); a comma-separated list: each solver a candidate of every format, one profile for all")
     ap.add_argument("--generated", type=int, default=0,
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--calib-windows", type=int, default=32,
                     help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
-    alloc_transforms, alloc_chain = split_chain(args.alloc_solver)
-    if profile_solver(alloc_chain) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
-        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chain)}, "
+    chains = [split_chain(c) for c in args.alloc_solver.split(",")]
+    alloc_transforms, alloc_chains = chains[0][0], [c for _, c in chains]
+    if any(t != alloc_transforms for t, _ in chains):
+        raise SystemExit(f"--alloc-solver {args.alloc_solver}: its solvers must share one transform")
+    several = len(alloc_chains) > 1  # every solver a candidate of every format, profiled as itself
+    if not several and profile_solver(alloc_chains[0]) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
+        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chains[0])}, "
                          f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")
     out = Path(args.out)
     torch.manual_seed(0)
@@ -110,6 +115,7 @@ def main():
     suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
     suffix += f"_calib{args.calib_windows}" if args.calib_windows != 32 else ""
     suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
+    suffix += "".join(f"_{c}" for c in alloc_chains) if several else ""
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
         row_name = "mixq allocation" + ("" if args.alloc_solver == ALLOC_SOLVERS[0] else f" ({args.alloc_solver})")
@@ -120,7 +126,8 @@ def main():
                 prof = Profile.from_json(profile_file.read_text())
             else:
                 t = time.perf_counter()
-                cands = [Candidate(c.spec, s) for s in ALLOC_SOLVERS for c in default_candidates()]
+                cands = [Candidate(c.spec, s) for s in (alloc_chains if several else ALLOC_SOLVERS)
+                         for c in default_candidates()]
                 profiled = copy.deepcopy(model) if alloc_transforms else model
                 apply_transforms(profiled, alloc_transforms, calib)
                 prof = profile_model(profiled, calib, cands, transforms=alloc_transforms)
@@ -129,7 +136,10 @@ def main():
                 profile_file.write_text(prof.to_json())
                 print(f"profile {profile_seconds:.0f} s", flush=True)
         plan = allocate(prof, Budget(bits=budget)).plan
-        plan = Plan({n: Candidate(c.spec, alloc_chain) for n, c in plan.layers.items()}, alloc_transforms)
+        if not several:  # the shared profile's candidates name ALLOC_SOLVERS[0]
+            plan = Plan({n: Candidate(c.spec, alloc_chains[0]) for n, c in plan.layers.items()}, alloc_transforms)
+        else:
+            plan = Plan(plan.layers, alloc_transforms)
         r = run(model, calib, evals, plan)
         rows.append({"solver": row_name, "format": f"{budget:g} bpw", "windows": args.windows, **setting,
                      **r,

@@ -106,7 +106,9 @@ def quantize(
                                "count); and preceded by whole-model transforms: rotate+ (an orthogonal rotation of the "
                                "residual stream and of the values, folded into the weights; unties a tied head) or "
                                "resq+ (the same turn into the stream's principal components, whose first 1/8 the "
-                               "stream's readers keep at 8 bits). See the README's Solvers section."),
+                               "stream's readers keep at 8 bits). A comma-separated list makes every solver a "
+                               "candidate of every format (gptq-act+comq,gptq-act+comq+bias): the allocation picks "
+                               "per layer. See the README's Solvers section."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "
@@ -162,8 +164,17 @@ def quantize(
         from .solvers import get_solver
         from .transforms import split_chain
 
-        transforms, solver = split_chain(solver)
-        get_solver(solver)
+        chains = [split_chain(c.strip()) for c in solver.split(",")]  # "a,b": both solvers as candidates
+        transforms, solvers = chains[0][0], list(dict.fromkeys(c for _, c in chains))
+        if any(t != transforms for t, _ in chains):
+            _fail("the solvers of a --solver list share one whole-model transform (the model is turned once): "
+                  f"{solver!r} names different ones")
+        for s in solvers:
+            get_solver(s)
+        if "resq" in transforms and (gguf_compatible or ct_compatible or latency is not None):
+            _fail("resq splits rows into two formats, which no GGUF or compressed-tensors type stores and the cost "
+                  "table does not time: use rotate+ with --gguf-compatible, --compressed-tensors-compatible or "
+                  "--latency")
         if hand_plan is not None:
             if transforms:
                 _fail("--plan applies the transforms the plan names (its \"transforms\"), not --solver's")
@@ -182,8 +193,8 @@ def quantize(
         from .pipeline import preflight
         from .profile import ct_candidates, default_candidates, gguf_candidates
 
-        candidates = gguf_candidates(solver) if gguf_compatible else ct_candidates(solver) if ct_compatible \
-            else default_candidates(solver)
+        make = gguf_candidates if gguf_compatible else ct_candidates if ct_compatible else default_candidates
+        candidates = [c for s in solvers for c in make(s)]
         if gguf_compatible:
             from .export.gguf import check_rows
 

@@ -378,3 +378,23 @@ def test_calibrate_cost_writes_a_table(tiny_hf_dir, tmp_path):
     table = CostTable.from_json((tmp_path / "c.json").read_text())
     # the rest (all but the block linears) is most of the tiny model's token time; 2x: jitter on a loaded machine
     assert 2 * table.float_token > table.rest > 0 and table.formats
+
+
+def test_quantize_with_several_solvers_as_candidates(tiny_hf_dir, text_file, tmp_path):
+    """--solver a,b: every format once with each solver; the profile holds both, the plan picks per layer."""
+    res = runner.invoke(app, [str(a) for a in (
+        "quantize", "--model", tiny_hf_dir, "--bits", 3, "--solver", "gptq-act,gptq-act+bias", "--calib", text_file,
+        "--calib-windows", 4, "--eval-windows", 0, "--out", tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    prof = json.loads((tmp_path / "q" / "profile.json").read_text())
+    solvers = [c["solver"] for c in prof["layers"][0]["candidates"]]
+    assert solvers.count("gptq-act") == solvers.count("gptq-act+bias") > 0
+    damage = prof["layers"][0]["damage"]  # the bias-compensated candidates are judged apart: another damage
+    assert damage[solvers.index("gptq-act")] != damage[solvers.index("gptq-act+bias")]
+    plan = json.loads((tmp_path / "q" / "plan.json").read_text())
+    assert {c["solver"] for c in plan["layers"].values()} <= {"gptq-act", "gptq-act+bias"}
+    res = runner.invoke(app, [str(a) for a in (
+        "quantize", "--model", tiny_hf_dir, "--bits", 3, "--solver", "rotate+gptq-act,gptq-act", "--calib", text_file,
+        "--out", tmp_path / "x")])
+    assert res.exit_code == 2 and "share one whole-model transform" in res.output
+    assert not (tmp_path / "x").exists()

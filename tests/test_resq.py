@@ -156,3 +156,13 @@ def test_exports_refuse_split_rows(resq_dir, tmp_path):
     res = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", str(tmp_path / "ct")])
     assert res.exit_code == 2 and "hi" in res.output and "does not store" in res.output
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("flag", [["--bits", "3", "--gguf-compatible"],
+                                  ["--bits", "3", "--compressed-tensors-compatible"], ["--latency", "0.5x"]])
+def test_resq_refuses_what_cannot_store_or_time_split_rows(flag, tiny_hf_dir, text_file, tmp_path):
+    res = runner.invoke(app, [str(a) for a in (
+        "quantize", "--model", tiny_hf_dir, *flag, "--solver", "resq+gptq-act", "--calib", text_file,
+        "--out", tmp_path / "q")])
+    assert res.exit_code == 2 and "resq splits rows" in res.output, res.output
+    assert not (tmp_path / "q").exists()
