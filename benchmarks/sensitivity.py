@@ -16,6 +16,12 @@ benchmarks/results/sensitivity.{md,json,png}.
 The plans here are applied with weights solved on the float model's inputs (no sequential re-calibration), so
 that 45 plans cost 45 evaluations instead of 45 quantization runs; `mixq quantize` calibrates each block on the
 outputs of the blocks already quantized, which lowers every perplexity a little.
+
+`--add oac` scores a new estimator on the saved run instead (minutes, not the hour of a rerun): the same plans
+(the random ones are seeded; the allocations come from the saved profiles) keep their saved perplexities, the
+candidates are solved again as the saved run solved them (GPTQ damping `--damp`: 0.01 for runs before d46a6c5)
+and checked against the saved fisher scores (it stops if they differ: the weights would not be the ones
+evaluated), the new estimator scores them, and its own allocations are evaluated and added.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from scipy.stats import spearmanr
 
 from mixq import data
 from mixq.allocate import allocate
-from mixq.capture import float_block_stats, output_fisher
+from mixq.capture import float_block_stats, output_energy, output_fisher
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
@@ -40,45 +46,62 @@ from mixq.plan import Budget, Candidate
 from mixq.profile import Profile, layer_costs
 from mixq.sensitivity import get_estimator
 from mixq.sensitivity.kl import KLProbe
+from mixq.sensitivity.oac import oac_stats
 from mixq.solvers import solve
+from mixq.solvers.gptq import gptq_quantize
 
 from common import HERE, provenance, smollm2
 
 CANDIDATES = [Candidate(QuantSpec.of(b, g, "min", sb), "gptq") for b in (2, 3, 4, 5) for g, sb in ((64, 6), (192, 16))]
-ESTIMATORS = ("fisher", "hessian", "kl", "roundoff", "sqnr")
+ESTIMATORS = ("fisher", "oac", "hessian", "kl", "roundoff", "sqnr")
 
 
-def solve_and_score(model, calib, estimators):
+def gptq_at(damp: float):
+    """The candidates' solver (gptq) at another damping than today's default."""
+    def solver(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+        return gptq_quantize(weight, hessian, group, bits, grid, damp=damp, scale_bits=scale_bits,
+                             super_block=super_block)
+    return solver
+
+
+def solve_and_score(model, calib, estimators, damp: float | None = None):
     """(dequantized weights: layer → one fp16 tensor per candidate, profile per estimator, seconds per stage)."""
     adapter = adapter_for(model)
     names = adapter.layer_names(model)
     seconds = {e: 0.0 for e in estimators} | {"solve": 0.0}
-    fisher = probe = None
+    fisher = probe = energy = None
     t = time.perf_counter()
-    if "fisher" in estimators:  # the backward passes count for fisher, the reference logits for kl
+    if "fisher" in estimators:  # the backward passes count for fisher and oac, the reference logits for kl
         fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS])
         seconds["fisher"] += time.perf_counter() - t
+    t = time.perf_counter()
+    if "oac" in estimators:
+        energy = output_energy(model, adapter, calib[:FISHER_WINDOWS])
+        seconds["oac"] += time.perf_counter() - t
     t = time.perf_counter()
     if "kl" in estimators:
         probe = KLProbe(model, adapter, calib)
         seconds["kl"] += time.perf_counter() - t
     profiles = {e: Profile(e, fixed_bytes(model, names)) for e in estimators}
     deqs = {}
-    for i, block, stats in float_block_stats(model, adapter, calib):
+    keep = calib[:FISHER_WINDOWS].numel() if energy else 0
+    base = gptq_at(damp) if damp is not None else None
+    for i, block, stats in float_block_stats(model, adapter, calib, keep):
         for group in adapter.groups:
             for n in group:
                 name, lin = f"{adapter.blocks}.{i}.{n}", block.get_submodule(n)
-                w = lin.weight.detach()
+                w, st = lin.weight.detach(), stats[group[0]]
                 t = time.perf_counter()
-                deq = [solve(c.solver, w, stats[group[0]].hessian, c.spec).dequantize() for c in CANDIDATES]
+                deq = [solve(c.solver, w, st.hessian, c.spec, base).dequantize() for c in CANDIDATES]
                 seconds["solve"] += time.perf_counter() - t
                 deqs[name] = [d.half() for d in deq]
                 for e in estimators:
                     context = {"fisher": fisher[name] if fisher else None,
                                "kl": probe.layer(lin) if probe else None}.get(e)
                     t = time.perf_counter()
+                    judged = oac_stats(st.inputs, energy[name], st.mean)[False] if e == "oac" else st
                     lp = layer_costs(name, *w.shape, CANDIDATES)
-                    lp.damage = [get_estimator(e)(w, d, stats[group[0]], context) for d in deq]
+                    lp.damage = [get_estimator(e)(w, d, judged, context) for d in deq]
                     seconds[e] += time.perf_counter() - t
                     profiles[e].layers.append(lp)
         if probe:
@@ -130,9 +153,15 @@ def main():
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--out", default=str(HERE / "results" / "sensitivity"))
     ap.add_argument("--rewrite", action="store_true", help="only rewrite the table and plot from the saved JSON")
+    ap.add_argument("--add", nargs="+", metavar="ESTIMATOR", help="score these estimators on the saved run (see "
+                    "above) and add their allocations")
+    ap.add_argument("--damp", type=float, default=0.01, help="with --add: the GPTQ damping the saved run solved at")
     args = ap.parse_args()
-    if args.rewrite:
+    if args.rewrite or args.add:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        args.estimators = [e for e in args.estimators if e in saved["spearman"] or e in (args.add or [])]
+        if args.add:
+            return add(saved, args)
         return write(saved["rows"], saved["seconds"], saved["reference"], args, saved["provenance"])
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
@@ -161,6 +190,41 @@ def main():
             partial.write_text(json.dumps({"reference": reference, "seconds": seconds, "rows": rows,
                                        "provenance": provenance()}))
     write(rows, seconds, reference, args, provenance())
+
+
+def add(saved: dict, args):
+    """--add: the saved run's plans and perplexities, scored by more estimators (module docstring)."""
+    out, old = Path(args.out), [e for e in saved["spearman"]]
+    profiles = {e: Profile.from_json(out.with_name(f"sensitivity_profile_{e}.json").read_text()) for e in old}
+    plans = list(random_plans(profiles[old[0]], args.plans, args.bpw))
+    plans += [allocate(profiles[e], Budget(bits=b)).plan for e in old for b in args.budgets]
+    rows = saved["rows"]
+    if len(plans) != len(rows) or any(abs(plan_bpw(profiles[old[0]], p) - r["bpw"]) > 1e-9
+                                      for p, r in zip(plans, rows)):
+        raise SystemExit("the saved rows are not the plans this script makes: rerun the benchmark instead")
+    torch.manual_seed(0)
+    model, tok, calib, evals = smollm2(args.windows)
+    deqs, new, seconds = solve_and_score(model, calib, ["fisher", *args.add], args.damp)
+    again = np.array([predicted(new["fisher"], p) for p in plans])
+    kept = np.array([r["predicted"]["fisher"] for r in rows])
+    if not np.allclose(again, kept, rtol=1e-4):
+        raise SystemExit(f"solved again at damping {args.damp:g}, the fisher scores differ from the saved ones (up "
+                         f"to {np.max(np.abs(again / kept - 1)):.2%}): these are not the weights the saved run "
+                         "evaluated")
+    profiles |= {e: new[e] for e in args.add}
+    for plan, r in zip(plans, rows):
+        r["predicted"] |= {e: predicted(new[e], plan) for e in args.add}
+    for e in args.add:
+        out.with_name(f"sensitivity_profile_{e}.json").write_text(new[e].to_json())
+        for budget in args.budgets:
+            plan = allocate(new[e], Budget(bits=budget)).plan
+            rows.append({"plan": f"{e} allocation", "budget": budget, "bpw": plan_bpw(new[e], plan),
+                         "ppl": evaluate(model, deqs, plan, evals),
+                         "predicted": {f: predicted(p, plan) for f, p in profiles.items()}})
+            print(rows[-1], flush=True)
+    seconds = saved["seconds"] | {e: seconds[e] for e in args.add}
+    write(rows, seconds, saved["reference"], args, saved["provenance"] + f" Added {', '.join(args.add)}: "
+          + provenance())
 
 
 def correlations(rows, estimators, bpw):

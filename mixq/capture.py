@@ -30,6 +30,7 @@ class LayerStats:
     hessian: torch.Tensor
     tokens: int
     mean: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None  # the first inputs themselves (tokens × cols), where asked for (`keep`)
 
     def covariance(self) -> torch.Tensor:
         """E[(x − μ)(x − μ)ᵀ] = H − μμᵀ: the output error left once a bias absorbs the mean error (solvers.bias)."""
@@ -88,12 +89,12 @@ def _fit_batch(kwargs: dict, n: int) -> dict:
     return {k: fit(v) for k, v in kwargs.items()}
 
 
-def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
+def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor, keep: int = 0):
     """(block index, block, {group leader: LayerStats}) for every block, each run on the outputs of the block
-    before it as that block is (float, unless the caller changed it in between)."""
+    before it as that block is (float, unless the caller changed it in between); `keep`: as hessians'."""
     x, kwargs = block_inputs(model, adapter, ids)
     for i, block in enumerate(adapter.block_list(model)):
-        with hessians(block, adapter) as stats:
+        with hessians(block, adapter, keep) as stats:
             y = run_block(block, x, kwargs)
         yield i, block, stats
         x = y
@@ -124,8 +125,9 @@ def residual_covariance(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -
 
 
 @contextmanager
-def hessians(block: nn.Module, adapter: Adapter):
-    """Collect H = E[x xᵀ] and E[x] of the input of each group of linears while the block runs.
+def hessians(block: nn.Module, adapter: Adapter, keep: int = 0):
+    """Collect H = E[x xᵀ] and E[x] of the input of each group of linears while the block runs, and with `keep`
+    the first `keep` inputs themselves (LayerStats.inputs).
 
     Yields a dict group-leader name → LayerStats, filled as the block runs.
     """
@@ -139,11 +141,13 @@ def hessians(block: nn.Module, adapter: Adapter):
             total = x.sum(0).double()
             s = stats.get(name)
             if s is None:
-                stats[name] = LayerStats(xtx, x.shape[0], total)
+                s = stats[name] = LayerStats(xtx, x.shape[0], total, x[:keep].clone() if keep else None)
             else:
                 s.hessian += xtx
                 s.tokens += x.shape[0]
                 s.mean += total
+                if keep and len(s.inputs) < keep:
+                    s.inputs = torch.cat([s.inputs, x[:keep - len(s.inputs)]])
         return hook
 
     for group in adapter.groups:
@@ -276,6 +280,18 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
 
     tokens = _backward_passes(model, ids, names, add, step, embed_name=adapter.embed if tables else None)
     return {n: (s / tokens).float() for n, s in sums.items()}
+
+
+def output_energy(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None) -> dict[str, torch.Tensor]:
+    """‖∂L/∂y_t‖² of each block linear's output y_t for every token of `ids`, in order (windows · length), L the
+    next-token NLL summed over a window; one backward pass per window (sensitivity.oac)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(name, _x, g):
+        parts.setdefault(name, []).append(g.float().pow(2).sum(1))
+
+    _backward_passes(model, ids, adapter.layer_names(model), add, step)
+    return {n: torch.cat(p) for n, p in parts.items()}
 
 
 def output_adaptive_hessians(model: nn.Module, adapter: Adapter, ids: torch.Tensor, names: list[str],

@@ -110,6 +110,7 @@ def quantize(
                                "candidate of every format (gptq-act+comq,gptq-act+comq+bias): the allocation picks "
                                "per layer. See the README's Solvers section."),
     sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
+                                    "in loss units), oac (each token's output error weighted by its loss gradient, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "
                                     "slow), or the weight-only baselines roundoff (Σ ΔW²) and sqnr (‖ΔW‖² / ‖W‖²)."),

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, allocate, check_budget
-from .capture import LayerStats, attention_hessians, block_inputs, hessians, output_adaptive_hessians, output_fisher, \
-    run_block
+from .capture import LayerStats, attention_hessians, block_inputs, hessians, output_adaptive_hessians, output_energy, \
+    output_fisher, run_block
 from .checkpoint import Checkpoint
 from .cost import CostTable
 from .formats import QuantizedTensor
@@ -24,8 +24,9 @@ from .profile import LayerProfile, Profile, cost_profile, default_candidates, la
     table_candidates
 from .refine import Refinement, refine
 from .runtime.qlinear import QuantEmbedding, QuantLinear
-from .sensitivity import MEASURED, NEEDS_FISHER, get_estimator
+from .sensitivity import MEASURED, NEEDS_ENERGY, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
+from .sensitivity.oac import oac_stats
 from .solvers import get_solver, solve
 from .solvers.aespa import solve_heads
 from .solvers.taskclip import JUDGE_WINDOWS, search as taskclip_search
@@ -91,7 +92,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
     prof = Profile(estimator, fixed_bytes(model, adapter.layer_names(model) + (adapter.tables(model) if tables
                                                                                else [])))
     done = checkpoint.load() if checkpoint else {}
-    fisher = None
+    fisher = energy = None
     probe = KLProbe(model, adapter, calib) if estimator in MEASURED else None
     x, kwargs = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
@@ -105,16 +106,21 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             continue
         if fisher is None and estimator in NEEDS_FISHER:
             fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step, tables)
-        with hessians(block, adapter) as stats:
+        if energy is None and estimator in NEEDS_ENERGY:
+            energy = output_energy(model, adapter, calib[:FISHER_WINDOWS], step)
+        keep = calib[:FISHER_WINDOWS].numel() if energy is not None else 0
+        with hessians(block, adapter, keep) as stats:
             y = run_block(block, x, kwargs)
         for group in adapter.groups:
             weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
             measures = {f"{adapter.blocks}.{i}.{n}": probe.layer(block.get_submodule(n)) for n in group} \
                 if probe else None
+            st = stats[group[0]]
+            judged = {n: oac_stats(st.inputs, energy[n], st.mean) for n in weights} if energy is not None else None
             cands = layer_candidates(adapter, transforms, next(iter(weights)),
                                      next(iter(weights.values())).shape[1], candidates)
-            prof.layers += profile_group(weights, stats[group[0]], cands, estimator, fisher, measures,
-                                         biased=biased_layers(model, weights))
+            prof.layers += profile_group(weights, st, cands, estimator, fisher, measures,
+                                         biased=biased_layers(model, weights), judged=judged)
         x = y
         if probe:
             probe.advance()
@@ -273,6 +279,9 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
         raise ValueError("a latency budget does not take --include-embeddings yet: the cost table times the block "
                          "linears only")
     get_estimator(estimator)
+    if tables and estimator in NEEDS_ENERGY:
+        raise ValueError(f"--sensitivity {estimator} does not judge the embedding table and the head yet: use fisher "
+                         "or kl with --include-embeddings")
     adapter = adapter_for(model)
     names, extra = adapter.layer_names(model), adapter.tables(model) if tables else []
 

@@ -143,14 +143,15 @@ def profile_solver(name: str) -> str:
 
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None,
-                  measures: dict | None = None, sample: bool = True, biased: frozenset = frozenset()
-                  ) -> list[LayerProfile]:
+                  measures: dict | None = None, sample: bool = True, biased: frozenset = frozenset(),
+                  judged: dict[str, dict[bool, LayerStats]] | None = None) -> list[LayerProfile]:
     """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
     solved in one call: rows of every layer × every width stacked (rows are independent given H; bias-compensated
     solvers get the input covariance instead, and are judged on it). A measured estimator (`measures`: layer name →
     measure(dequantized weight)) gets whole layers, not a sample of rows; so does every estimator with `sample`
     False (rows whose weights are too uneven for an even sample: the tables). `biased`: layers with a bias of
-    their own."""
+    their own. `judged`: per layer, the statistics its candidates are judged on instead of the solver's, without
+    and with bias compensation (sensitivity.oac)."""
     estimate = get_estimator(estimator)
     layers = {name: layer_costs(name, *w.shape, candidates, name in biased) for name, w in weights.items()}
     sampled, row_weight = {}, {}
@@ -184,7 +185,8 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
                 deq, judge = qt.dequantize(), row_weight[name]
                 if measures is not None and c.bias:  # the measured model gets the compensated bias too
                     judge = partial(judge, bias=compensation(w, deq, stats.mean))
-                layers[name].damage[fitting.index(c)] = estimate(w, deq, solved, judge)
+                on = judged[name][c.bias] if judged is not None else solved
+                layers[name].damage[fitting.index(c)] = estimate(w, deq, on, judge)
                 r0 = r1
     return list(layers.values())
 

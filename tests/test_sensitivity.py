@@ -10,6 +10,7 @@ from mixq.formats import QuantSpec, quantize
 from mixq.plan import Candidate
 from mixq.profile import profile_group
 from mixq.sensitivity import ESTIMATORS, MEASURED, get_estimator
+from mixq.sensitivity.oac import oac_stats
 
 
 def _layer(rows=40, cols=64, seed=0):
@@ -101,3 +102,49 @@ def test_kl_profile_ranks_widths_and_covers_every_layer(tiny_model):
             assert d >= -1e-7, lp.name  # a KL, up to float rounding
             total[c.spec.bits] += d
     assert total[2] > 3 * total[4] > 9 * total[8] > 0
+
+
+def test_oac_damage_is_each_tokens_error_weighted_by_its_loss_gradient():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 16, generator=g)
+    deq = quantize(w, QuantSpec(2, 16)).dequantize()
+    x, energy = torch.randn(50, 16, generator=g), torch.rand(50, generator=g) * 4
+    mean = x.mean(0)
+    judged = oac_stats(x, energy, mean)
+    by_token = energy * ((x @ (w - deq).T) ** 2).sum(1)  # ‖g_t‖² ‖ΔW x_t‖²
+    est = get_estimator("oac")
+    assert est(w, deq, judged[False], None) == pytest.approx(0.5 * float(by_token.mean()) / 12, rel=1e-5)
+    assert est(w, deq, judged[False], torch.full((12,), 3.0)) == pytest.approx(est(w, deq, judged[False], None))
+    centred = energy * (((x - mean) @ (w - deq).T) ** 2).sum(1)  # what is left once a bias takes the mean error
+    assert est(w, deq, judged[True], None) == pytest.approx(0.5 * float(centred.mean()) / 12, rel=1e-5)
+
+
+def test_oac_profile_pairs_each_token_with_its_own_gradient(tiny_model):
+    """The profile's oac damage of a layer equals the sum over the first calibration tokens of that token's
+    gradient energy times that token's output error: inputs and gradients stay in step."""
+    from mixq.capture import block_inputs, hessians, output_energy, run_block
+    from mixq.models import adapter_for
+    from mixq.pipeline import FISHER_WINDOWS, profile_model
+    from mixq.solvers import solve
+
+    from conftest import random_ids
+
+    ids = random_ids(FISHER_WINDOWS + 2, 16, seed=4)
+    cand = Candidate(QuantSpec.of(2, 32, "min", 6), "gptq-act")
+    prof = profile_model(tiny_model, ids, [cand], estimator="oac")
+    adapter = adapter_for(tiny_model)
+    name = "model.layers.0.mlp.up_proj"
+    energy = output_energy(tiny_model, adapter, ids[:FISHER_WINDOWS])[name]
+    x, kwargs = block_inputs(tiny_model, adapter, ids)
+    block = adapter.block_list(tiny_model)[0]
+    with hessians(block, adapter, keep=len(energy)) as stats:
+        run_block(block, x, kwargs)
+    st = stats["mlp.gate_proj"]
+    w = block.mlp.up_proj.weight.detach()
+    deq = solve(cand.solver, w, st.hessian, cand.spec).dequantize()
+    by_token = energy * ((st.inputs @ (w - deq).T) ** 2).sum(1)
+    want = 0.5 * float(by_token.mean()) / w.shape[0]
+    got = next(lp for lp in prof.layers if lp.name == name).damage[0]
+    assert got == pytest.approx(want, rel=1e-3)
+    shuffled = energy.flip(0) * ((st.inputs @ (w - deq).T) ** 2).sum(1)  # out of step: another number
+    assert abs(0.5 * float(shuffled.mean()) / w.shape[0] - got) > 0.01 * got

@@ -14,9 +14,10 @@ from ..registry import Registry
 
 ESTIMATORS = Registry("sensitivity estimator")
 NEEDS_FISHER = {"fisher"}
+NEEDS_ENERGY = {"oac"}  # judged on the output-adaptive statistics (capture.output_energy, sensitivity.oac)
 MEASURED = {"kl"}
 register_estimator = ESTIMATORS.register
 get_estimator = ESTIMATORS.lookup
 
 
-from . import fisher, hessian, kl, roundoff  # noqa: E402,F401  (register)
+from . import fisher, hessian, kl, oac, roundoff  # noqa: E402,F401  (register)
