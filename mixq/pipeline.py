@@ -131,9 +131,11 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
     if all(n in done for n in names):
         prof.layers += [done[n] for n in names]
     else:
-        if fisher is None and estimator in NEEDS_FISHER:
+        # oac judges the tables as fisher does (both in loss units): a lookup's error is not a linear's output error
+        judge = "fisher" if estimator in NEEDS_ENERGY else estimator
+        if fisher is None and judge in NEEDS_FISHER:
             fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], step, tables)
-        prof.layers += profile_tables(model, calib, x, estimator, fisher, probe)
+        prof.layers += profile_tables(model, calib, x, judge, fisher, probe)
         if checkpoint:
             checkpoint.save(prof)
     return prof
@@ -279,9 +281,6 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
         raise ValueError("a latency budget does not take --include-embeddings yet: the cost table times the block "
                          "linears only")
     get_estimator(estimator)
-    if tables and estimator in NEEDS_ENERGY:
-        raise ValueError(f"--sensitivity {estimator} does not judge the embedding table and the head yet: use fisher "
-                         "or kl with --include-embeddings")
     adapter = adapter_for(model)
     names, extra = adapter.layer_names(model), adapter.tables(model) if tables else []
 

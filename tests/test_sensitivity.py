@@ -148,3 +148,18 @@ def test_oac_profile_pairs_each_token_with_its_own_gradient(tiny_model):
     assert got == pytest.approx(want, rel=1e-3)
     shuffled = energy.flip(0) * ((st.inputs @ (w - deq).T) ** 2).sum(1)  # out of step: another number
     assert abs(0.5 * float(shuffled.mean()) / w.shape[0] - got) > 0.01 * got
+
+
+def test_oac_judges_the_tables_as_fisher_does(tiny_model, calib_ids):
+    """With --include-embeddings, oac's profile gives the blocks its own damages and the tables fisher's (a lookup
+    has no output error to weigh token by token): both in loss units, so one allocation compares them."""
+    from mixq.pipeline import profile_model
+    from mixq.profile import default_candidates
+
+    cands = default_candidates("gptq-act")[:4]
+    oac = profile_model(tiny_model, calib_ids, cands, estimator="oac", tables=True)
+    fisher = profile_model(tiny_model, calib_ids, cands, estimator="fisher", tables=True)
+    table = next(lp for lp in oac.layers if lp.name == "model.embed_tokens")
+    assert table.damage == next(lp for lp in fisher.layers if lp.name == "model.embed_tokens").damage
+    blocks = [(a.damage, b.damage) for a, b in zip(oac.layers, fisher.layers) if a.name.startswith("model.layers")]
+    assert all(a != b for a, b in blocks) and all(0 < x < 10 * y for a, b in blocks for x, y in zip(a, b))
