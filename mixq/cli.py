@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from .profile import DEFAULT_SOLVER
+from .sensitivity import DEFAULT_ESTIMATOR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mixq: mixed-precision post-training quantization (profile → allocate → apply → pack).")
@@ -109,7 +110,7 @@ def quantize(
                                "stream's readers keep at 8 bits). A comma-separated list makes every solver a "
                                "candidate of every format (gptq-act+comq,gptq-act+comq+bias): the allocation picks "
                                "per layer. See the README's Solvers section."),
-    sensitivity: str = typer.Option("fisher", help="Damage estimator: fisher (Fisher-weighted output error, "
+    sensitivity: str = typer.Option(DEFAULT_ESTIMATOR, help="Damage estimator: fisher (Fisher-weighted output error, "
                                     "in loss units), oac (each token's output error weighted by its loss gradient, "
                                     "in loss units), hessian (relative output error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "

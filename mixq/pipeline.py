@@ -24,7 +24,7 @@ from .profile import LayerProfile, Profile, cost_profile, default_candidates, la
     table_candidates
 from .refine import Refinement, refine
 from .runtime.qlinear import QuantEmbedding, QuantLinear
-from .sensitivity import MEASURED, NEEDS_ENERGY, NEEDS_FISHER, get_estimator
+from .sensitivity import DEFAULT_ESTIMATOR, MEASURED, NEEDS_ENERGY, NEEDS_FISHER, get_estimator
 from .sensitivity.kl import KLProbe
 from .sensitivity.oac import oac_stats
 from .solvers import get_solver, solve
@@ -80,7 +80,7 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
         get_solver(cand.solver)
 
 
-def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = "fisher",
+def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = DEFAULT_ESTIMATOR,
                   step: Step = _no_step, checkpoint: Checkpoint | None = None, tables: bool = False,
                   transforms: tuple[str, ...] = ()) -> Profile:
     """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
@@ -269,7 +269,7 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
 
 
 def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[Candidate] | None = None,
-              estimator: str = "fisher", tables: bool = False, costs: CostTable | None = None,
+              estimator: str = DEFAULT_ESTIMATOR, tables: bool = False, costs: CostTable | None = None,
               transforms: tuple[str, ...] = ()) -> None:
     """Every check that needs no calibration, so bad input fails in seconds, not after the profile."""
     if plan is not None:
@@ -297,7 +297,7 @@ def preflight(model, budget: Budget | None, plan: Plan | None, candidates: list[
 
 
 def quantize(model, calib: torch.Tensor, budget: Budget | None = None, plan: Plan | None = None,
-             candidates: list[Candidate] | None = None, estimator: str = "fisher",
+             candidates: list[Candidate] | None = None, estimator: str = DEFAULT_ESTIMATOR,
              step: Step = _no_step, checkpoint: Checkpoint | None = None, refine_rounds: int = 0,
              tables: bool = False, costs: CostTable | None = None, transforms: tuple[str, ...] = ()) -> Result:
     """Profile + allocate (unless a plan is given), optionally refine the plan by measured KL (refine.py), then

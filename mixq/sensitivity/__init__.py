@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..registry import Registry
 
 ESTIMATORS = Registry("sensitivity estimator")
+DEFAULT_ESTIMATOR = "fisher"
 NEEDS_FISHER = {"fisher"}
 NEEDS_ENERGY = {"oac"}  # judged on the output-adaptive statistics (capture.output_energy, sensitivity.oac)
 MEASURED = {"kl"}
