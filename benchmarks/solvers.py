@@ -30,7 +30,7 @@ from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_mod
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates, profile_solver
 from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
-from mixq.transforms import TRANSFORMS, apply_transforms, split_chain
+from mixq.transforms import apply_transforms, split_chain
 from mixq.transforms.resq import layer_candidates
 
 from common import HERE, provenance, smollm2
@@ -70,6 +70,7 @@ def main():
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--calib-windows", type=int, default=32,
                     help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
+    ap.add_argument("--estimator", default="fisher", help="the allocation profile's damage estimator (--sensitivity)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
     chains = [split_chain(c) for c in args.alloc_solver.split(",")]
@@ -116,9 +117,11 @@ def main():
     suffix += f"_calib{args.calib_windows}" if args.calib_windows != 32 else ""
     suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
     suffix += "".join(f"_{c}" for c in alloc_chains) if several else ""
+    suffix += f"_{args.estimator}" if args.estimator != "fisher" else ""
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
         row_name = "mixq allocation" + ("" if args.alloc_solver == ALLOC_SOLVERS[0] else f" ({args.alloc_solver})")
+        row_name += f" [{args.estimator}]" if args.estimator != "fisher" else ""  # earlier rows: fisher
         if (row_name, f"{budget:g} bpw", label, DAMP) in done:
             continue
         if prof is None:
@@ -130,7 +133,7 @@ def main():
                          for c in default_candidates()]
                 profiled = copy.deepcopy(model) if alloc_transforms else model
                 apply_transforms(profiled, alloc_transforms, calib)
-                prof = profile_model(profiled, calib, cands, transforms=alloc_transforms)
+                prof = profile_model(profiled, calib, cands, args.estimator, transforms=alloc_transforms)
                 del profiled
                 profile_seconds = time.perf_counter() - t
                 profile_file.write_text(prof.to_json())
@@ -177,13 +180,13 @@ def write(rows, out: Path, windows: int):
                          f"{r['ppl']:.3f} | "
                          f"{r['ppl'] / ref['ppl']:.3f} | {r['unlike']:.3f} | {r['unlike'] / ref['unlike']:.3f} | "
                          f"{r['seconds']:.0f}{'*' if r.get('shared') else ''} |")
-    profiled = {(r["calib"] + "".join(f", {t}" for t in TRANSFORMS if f"({t}+" in r["solver"]), r["damp"]):
-                r["profile_seconds"]
-                for r in rows if r.get("profile_seconds")}
+    profiled = {(r["calib"] + (f", {extra}" if (extra := r["solver"].removeprefix("mixq allocation").strip()) else ""),
+                 r["damp"]): r["profile_seconds"] for r in rows if r.get("profile_seconds")}
     if profiled:
-        lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} (or the solver in brackets, on the same "
-                  "profile) × the default formats; seconds of the "
-                  "apply; the profile the rows of one calibration share took " +
+        lines += ["", f"Allocation rows: candidates {', '.join(ALLOC_SOLVERS)} (or the solvers in brackets: on the "
+                  "same profile where they are profiled alike, on their own where they are several or transform the "
+                  "model) × the default formats, profiled by fisher (or the estimator in square brackets); seconds of "
+                  "the apply; the profile the rows of one calibration share took " +
                   ", ".join(f"{v:.0f} s ({c}, damp {d:g})" for (c, d), v in profiled.items()) + "."]
     if any(r.get("shared") for r in rows):
         lines += ["", "\\* the machine was shared with another job during this row: its seconds are inflated (the "
