@@ -20,8 +20,8 @@ outputs of the blocks already quantized, which lowers every perplexity a little.
 `--add oac` scores a new estimator on the saved run instead (minutes, not the hour of a rerun): the same plans
 (the random ones are seeded; the allocations come from the saved profiles) keep their saved perplexities, the
 candidates are solved again as the saved run solved them (GPTQ damping `--damp`: 0.01 for runs before d46a6c5)
-and checked against the saved fisher scores (it stops if they differ: the weights would not be the ones
-evaluated), the new estimator scores them, and its own allocations are evaluated and added.
+and checked against the saved fisher scores (it stops if any plan's total differs by more than ADD_DRIFT: the
+weights would not be the ones evaluated), the new estimator scores them, and its own allocations are evaluated and added.
 """
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ from common import HERE, provenance, smollm2
 
 CANDIDATES = [Candidate(QuantSpec.of(b, g, "min", sb), "gptq") for b in (2, 3, 4, 5) for g, sb in ((64, 6), (192, 16))]
 ESTIMATORS = ("fisher", "oac", "hessian", "kl", "roundoff", "sqnr")
+
+
+ADD_DRIFT = 0.005  # --add: how far the solved-again weights' fisher scores may be from the saved run's
 
 
 def gptq_at(damp: float):
@@ -206,11 +209,10 @@ def add(saved: dict, args):
     model, tok, calib, evals = smollm2(args.windows)
     deqs, new, seconds = solve_and_score(model, calib, ["fisher", *args.add], args.damp)
     again = np.array([predicted(new["fisher"], p) for p in plans])
-    kept = np.array([r["predicted"]["fisher"] for r in rows])
-    if not np.allclose(again, kept, rtol=1e-4):
-        raise SystemExit(f"solved again at damping {args.damp:g}, the fisher scores differ from the saved ones (up "
-                         f"to {np.max(np.abs(again / kept - 1)):.2%}): these are not the weights the saved run "
-                         "evaluated")
+    drift = float(np.max(np.abs(again / np.array([r["predicted"]["fisher"] for r in rows]) - 1)))
+    if drift > ADD_DRIFT:
+        raise SystemExit(f"solved again at damping {args.damp:g}, the fisher scores differ from the saved ones by up "
+                         f"to {drift:.2%}: these are not the weights the saved run evaluated")
     profiles |= {e: new[e] for e in args.add}
     for plan, r in zip(plans, rows):
         r["predicted"] |= {e: predicted(new[e], plan) for e in args.add}
@@ -223,8 +225,8 @@ def add(saved: dict, args):
                          "predicted": {f: predicted(p, plan) for f, p in profiles.items()}})
             print(rows[-1], flush=True)
     seconds = saved["seconds"] | {e: seconds[e] for e in args.add}
-    write(rows, seconds, saved["reference"], args, saved["provenance"] + f" Added {', '.join(args.add)}: "
-          + provenance())
+    write(rows, seconds, saved["reference"], args, saved["provenance"] + f" Added {', '.join(args.add)} on weights "
+          f"solved again (their fisher scores within {drift:.2%} of the saved ones): " + provenance())
 
 
 def correlations(rows, estimators, bpw):
