@@ -110,9 +110,10 @@ def quantize(
                                "stream's readers keep at 8 bits). A comma-separated list makes every solver a "
                                "candidate of every format (gptq-act+comq,gptq-act+comq+bias): the allocation picks "
                                "per layer. See the README's Solvers section."),
-    sensitivity: str = typer.Option(DEFAULT_ESTIMATOR, help="Damage estimator: fisher (Fisher-weighted output error, "
-                                    "in loss units), oac (each token's output error weighted by its loss gradient, "
-                                    "in loss units), hessian (relative output error), kl (measured: the KL of the "
+    sensitivity: str = typer.Option(DEFAULT_ESTIMATOR, help="Damage estimator: oac (each token's output error "
+                                    "weighted by its loss gradient, in loss units), fisher (the output error weighted "
+                                    "by the output's diagonal Fisher, in loss units), hessian (relative output "
+                                    "error), kl (measured: the KL of the "
                                     "model's next-token distribution with each layer × candidate quantized alone; "
                                     "slow), or the weight-only baselines roundoff (Σ ΔW²) and sqnr (‖ΔW‖² / ‖W‖²)."),
     refine: int = typer.Option(0, "--refine", help="Rounds of interaction refinement after the allocation: "

@@ -252,6 +252,7 @@ def no_calibration(monkeypatch):
         raise AssertionError("calibration started before the plan was checked")
     monkeypatch.setattr(mixq.pipeline, "block_inputs", boom)
     monkeypatch.setattr(mixq.pipeline, "output_fisher", boom)
+    monkeypatch.setattr(mixq.pipeline, "output_energy", boom)
 
 
 def test_unknown_layer_fails_before_calibration(tiny_model, calib_ids, no_calibration):

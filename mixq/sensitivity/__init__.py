@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..registry import Registry
 
 ESTIMATORS = Registry("sensitivity estimator")
-DEFAULT_ESTIMATOR = "fisher"
+DEFAULT_ESTIMATOR = "oac"  # ranks real perplexity best at fisher's cost (benchmarks/results/sensitivity.md)
 NEEDS_FISHER = {"fisher"}
 NEEDS_ENERGY = {"oac"}  # judged on the output-adaptive statistics (capture.output_energy, sensitivity.oac)
 MEASURED = {"kl"}
