@@ -12,9 +12,8 @@ from .capture import LayerStats
 from .formats import QuantizedTensor, QuantSpec
 from .plan import Candidate
 from .sensitivity import get_estimator
-from .solvers import get_solver, split
+from .solvers import get_solver
 from .solvers.bias import compensation, solve_stats
-from .solvers.gptq import DAMP
 
 VERSION = 1
 PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each layer (rows are independent given H);
@@ -175,8 +174,8 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
         solved = solve_stats(stats, cands[0].bias)
-        fn = split(get_solver(solver), high, DAMP) if high else get_solver(solver)
-        out = fn(stacked.float(), solved.hessian, group, bits, grid, scale_bits, super_block)
+        out = get_solver(solver, high=high)(stacked.float(), solved.hessian, group, bits, grid, scale_bits,
+                                            super_block)
         r0 = 0
         for c in cands:
             for name, w in sampled.items():

@@ -23,9 +23,11 @@ REFINERS = Registry("refiner")
 register_refiner = REFINERS.register
 
 
-def get_solver(name: str, base=None):
+def get_solver(name: str, base=None, high: int = 0):
     """The solver function of a name: a registered solver, or one followed by registered refiners ("a+b+c");
-    `base`, a solver function that stands in for the chain's first name."""
+    `base`, a solver function that stands in for the chain's first name; `high`, split rows (`split`)."""
+    if high:
+        return split(get_solver(name, base), high)
     first, *after = name.split("+")
     solver = SOLVERS.lookup(first) if base is None else base
     if not after:
@@ -40,15 +42,17 @@ def get_solver(name: str, base=None):
     return chained
 
 
-def split(solver, high: int, damp: float):
+def split(solver, high: int):
     """`solver` for split rows (QuantSpec.high): the leading `high` columns round to nearest at 8 bits (HIGH), and
     the solver gets the rest, moved first by GPTQ's update to absorb their error (with ΔW_h fixed, the least
     tr(ΔW H ΔWᵀ) has ΔW_l = −ΔW_h H_hl H_ll⁻¹) and judged on H_ll. Returns the solver's tuple plus the high
     columns' QuantizedTensor."""
+    from .gptq import DAMP
+
     def solve_split(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
         hi = quantize(weight[:, :high], HIGH)
         h_ll = hessian[high:, high:]
-        h_ll = h_ll + torch.eye(len(h_ll)) * damp * torch.diagonal(h_ll).mean().clamp(min=1e-8)
+        h_ll = h_ll + torch.eye(len(h_ll)) * DAMP * torch.diagonal(h_ll).mean().clamp(min=1e-8)
         error = weight[:, :high] - hi.dequantize()
         low = weight[:, high:] + torch.linalg.solve(h_ll, hessian[high:, :high] @ error.T).T
         return (*solver(low, hessian[high:, high:], group, bits, grid, scale_bits, super_block), hi)
@@ -60,12 +64,8 @@ def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpe
     if not spec.fits(cols):
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
     bits = torch.full((rows,), spec.bits)
-    fn = get_solver(name, base)
-    if spec.high:
-        from .gptq import DAMP
-
-        fn = split(fn, spec.high, DAMP)
-    out = fn(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid, spec.scale_bits, spec.super_block)
+    out = get_solver(name, base, spec.high)(weight.float(), hessian.float(), spec.group(cols), bits, spec.grid,
+                                            spec.scale_bits, spec.super_block)
     return QuantizedTensor(*out[:3], spec, out[3], out[4] if spec.high else None)
 
 
