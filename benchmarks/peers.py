@@ -173,7 +173,7 @@ def imatrix_for(tools: Path, tok, work: Path) -> tuple[Path, float]:
 def run_mixq(model, calib, profile: Profile, bpw: float):
     t = time.perf_counter()
     m, _, real = packed_at(model, calib, profile, bpw)
-    return m, real, time.perf_counter() - t, {}
+    return m, real, time.perf_counter() - t, {"estimator": profile.estimator}
 
 
 def main():
@@ -181,7 +181,7 @@ def main():
     ap.add_argument("--llama-cpp", type=Path, help="folder with llama-quantize and llama-imatrix")
     ap.add_argument("--peers", nargs="+", default=["rtn", "hqq", "llmcompressor", "llama.cpp"])
     ap.add_argument("--profile", type=Path, default=HERE / "results" / "smollm2_bits_profile.json",
-                    help="mixq's profile of SmolLM2 (default candidates, fisher), from benchmarks/smollm2_bits.py")
+                    help="mixq's profile of SmolLM2 (default candidates), from benchmarks/smollm2_bits.py")
     ap.add_argument("--mixq", action=argparse.BooleanOptionalAction, default=True,
                     help="run mixq at each peer's real bpw (--no-mixq: the peers only)")
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
@@ -245,12 +245,14 @@ def write(rows, out: Path, windows: int):
 
     ref = rows[0]["ppl"]
     mixq = sorted((r["bpw"], r["ppl"]) for r in rows if r["tool"] == "mixq")
+    estimators = ", ".join(sorted({r.get("estimator", "fisher") for r in rows if r["tool"] == "mixq"})) or "-"
     lines = ["# mixq against the tools people use: SmolLM2-135M", "",
              f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens (reference {ref:.3f}). "
              f"Real bpw: stored bits of the block linears in each tool's own format over their weights. mixq runs "
-             f"at each peer's real bpw or at those `--mixq-at` names; the table gives, for each peer, mixq's best point "
-             f"at the same or a lower bpw. Rows may come from several runs of this script (`--resume` keeps finished "
-             f"rows); seconds are wall time on a 2-core machine that other jobs shared, so indicative only. "
+             f"at each peer's real bpw or at those `--mixq-at` names; the table gives, for each peer, mixq's best "
+             f"point at the same or a lower bpw (its profile's estimator: {estimators}). Rows may come from several "
+             f"runs of this script (`--resume` keeps finished rows); seconds are wall time on a 2-core machine that "
+             f"other jobs shared, so indicative only. "
              + provenance(), "",
              "| tool | method | real bpw | ppl | best mixq at ≤ that bpw (its bpw) | seconds |",
              "|---|---|---|---|---|---|"]

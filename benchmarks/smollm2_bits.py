@@ -22,6 +22,7 @@ from mixq.models import adapter_for
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import default_candidates
+from mixq.sensitivity import DEFAULT_ESTIMATOR
 
 from common import HERE, finish_bpw_plot, provenance, smollm2
 
@@ -65,14 +66,17 @@ def main():
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--methods", nargs="+", default=["rtn", "clip", "gptq", "mixq"])
-    ap.add_argument("--estimator", default="fisher")
+    ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, help="the mixq profile's damage estimator")
     ap.add_argument("--out", default=str(HERE / "results" / "smollm2_bits"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep OUT.json's rows of the methods and budgets this run does not redo")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
     evals = {"ppl": evals}
-    rows = [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
-             "ppl": perplexity(model, evals["ppl"])}]
+    old = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.update else []
+    rows = old[:1] or [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
+                        "ppl": perplexity(model, evals["ppl"])}]
     print(rows[-1], flush=True)
     prof = None
     if "mixq" in args.methods:
@@ -95,8 +99,12 @@ def main():
                 extra, label = 0.0, f"uniform {method} {spec.name}"
             r = run(model, calib, evals, plan)
             r["seconds"] += extra
-            rows.append({"method": label, "budget": budget, **r})
+            rows.append({"method": label, "budget": budget, **r,
+                         **({"profile_seconds": profile_seconds} if method == "mixq" else {})})
             print(rows[-1], flush=True)
+    redone = {(r["method"].split(" int")[0], r["budget"]) for r in rows[1:]}
+    kept = [r for r in old[1:] if (r["method"].split(" int")[0], r["budget"]) not in redone]
+    rows = rows[:1] + sorted(kept + rows[1:], key=lambda r: (r["budget"], r["method"].startswith("mixq")))
     write(rows, Path(args.out), args.windows)
 
 
@@ -117,6 +125,24 @@ def write(rows, out: Path, windows: int):
         b = "" if r["budget"] is None else f"{r['budget']:g}"
         lines.append(f"| {b} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref:.3f} | "
                      f"{r['seconds']:.0f} |")
+    profiles = sorted({(r["method"], round(r["profile_seconds"])) for r in rows if "profile_seconds" in r})
+    lines += ["", "Seconds: the apply, and for mixq rows also the one profile of the default candidates their "
+              "budgets share (" + ", ".join(f"{s} s for {m}" for m, s in profiles) + "). Rows may come from several "
+              "runs (`--update`); on a 2-core machine other work may have shared, so seconds are indicative only. "
+              "The profile of the last run's estimator is `smollm2_bits_profile.json` (`mixq allocate` reads it). The "
+              "targets are judged on the default estimator's rows where there are any.", ""]
+    default = [r for r in rows if r["method"] == f"mixq mixed ({DEFAULT_ESTIMATOR})"]
+    mixq = default or [r for r in rows if r["method"].startswith("mixq")]
+    for budget, limit in ((3.0, 1.5), (2.5, 2.5), (4.25, 1.04)):
+        best = min((r["ppl"] / ref for r in mixq if r["budget"] == budget), default=None)
+        if best is not None:
+            lines.append(f"- issue 3's target at {budget} bpw, ≤ {limit} × reference: "
+                         f"{'met' if best <= limit else 'NOT met'} ({best:.3f} ×)")
+    ours = min((r["ppl"] for r in mixq if r["budget"] == 3.0), default=None)
+    uniform = min((r["ppl"] for r in rows if r["budget"] == 3.0 and r["method"].startswith("uniform")), default=None)
+    if ours and uniform:
+        lines.append(f"- issue 4's target at 3.0 bpw, ≥ 10 % below the best uniform method at ≤ 3.0 bpw: "
+                     f"{'met' if ours <= 0.9 * uniform else 'NOT met'} ({1 - ours / uniform:.1%} below)")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"].split(" int")[0] for r in rows[1:]}):
