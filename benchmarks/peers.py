@@ -191,8 +191,10 @@ def main():
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in OUT.json and run only the missing ones")
     args = ap.parse_args()
+    if args.mixq and not args.profile.exists():  # before the model loads
+        raise SystemExit(f"--profile: no {args.profile} (write one with benchmarks/smollm2_bits.py, or --no-mixq)")
+    profile = Profile.from_json(args.profile.read_text()) if args.mixq else None
     model, tok, calib, evals = smollm2(args.windows)
-    profile = Profile.from_json(args.profile.read_text())
     out = Path(args.out)
     rows = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
         else [{"tool": "float", "method": "reference", "bpw": 32.0, "seconds": 0.0, "ppl": perplexity(model, evals)}]

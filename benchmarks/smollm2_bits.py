@@ -22,7 +22,7 @@ from mixq.models import adapter_for
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import default_candidates
-from mixq.sensitivity import DEFAULT_ESTIMATOR
+from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
 
 from common import HERE, finish_bpw_plot, provenance, smollm2
 
@@ -52,6 +52,12 @@ def real_bpw(model) -> float:
     return bits / weights
 
 
+def family(row) -> str:
+    """A row's method without its uniform format ("uniform gptq int2-g32-sym" -> "uniform gptq"): one line of the
+    plot, and what a rerun of a budget replaces."""
+    return row["method"].split(" int")[0]
+
+
 def run(float_model, calib, evals, plan: Plan) -> dict:
     model = copy.deepcopy(float_model)
     t = time.perf_counter()
@@ -66,15 +72,19 @@ def main():
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--methods", nargs="+", default=["rtn", "clip", "gptq", "mixq"])
-    ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, help="the mixq profile's damage estimator")
+    ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
+                    help="the mixq profile's damage estimator")
     ap.add_argument("--out", default=str(HERE / "results" / "smollm2_bits"))
     ap.add_argument("--update", action="store_true",
                     help="keep OUT.json's rows of the methods and budgets this run does not redo")
     args = ap.parse_args()
+    saved = Path(args.out).with_suffix(".json")
+    if args.update and not saved.exists():  # before the model loads
+        raise SystemExit(f"--update: no {saved} to update")
+    old = json.loads(saved.read_text()) if args.update else []
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
     evals = {"ppl": evals}
-    old = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.update else []
     rows = old[:1] or [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
                         "ppl": perplexity(model, evals["ppl"])}]
     print(rows[-1], flush=True)
@@ -102,8 +112,8 @@ def main():
             rows.append({"method": label, "budget": budget, **r,
                          **({"profile_seconds": profile_seconds} if method == "mixq" else {})})
             print(rows[-1], flush=True)
-    redone = {(r["method"].split(" int")[0], r["budget"]) for r in rows[1:]}
-    kept = [r for r in old[1:] if (r["method"].split(" int")[0], r["budget"]) not in redone]
+    redone = {(family(r), r["budget"]) for r in rows[1:]}
+    kept = [r for r in old[1:] if (family(r), r["budget"]) not in redone]
     rows = rows[:1] + sorted(kept + rows[1:], key=lambda r: (r["budget"], r["method"].startswith("mixq")))
     write(rows, Path(args.out), args.windows)
 
@@ -145,8 +155,8 @@ def write(rows, out: Path, windows: int):
                      f"{'met' if ours <= 0.9 * uniform else 'NOT met'} ({1 - ours / uniform:.1%} below)")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({r["method"].split(" int")[0] for r in rows[1:]}):
-        pts = sorted((r["bpw"], r["ppl"]) for r in rows[1:] if r["method"].split(" int")[0] == method)
+    for method in sorted({family(r) for r in rows[1:]}):
+        pts = sorted((r["bpw"], r["ppl"]) for r in rows[1:] if family(r) == method)
         ax.plot(*zip(*pts), "o-", label=method)
     finish_bpw_plot(fig, ax, ref, out.with_suffix(".png"))
 

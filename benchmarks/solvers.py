@@ -29,7 +29,7 @@ from mixq.allocate import allocate
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates, profile_solver
-from mixq.sensitivity import DEFAULT_ESTIMATOR
+from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
 from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
 from mixq.transforms import apply_transforms, split_chain
 from mixq.transforms.resq import layer_candidates
@@ -71,7 +71,7 @@ def main():
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--calib-windows", type=int, default=32,
                     help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
-    ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR,
+    ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
                     help="the allocation profile's damage estimator (--sensitivity)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
