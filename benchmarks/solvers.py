@@ -30,7 +30,8 @@ from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_mod
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import Profile, default_candidates, profile_solver
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
-from mixq.solvers.gptq import DAMP, PUBLISHED_DAMP
+from mixq.solvers import gptq
+from mixq.solvers.gptq import PUBLISHED_DAMP
 from mixq.transforms import apply_transforms, split_chain
 from mixq.transforms.resq import layer_candidates
 
@@ -73,6 +74,8 @@ def main():
                     help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
     ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
                     help="the allocation profile's damage estimator (--sensitivity)")
+    ap.add_argument("--damp", type=float, default=gptq.DAMP,
+                    help="GPTQ's (and comq's) damping, a fraction of mean(diag H) (default %(default)g)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
     chains = [split_chain(c) for c in args.alloc_solver.split(",")]
@@ -83,6 +86,9 @@ def main():
     if not several and profile_solver(alloc_chains[0]) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
         raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chains[0])}, "
                          f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")
+    if not 0 < args.damp < 10:
+        raise SystemExit(f"--damp {args.damp:g}: a fraction of mean(diag H), above 0 and below 10")
+    gptq.DAMP = DAMP = args.damp  # every solver reads the module's damping when it solves
     out = Path(args.out)
     torch.manual_seed(0)
     model, tok, calib, pydoc = smollm2(args.windows)

@@ -17,7 +17,7 @@ import torch
 from ..formats import QuantSpec, decode_scales
 from . import register_refiner, register_solver
 from .clip import clip
-from .gptq import DAMP
+from . import gptq
 from .rtn import row_maxq
 
 SWEEPS = 4
@@ -100,7 +100,7 @@ def refine_stored(weight, hessian, bits, grid: str, scale_bits: int, out, sweeps
     codes, scales, zeros, steps = out
     rows, cols = weight.shape
     h = hessian.float().clone()
-    h += torch.eye(cols) * DAMP * torch.diagonal(h).mean()  # as GPTQ: damping against over-fitting
+    h += torch.eye(cols) * gptq.DAMP * torch.diagonal(h).mean()  # as GPTQ: damping against over-fitting
     minimum = grid == "min"
     maxq = row_maxq(bits)
     if steps is not None:  # scale (and minimum) codes on the row's (or super-block's) fixed steps

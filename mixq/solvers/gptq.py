@@ -40,16 +40,18 @@ def _inverse_cholesky_of(hessian: torch.Tensor, h: torch.Tensor, damp: float, pe
     return u
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (damped), in float64 for stability."""
+def inverse_cholesky(hessian: torch.Tensor, damp: float | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (damped; None: the module's DAMP as it is now), in float64 for stability."""
+    damp = DAMP if damp is None else damp
     h = hessian.double().clone()
     h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diagonal(h).mean()
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
-def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0,
+def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=None, scale_bits=16, super_block=0,
                   minmax=False, shrinks=None):
+    damp = DAMP if damp is None else damp  # read now: a benchmark may set the module's DAMP
     rows, cols = weight.shape
     w = weight.clone().float()
     h = hessian.clone().float()
