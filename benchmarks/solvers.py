@@ -28,7 +28,7 @@ from mixq.models import adapter_for
 from mixq.allocate import allocate
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import Profile, default_candidates, profile_solver
+from mixq.profile import Profile, default_candidates, merge_profiles, profile_solver
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
 from mixq.solvers import gptq
 from mixq.solvers.gptq import PUBLISHED_DAMP
@@ -67,7 +67,8 @@ def main():
                     help="bpw budgets of mixq's allocation with ALLOC_SOLVERS × the default formats as candidates")
     ap.add_argument("--alloc-solver", default=ALLOC_SOLVERS[0],
                     help="the solver of the allocation's candidates (the profile is shared by solvers profiled "
-                    "alike); a comma-separated list: each solver a candidate of every format, one profile for all")
+                    "alike); a comma-separated list: each solver a candidate of every format, each profiled once "
+                    "and saved on its own (a rerun reuses it), one solver of those profiled alike")
     ap.add_argument("--generated", type=int, default=0,
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
     ap.add_argument("--calib-windows", type=int, default=32,
@@ -83,6 +84,10 @@ def main():
     if any(t != alloc_transforms for t, _ in chains):
         raise SystemExit(f"--alloc-solver {args.alloc_solver}: its solvers must share one transform")
     several = len(alloc_chains) > 1  # every solver a candidate of every format, profiled as itself
+    alike = Counter(profile_solver(c) for c in alloc_chains)
+    if several and max(alike.values()) > 1:  # their damages would tie, and the allocation pick the first
+        raise SystemExit(f"--alloc-solver {args.alloc_solver}: name one solver of those profiled as "
+                         f"{', '.join(p for p, n in alike.items() if n > 1)}")
     if not several and profile_solver(alloc_chains[0]) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
         raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chains[0])}, "
                          f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")
@@ -124,7 +129,6 @@ def main():
     suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
     suffix += f"_calib{args.calib_windows}" if args.calib_windows != 32 else ""
     suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
-    suffix += "".join(f"_{c}" for c in alloc_chains) if several else ""
     suffix += f"_{args.estimator}" if args.estimator != "fisher" else ""
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
     for budget in args.budgets:
@@ -133,28 +137,32 @@ def main():
         if (row_name, f"{budget:g} bpw", label, DAMP) in done:
             continue
         if prof is None:
-            if profile_file.exists():
-                prof = Profile.from_json(profile_file.read_text())
-            else:
-                t = time.perf_counter()
-                cands = [Candidate(c.spec, s) for s in (alloc_chains if several else ALLOC_SOLVERS)
-                         for c in default_candidates()]
-                profiled = copy.deepcopy(model) if alloc_transforms else model
-                apply_transforms(profiled, alloc_transforms, calib)
-                prof = profile_model(profiled, calib, cands, args.estimator, transforms=alloc_transforms)
-                del profiled
-                profile_seconds = time.perf_counter() - t
-                profile_file.write_text(prof.to_json())
-                print(f"profile {profile_seconds:.0f} s", flush=True)
-        plan = allocate(prof, Budget(bits=budget)).plan
-        if not several:  # the shared profile's candidates name ALLOC_SOLVERS[0]
-            plan = Plan({n: Candidate(c.spec, alloc_chains[0]) for n, c in plan.layers.items()}, alloc_transforms)
-        else:
-            plan = Plan(plan.layers, alloc_transforms)
+            parts, seconds = [], {}
+            for chain in alloc_chains:  # each solver profiled (and saved) on its own
+                alike = profile_solver(chain)
+                path = profile_file if alike == profile_solver(ALLOC_SOLVERS[0]) else \
+                    profile_file.with_name(f"{profile_file.stem}_as-{alike}.json")
+                if not path.exists():
+                    t = time.perf_counter()
+                    profiled = copy.deepcopy(model) if alloc_transforms else model
+                    apply_transforms(profiled, alloc_transforms, calib)
+                    part = profile_model(profiled, calib, [Candidate(c.spec, chain) for c in default_candidates()],
+                                         args.estimator, transforms=alloc_transforms)
+                    del profiled
+                    seconds[alike] = time.perf_counter() - t
+                    path.write_text(part.to_json())
+                    print(f"profile of {alike}: {seconds[alike]:.0f} s", flush=True)
+                part = Profile.from_json(path.read_text())
+                for lp in part.layers:  # named by the chain asked for (those profiled alike share a profile)
+                    lp.candidates = [Candidate(c.spec, chain) for c in lp.candidates]
+                parts.append(part)
+            prof = merge_profiles(parts)
+            profile_seconds = sum(seconds.values()) if seconds else None
+        plan = Plan(allocate(prof, Budget(bits=budget)).plan.layers, alloc_transforms)
         r = run(model, calib, evals, plan)
         rows.append({"solver": row_name, "format": f"{budget:g} bpw", "windows": args.windows, **setting,
                      **r,
-                     "profile_seconds": profile_seconds,
+                     "profile_seconds": profile_seconds, "profiled": list(seconds),
                      "solvers": dict(Counter(c.solver for c in plan.layers.values()))})
         print(rows[-1], flush=True)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -109,6 +109,23 @@ class Profile:
                    parse_names(d.get("transforms", [])))
 
 
+def merge_profiles(parts: list[Profile]) -> Profile:
+    """One profile from profiles of the same model and calibration with other candidates each (one solver
+    profiled at a time, resumable): a candidate's damage does not depend on the other candidates, so every layer
+    simply gets the candidates of every part, in order."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.estimator, p.fixed_bytes, p.transforms) != (first.estimator, first.fixed_bytes, first.transforms):
+            raise ValueError(f"profiles of other settings cannot merge: estimator {p.estimator} against "
+                             f"{first.estimator}, transforms {p.transforms} against {first.transforms}")
+        if [lp.name for lp in p.layers] != [lp.name for lp in first.layers]:
+            raise ValueError("profiles of other layers cannot merge")
+    layers = [LayerProfile(lps[0].name, lps[0].rows, lps[0].cols, [c for lp in lps for c in lp.candidates],
+                           [b for lp in lps for b in lp.bits], [d for lp in lps for d in lp.damage])
+              for lps in zip(*(p.layers for p in parts))]
+    return Profile(first.estimator, first.fixed_bytes, layers, first.transforms)
+
+
 def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate], has_bias: bool = False) -> LayerProfile:
     """The candidates that fit a rows × cols layer with their exact stored bits (its bias included, where it has
     one or a candidate gives it one); damage still zero. Where none fits (no group size divides the rows), the same

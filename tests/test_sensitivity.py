@@ -163,3 +163,21 @@ def test_oac_judges_the_tables_as_fisher_does(tiny_model, calib_ids):
     assert table.damage == next(lp for lp in fisher.layers if lp.name == "model.embed_tokens").damage
     blocks = [(a.damage, b.damage) for a, b in zip(oac.layers, fisher.layers) if a.name.startswith("model.layers")]
     assert all(a != b for a, b in blocks) and all(0 < x < 10 * y for a, b in blocks for x, y in zip(a, b))
+
+
+def test_profiles_of_one_solver_each_merge_into_the_profile_of_all(tiny_model, calib_ids):
+    """Solvers profiled one at a time and merged (benchmarks/solvers.py's resumable parts) give the damages of
+    profiling them together; profiles of another estimator refuse to merge."""
+    from mixq.pipeline import profile_model
+    from mixq.profile import merge_profiles
+
+    cands = {s: [Candidate(QuantSpec.of(b, 32), s) for b in (2, 3)] for s in ("clip", "gptq-act+bias")}
+    together = profile_model(tiny_model, calib_ids, [c for cs in cands.values() for c in cs], "fisher")
+    parts = [profile_model(tiny_model, calib_ids, cs, "fisher") for cs in cands.values()]
+    merged = merge_profiles(parts)
+    assert len(merged.layers) == len(together.layers) > 0
+    for a, b in zip(together.layers, merged.layers):
+        assert (a.name, a.candidates, a.bits) == (b.name, b.candidates, b.bits) and len(b.damage) == 4
+        torch.testing.assert_close(torch.tensor(b.damage), torch.tensor(a.damage))
+    with pytest.raises(ValueError, match="other settings"):
+        merge_profiles([parts[0], profile_model(tiny_model, calib_ids, cands["clip"], "hessian")])
