@@ -18,7 +18,7 @@ from mixq.profile import layer_costs
 from mixq.solvers import get_solver, output_error, solve
 from mixq.solvers.bias import compensation
 from mixq.solvers.comq import coordinate_descent
-from mixq.solvers.gptq import DAMP
+from mixq.solvers.gptq import damped
 
 from conftest import random_ids
 from test_solvers import correlated_hessian, weight
@@ -180,7 +180,7 @@ def test_double_quantized_grids_are_refitted_on_their_steps(hessian, spec):
     base = solve("gptq-act", w, hessian, spec)
     refined = solve("gptq-act+comq", w, hessian, spec)
     assert torch.equal(refined.steps, base.steps) and not torch.equal(refined.scales, base.scales)
-    h = hessian + torch.eye(512) * DAMP * torch.diagonal(hessian).mean()  # as refine_stored
+    h = damped(hessian)  # as refine_stored
     s, z = decode_scales(base.scales, base.zeros, base.steps, spec)
     q, _, _ = coordinate_descent(w, h, base.codes.float(), s.float(), z.float(),
                                  torch.full((16, 1), float(spec.maxq)), spec.minimum, refit=False)

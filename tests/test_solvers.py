@@ -239,3 +239,26 @@ def test_super_block_steps_in_every_solver(name, spec):
     assert torch.all(ds[:, 1] > 5 * ds[:, 0])
     if name.startswith("gptq"):
         assert _err(name, w, h, spec) < _err("rtn", w, h, spec)
+
+
+@pytest.mark.parametrize("name", ["gptq-act", "rtn+comq", "split"])
+def test_the_damping_set_at_run_time_reaches_every_solve(hessian, monkeypatch, name):
+    """gptq, comq's refit and the split rows' update (each after a solver with no damping of its own: rtn) all
+    damp H by the module's DAMP as it is when they solve (benchmarks/solvers.py --damp sets it): another DAMP,
+    another result; the same DAMP again, the same result."""
+    from mixq.solvers import get_solver, split
+    from mixq.solvers import gptq as g
+
+    w, spec = weight(), QuantSpec(3, 64)
+
+    def run():
+        fn = split(get_solver("rtn"), 64) if name == "split" else get_solver(name)
+        return fn(w, hessian, 64, torch.full((ROWS,), 3), spec.grid)[0]
+    before = run()
+    monkeypatch.setattr(g, "DAMP", 1.0)
+    assert not torch.equal(run(), before)
+    monkeypatch.setattr(g, "DAMP", 0.1)
+    assert torch.equal(run(), before)
+    eye = torch.eye(COLS)
+    torch.testing.assert_close(g.damped(hessian) - hessian, eye * 0.1 * torch.diagonal(hessian).mean())
+    torch.linalg.cholesky(g.damped(torch.zeros(8, 8)))  # an all-zero H still factors

@@ -47,12 +47,11 @@ def split(solver, high: int):
     the solver gets the rest, moved first by GPTQ's update to absorb their error (with ΔW_h fixed, the least
     tr(ΔW H ΔWᵀ) has ΔW_l = −ΔW_h H_hl H_ll⁻¹) and judged on H_ll. Returns the solver's tuple plus the high
     columns' QuantizedTensor."""
-    from .gptq import DAMP
+    from .gptq import damped
 
     def solve_split(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
         hi = quantize(weight[:, :high], HIGH)
-        h_ll = hessian[high:, high:]
-        h_ll = h_ll + torch.eye(len(h_ll)) * DAMP * torch.diagonal(h_ll).mean().clamp(min=1e-8)
+        h_ll = damped(hessian[high:, high:])
         error = weight[:, :high] - hi.dequantize()
         low = weight[:, high:] + torch.linalg.solve(h_ll, hessian[high:, :high] @ error.T).T
         return (*solver(low, hessian[high:, high:], group, bits, grid, scale_bits, super_block), hi)

@@ -99,8 +99,7 @@ def refine_stored(weight, hessian, bits, grid: str, scale_bits: int, out, sweeps
     """A solver's stored output (codes, scales, zeros, steps) → the same after coordinate descent."""
     codes, scales, zeros, steps = out
     rows, cols = weight.shape
-    h = hessian.float().clone()
-    h += torch.eye(cols) * gptq.DAMP * torch.diagonal(h).mean()  # as GPTQ: damping against over-fitting
+    h = gptq.damped(hessian.float())  # as GPTQ: damping against over-fitting
     minimum = grid == "min"
     maxq = row_maxq(bits)
     if steps is not None:  # scale (and minimum) codes on the row's (or super-block's) fixed steps

@@ -40,11 +40,16 @@ def _inverse_cholesky_of(hessian: torch.Tensor, h: torch.Tensor, damp: float, pe
     return u
 
 
+def damped(h: torch.Tensor, damp: float | None = None) -> torch.Tensor:
+    """H + damp · mean(diag H) · I in H's dtype (None: the module's DAMP as it is now, which a benchmark may set):
+    GPTQ's damping against over-fitting the calibration, shared by every solve on a Hessian."""
+    damp = DAMP if damp is None else damp
+    return h + torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diagonal(h).mean().clamp(min=1e-8)
+
+
 def inverse_cholesky(hessian: torch.Tensor, damp: float | None = None) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (damped; None: the module's DAMP as it is now), in float64 for stability."""
-    damp = DAMP if damp is None else damp
-    h = hessian.double().clone()
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diagonal(h).mean()
+    h = damped(hessian.double(), damp)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(hinv, upper=True).float()
 
