@@ -204,6 +204,14 @@ def write(rows, out: Path, windows: int):
                   "model) × the default formats, profiled by fisher (or the estimator in square brackets); seconds of "
                   "the apply; the profile the rows of one calibration share took " +
                   ", ".join(f"{v:.0f} s ({c}, damp {d:g})" for (c, d), v in profiled.items()) + "."]
+    several = [r for r in rows if "," in r["solver"] and r.get("solvers")]
+    if several:
+        lines += ["", "Layers each solver took in the allocations with several candidate solvers (of "
+                  f"{sum(several[0]['solvers'].values())}): " + "; ".join(
+                      f"{r['format']} ({r['calib']}): " + ", ".join(f"{s} {n}" for s, n in r["solvers"].items())
+                      for r in several) + ". Where a row says which profiles it made, it reused the others' saved "
+                  "profiles (of the same calibration and damping): " + "; ".join(
+                      f"{r['format']}: {', '.join(r['profiled'])}" for r in several if r.get("profiled")) + "."]
     if any(r.get("shared") for r in rows):
         lines += ["", "\\* the machine was shared with another job during this row: its seconds are inflated (the "
                   "perplexities are not affected)."]

@@ -146,7 +146,11 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
 
 
 PROFILE_SKIPS = {"comq"}  # refiners left out while profiling (see profile_solver)
-PROFILE_AS = {"oac": "gptq-act", "aespa": "gptq-act"}  # solvers profiled as another (solvers.oac, .aespa)
+# solvers profiled as another: oac and aespa as the GPTQ they run on other Hessians (solvers.oac, .aespa); comq on
+# its own as the clipping search it starts from, its descent left out as it is from every chain. Profiled with its
+# descent, comq beat every chain profiled without theirs and took 132 of SmolLM2's 210 layers in the all-solver
+# 3.0 bpw allocation, which ended worse than gptq-act+comq alone (15.80 against 15.56; benchmarks/results/solvers.md).
+PROFILE_AS = {"oac": "gptq-act", "aespa": "gptq-act", "comq": "clip"}
 
 
 def profile_solver(name: str) -> str:

@@ -398,3 +398,7 @@ def test_quantize_with_several_solvers_as_candidates(tiny_hf_dir, text_file, tmp
         "--out", tmp_path / "x")])
     assert res.exit_code == 2 and "share one whole-model transform" in res.output
     assert not (tmp_path / "x").exists()
+    res = runner.invoke(app, [str(a) for a in (  # aespa is profiled as gptq-act: their damages would tie
+        "quantize", "--model", tiny_hf_dir, "--bits", 3, "--solver", "gptq-act+comq,aespa", "--out", tmp_path / "y")])
+    assert res.exit_code == 2 and "profiles alike (as gptq-act)" in res.output
+    assert not (tmp_path / "y").exists()

@@ -153,7 +153,7 @@ def test_profiling_judges_a_chain_without_its_descent_and_the_apply_runs_it(tiny
     from mixq.pipeline import profile_model
     from mixq.profile import profile_solver
 
-    assert profile_solver("gptq-act+comq+bias") == "gptq-act+bias" and profile_solver("comq") == "comq"
+    assert profile_solver("gptq-act+comq+bias") == "gptq-act+bias" and profile_solver("comq") == "clip"
     names = adapter_for(tiny_model).layer_names(tiny_model)
     spec = QuantSpec.of(2, 32)
     damages = {}
