@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .profile import DEFAULT_SOLVER, profile_solver
+from .profile import DEFAULT_SOLVER, profile_skips, profile_solver
 from .sensitivity import DEFAULT_ESTIMATOR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -179,6 +179,9 @@ def quantize(
         if alike:  # their damages would tie, and the allocation take the first
             _fail(f"--solver {solver}: the profile cannot tell apart solvers it profiles alike (as "
                   f"{', '.join(alike)}): name one of them")
+        if len({profile_skips(s) for s in solvers}) > 1:  # judged without a descent only some would get
+            _fail(f"--solver {solver}: profiling leaves out comq's descent, so the solvers of a list must all end in "
+                  "it or none (gptq+comq, not gptq, beside gptq-act+comq)")
         if "resq" in transforms and (gguf_compatible or ct_compatible or latency is not None):
             _fail("resq splits rows into two formats, which no GGUF or compressed-tensors type stores and the cost "
                   "table does not time: use rotate+ with --gguf-compatible, --compressed-tensors-compatible or "

@@ -402,3 +402,7 @@ def test_quantize_with_several_solvers_as_candidates(tiny_hf_dir, text_file, tmp
         "quantize", "--model", tiny_hf_dir, "--bits", 3, "--solver", "gptq-act+comq,aespa", "--out", tmp_path / "y")])
     assert res.exit_code == 2 and "profiles alike (as gptq-act)" in res.output
     assert not (tmp_path / "y").exists()
+    res = runner.invoke(app, [str(a) for a in (  # gptq would be judged, like the chain, without a descent it lacks
+        "quantize", "--model", tiny_hf_dir, "--bits", 3, "--solver", "gptq-act+comq,gptq", "--out", tmp_path / "z")])
+    assert res.exit_code == 2 and "all end in it or none" in res.output
+    assert not (tmp_path / "z").exists()
