@@ -211,28 +211,43 @@ def write(rows, out: Path, windows: int):
     if several:
         lines += ["", "Layers each solver took in the allocations with several candidate solvers (of "
                   f"{sum(several[0]['solvers'].values())}): " + "; ".join(
-                      f"{r['format']} ({r['calib']}): " + ", ".join(f"{s} {n}" for s, n in r["solvers"].items())
-                      for r in several) + ". Where a row says which profiles it made, it reused the others' saved "
-                  "profiles (of the same calibration and damping): " + "; ".join(
-                      f"{r['format']}: {', '.join(r['profiled'])}" for r in several if r.get("profiled")) + "."]
+                      f"{r['format']} {r['solver'].removeprefix('mixq allocation ')} ({r['calib']}): " +
+                      ", ".join(f"{s} {n}" for s, n in r["solvers"].items()) for r in several) + "."]
     if any(r.get("shared") for r in rows):
         lines += ["", "\\* the machine was shared with another job during this row: its seconds are inflated (the "
                   "perplexities are not affected)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    formats = list(dict.fromkeys(r["format"] for r in rows if r["solver"] != "float"))
-    solvers = list(dict.fromkeys(_label(r) for r in rows if r["solver"] != "float"))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / max(len(solvers), 1)
-    for k, solver in enumerate(solvers):
-        got = {r["format"]: r["ppl"] for r in rows if _label(r) == solver}
-        xs = [i + k * width for i, f in enumerate(formats) if f in got]
-        ax.bar(xs, [got[f] for f in formats if f in got], width, label=solver)
-    ax.axhline(ref["ppl"], color="gray", ls="--", label="float reference")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(formats))], formats)
-    ax.set_yscale("log")
-    ax.set_ylabel("pydoc perplexity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    uniform = [r for r in rows if r["format"] in FORMATS]
+    allocations: dict[str, list] = {}
+    for r in rows:
+        if r["format"].endswith("bpw"):
+            allocations.setdefault(_label(r), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, text in zip(axes, ("ppl", "unlike"), ("pydoc", f"unlike text ({UNLIKE.name})")):
+        ax.scatter([r["bpw"] for r in uniform], [r[key] for r in uniform], s=10, color="silver",
+                   label="uniform formats, every solver")
+        for fmt in FORMATS:  # the best solver of each uniform format at its own bpw (by pydoc), named
+            same = [r for r in uniform if r["format"] == fmt]
+            least = min((r["bpw"] for r in same), default=0)
+            best = min((r for r in same if r["bpw"] < least * 1.001), key=lambda r: r["ppl"], default=None)
+            if best:
+                ax.scatter(best["bpw"], best[key], s=22, color="black")
+                ax.annotate(f"{fmt} {best['solver']}", (best["bpw"], best[key]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+        for label, rs in allocations.items():  # the allocations made at every budget: a curve each
+            if len(rs) >= 3:
+                rs = sorted(rs, key=lambda r: r["bpw"])
+                named = rs[0]["solver"].removeprefix("mixq allocation").strip().strip("()") or ALLOC_SOLVERS[0]
+                ax.plot([r["bpw"] for r in rs], [r[key] for r in rs], marker="o", ms=4,
+                        label=f"allocation: {named} ({rs[0]['calib']}, damp {rs[0]['damp']:g})")
+        ax.axhline(ref[key], color="gray", ls="--", label="float reference")
+        ax.set_yscale("log")
+        ax.set_ylim(ref[key] * 0.9, ref[key] * 6)  # collapsed rows (rtn at 2 bits) lie above
+        ax.set_xlabel("real bits per weight (block linears)")
+        ax.set_ylabel(f"{text} perplexity")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
