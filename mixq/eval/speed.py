@@ -2,6 +2,7 @@
 token at a time from the KV cache; and the bytes the model keeps in memory."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -26,16 +27,18 @@ def resident_bytes(model: nn.Module) -> int:
 
 def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Speed:
     """`prompt`: 1 × n token ids. A short warm-up first (kernel builds, decoded tables, allocator)."""
+    # newer transformers name the KV cache `cache` (past_key_values is deprecated, to go in 5.40): either works
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():  # the prompt's logits only at its last token, as generate() asks for them
         warm = model(prompt[:, :8], use_cache=True, logits_to_keep=1)
-        model(prompt[:, 8:9], past_key_values=warm.past_key_values, use_cache=True)
+        model(prompt[:, 8:9], **{name: getattr(warm, name)}, use_cache=True)
         t = time.perf_counter()
         out = model(prompt, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, **{name: past}, use_cache=True)
+            past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
         decode = time.perf_counter() - t
     return Speed(prompt.shape[1] / prefill, new_tokens / decode, resident_bytes(model) / 1e6)
