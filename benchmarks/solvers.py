@@ -71,6 +71,8 @@ def main():
                     "and saved on its own (a rerun reuses it), one solver of those profiled alike")
     ap.add_argument("--generated", type=int, default=0,
                     help="windows the model samples itself, added to the calibration (mixq quantize --calib-generated)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the seed of the --generated windows' sampling (another draw of the same mix)")
     ap.add_argument("--calib-windows", type=int, default=32,
                     help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
     ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
@@ -105,8 +107,10 @@ def main():
         calib = data.calibration_windows(tok, count=args.calib_windows)
     label = "pydoc" if args.calib_windows == 32 else f"pydoc {args.calib_windows}"
     label += f" + {args.generated} generated" if args.generated else ""
+    label += f" (seed {args.seed})" if args.generated and args.seed else ""
     if args.generated:
-        calib = data.mixed(calib, data.generated_windows(model, data.start_token(tok, model), args.generated))
+        calib = data.mixed(calib, data.generated_windows(model, data.start_token(tok, model), args.generated,
+                                                         seed=args.seed))
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     rows = [r for r in rows if r["windows"] == args.windows]
     done = {(r["solver"], r["format"], r.get("calib"), r.get("damp")) for r in rows}
@@ -131,6 +135,7 @@ def main():
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
     suffix += f"_calib{args.calib_windows}" if args.calib_windows != 32 else ""
+    suffix += f"_seed{args.seed}" if args.generated and args.seed else ""
     suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
     suffix += f"_{args.estimator}" if args.estimator != "fisher" else ""
     prof, profile_file, profile_seconds = None, out.with_name(f"{out.name}_profile{suffix}.json"), None
