@@ -30,8 +30,11 @@ def main():
     cmd = [sys.executable, "-m", "mixq.cli", "quantize", "--bits", "3.0", "--eval-windows", "0", "--out", str(out),
            *options]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
     wall = time.perf_counter() - t
+    if rc:  # mixq quantize said why; no row is written
+        shutil.rmtree(out.parent)
+        raise SystemExit(rc)
     meta = json.loads((out / "mixq.json").read_text())
     shutil.rmtree(out.parent)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -28,7 +28,7 @@ from mixq.models import adapter_for
 from mixq.allocate import allocate
 from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import Profile, default_candidates, merge_profiles, profile_skips, profile_solver
+from mixq.profile import Profile, check_solver_list, default_candidates, merge_profiles, profile_solver
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
 from mixq.solvers import gptq
 from mixq.solvers.gptq import PUBLISHED_DAMP
@@ -86,13 +86,10 @@ def main():
     if any(t != alloc_transforms for t, _ in chains):
         raise SystemExit(f"--alloc-solver {args.alloc_solver}: its solvers must share one transform")
     several = len(alloc_chains) > 1  # every solver a candidate of every format, profiled as itself
-    alike = Counter(profile_solver(c) for c in alloc_chains)
-    if several and max(alike.values()) > 1:  # their damages would tie, and the allocation pick the first
-        raise SystemExit(f"--alloc-solver {args.alloc_solver}: name one solver of those profiled as "
-                         f"{', '.join(p for p, n in alike.items() if n > 1)}")
-    if len({profile_skips(c) for c in alloc_chains}) > 1:  # judged without a descent only some would get
-        raise SystemExit(f"--alloc-solver {args.alloc_solver}: profiling leaves out comq's descent, so the solvers "
-                         "must all end in it or none")
+    try:
+        check_solver_list(alloc_chains)
+    except ValueError as e:
+        raise SystemExit(f"--alloc-solver {args.alloc_solver}: {e}")
     if not several and profile_solver(alloc_chains[0]) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
         raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chains[0])}, "
                          f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")

@@ -5,7 +5,6 @@ import functools
 import json
 import logging
 import time
-from collections import Counter
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .profile import DEFAULT_SOLVER, profile_skips, profile_solver
+from .profile import DEFAULT_SOLVER, check_solver_list
 from .sensitivity import DEFAULT_ESTIMATOR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -175,13 +174,10 @@ def quantize(
                   f"{solver!r} names different ones")
         for s in solvers:
             get_solver(s)
-        alike = [p for p, n in Counter(profile_solver(s) for s in solvers).items() if n > 1]
-        if alike:  # their damages would tie, and the allocation take the first
-            _fail(f"--solver {solver}: the profile cannot tell apart solvers it profiles alike (as "
-                  f"{', '.join(alike)}): name one of them")
-        if len({profile_skips(s) for s in solvers}) > 1:  # judged without a descent only some would get
-            _fail(f"--solver {solver}: profiling leaves out comq's descent, so the solvers of a list must all end in "
-                  "it or none (gptq+comq, not gptq, beside gptq-act+comq)")
+        try:
+            check_solver_list(solvers)
+        except ValueError as e:
+            _fail(f"--solver {solver}: {e}")
         if "resq" in transforms and (gguf_compatible or ct_compatible or latency is not None):
             _fail("resq splits rows into two formats, which no GGUF or compressed-tensors type stores and the cost "
                   "table does not time: use rotate+ with --gguf-compatible, --compressed-tensors-compatible or "

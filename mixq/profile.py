@@ -3,6 +3,7 @@ rerun for any budget without the model."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -159,6 +160,18 @@ def profile_skips(name: str) -> frozenset[str]:
     all-solver allocation plain `gptq`, judged against chains judged without their descent, took 69 of 210 layers
     at 3.0 bpw, where it would be applied without the descent they get."""
     return frozenset(r for r in name.split("+") if r in PROFILE_SKIPS)
+
+
+def check_solver_list(solvers: list[str]) -> None:
+    """Raise ValueError where several candidate solvers cannot be compared on one profile: two profiled alike (their
+    damages would tie, and the allocation take the first), or chains that differ in what profiling leaves out."""
+    alike = [p for p, n in Counter(profile_solver(s) for s in solvers).items() if n > 1]
+    if alike:
+        raise ValueError(f"the profile cannot tell apart solvers it profiles alike (as {', '.join(alike)}): "
+                         "name one of them")
+    if len({profile_skips(s) for s in solvers}) > 1:
+        raise ValueError("profiling leaves out comq's descent, so the solvers of a list must all end in it or none "
+                         "(gptq+comq, not gptq, beside gptq-act+comq)")
 
 
 def profile_solver(name: str) -> str:
