@@ -14,7 +14,7 @@ from mixq.allocate import allocate
 from mixq.io import save_quantized
 from mixq.models import load_model
 from mixq.models.load import default_model_path
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model
+from mixq.apply import apply_plan, block_linear_bits, pack_model
 from mixq.plan import Budget
 
 HERE = Path(__file__).parent

@@ -22,11 +22,12 @@ import torch
 
 from mixq import data
 from mixq.allocate import BudgetError, allocate
-from mixq.capture import block_inputs, output_fisher, run_block
+from mixq.capture import FISHER_WINDOWS, block_inputs, output_fisher, run_block
 from mixq.eval.perplexity import perplexity
 from mixq.io import save_quantized
 from mixq.models import adapter_for
-from mixq.pipeline import FISHER_WINDOWS, apply_plan, block_linear_bits, fixed_bytes, pack_model, profile_tables
+from mixq.apply import apply_plan, block_linear_bits, pack_model
+from mixq.profile import fixed_bytes, profile_tables
 from mixq.plan import Budget
 from mixq.profile import Profile
 

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from mixq.eval.perplexity import perplexity
-from mixq.export.gguf import export_gguf
+from mixq.export.gguf import export_gguf, gguf_specs
 from mixq.io import load
 from mixq.models.load import default_model_path
-from mixq.pipeline import profile_model
-from mixq.profile import Profile, gguf_candidates
+from mixq.plan import Candidate
+from mixq.config import DEFAULT_SOLVER
+from mixq.profile import Profile, profile_model
 
 from common import HERE, packed_at, provenance, save_packed, smollm2
 from peers import gguf_block_bits, imatrix_for
@@ -110,7 +111,7 @@ def main():
         profile = Profile.from_json(args.profile.read_text())
     else:
         t = time.perf_counter()
-        profile = profile_model(model, calib, gguf_candidates(), "fisher")
+        profile = profile_model(model, calib, [Candidate(s, DEFAULT_SOLVER) for s in gguf_specs()], "fisher")
         print(f"profile {time.perf_counter() - t:.0f} s", flush=True)
         args.profile.write_text(profile.to_json())
     with tempfile.TemporaryDirectory() as tmp:

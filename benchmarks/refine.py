@@ -15,7 +15,7 @@ from pathlib import Path
 from mixq import data
 from mixq.allocate import allocate
 from mixq.eval.perplexity import perplexity
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model
+from mixq.apply import apply_plan, block_linear_bits, pack_model
 from mixq.plan import Budget
 from mixq.profile import Profile
 from mixq.refine import refine

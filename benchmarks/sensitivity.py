@@ -37,18 +37,16 @@ from scipy.stats import spearmanr
 
 from mixq import data
 from mixq.allocate import allocate
-from mixq.capture import float_block_stats, output_energy, output_fisher
+from mixq.capture import FISHER_WINDOWS, float_block_stats, output_energy, output_fisher
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
-from mixq.pipeline import FISHER_WINDOWS, fixed_bytes
 from mixq.plan import Budget, Candidate
-from mixq.profile import Profile, layer_costs
+from mixq.profile import Profile, fixed_bytes, layer_costs
 from mixq.sensitivity import get_estimator
 from mixq.sensitivity.kl import KLProbe
 from mixq.sensitivity.oac import oac_stats
-from mixq.solvers import solve
-from mixq.solvers.gptq import gptq_quantize
+from mixq.solvers import DAMP, solve
 
 from common import HERE, provenance, smollm2
 
@@ -57,14 +55,6 @@ ESTIMATORS = ("fisher", "oac", "hessian", "kl", "roundoff", "sqnr")
 
 
 ADD_DRIFT = 0.005  # --add: how far the solved-again weights' fisher scores may be from the saved run's
-
-
-def gptq_at(damp: float):
-    """The candidates' solver (gptq) at another damping than today's default."""
-    def solver(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
-        return gptq_quantize(weight, hessian, group, bits, grid, damp=damp, scale_bits=scale_bits,
-                             super_block=super_block)
-    return solver
 
 
 def solve_and_score(model, calib, estimators, damp: float | None = None):
@@ -88,14 +78,14 @@ def solve_and_score(model, calib, estimators, damp: float | None = None):
     profiles = {e: Profile(e, fixed_bytes(model, names)) for e in estimators}
     deqs = {}
     keep = calib[:FISHER_WINDOWS].numel() if energy else 0
-    base = gptq_at(damp) if damp is not None else None
+    damp = DAMP if damp is None else damp
     for i, block, stats in float_block_stats(model, adapter, calib, keep):
         for group in adapter.groups:
             for n in group:
                 name, lin = f"{adapter.blocks}.{i}.{n}", block.get_submodule(n)
                 w, st = lin.weight.detach(), stats[group[0]]
                 t = time.perf_counter()
-                deq = [solve(c.solver, w, st.hessian, c.spec, base).dequantize() for c in CANDIDATES]
+                deq = [solve(c.solver, w, st, c.spec, damp).dequantize() for c in CANDIDATES]
                 seconds["solve"] += time.perf_counter() - t
                 deqs[name] = [d.half() for d in deq]
                 for e in estimators:

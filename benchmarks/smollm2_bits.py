@@ -19,9 +19,10 @@ from mixq.allocate import allocate
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
+from mixq.apply import apply_plan, block_linear_bits, pack_model
+from mixq.profile import profile_model
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import default_candidates
+from mixq.config import default_candidates
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
 
 from common import HERE, finish_bpw_plot, provenance, smollm2

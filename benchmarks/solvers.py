@@ -26,14 +26,15 @@ from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
 from mixq.allocate import allocate
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model, profile_model
+from mixq.apply import apply_plan, block_linear_bits, pack_model
+from mixq.chain import Chain, check_list, parse_list
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import Profile, check_solver_list, default_candidates, merge_profiles, profile_solver
+from mixq.config import default_candidates
+from mixq.profile import Profile, merge_profiles, profile_model
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
-from mixq.solvers import gptq
+from mixq.solvers import DAMP
 from mixq.solvers.gptq import PUBLISHED_DAMP
-from mixq.transforms import apply_transforms, split_chain
-from mixq.transforms.resq import layer_candidates
+from mixq.transforms import apply_transforms, layer_candidates
 
 from common import HERE, provenance, smollm2
 
@@ -48,11 +49,11 @@ UNLIKE = HERE / "data" / "botchan.txt"
 UNLIKE_WINDOWS = 32
 
 
-def run(float_model, calib, evals: dict, plan: Plan) -> dict:
+def run(float_model, calib, evals: dict, plan: Plan, damp: float) -> dict:
     model = copy.deepcopy(float_model)
     t = time.perf_counter()
     apply_transforms(model, plan.transforms, calib)
-    pack_model(model, apply_plan(model, calib, plan))
+    pack_model(model, apply_plan(model, calib, plan, damp=damp))
     seconds = time.perf_counter() - t
     bits, weights = block_linear_bits(model)
     return {"bpw": bits / weights, "seconds": seconds, **{k: perplexity(model, v) for k, v in evals.items()}}
@@ -77,25 +78,25 @@ def main():
                     help="windows of the pydoc calibration split (mixq quantize --calib-windows)")
     ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
                     help="the allocation profile's damage estimator (--sensitivity)")
-    ap.add_argument("--damp", type=float, default=gptq.DAMP,
+    ap.add_argument("--damp", type=float, default=DAMP,
                     help="GPTQ's (and comq's) damping, a fraction of mean(diag H) (default %(default)g)")
     ap.add_argument("--out", default=str(HERE / "results" / "solvers"), help="results path without suffix")
     args = ap.parse_args()
-    chains = [split_chain(c) for c in args.alloc_solver.split(",")]
-    alloc_transforms, alloc_chains = chains[0][0], [c for _, c in chains]
-    if any(t != alloc_transforms for t, _ in chains):
-        raise SystemExit(f"--alloc-solver {args.alloc_solver}: its solvers must share one transform")
-    several = len(alloc_chains) > 1  # every solver a candidate of every format, profiled as itself
     try:
-        check_solver_list(alloc_chains)
+        alloc_transforms, alloc_chains = parse_list(args.alloc_solver)
+        check_list(alloc_chains)
+        for solver in args.solvers:
+            Chain.parse(solver)
     except ValueError as e:
-        raise SystemExit(f"--alloc-solver {args.alloc_solver}: {e}")
-    if not several and profile_solver(alloc_chains[0]) != profile_solver(ALLOC_SOLVERS[0]):  # before any long work
-        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {profile_solver(alloc_chains[0])}, "
-                         f"not as {profile_solver(ALLOC_SOLVERS[0])}: its rows cannot share the saved profile")
+        raise SystemExit(f"--alloc-solver {args.alloc_solver} / --solvers: {e}")
+    several = len(alloc_chains) > 1  # every solver a candidate of every format, profiled as itself
+    shared = Chain.parse(ALLOC_SOLVERS[0]).profiled()
+    if not several and alloc_chains[0].profiled() != shared:  # before any long work
+        raise SystemExit(f"--alloc-solver {args.alloc_solver} is profiled as {alloc_chains[0].profiled()}, "
+                         f"not as {shared}: its rows cannot share the saved profile")
     if not 0 < args.damp < 10:
         raise SystemExit(f"--damp {args.damp:g}: a fraction of mean(diag H), above 0 and below 10")
-    gptq.DAMP = DAMP = args.damp  # every solver reads the module's damping when it solves
+    damping = args.damp  # every solve of this run (QuantizeConfig.damp)
     out = Path(args.out)
     torch.manual_seed(0)
     model, tok, calib, pydoc = smollm2(args.windows)
@@ -111,7 +112,7 @@ def main():
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     rows = [r for r in rows if r["windows"] == args.windows]
     done = {(r["solver"], r["format"], r.get("calib"), r.get("damp")) for r in rows}
-    setting = {"calib": label, "damp": DAMP}
+    setting = {"calib": label, "damp": damping}
     if not any(r["solver"] == "float" for r in rows):
         rows.append({"solver": "float", "format": "", "windows": args.windows, "bpw": 32.0, "seconds": 0.0,
                      **{k: perplexity(model, v) for k, v in evals.items()}})
@@ -120,17 +121,18 @@ def main():
     names = adapter.layer_names(model)
     for fmt in args.formats:
         for solver in args.solvers:
-            transforms, chain = split_chain(solver)
-            damp = PUBLISHED_DAMP if chain.split("+")[0] == "gptq-plain" else DAMP  # the damping it solves at
+            parsed = Chain.parse(solver)
+            transforms, chain = parsed.transforms, parsed.layer
+            damp = PUBLISHED_DAMP if chain.solver == "gptq-plain" else damping  # the damping it solves at
             if (solver, fmt, label, damp) in done:
                 continue
             plan = Plan({n: layer_candidates(adapter, transforms, n, model.get_submodule(n).in_features,
                                              [Candidate(FORMATS[fmt], chain)])[0] for n in names}, transforms)
             rows.append({"solver": solver, "format": fmt, "windows": args.windows, **setting, "damp": damp,
-                         **run(model, calib, evals, plan)})
+                         **run(model, calib, evals, plan, damping)})
             print(rows[-1], flush=True)
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    suffix = f"_gen{args.generated}_damp{DAMP:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
+    suffix = f"_gen{args.generated}_damp{damping:g}" if setting != {"calib": "pydoc", "damp": 0.01} else ""
     suffix += f"_calib{args.calib_windows}" if args.calib_windows != 32 else ""
     suffix += f"_seed{args.seed}" if args.generated and args.seed else ""
     suffix += "".join(f"_{t}" for t in alloc_transforms)  # a transformed model has a profile of its own
@@ -139,20 +141,20 @@ def main():
     for budget in args.budgets:
         row_name = "mixq allocation" + ("" if args.alloc_solver == ALLOC_SOLVERS[0] else f" ({args.alloc_solver})")
         row_name += f" [{args.estimator}]" if args.estimator != "fisher" else ""  # earlier rows: fisher
-        if (row_name, f"{budget:g} bpw", label, DAMP) in done:
+        if (row_name, f"{budget:g} bpw", label, damping) in done:
             continue
         if prof is None:
             parts, seconds = [], {}
             for chain in alloc_chains:  # each solver profiled (and saved) on its own
-                alike = profile_solver(chain)
-                path = profile_file if alike == profile_solver(ALLOC_SOLVERS[0]) else \
+                alike = str(chain.profiled())
+                path = profile_file if alike == str(shared) else \
                     profile_file.with_name(f"{profile_file.stem}_as-{alike}.json")
                 if not path.exists():
                     t = time.perf_counter()
                     profiled = copy.deepcopy(model) if alloc_transforms else model
                     apply_transforms(profiled, alloc_transforms, calib)
                     part = profile_model(profiled, calib, [Candidate(c.spec, chain) for c in default_candidates()],
-                                         args.estimator, transforms=alloc_transforms)
+                                         args.estimator, damp=damping, transforms=alloc_transforms)
                     del profiled
                     seconds[alike] = time.perf_counter() - t
                     path.write_text(part.to_json())
@@ -164,11 +166,11 @@ def main():
             prof = merge_profiles(parts)
             profile_seconds = sum(seconds.values()) if seconds else None
         plan = Plan(allocate(prof, Budget(bits=budget)).plan.layers, alloc_transforms)
-        r = run(model, calib, evals, plan)
+        r = run(model, calib, evals, plan, damping)
         rows.append({"solver": row_name, "format": f"{budget:g} bpw", "windows": args.windows, **setting,
                      **r,
                      "profile_seconds": profile_seconds, "profiled": list(seconds),
-                     "solvers": dict(Counter(c.solver for c in plan.layers.values()))})
+                     "solvers": dict(Counter(str(c.solver) for c in plan.layers.values()))})
         print(rows[-1], flush=True)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     write(rows, out, args.windows)

@@ -1,6 +1,14 @@
-"""mixq: mixed-precision post-training quantization."""
+"""mixq: mixed-precision post-training quantization.
+
+    import mixq
+    result = mixq.quantize("path/to/model", None, mixq.QuantizeConfig(budget=mixq.Budget(bits=3.0)), out="out/q3")
+    model = mixq.load("out/q3")
+"""
 __version__ = "0.1.0"
 
+from .config import Calibration, QuantizeConfig  # noqa: E402
 from .io import load  # noqa: E402
+from .pipeline import Result, quantize  # noqa: E402
+from .plan import Budget, Candidate, Plan  # noqa: E402
 
-__all__ = ["load"]
+__all__ = ["Budget", "Calibration", "Candidate", "Plan", "QuantizeConfig", "Result", "load", "quantize"]

@@ -1,14 +1,22 @@
-"""Block-by-block execution over the calibration set, collecting per-layer input statistics.
+"""Block-by-block execution over the calibration set, collecting per-layer statistics.
 
 Memory: one block's weights plus the hidden states of the calibration set (windows × length × width), never the
 whole model's activations. As in GPTQ's `llama_sequential`: catch block 0's inputs with a hook that stops the
 forward pass, then run each block on its own.
+
+The statistics a solver or an estimator may need (`Solver.needs`, `Estimator.needs`), by name:
+    INPUT           H = E[x xᵀ] and E[x] of the layer's input (every layer; `hessians`)
+    ATTENTION       the value projection's attention-aware Hessians, one per key-value head (`attention_hessians`)
+    JUDGE           judge(weight) → the block's output error with this layer set to `weight` (`block_judge`)
+    OUTPUT_HESSIAN  the output-adaptive Hessian E_t[‖g_t‖² x_t x_tᵀ] (`output_adaptive_hessians`: backward passes)
+    OUTPUT_FISHER   the diagonal Fisher of each layer's output (`output_fisher`)
+    OUTPUT_ENERGY   ‖∂L/∂y_t‖² of each token at each layer's output, with the first inputs kept (`output_energy`)
 """
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,6 +24,11 @@ from torch import nn
 from .models import Adapter
 
 BATCH = 8  # windows per block forward
+FISHER_WINDOWS = 8  # calibration windows that get a backward pass (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
+JUDGE_WINDOWS = 8  # calibration windows a block judge runs
+
+INPUT, ATTENTION, JUDGE = "input", "attention", "judge"
+OUTPUT_HESSIAN, OUTPUT_FISHER, OUTPUT_ENERGY = "output_hessian", "output_fisher", "output_energy"
 
 
 class _Stop(Exception):
@@ -24,13 +37,31 @@ class _Stop(Exception):
 
 @dataclass
 class LayerStats:
-    """What capture collected for the linears that share one input: H = E[x xᵀ] (cols × cols), token count, and
-    the input mean E[x] (cols; None where not collected)."""
+    """What capture collected for one layer (the INPUT part shared by the linears of a group): H = E[x xᵀ]
+    (cols × cols), token count, the input mean E[x] (cols; None where not collected), and what else its solver
+    asked for (None where not)."""
 
     hessian: torch.Tensor
     tokens: int
     mean: torch.Tensor | None = None
     inputs: torch.Tensor | None = None  # the first inputs themselves (tokens × cols), where asked for (`keep`)
+    output_hessian: torch.Tensor | None = None  # OUTPUT_HESSIAN (cols × cols)
+    attention: torch.Tensor | None = None  # ATTENTION (kv heads × cols × cols)
+    judge: Callable[[torch.Tensor], float] | None = None  # JUDGE
+    # what solvers derive from these statistics, kept while they live (e.g. GPTQ's factor of H⁻¹, which profiling
+    # reuses for every format); fresh in a copy (dataclasses.replace)
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, stats: "LayerStats | torch.Tensor") -> "LayerStats":
+        """`stats`, or the statistics of a layer whose only statistic is the Hessian `stats`."""
+        return stats if isinstance(stats, LayerStats) else cls(stats.float(), 0)
+
+    def derived(self, key, make: Callable):
+        """make(), computed once for these statistics and `key`."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     def covariance(self) -> torch.Tensor:
         """E[(x − μ)(x − μ)ᵀ] = H − μμᵀ: the output error left once a bias absorbs the mean error (solvers.bias)."""
@@ -101,14 +132,13 @@ def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor, kee
 
 
 def residual_covariance(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> torch.Tensor:
-    """E[x̂ x̂ᵀ] (float64, width × width) of the residual stream as every block's norms read it, x̂ = x / rms(x)
-    before the norm's scale, over every token of `ids` and every norm of `adapter.reads` (transforms.resq)."""
+    """E[x̂ x̂ᵀ] (float64, width × width) of the residual stream as every block's norms read it, x̂ the stream
+    normalised before the norm's scale (adapter.normalised), over every token of `ids` and every norm of
+    `adapter.reads` (transforms.resq)."""
     total = {"sum": None, "n": 0}
 
     def hook(norm, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).double()
+        x = adapter.normalised(norm, args[0].reshape(-1, args[0].shape[-1]).float()).double()
         total["sum"] = x.T @ x if total["sum"] is None else total["sum"] + x.T @ x
         total["n"] += x.shape[0]
 
@@ -164,45 +194,23 @@ def hessians(block: nn.Module, adapter: Adapter, keep: int = 0):
 
 @contextmanager
 def attention_hessians(block: nn.Module, adapter: Adapter):
-    """The value projection's attention-aware Hessians (solvers.aespa) while the block runs: for each key-value
-    head g, H_g = E_t[x̄_ht x̄_htᵀ] over tokens t and the query heads h that read g, x̄_ht = Σ_s A_hts x_s the
-    input averaged by head h's attention probabilities, so that tr(ΔW_g H_g ΔW_gᵀ) is the error a change ΔW_g
+    """The value projection's attention-aware Hessians (ATTENTION, after aespa) while the block runs: for each
+    key-value head g, H_g = E_t[x̄_ht x̄_htᵀ] over tokens t and the query heads h that read g, x̄_ht = Σ_s A_hts x_s
+    the input averaged by head h's attention probabilities, so that tr(ΔW_g H_g ΔW_gᵀ) is the error a change ΔW_g
     of g's rows makes in the attention output (averaged over every QUERY_STRIDE-th token t). The probabilities
-    come from the query and key states the model's own attention function receives (after RoPE and any q/k
-    norm), by wrapping that function for the run.
+    come from the query and key states the model's own attention function receives (adapter.watch_attention).
 
     Yields a dict {value projection name: kv heads × cols × cols}, filled as the block runs (float32 at exit)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    attn = block.get_submodule(adapter.value.rsplit(".", 1)[0])
-    impl = attn.config._attn_implementation
-    original = ALL_ATTENTION_FUNCTIONS.get_interface(
-        impl, getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None))
-    overridden = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
-    seen, sums = {}, {}
-
-    def stash(_module, args):
-        seen["x"] = args[0]
-
-    def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
-        if module is attn:
-            _add_attention_hessians(sums, seen.pop("x"), query, key, attention_mask, kwargs.get("scaling"),
-                                    getattr(module, "is_causal", True))
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-    handle = block.get_submodule(adapter.value).register_forward_pre_hook(stash)
-    ALL_ATTENTION_FUNCTIONS[impl] = wrapped
+    sums: dict = {}
     out: dict[str, torch.Tensor] = {}
-    try:
+
+    def add(x, query, key, mask, scaling, causal):
+        _add_attention_hessians(sums, x, query, key, mask, scaling, causal)
+
+    with adapter.watch_attention(block, add):
         yield out
-    finally:
-        handle.remove()
-        if overridden is None:
-            del ALL_ATTENTION_FUNCTIONS[impl]
-        else:
-            ALL_ATTENTION_FUNCTIONS[impl] = overridden
-        if sums:
-            out[adapter.value] = (sums["h"] / sums["n"]).float()
+    if sums:
+        out[adapter.value] = (sums["h"] / sums["n"]).float()
 
 
 QUERY_STRIDE = 2  # attention_hessians averages over every other query token (neighbours' x̄ are alike)
@@ -226,6 +234,59 @@ def _add_attention_hessians(sums: dict, x, query, key, mask, scaling, causal: bo
     h = (xbar.transpose(1, 2) @ xbar).double()
     sums["h"] = h if "h" not in sums else sums["h"] + h
     sums["n"] = sums.get("n", 0) + xbar.shape[1]
+
+
+def block_judge(block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: dict):
+    """judge(linear)(weight) → Σ‖block(x) − y‖² with the linear's weight set to `weight` (restored after): how far
+    the block's output moves from `y` (its float output) for one layer's candidate weights, the layers before it
+    as they are (JUDGE: a solver that judges its candidates by the block's output)."""
+    def judge(lin: nn.Linear):
+        def loss(weight: torch.Tensor) -> float:
+            kept, lin.weight.data = lin.weight.data, weight
+            try:
+                return float(((run_block(block, x, kwargs) - y) ** 2).sum())
+            finally:
+                lin.weight.data = kept
+        return loss
+    return judge
+
+
+def capture_block(block: nn.Module, adapter: Adapter, prefix: str, x: torch.Tensor, kwargs: dict,
+                  needs: dict[str, frozenset[str]], extra: dict[str, dict] | None = None):
+    """Run `block` (full name `prefix`) on `x`: (its outputs, {layer: LayerStats}) for each of its linears named
+    in `needs` (full names → the statistics asked for): the INPUT statistics of its group, the block's ATTENTION
+    Hessians for the value projection and a JUDGE where asked, and the model-level ones of `extra` (full name →
+    {statistic: value}, from `model_statistics`)."""
+    local = {n: f"{prefix}.{n}" for n in adapter.linears if f"{prefix}.{n}" in needs}
+    wants = set().union(*(needs[f] for f in local.values()))
+    attend = ATTENTION in needs.get(f"{prefix}.{adapter.value}", ())
+    with hessians(block, adapter) as groups, \
+            (attention_hessians(block, adapter) if attend else nullcontext({})) as attn:
+        y = run_block(block, x, kwargs)
+    judge = block_judge(block, x[:JUDGE_WINDOWS], y[:JUDGE_WINDOWS], kwargs) if JUDGE in wants else None
+    stats = {}
+    for group in adapter.groups:
+        for n in group:
+            if n not in local:
+                continue
+            more = dict((extra or {}).get(local[n], {}))
+            if n in attn:
+                more[ATTENTION] = attn[n]
+            if judge is not None and JUDGE in needs[local[n]]:
+                more[JUDGE] = judge(block.get_submodule(n))
+            stats[local[n]] = replace(groups[group[0]], **more) if more else groups[group[0]]
+    return y, stats
+
+
+def model_statistics(model: nn.Module, adapter: Adapter, ids: torch.Tensor, needs: dict[str, frozenset[str]],
+                     step=None) -> dict[str, dict]:
+    """The statistics of `needs` (full layer name → names) that take the whole model (OUTPUT_HESSIAN: backward
+    passes over the first FISHER_WINDOWS windows of `ids`): full name → {statistic: value}."""
+    names = [n for n, wanted in needs.items() if OUTPUT_HESSIAN in wanted]
+    if not names:
+        return {}
+    hs = output_adaptive_hessians(model, adapter, ids[:FISHER_WINDOWS], names, step)
+    return {n: {OUTPUT_HESSIAN: h} for n, h in hs.items()}
 
 
 def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,
@@ -284,7 +345,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
 
 def output_energy(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=None) -> dict[str, torch.Tensor]:
     """‖∂L/∂y_t‖² of each block linear's output y_t for every token of `ids`, in order (windows · length), L the
-    next-token NLL summed over a window; one backward pass per window (sensitivity.oac)."""
+    next-token NLL summed over a window; one backward pass per window (OUTPUT_ENERGY)."""
     parts: dict[str, list[torch.Tensor]] = {}
 
     def add(name, _x, g):
@@ -309,5 +370,5 @@ def output_adaptive_hessians(model: nn.Module, adapter: Adapter, ids: torch.Tens
         sums[name] = xtx if name not in sums else sums[name] + xtx
         weights[name] = weights.get(name, 0.0) + float(energy.sum())
 
-    _backward_passes(model, ids, names, add, step, stage="oac")
+    _backward_passes(model, ids, names, add, step, stage="gradients")
     return {n: (sums[n] / max(weights[n], 1e-30)).float() for n in sums}

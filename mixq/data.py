@@ -120,3 +120,13 @@ def evaluation_windows(tokenizer, path: str | None = None, count: int = EVAL_WIN
     """Default: the pydoc evaluation split by the protocol; a given file is evaluated whole, from its start."""
     ids = split(tokenize(tokenizer, pydoc_text()))[1] if path is None else tokenize(tokenizer, read_text(path))
     return windows(ids, min(WINDOW, len(ids)), count)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
+    """1 × n ids of `prompt`, wrapped in the tokenizer's chat template with `chat` (instruct models)."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("this tokenizer has no chat template; drop --chat")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]

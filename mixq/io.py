@@ -46,6 +46,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def read_file(path: str | Path, what: str) -> str:
+    """A file's text, or a one-line error naming what the file should have been."""
+    if not Path(path).is_file():
+        raise SavedModelError(f"{what} not found: {path}")
+    return Path(path).read_text()
+
+
 def check_out_dir(out: str | Path, source: str) -> None:
     """Refuse, before any work, an output folder that holds something else than an earlier run on `source`."""
     out = Path(out)
@@ -191,3 +198,17 @@ def _is_tied(model: nn.Module, key: str) -> bool:
         return False
     out = model.get_output_embeddings()
     return out is not None and key.startswith(next(n for n, m in model.named_modules() if m is out))
+
+
+def open_model(target: str):
+    """(model, tokenizer, block-linear bpw) of a mixq folder, a .gguf file, a Hugging Face folder or 'smollm2'
+    (the last three in float: 32 bits a weight)."""
+    from .models import load_model
+
+    if Path(target).is_dir() and (Path(target) / MARKER).exists():
+        from transformers import AutoTokenizer
+
+        return load(target), AutoTokenizer.from_pretrained(target), \
+            json.loads((Path(target) / MARKER).read_text())["bpw"]
+    net, tok, _ = load_model(target)
+    return net, tok, 32.0

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from .chain import Chain
 from .formats import QuantSpec
 
 VERSION = 1
@@ -13,24 +14,29 @@ BIAS_BITS = 16  # biases are stored as fp16 (io.FLOAT_DTYPE)
 
 @dataclass(frozen=True)
 class Candidate:
-    """A storage format plus the solver that fills it ("gptq-act", or a chain "gptq-act+comq+bias")."""
+    """A storage format plus the solver chain that fills it (`Chain`: "gptq-act", "gptq-act+comq+bias"; its text
+    is parsed on construction). A candidate's chain has no transforms: those change the whole model (Plan)."""
 
     spec: QuantSpec
-    solver: str = "gptq"
+    solver: Chain = Chain("gptq")
+
+    def __post_init__(self):
+        if isinstance(self.solver, str):
+            object.__setattr__(self, "solver", Chain.parse(self.solver))
+        if not isinstance(self.solver, Chain):
+            raise ValueError(f"a candidate's solver is a chain such as gptq-act+comq, got {self.solver!r}")
+        if self.solver.transforms:
+            raise ValueError(f"{self.solver}: transforms change the whole model, not one layer; a plan names them "
+                             'in its "transforms"')
 
     @property
     def name(self) -> str:
         return f"{self.solver}:{self.spec.name}"
 
     @property
-    def base(self) -> str:
-        """The solver a chain starts with ("gptq-act" of "gptq-act+comq")."""
-        return self.solver.split("+")[0]
-
-    @property
     def bias(self) -> bool:
-        """Bias compensation (solvers.bias): solved on the input covariance, and the layer stores a bias."""
-        return "bias" in self.solver.split("+")[1:]
+        """Bias compensation (solvers.bias): the layer stores a bias, whose bits count."""
+        return self.solver.bias
 
     def storage_bits(self, rows: int, cols: int, has_bias: bool = False) -> int:
         """Exact stored bits of a rows × cols linear: its format's, plus its bias where it has one (`has_bias`)
@@ -38,7 +44,7 @@ class Candidate:
         return self.spec.storage_bits(rows, cols) + (rows * BIAS_BITS if has_bias or self.bias else 0)
 
     def to_dict(self) -> dict:
-        return {"solver": self.solver, **self.spec.to_dict()}
+        return {"solver": str(self.solver), **self.spec.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
@@ -93,6 +99,16 @@ class Budget:
         mult = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}[unit]
         return cls(bytes=int(float(m.group(1)) * mult))
 
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Budget":
+        unknown = set(d) - {"bits", "bytes", "seconds", "of_float"}
+        if unknown:
+            raise ValueError(f"unknown budget keys: {sorted(unknown)}")
+        return cls(**d)
+
     def __str__(self) -> str:
         if self.bits is not None:
             return f"{self.bits:g} bits per weight"
@@ -112,14 +128,19 @@ class Plan:
     layers: dict[str, Candidate] = field(default_factory=dict)
     transforms: tuple[str, ...] = ()
 
+    def to_dict(self) -> dict:
+        return {"version": VERSION, **({"transforms": list(self.transforms)} if self.transforms else {}),
+                "layers": {k: c.to_dict() for k, c in self.layers.items()}}
+
     def to_json(self) -> str:
-        d = {"version": VERSION, **({"transforms": list(self.transforms)} if self.transforms else {}),
-             "layers": {k: c.to_dict() for k, c in self.layers.items()}}
-        return json.dumps(d, indent=1)
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict) or "layers" not in d:
             raise ValueError("a plan is a JSON object with a 'layers' mapping")
         unknown = set(d) - {"version", "layers", "transforms"}
@@ -133,4 +154,10 @@ class Plan:
                              '{"solver": "gptq", "bits": 3, "group_size": 64, "symmetric": false}')
         from .transforms import parse_names
 
-        return cls({k: Candidate.from_dict(v) for k, v in layers.items()}, parse_names(d.get("transforms", [])))
+        out = {}
+        for name, c in layers.items():
+            try:
+                out[name] = Candidate.from_dict(c)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return cls(out, parse_names(d.get("transforms", [])))

@@ -3,65 +3,30 @@ rerun for any budget without the model."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Callable
 
 import torch
+from torch import nn
 
-from .capture import LayerStats
-from .formats import QuantizedTensor, QuantSpec
+from .capture import FISHER_WINDOWS, OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, hessians, \
+    output_energy, output_fisher, run_block
+from .chain import Chain
+from .config import table_candidates
+from .io import FLOAT_DTYPE
+from .models import adapter_for
 from .plan import Candidate
-from .sensitivity import get_estimator
-from .solvers import get_solver
-from .solvers.bias import compensation, solve_stats
+from .sensitivity import DEFAULT_ESTIMATOR, get_estimator
+from .sensitivity.kl import KLProbe
+from .solvers import DAMP, Rows, build, prepared
+from .solvers.bias import compensation
+from .transforms import layer_candidates
 
 VERSION = 1
 PROFILE_ROWS = 512  # damage is estimated on at most this many rows of each layer (rows are independent given H);
 # 256 rows cut the profile by a quarter but gave SmolLM2 a worse 3.0 bpw plan (pydoc 15.73 against 15.56, novel 61.2
 # against 59.6)
-
-
-# (group, grid, scale bits) of the default candidates, each at every width: "min" grids (free fp16 offset) beat
-# integer zeros and symmetric grids at every width on SmolLM2, and double-quantized 6-bit scale codes make groups
-# of 32 and 64 cheap. Each entry costs one solver call per layer group: whole rows (as costly as the three
-# others together on 576-wide rows) come in only where no group divides a layer's rows (`layer_costs`).
-DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16))
-
-
-DEFAULT_SOLVER = "gptq-act+comq"  # GPTQ in act order, then coordinate descent: 8.6 % lower pydoc ppl than plain
-# "gptq" for the same 2.5 bpw plan on SmolLM2 (benchmarks/results/solvers.md); profiled as gptq-act (profile_solver)
-
-
-def default_candidates(solver: str = DEFAULT_SOLVER, bits=(2, 3, 4, 5, 6, 8), groups=None, grid: str = "min",
-                       formats=DEFAULT_FORMATS) -> list[Candidate]:
-    """Every width × format; `groups` instead gives plain fp16-scale formats of that `grid` and those groups."""
-    if groups is not None:
-        formats = [(g, grid, 16) for g in groups]
-    return [Candidate(QuantSpec.of(b, g, k, sb), solver) for b in bits for g, k, sb in formats]
-
-
-TABLE_BITS = (4, 6, 8)  # the embedding table and the output head (--include-embeddings)
-
-
-def gguf_candidates(solver: str = DEFAULT_SOLVER) -> list[Candidate]:
-    """The formats that are ggml block types (export.gguf.GGML_TYPES), for `--gguf-compatible`."""
-    from .export.gguf import gguf_specs
-
-    return [Candidate(spec, solver) for spec in gguf_specs()]
-
-
-def ct_candidates(solver: str = DEFAULT_SOLVER) -> list[Candidate]:
-    """The formats compressed-tensors stores exactly (export.compressed.ct_specs), for
-    `--compressed-tensors-compatible`."""
-    from .export.compressed import ct_specs
-
-    return [Candidate(spec, solver) for spec in ct_specs()]
-
-
-def table_candidates(bits=TABLE_BITS, formats=DEFAULT_FORMATS) -> list[Candidate]:
-    """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
-    return [Candidate(QuantSpec.of(b, g, k, sb), "rtn") for b in bits for g, k, sb in formats]
 
 
 @dataclass
@@ -102,12 +67,16 @@ class Profile:
     @classmethod
     def from_json(cls, text: str) -> "Profile":
         d = json.loads(text)
-        if d.get("version") != VERSION:
-            raise ValueError(f"profile version {d.get('version')} is not supported (this mixq reads {VERSION})")
+        if not isinstance(d, dict) or d.get("version") != VERSION:
+            version = d.get("version") if isinstance(d, dict) else None
+            raise ValueError(f"profile version {version} is not supported (this mixq reads {VERSION})")
         from .transforms import parse_names
 
-        return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]],
-                   parse_names(d.get("transforms", [])))
+        try:
+            return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]],
+                       parse_names(d.get("transforms", [])))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a mixq profile: {type(e).__name__} {e}") from None
 
 
 def merge_profiles(parts: list[Profile]) -> Profile:
@@ -146,55 +115,53 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
                                             for n, (r, c) in shapes.items()])
 
 
-PROFILE_SKIPS = {"comq"}  # refiners left out while profiling (see profile_solver)
-# solvers profiled as another: oac and aespa as the GPTQ they run on other Hessians (solvers.oac, .aespa); comq on
-# its own as the clipping search it starts from, its descent left out as it is from every chain. Profiled with its
-# descent, comq beat every chain profiled without theirs and took 132 of SmolLM2's 210 layers in the all-solver
-# 3.0 bpw allocation, which ended worse than gptq-act+comq alone (15.80 against 15.56; benchmarks/results/solvers.md).
-PROFILE_AS = {"oac": "gptq-act", "aespa": "gptq-act", "comq": "clip"}
-
-
-def profile_skips(name: str) -> frozenset[str]:
-    """What profiling leaves out of solver `name`: its refiners in PROFILE_SKIPS, standalone comq's descent
-    included. Candidates of several solvers compare fairly only where this is the same for all: in SmolLM2's
-    all-solver allocation plain `gptq`, judged against chains judged without their descent, took 69 of 210 layers
-    at 3.0 bpw, where it would be applied without the descent they get."""
-    return frozenset(r for r in name.split("+") if r in PROFILE_SKIPS)
-
-
-def check_solver_list(solvers: list[str]) -> None:
-    """Raise ValueError where several candidate solvers cannot be compared on one profile: two profiled alike (their
-    damages would tie, and the allocation take the first), or chains that differ in what profiling leaves out."""
-    alike = [p for p, n in Counter(profile_solver(s) for s in solvers).items() if n > 1]
-    if alike:
-        raise ValueError(f"the profile cannot tell apart solvers it profiles alike (as {', '.join(alike)}): "
-                         "name one of them")
-    if len({profile_skips(s) for s in solvers}) > 1:
-        raise ValueError("profiling leaves out comq's descent, so the solvers of a list must all end in it or none "
-                         "(gptq+comq, not gptq, beside gptq-act+comq)")
-
-
-def profile_solver(name: str) -> str:
-    """The solver that profiles candidates of solver `name`: the chain without the refiners in PROFILE_SKIPS.
-    Coordinate descent lowers every format's layer error by a similar share (8–12 % on SmolLM2's layers) at 2–3 ×
-    the time of the solve: the allocation ranks formats as well without it, and the apply runs the whole chain."""
-    base, *after = name.split("+")
-    return "+".join([PROFILE_AS.get(base, base)] + [r for r in after if r not in PROFILE_SKIPS])
-
-
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None,
                   measures: dict | None = None, sample: bool = True, biased: frozenset = frozenset(),
-                  judged: dict[str, dict[bool, LayerStats]] | None = None) -> list[LayerProfile]:
-    """Profile the linears that share one input. Candidates with the same solver, group size and symmetry are
-    solved in one call: rows of every layer × every width stacked (rows are independent given H; bias-compensated
-    solvers get the input covariance instead, and are judged on it). A measured estimator (`measures`: layer name →
-    measure(dequantized weight)) gets whole layers, not a sample of rows; so does every estimator with `sample`
-    False (rows whose weights are too uneven for an even sample: the tables). `biased`: layers with a bias of
-    their own. `judged`: per layer, the statistics its candidates are judged on instead of the solver's, without
-    and with bias compensation (sensitivity.oac)."""
+                  judged: dict[str, dict[bool, LayerStats]] | None = None, damp: float = DAMP) -> list[LayerProfile]:
+    """Profile the linears that share one input. Each candidate is judged by the result of its chain's profiled
+    form (Chain.profiled); candidates whose profiled chain, group size, grid and scale storage agree are solved in
+    one call: rows of every layer × every width stacked (rows are independent given H), on the statistics the
+    chain solves on (bias compensation: the input covariance, on which they are judged too). A measured estimator
+    (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows; so does every
+    estimator with `sample` False (rows whose weights are too uneven for an even sample: the tables). `biased`:
+    layers with a bias of their own. `judged`: per layer, the statistics its candidates are judged on instead of
+    the solver's, without and with bias compensation (Estimator.judged)."""
     estimate = get_estimator(estimator)
     layers = {name: layer_costs(name, *w.shape, candidates, name in biased) for name, w in weights.items()}
+    sampled, row_weight = _sampled_rows(weights, fisher, measures, sample)
+    cols = next(iter(weights.values())).shape[1]
+    fitting = next(iter(layers.values())).candidates
+    by_call: dict[tuple, list[Candidate]] = {}
+    for c in fitting:
+        key = (c.solver.profiled(), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block,
+               c.spec.high)
+        by_call.setdefault(key, []).append(c)
+    solving: dict[Chain, tuple] = {}  # each profiled chain's steps and the statistics it solves on, made once
+    for (chain, group, grid, scale_bits, super_block, high), cands in by_call.items():
+        if chain not in solving:
+            steps = build(chain, damp)
+            solving[chain] = steps, prepared(steps, stats)
+        (first, then), solved = solving[chain]
+        stacked = torch.cat([w for c in cands for w in sampled.values()])
+        bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
+        fmt = Rows(group, bits, grid, scale_bits, super_block, high)
+        out = first.solve_rows(stacked.float(), solved, fmt, then)
+        r0 = 0
+        for c in cands:
+            for name, w in sampled.items():
+                r1 = r0 + w.shape[0]
+                deq, judge = fmt.stored(out, c.spec).select(slice(r0, r1)).dequantize(), row_weight[name]
+                if measures is not None and c.bias:  # the measured model gets the compensated bias too
+                    judge = partial(judge, bias=compensation(w, deq, stats.mean))
+                on = judged[name][c.bias] if judged is not None else solved
+                layers[name].damage[fitting.index(c)] = estimate(w, deq, on, judge)
+                r0 = r1
+    return list(layers.values())
+
+
+def _sampled_rows(weights, fisher, measures, sample: bool):
+    """({layer: the rows judged}, {layer: what each judged row counts for, or the layer's measure})."""
     sampled, row_weight = {}, {}
     for name, w in weights.items():
         if measures is not None:
@@ -205,31 +172,7 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
         # damages that are sums over rows (fisher, roundoff) count each sampled row for the rows it stands for
         stands_for = torch.full((idx.numel(),), w.shape[0] / idx.numel())
         row_weight[name] = fisher[name][idx] * stands_for if fisher is not None else stands_for
-    cols = next(iter(weights.values())).shape[1]
-    fitting = next(iter(layers.values())).candidates
-    by_call: dict[tuple, list[Candidate]] = {}
-    for c in fitting:
-        key = (profile_solver(c.solver), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block,
-               c.spec.high)
-        by_call.setdefault(key, []).append(c)
-    for (solver, group, grid, scale_bits, super_block, high), cands in by_call.items():
-        stacked = torch.cat([w for c in cands for w in sampled.values()])
-        bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
-        solved = solve_stats(stats, cands[0].bias)
-        out = get_solver(solver, high=high)(stacked.float(), solved.hessian, group, bits, grid, scale_bits,
-                                            super_block)
-        r0 = 0
-        for c in cands:
-            for name, w in sampled.items():
-                r1 = r0 + w.shape[0]
-                qt = QuantizedTensor(*out[:3], c.spec, out[3], out[4] if high else None).select(slice(r0, r1))
-                deq, judge = qt.dequantize(), row_weight[name]
-                if measures is not None and c.bias:  # the measured model gets the compensated bias too
-                    judge = partial(judge, bias=compensation(w, deq, stats.mean))
-                on = judged[name][c.bias] if judged is not None else solved
-                layers[name].damage[fitting.index(c)] = estimate(w, deq, on, judge)
-                r0 = r1
-    return list(layers.values())
+    return sampled, row_weight
 
 
 def _row_sample(rows: int) -> torch.Tensor:
@@ -237,3 +180,150 @@ def _row_sample(rows: int) -> torch.Tensor:
     if rows <= PROFILE_ROWS:
         return torch.arange(rows)
     return torch.linspace(0, rows - 1, PROFILE_ROWS).round().long()
+
+
+HEADER_BYTES_PER_TENSOR = 256  # safetensors header allowance: name, dtype, shape, offsets of each tensor
+
+
+def fixed_bytes(model: nn.Module, layer_names: list[str]) -> int:
+    """Bytes of model.safetensors that do not depend on the plan: every parameter saved in float (FLOAT_DTYPE),
+    all but the block linears' weights and biases (a layer's bias counts in its candidates' bits), plus a header
+    allowance for every tensor (3 per quantized linear)."""
+    quantized = {f"{n}.{p}" for n in layer_names for p in ("weight", "bias")}
+    size = torch.finfo(FLOAT_DTYPE).bits // 8
+    floats = [p for n, p in model.named_parameters() if n not in quantized]
+    return sum(p.numel() * size for p in floats) + HEADER_BYTES_PER_TENSOR * (len(floats) + 3 * len(layer_names))
+
+
+def biased_layers(model: nn.Module, names) -> frozenset:
+    """Those of `names` whose module has a bias of its own."""
+    return frozenset(n for n in names if getattr(model.get_submodule(n), "bias", None) is not None)
+
+
+def _no_step(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = DEFAULT_ESTIMATOR, *,
+                  damp: float = DAMP, step: Callable = _no_step, checkpoint=None, tables: bool = False,
+                  transforms: tuple[str, ...] = ()) -> Profile:
+    """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
+    (profile_tables). With a checkpoint (checkpoint.Checkpoint), the profile is saved after each block and the
+    blocks an earlier run with the same key finished are taken from it (only run forward, to feed the next).
+    `transforms`: those applied to the model, which may change a layer's candidates."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    names = adapter.layer_names(model)
+    prof = Profile(estimator, fixed_bytes(model, names + (adapter.tables(model) if tables else [])),
+                   transforms=tuple(transforms))
+    done = checkpoint.load() if checkpoint else {}
+    reads = _Reads(model, adapter, calib, get_estimator(estimator), step, tables)
+    x, kwargs = block_inputs(model, adapter, calib)
+    for i, block in enumerate(blocks):
+        local = [f"{adapter.blocks}.{i}.{n}" for n in adapter.linears]
+        if all(n in done for n in local):
+            prof.layers += [done[n] for n in local]
+            x = reads.skip(block, x, kwargs)
+        else:
+            with hessians(block, adapter, reads.keep) as stats:
+                y = run_block(block, x, kwargs)
+            for group in adapter.groups:
+                weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
+                cols = next(iter(weights.values())).shape[1]
+                cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
+                prof.layers += profile_group(weights, stats[group[0]], cands, estimator, damp=damp,
+                                             biased=biased_layers(model, weights), **reads.of(block, group, weights,
+                                                                                            stats[group[0]]))
+            x = reads.advance(y)
+            if checkpoint:
+                checkpoint.save(prof)
+        step("profile", i + 1, len(blocks))
+    names = adapter.tables(model) if tables else []
+    if all(n in done for n in names):
+        prof.layers += [done[n] for n in names]
+    else:
+        prof.layers += profile_tables(model, calib, x, reads.table_estimator(), reads.table_fisher(), reads.probe)
+        if checkpoint:
+            checkpoint.save(prof)
+    return prof
+
+
+class _Reads:
+    """What the estimator reads beside a layer's input statistics (its `needs`), gathered on first use: the
+    output Fisher, the per-token output energy (with each group's first inputs kept), or a KL probe that follows
+    the blocks."""
+
+    def __init__(self, model, adapter, calib, estimator, step, tables: bool):
+        self.model, self.adapter, self.calib, self.estimator, self.step = model, adapter, calib, estimator, step
+        self.tables = tables
+        self.fisher = self.energy = None
+        self.probe = KLProbe(model, adapter, calib) if estimator.measured else None
+        self.keep = calib[:FISHER_WINDOWS].numel() if OUTPUT_ENERGY in estimator.needs else 0
+
+    def of(self, block, group, weights, stats) -> dict:
+        """profile_group's keywords for one group of linears."""
+        if self.fisher is None and OUTPUT_FISHER in self.estimator.needs:
+            self.fisher = self._output_fisher()
+        if self.energy is None and OUTPUT_ENERGY in self.estimator.needs:
+            self.energy = output_energy(self.model, self.adapter, self.calib[:FISHER_WINDOWS], self.step)
+        return {"fisher": self.fisher,
+                "measures": {n: self.probe.layer(block.get_submodule(m)) for n, m in zip(weights, group)}
+                if self.probe else None,
+                "judged": {n: self.estimator.judged(stats.inputs, self.energy[n], stats.mean) for n in weights}
+                if self.energy is not None else None}
+
+    def _output_fisher(self):
+        return output_fisher(self.model, self.adapter, self.calib[:FISHER_WINDOWS], self.step, self.tables)
+
+    def skip(self, block, x, kwargs):
+        """Feed the next block past one whose layers an earlier run profiled."""
+        return self.advance(run_block(block, x, kwargs))
+
+    def advance(self, y):
+        if self.probe:
+            self.probe.advance()
+        return y
+
+    def table_estimator(self) -> str:
+        return self.estimator.tables_as or self.estimator.name
+
+    def table_fisher(self):
+        if self.fisher is None and OUTPUT_FISHER in get_estimator(self.table_estimator()).needs:
+            self.fisher = self._output_fisher()
+        return self.fisher
+
+
+def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: str,
+                   fisher: dict[str, torch.Tensor] | None, probe: KLProbe | None) -> list[LayerProfile]:
+    """The embedding table and the head × table_candidates. The head's damage is that of a linear on the final
+    hidden states (`last`: the last block's outputs, normalised); the table's that of its rows the calibration
+    reads, each weighted by how often it is read (and, for fisher, each column by the embedding output's Fisher);
+    a tied table gets the sum of both. A measured estimator runs the whole model with the table quantized."""
+    adapter = adapter_for(model)
+    candidates = table_candidates()
+    names = adapter.tables(model)
+    out = []
+    for name in names:
+        module = model.get_submodule(name)
+        w = module.weight.detach()
+        if probe is not None:
+            out += profile_group({name: w}, LayerStats(torch.empty(0, 0), 0), candidates, estimator, None,
+                                 {name: probe.layer(module, whole=True)})
+            continue
+        lp = layer_costs(name, *w.shape, candidates, getattr(module, "bias", None) is not None)
+        parts = []
+        if name == adapter.head or adapter.head not in names:  # the head, or a table tied to it
+            with torch.no_grad():
+                h = model.get_submodule(adapter.norm)(last).reshape(-1, w.shape[1]).float()
+            head = {name: fisher[adapter.head]} if fisher is not None else None
+            parts += profile_group({name: w}, LayerStats(h.T @ h / len(h), len(h)), candidates, estimator, head,
+                                   sample=False)  # every row: the logits' Fisher sits on a few tokens
+        if name == adapter.embed:
+            counts = torch.bincount(calib.reshape(-1), minlength=w.shape[0]).float()
+            seen = counts.nonzero().squeeze(1)
+            cols = fisher[adapter.embed] if fisher is not None else torch.ones(w.shape[1])
+            parts += profile_group({name: w[seen]}, LayerStats(torch.diag(cols), int(counts.sum())), candidates,
+                                   estimator, {name: counts[seen] / counts.sum()}, sample=False)
+        lp.damage = [sum(p.damage[k] for p in parts) for k in range(len(lp.candidates))]
+        out.append(lp)
+    return out

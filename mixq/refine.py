@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, _allocation, check_budget
-from .capture import float_block_stats
+from .capture import LayerStats, float_block_stats
 from .models import adapter_for
 from .plan import Budget
 from .profile import LayerProfile, Profile
 from .sensitivity.kl import KLProbe
-from .solvers import solve
+from .solvers import DAMP, solve
 
 REFINE_WINDOWS = 4
 REFINE_LENGTH = 512
@@ -58,21 +58,21 @@ def frontier(lp: LayerProfile) -> list[int]:
 class _Weights:
     """Each (layer, candidate)'s dequantized weight, solved on demand on the float model's inputs and cached."""
 
-    def __init__(self, model: nn.Module, calib: torch.Tensor):
+    def __init__(self, model: nn.Module, calib: torch.Tensor, damp: float = DAMP):
         adapter = adapter_for(model)
-        self.model, self.hessian, self.cache = model, {}, {}
+        self.model, self.stats, self.cache, self.damp = model, {}, {}, damp
         self.float = {n: model.get_submodule(n).weight.data for n in adapter.layer_names(model) + adapter.tables(model)}
         for i, _, stats in float_block_stats(model, adapter, calib):
             for group in adapter.groups:
                 for n in group:
-                    self.hessian[f"{adapter.blocks}.{i}.{n}"] = stats[group[0]].hessian
+                    self.stats[f"{adapter.blocks}.{i}.{n}"] = stats[group[0]]
 
     def set(self, lp: LayerProfile, k: int) -> None:
         key = (lp.name, k)
         if key not in self.cache:
             cand = lp.candidates[k]
-            hessian = self.hessian.get(lp.name, torch.empty(0, 0))  # the tables' solver (rtn) takes none
-            self.cache[key] = solve(cand.solver, self.float[lp.name], hessian, cand.spec).dequantize()
+            stats = self.stats.get(lp.name, LayerStats(torch.empty(0, 0), 0))  # the tables' solvers take none
+            self.cache[key] = solve(cand.solver, self.float[lp.name], stats, cand.spec, self.damp).dequantize()
         self.model.get_submodule(lp.name).weight.data = self.cache[key]
 
     def restore(self) -> None:
@@ -81,11 +81,11 @@ class _Weights:
 
 
 def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Allocation, budget: Budget,
-           rounds: int = 4, pairs: int = 8, step=None) -> Refinement:
+           rounds: int = 4, pairs: int = 8, step=None, damp: float = DAMP) -> Refinement:
     """A plan at least as good as `alloc` by the measured KL, within the same budget. The model is left float."""
     limit = check_budget(profile, budget)
     probe = KLProbe(model, adapter_for(model), calib, REFINE_WINDOWS, REFINE_LENGTH)
-    weights = _Weights(model, calib)
+    weights = _Weights(model, calib, damp)
     layers = {lp.name: lp for lp in profile.layers}
     hulls = {lp.name: frontier(lp) for lp in profile.layers}
     chosen = {lp.name: lp.candidates.index(alloc.plan.layers[lp.name]) for lp in profile.layers}

@@ -75,7 +75,7 @@ def first_block_capture(model, ids: torch.Tensor):
 def apply_uniform(model, ids: torch.Tensor, solver: str, spec) -> dict:
     """Every block linear of a copy of `model` quantized to `spec` by `solver`, packed: {layer: QuantizedTensor}."""
     from mixq.models import adapter_for
-    from mixq.pipeline import apply_plan, pack_model
+    from mixq.apply import apply_plan, pack_model
     from mixq.plan import Candidate, Plan
 
     model = copy.deepcopy(model)
@@ -151,7 +151,7 @@ def write_tiny_gguf(model, path) -> None:
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from mixq.export.gguf import _rotary_rows
+    from mixq.models.adapters import rotary_rows
 
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -181,7 +181,7 @@ def write_tiny_gguf(model, path) -> None:
         name = names.get_name(hf, try_suffixes=(".weight",))
         data = p.detach().numpy()
         if name.split(".")[-2] in heads:
-            data = data[_rotary_rows(data.shape[0], heads[name.split(".")[-2]])]
+            data = data[rotary_rows(data.shape[0], heads[name.split(".")[-2]])]
         w.add_tensor(name, np.ascontiguousarray(data.astype(np.float32)))
     w.write_header_to_file()
     w.write_kv_data_to_file()

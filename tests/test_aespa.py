@@ -7,13 +7,13 @@ import copy
 
 import torch
 
-from mixq.capture import QUERY_STRIDE, attention_hessians, block_inputs, hessians, run_block
+from mixq.capture import QUERY_STRIDE, LayerStats, attention_hessians, block_inputs, hessians, run_block
+from mixq.config import QuantizeConfig
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
-from mixq.pipeline import quantize
-from mixq.plan import Budget, Candidate
+from mixq.pipeline import run
+from mixq.plan import Budget
 from mixq.solvers import solve
-from mixq.solvers.aespa import solve_heads
 
 from conftest import apply_uniform
 
@@ -28,6 +28,11 @@ def _block_stats(model, ids, index: int):
     with hessians(block, adapter) as stats, attention_hessians(block, adapter) as attn:
         run_block(block, x, kwargs)
     return x, kwargs, block, stats, attn
+
+
+def solve_heads(chain: str, w, heads, spec):
+    """aespa's solve of a value projection with attention Hessians (heads × cols × cols)."""
+    return solve(chain, w, LayerStats(torch.eye(w.shape[1]), 0, attention=heads), spec)
 
 
 def test_attention_hessians_match_the_eager_attention_probabilities(tiny_model, calib_ids):
@@ -94,6 +99,6 @@ def test_aespa_plans_apply_pack_and_allocate(tiny_model, calib_ids):
     eye = torch.eye(64).expand(2, 64, 64)
     torch.testing.assert_close(solve_heads("aespa", w, eye, double).dequantize(),
                                solve("aespa", w, torch.eye(64), double).dequantize())
-    result = quantize(copy.deepcopy(tiny_model), calib_ids, budget=Budget(bits=3.0),
-                      candidates=[Candidate(QuantSpec.of(b, 32), "aespa+comq") for b in (2, 3, 4)])
-    assert {c.solver for c in result.plan.layers.values()} == {"aespa+comq"}
+    result = run(copy.deepcopy(tiny_model), calib_ids, QuantizeConfig(
+        budget=Budget(bits=3.0), solvers=("aespa+comq",), formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4))))
+    assert {str(c.solver) for c in result.plan.layers.values()} == {"aespa+comq"}

@@ -219,7 +219,8 @@ def test_profile_json_round_trip():
 
 
 def test_layers_no_group_divides_fall_back_to_whole_rows():
-    from mixq.profile import default_candidates, layer_costs
+    from mixq.config import default_candidates
+    from mixq.profile import layer_costs
 
     cands = default_candidates()
     lp = layer_costs("odd", 10, 100, cands)  # 100 is divided by none of 32, 64, 192

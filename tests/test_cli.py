@@ -302,6 +302,7 @@ def test_quantize_with_refinement_records_the_measured_kl(tiny_hf_dir, text_file
     assert meta["bpw"] <= 3.5 and "refine" in meta["seconds"]
     res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3.5, "--refine", -1, "--out", tmp_path / "x")
     assert res.exit_code == 2 and "rounds ≥ 0" in _error(res.stderr)
+    (tmp_path / "p.json").write_text((out / "plan.json").read_text())
     res = invoke("quantize", "--model", tiny_hf_dir, "--plan", tmp_path / "p.json", "--refine", 1,
                  "--out", tmp_path / "x")
     assert res.exit_code == 2 and "does not go with --plan" in _error(res.stderr)

@@ -8,14 +8,17 @@ import pytest
 import torch
 
 import mixq
+from mixq.apply import apply_plan, block_linear_bits, pack_model
 from mixq.capture import LayerStats
+from mixq.chain import Chain
+from mixq.config import QuantizeConfig
 from mixq.formats import QuantSpec
 from mixq.io import save_quantized
 from mixq.models import adapter_for
-from mixq.pipeline import apply_plan, block_linear_bits, pack_model, quantize
+from mixq.pipeline import run
 from mixq.plan import Budget, Candidate, Plan
 from mixq.profile import layer_costs
-from mixq.solvers import get_solver, output_error, solve
+from mixq.solvers import output_error, solve
 from mixq.solvers.bias import compensation
 from mixq.solvers.comq import coordinate_descent
 from mixq.solvers.gptq import damped
@@ -61,11 +64,11 @@ def test_coordinate_descent_never_raises_the_error(hessian):
 
 
 def test_chains_parse_and_unknown_parts_are_named():
-    assert get_solver("gptq-act+comq+bias") is not None
+    assert Chain.parse("gptq-act+comq+bias") == Chain("gptq-act", ("comq", "bias"))
     with pytest.raises(ValueError, match="unknown refiner 'nope'; known: .*comq"):
-        get_solver("gptq+nope")
+        Chain.parse("gptq+nope")
     with pytest.raises(ValueError, match="unknown solver 'nope'"):
-        get_solver("nope+comq")
+        Chain.parse("nope+comq")
     assert Candidate(QuantSpec(3), "gptq+comq+bias").bias and not Candidate(QuantSpec(3), "gptq+comq").bias
 
 
@@ -81,7 +84,7 @@ def test_bias_compensation_cancels_the_mean_error_and_lowers_the_output_error():
     w = weight(32, 256)
     spec = QuantSpec.of(2, 64)
     plain = solve("gptq", w, stats.hessian, spec).dequantize()
-    comp = solve("gptq+bias", w, stats.covariance(), spec).dequantize()
+    comp = solve("gptq+bias", w, stats, spec).dequantize()  # solved on the covariance
     delta = compensation(w, comp, stats.mean)
     err_plain = ((x @ (w - plain).T) ** 2).mean()
     out = x @ (w - comp).T - delta
@@ -133,9 +136,10 @@ def test_bias_lowers_the_models_error_at_low_bits(tiny_model, calib_ids):
 def test_allocation_takes_bias_candidates_and_stays_within_budget(tiny_model, calib_ids, estimator):
     """Bias candidates are profiled on the error they leave (the measured estimator runs the model with the
     compensated bias), cost their bias's bits, and the allocation keeps the budget."""
-    cands = [Candidate(QuantSpec.of(b, 32), s) for b in (2, 3, 4) for s in ("gptq", "gptq+bias")]
     model = copy.deepcopy(tiny_model)
-    result = quantize(model, calib_ids, budget=Budget(bits=3.0), candidates=cands, estimator=estimator)
+    result = run(model, calib_ids, QuantizeConfig(budget=Budget(bits=3.0), solvers=("gptq", "gptq+bias"),
+                                                  formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4)),
+                                                  estimator=estimator))
     bits, weights = block_linear_bits(model)
     assert bits / weights <= 3.0 + 1e-9
     for lp in result.profile.layers:  # the bias candidates are profiled, on the error they leave, and cost more
@@ -148,12 +152,12 @@ def test_allocation_takes_bias_candidates_and_stays_within_budget(tiny_model, ca
 
 
 def test_profiling_judges_a_chain_without_its_descent_and_the_apply_runs_it(tiny_model, calib_ids):
-    """comq is left out of profiling (profile_solver): a comq chain's damages equal its base solver's; applying
+    """comq is left out of profiling (Chain.profiled): a comq chain's damages equal its base solver's; applying
     the chain still runs it, so the applied weights differ from the base solver's."""
-    from mixq.pipeline import profile_model
-    from mixq.profile import profile_solver
+    from mixq.profile import profile_model
 
-    assert profile_solver("gptq-act+comq+bias") == "gptq-act+bias" and profile_solver("comq") == "clip"
+    assert Chain.parse("gptq-act+comq+bias").profiled() == Chain.parse("gptq-act+bias")
+    assert Chain.parse("comq").profiled() == Chain("clip")
     names = adapter_for(tiny_model).layer_names(tiny_model)
     spec = QuantSpec.of(2, 32)
     damages = {}

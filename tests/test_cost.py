@@ -11,7 +11,7 @@ from mixq.allocate import BudgetError, allocate, budget_bits
 from mixq.cost import CostTable, measure
 from mixq.formats import QuantSpec
 from mixq.plan import Budget
-from mixq.profile import default_candidates
+from mixq.config import default_candidates
 
 from test_allocate import profiles
 

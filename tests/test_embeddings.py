@@ -10,17 +10,23 @@ from safetensors import safe_open
 
 import mixq
 from mixq.allocate import BudgetError
+from mixq.config import QuantizeConfig
 from mixq.formats import QuantSpec
 from mixq.io import save_quantized
 from mixq.models import adapter_for
-from mixq.pipeline import apply_plan, check_plan, fixed_bytes, pack_model, preflight, quantize
+from mixq.apply import apply_plan, pack_model
+from mixq.pipeline import check_plan, preflight, run
+from mixq.profile import fixed_bytes
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import default_candidates
+from mixq.config import default_candidates, default_specs
 from mixq.runtime.qlinear import QuantEmbedding, QuantLinear
 
 from conftest import make_tiny_model, random_ids, tiny_config
 
 EMBED, HEAD = "model.embed_tokens", "lm_head"
+
+
+FORMATS = tuple(default_specs(groups=(32, 0)))
 
 
 def _candidates():
@@ -47,7 +53,7 @@ def tied():
     float_model = make_tiny_model()
     model = copy.deepcopy(float_model)
     calib = random_ids(8, 32, seed=1)
-    result = quantize(model, calib, budget=Budget(bits=4.0), candidates=_candidates(), tables=True)
+    result = run(model, calib, QuantizeConfig(budget=Budget(bits=4.0), formats=FORMATS, tables=True))
     return float_model, model, result, calib
 
 
@@ -92,7 +98,7 @@ def test_packed_table_computes_what_was_applied(tiny_model, calib_ids):
 def test_untied_head_and_table_are_separate_layers(tmp_path, tiny_tokenizer):
     model = untied_model()
     calib = random_ids(8, 32, seed=1)
-    result = quantize(model, calib, budget=Budget(bits=4.0), candidates=_candidates(), tables=True)
+    result = run(model, calib, QuantizeConfig(budget=Budget(bits=4.0), formats=FORMATS, tables=True))
     assert {EMBED, HEAD} <= set(result.plan.layers)
     assert isinstance(model.model.embed_tokens, QuantEmbedding) and type(model.lm_head) is QuantLinear
     assert not any(a is b for a in model.lm_head.buffers() for b in model.model.embed_tokens.buffers())
@@ -108,7 +114,7 @@ def test_untied_float_head_loads_as_its_own_fp16_table(tmp_path, tiny_tokenizer)
 
     model = untied_model()
     calib = random_ids(8, 32, seed=1)
-    result = quantize(model, calib, budget=Budget(bits=4.0), candidates=_candidates())
+    result = run(model, calib, QuantizeConfig(budget=Budget(bits=4.0), formats=FORMATS))
     save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
     loaded = mixq.load(tmp_path / "q")
     assert isinstance(loaded.model.embed_tokens, HalfEmbedding) and isinstance(loaded.lm_head, HalfLinear)
@@ -122,8 +128,8 @@ def test_untied_float_head_loads_as_its_own_fp16_table(tmp_path, tiny_tokenizer)
 def test_table_damage_falls_with_bits(estimator):
     model = make_tiny_model()
     calib = random_ids(8, 32, seed=1)
-    result = quantize(model, calib, budget=Budget(bits=8.5), candidates=_candidates(), estimator=estimator,
-                      tables=True)
+    result = run(model, calib, QuantizeConfig(budget=Budget(bits=8.5), formats=FORMATS, estimator=estimator,
+                                              tables=True))
     lp = next(lp for lp in result.profile.layers if lp.name == EMBED)
     by_bits = {}
     for c, d in zip(lp.candidates, lp.damage):
@@ -142,14 +148,15 @@ def test_size_budget_that_only_a_quantized_table_meets(tiny_model, calib_ids, ti
     size = fixed_bytes(tiny_model, names + [EMBED]) + int((3.0 * weights + 6 * table) / 8)
     assert size < fixed_bytes(tiny_model, names) + int(2.5 * weights / 8)  # below the smallest fp16-table model
     with pytest.raises(BudgetError, match="below the smallest possible model"):
-        preflight(tiny_model, Budget(bytes=size), None, _candidates())
-    result = quantize(tiny_model, calib_ids, budget=Budget(bytes=size), candidates=_candidates(), tables=True)
+        config = QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS)
+        preflight(tiny_model, config, config.candidates())
+    result = run(tiny_model, calib_ids, QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS, tables=True))
     save_quantized(tiny_model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
     assert (tmp_path / "q" / "model.safetensors").stat().st_size <= size
 
 
 def test_plan_may_not_give_a_table_a_hessian_solver(tiny_model):
-    with pytest.raises(ValueError, match="take rtn"):
+    with pytest.raises(ValueError, match="take a solver that needs no calibration statistics .*rtn"):
         check_plan(tiny_model, Plan({EMBED: Candidate(QuantSpec(4, 32), "gptq")}))
     check_plan(tiny_model, Plan({EMBED: Candidate(QuantSpec(4, 32), "rtn")}))
 
@@ -158,7 +165,7 @@ def test_tied_table_damage_is_the_sum_of_both_uses(tiny_model, calib_ids):
     """roundoff, by hand: Σ over every row of ‖ΔW‖² (the head) + Σ over tokens of how often the calibration
     reads them × ‖ΔE_token‖² (the lookup)."""
     from mixq.capture import block_inputs, run_block
-    from mixq.pipeline import profile_tables
+    from mixq.profile import profile_tables
     from mixq.solvers import solve
 
     adapter = adapter_for(tiny_model)
@@ -174,17 +181,17 @@ def test_tied_table_damage_is_the_sum_of_both_uses(tiny_model, calib_ids):
 
 
 def test_blocks_calibrate_on_the_quantized_embeddings(tiny_model, calib_ids, monkeypatch):
-    import mixq.pipeline
+    import mixq.apply
 
     float_table = tiny_model.model.embed_tokens.weight.detach().clone()
     seen = []
-    real = mixq.pipeline.block_inputs
+    real = mixq.apply.block_inputs
 
     def spy(model, adapter, ids):
         seen.append(model.model.embed_tokens.weight.detach().clone())
         return real(model, adapter, ids)
 
-    monkeypatch.setattr(mixq.pipeline, "block_inputs", spy)
+    monkeypatch.setattr(mixq.apply, "block_inputs", spy)
     spec = QuantSpec.of(4, 32, "min", 6)
     plan = Plan({EMBED: Candidate(spec, "rtn"), "model.layers.0.mlp.up_proj": Candidate(QuantSpec(3, 32), "gptq")})
     qt = apply_plan(tiny_model, calib_ids, plan)

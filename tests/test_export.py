@@ -73,7 +73,7 @@ def _every_type_plan(model, bias: bool = False) -> Plan:
 def test_gguf_export_writes_compensated_biases_in_ggml_row_order(wide_gguf, text_file, tmp_path):
     """llama.cpp's Llama reads optional biases of every block linear: the export writes each added bias as F32,
     q and k rows in the rotary order their weights are written in."""
-    from mixq.export.gguf import _rotary_rows
+    from mixq.models.adapters import rotary_rows
 
     float_model, _, _ = load_model(str(wide_gguf))
     plan = _every_type_plan(float_model, bias=True)
@@ -93,7 +93,7 @@ def test_gguf_export_writes_compensated_biases_in_ggml_row_order(wide_gguf, text
             bias = ours.get_submodule(name).bias.detach().numpy()
             if kind in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = ours.config.num_attention_heads if "q_proj" in kind else ours.config.num_key_value_heads
-                bias = bias[_rotary_rows(len(bias), heads)]
+                bias = bias[rotary_rows(len(bias), heads)]
             assert tensors[key].tensor_type.name == "F32"
             np.testing.assert_array_equal(np.asarray(tensors[key].data), bias)
             written += 1

@@ -7,10 +7,11 @@ import copy
 import torch
 
 from mixq.capture import output_adaptive_hessians
+from mixq.config import QuantizeConfig
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
-from mixq.pipeline import quantize
-from mixq.plan import Budget, Candidate
+from mixq.pipeline import run
+from mixq.plan import Budget
 from mixq.solvers import output_error, solve
 
 from conftest import apply_uniform
@@ -69,6 +70,6 @@ def test_oac_plans_apply_pack_and_allocate(tiny_model, calib_ids):
     spec = QuantSpec.of(3, 32)
     applied = {s: apply_uniform(tiny_model, calib_ids, s, spec)[names[0]].codes for s in ("oac", "gptq-act")}
     assert not torch.equal(applied["oac"], applied["gptq-act"])  # the apply really used the other Hessian
-    result = quantize(copy.deepcopy(tiny_model), calib_ids, budget=Budget(bits=3.0),
-                      candidates=[Candidate(QuantSpec.of(b, 32), "oac+comq") for b in (2, 3, 4)])
-    assert {c.solver for c in result.plan.layers.values()} == {"oac+comq"}
+    result = run(copy.deepcopy(tiny_model), calib_ids, QuantizeConfig(
+        budget=Budget(bits=3.0), solvers=("oac+comq",), formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4))))
+    assert {str(c.solver) for c in result.plan.layers.values()} == {"oac+comq"}

@@ -10,20 +10,27 @@ from safetensors import safe_open
 
 import mixq
 import mixq.io
+import mixq.apply
 import mixq.pipeline
+import mixq.profile
 from mixq.capture import block_inputs, hessians, run_block
+from mixq.config import QuantizeConfig
 from mixq.formats import QuantSpec
 from mixq.io import MARKER, SavedModelError, check_out_dir, save_quantized
 from mixq.models import adapter_for
-from mixq.pipeline import apply_plan, block_linear_bits, check_plan, pack_model, quantize
+from mixq.apply import apply_plan, block_linear_bits, pack_model
+from mixq.pipeline import check_plan, run
 from mixq.plan import Budget, Candidate, Plan
-from mixq.profile import default_candidates
+from mixq.config import default_candidates, default_specs
 from mixq.runtime.qlinear import QuantLinear
 
 from conftest import first_block_capture, make_tiny_model, random_ids
 
 BUDGET = Budget(bits=3.5)
 SOURCE = "tiny-random-llama"
+
+
+FORMATS = tuple(default_specs(groups=(32, 0)))
 
 
 def _candidates():
@@ -42,7 +49,7 @@ def quantized():
     float_model = make_tiny_model()
     model = copy.deepcopy(float_model)
     calib = random_ids(8, 32, seed=1)
-    result = quantize(model, calib, budget=BUDGET, candidates=_candidates())
+    result = run(model, calib, QuantizeConfig(budget=BUDGET, formats=FORMATS))
     return float_model, model, result, calib
 
 
@@ -147,14 +154,14 @@ def test_apply_feeds_each_block_the_quantized_outputs(tiny_model, calib_ids, mon
     target = "model.layers.1.self_attn.q_proj"
     target_ptr = tiny_model.get_submodule(target).weight.data_ptr()
     used = []
-    real_solve = mixq.pipeline.solve
+    real_solve = mixq.apply.solve_layer
 
-    def recording_solve(solver, weight, hessian, spec):
+    def recording_solve(chain, weight, stats, spec, damp):
         if weight.data_ptr() == target_ptr:
-            used.append(hessian.clone())
-        return real_solve(solver, weight, hessian, spec)
+            used.append(stats.hessian.clone())
+        return real_solve(chain, weight, stats, spec, damp)
 
-    monkeypatch.setattr(mixq.pipeline, "solve", recording_solve)
+    monkeypatch.setattr(mixq.apply, "solve_layer", recording_solve)
     apply_plan(tiny_model, calib_ids, plan)
     assert len(used) == 1
 
@@ -218,13 +225,13 @@ def test_generate_works_after_load(quantized, saved):
 
 def test_size_budget_bounds_the_safetensors_file(tiny_model, calib_ids, tiny_tokenizer, tmp_path):
     """--size is the size of model.safetensors: the file written must not exceed it."""
-    from mixq.pipeline import fixed_bytes
+    from mixq.profile import fixed_bytes
 
     names = adapter_for(tiny_model).layer_names(tiny_model)
     weights = sum(tiny_model.get_submodule(n).weight.numel() for n in names)
     size = fixed_bytes(tiny_model, names) + int(3.0 * weights / 8)
     model = copy.deepcopy(tiny_model)
-    result = quantize(model, calib_ids, budget=Budget(bytes=size), candidates=_candidates(), estimator="hessian")
+    result = run(model, calib_ids, QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS, estimator="hessian"))
     save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": SOURCE}, {})
     assert (tmp_path / "q" / "model.safetensors").stat().st_size <= size
     bits, w = block_linear_bits(model)
@@ -236,7 +243,7 @@ def test_hand_written_plan_quantizes_only_its_layers(tiny_model, calib_ids):
     other = "model.layers.0.self_attn.q_proj"
     before = tiny_model.get_submodule(other).weight.detach().clone()
     plan = Plan({name: Candidate(QuantSpec(4, 32), "rtn")})
-    result = quantize(tiny_model, calib_ids, plan=plan)
+    result = run(tiny_model, calib_ids, QuantizeConfig(plan=plan))
     assert result.profile is None and result.allocation is None
     assert isinstance(tiny_model.get_submodule(name), QuantLinear)
     kept = tiny_model.get_submodule(other)
@@ -250,16 +257,16 @@ def test_hand_written_plan_quantizes_only_its_layers(tiny_model, calib_ids):
 def no_calibration(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("calibration started before the plan was checked")
-    monkeypatch.setattr(mixq.pipeline, "block_inputs", boom)
-    monkeypatch.setattr(mixq.pipeline, "output_fisher", boom)
-    monkeypatch.setattr(mixq.pipeline, "output_energy", boom)
+    for module, name in ((mixq.profile, "block_inputs"), (mixq.apply, "block_inputs"), (mixq.profile, "output_fisher"),
+                         (mixq.profile, "output_energy"), (mixq.apply, "model_statistics")):
+        monkeypatch.setattr(module, name, boom)
 
 
 def test_unknown_layer_fails_before_calibration(tiny_model, calib_ids, no_calibration):
     plan = Plan({"model.layers.0.self_attn.q_proj": Candidate(QuantSpec(4, 32), "rtn"),
                  "model.layers.7.mlp.down_proj": Candidate(QuantSpec(4, 32), "rtn")})
     with pytest.raises(ValueError, match=r"unknown layer 'model\.layers\.7\.mlp\.down_proj'"):
-        quantize(tiny_model, calib_ids, plan=plan)
+        run(tiny_model, calib_ids, QuantizeConfig(plan=plan))
 
 
 @pytest.mark.parametrize("name, group", [("model.layers.0.self_attn.q_proj", 128),
@@ -267,13 +274,12 @@ def test_unknown_layer_fails_before_calibration(tiny_model, calib_ids, no_calibr
 def test_group_that_does_not_divide_fails_before_calibration(tiny_model, calib_ids, no_calibration, name, group):
     plan = Plan({name: Candidate(QuantSpec(3, group), "gptq")})
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-        quantize(tiny_model, calib_ids, plan=plan)
+        run(tiny_model, calib_ids, QuantizeConfig(plan=plan))
 
 
-def test_unknown_solver_fails_before_calibration(tiny_model, calib_ids, no_calibration):
-    plan = Plan({"model.layers.0.mlp.up_proj": Candidate(QuantSpec(4, 32), "awq")})
-    with pytest.raises(ValueError, match="awq"):
-        quantize(tiny_model, calib_ids, plan=plan)
+def test_unknown_solver_fails_when_the_plan_is_read():
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj: unknown solver 'awq'"):
+        Plan.from_dict({"layers": {"model.layers.0.mlp.up_proj": {"solver": "awq", "bits": 4, "group_size": 32}}})
 
 
 def test_check_plan_accepts_a_good_plan(tiny_model):
@@ -379,9 +385,9 @@ def test_impossible_budget_fails_before_any_calibration(monkeypatch):
         raise AssertionError("profiling started despite an impossible budget")
 
     monkeypatch.setattr(mixq.pipeline, "profile_model", must_not_run)
-    monkeypatch.setattr(mixq.pipeline, "block_inputs", must_not_run)
+    monkeypatch.setattr(mixq.profile, "block_inputs", must_not_run)
     with pytest.raises(BudgetError, match="smallest possible model"):
-        quantize(make_tiny_model(), random_ids(), budget=Budget(bits=1.0), candidates=_candidates())
+        run(make_tiny_model(), random_ids(), QuantizeConfig(budget=Budget(bits=1.0), formats=FORMATS))
 
 
 def test_save_creates_missing_parent_folders(quantized, tiny_tokenizer, tmp_path):
@@ -398,7 +404,7 @@ def test_loaded_float_table_stays_fp16_and_shared(tmp_path, tiny_model, calib_id
     from mixq.runtime.half import HalfEmbedding, HalfLinear
     from conftest import make_tokenizer
 
-    result = quantize(tiny_model, calib_ids, budget=Budget(bits=4.0))
+    result = run(tiny_model, calib_ids, QuantizeConfig(budget=Budget(bits=4.0)))
     save_quantized(tiny_model, make_tokenizer(), result.plan, tmp_path / "q", {"source": "x", "bpw": 4.0}, {})
     model = mixq.load(tmp_path / "q")
     table, head = model.get_input_embeddings(), model.get_output_embeddings()

@@ -9,9 +9,10 @@ import torch
 
 from mixq import data
 from mixq.eval.perplexity import perplexity
+from mixq.config import QuantizeConfig
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for, load_model
-from mixq.pipeline import quantize
+from mixq.pipeline import run
 from mixq.plan import Candidate, Plan
 from mixq.runtime.qlinear import QuantLinear
 
@@ -83,7 +84,7 @@ def test_block0_rtn_4bit_barely_moves_perplexity(smollm2, eval_windows, float_pp
     assert len(names) == 7
     plan = Plan({n: Candidate(QuantSpec(4, 64), "rtn") for n in names})
     calib = data.calibration_windows(tok, count=2)[:, :128]  # rtn ignores the statistics: keep it short
-    quantize(model, calib, plan=plan)
+    run(model, calib, QuantizeConfig(plan=plan))
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
     assert type(model.get_submodule("model.layers.1.mlp.down_proj")) is torch.nn.Linear
     ppl = perplexity(model, eval_windows)

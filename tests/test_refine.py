@@ -9,9 +9,10 @@ import torch
 
 from mixq.allocate import allocate, check_budget
 from mixq.formats import QuantSpec
-from mixq.pipeline import profile_model
+from mixq.profile import profile_model
 from mixq.plan import Budget, Candidate
-from mixq.profile import LayerProfile, default_candidates
+from mixq.config import default_candidates
+from mixq.profile import LayerProfile
 from mixq.refine import frontier, refine
 
 from conftest import random_ids

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-import mixq.pipeline
+import mixq.profile
 from mixq.allocate import allocate
 from mixq.checkpoint import Checkpoint, run_key
-from mixq.pipeline import profile_model
+from mixq.profile import profile_model
 from mixq.plan import Budget
-from mixq.profile import default_candidates
+from mixq.config import default_candidates
 
 from conftest import random_ids, tiny_config
 from test_cli import invoke
@@ -36,8 +36,8 @@ def deep_model():
 
 def _count_profiled(monkeypatch) -> list[str]:
     """Patch profile_group to record the layers it profiles."""
-    profiled, real = [], mixq.pipeline.profile_group
-    monkeypatch.setattr(mixq.pipeline, "profile_group",
+    profiled, real = [], mixq.profile.profile_group
+    monkeypatch.setattr(mixq.profile, "profile_group",
                         lambda weights, *a, **k: profiled.extend(weights) or real(weights, *a, **k))
     return profiled
 

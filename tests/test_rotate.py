@@ -15,9 +15,10 @@ import mixq
 from mixq.cli import app
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for, load_model
-from mixq.pipeline import apply_plan, pack_model
+from mixq.apply import apply_plan, pack_model
+from mixq.chain import Chain
 from mixq.plan import Candidate, Plan
-from mixq.transforms import apply_transforms, split_chain
+from mixq.transforms import apply_transforms
 from mixq.transforms.rotate import hadamard, random_rotation
 
 from conftest import make_tiny_model, random_ids
@@ -104,11 +105,13 @@ def test_rotation_lowers_the_damage_of_outlier_channels():
     assert errors[("rotate",)] < 0.75 * errors[()], errors  # 0.61 ×
 
 
-def test_split_chain():
-    assert split_chain("rotate+gptq-act+comq") == (("rotate",), "gptq-act+comq")
-    assert split_chain("gptq") == ((), "gptq")
+def test_chain_transforms_come_first():
+    assert Chain.parse("rotate+gptq-act+comq") == Chain("gptq-act", ("comq",), ("rotate",))
+    assert Chain.parse("gptq") == Chain("gptq")
     with pytest.raises(ValueError, match="names no solver"):
-        split_chain("rotate")
+        Chain.parse("rotate")
+    with pytest.raises(ValueError, match="comes first"):
+        Chain.parse("gptq+rotate")
 
 
 @pytest.fixture(scope="module")

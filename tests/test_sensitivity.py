@@ -9,7 +9,7 @@ from mixq.capture import LayerStats
 from mixq.formats import QuantSpec, quantize
 from mixq.plan import Candidate
 from mixq.profile import profile_group
-from mixq.sensitivity import ESTIMATORS, MEASURED, get_estimator
+from mixq.sensitivity import ESTIMATORS, get_estimator
 from mixq.sensitivity.oac import oac_stats
 
 
@@ -29,7 +29,7 @@ def test_weight_only_estimators():
     assert get_estimator("roundoff")(w, deq, stats, torch.full((40,), 2.0)) == pytest.approx(2 * err)
 
 
-@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - MEASURED))
+@pytest.mark.parametrize("name", sorted(n for n, e in ESTIMATORS.items() if not e.measured))
 def test_every_estimator_is_zero_for_no_change_and_grows_with_error(name):
     w, stats = _layer()
     fisher = torch.rand(40, generator=torch.Generator().manual_seed(1)) + 0.5
@@ -88,8 +88,8 @@ def test_kl_is_measured_from_the_layer_on_and_matches_a_whole_model_run(tiny_mod
 
 
 def test_kl_profile_ranks_widths_and_covers_every_layer(tiny_model):
-    from mixq.pipeline import profile_model
-    from mixq.profile import default_candidates
+    from mixq.profile import profile_model
+    from mixq.config import default_candidates
 
     from conftest import random_ids
 
@@ -124,7 +124,8 @@ def test_oac_profile_pairs_each_token_with_its_own_gradient(tiny_model):
     gradient energy times that token's output error: inputs and gradients stay in step."""
     from mixq.capture import block_inputs, hessians, output_energy, run_block
     from mixq.models import adapter_for
-    from mixq.pipeline import FISHER_WINDOWS, profile_model
+    from mixq.capture import FISHER_WINDOWS
+    from mixq.profile import profile_model
     from mixq.solvers import solve
 
     from conftest import random_ids
@@ -153,8 +154,8 @@ def test_oac_profile_pairs_each_token_with_its_own_gradient(tiny_model):
 def test_oac_judges_the_tables_as_fisher_does(tiny_model, calib_ids):
     """With --include-embeddings, oac's profile gives the blocks its own damages and the tables fisher's (a lookup
     has no output error to weigh token by token): both in loss units, so one allocation compares them."""
-    from mixq.pipeline import profile_model
-    from mixq.profile import default_candidates
+    from mixq.profile import profile_model
+    from mixq.config import default_candidates
 
     cands = default_candidates("gptq-act")[:4]
     oac = profile_model(tiny_model, calib_ids, cands, estimator="oac", tables=True)
@@ -168,7 +169,7 @@ def test_oac_judges_the_tables_as_fisher_does(tiny_model, calib_ids):
 def test_profiles_of_one_solver_each_merge_into_the_profile_of_all(tiny_model, calib_ids):
     """Solvers profiled one at a time and merged (benchmarks/solvers.py's resumable parts) give the damages of
     profiling them together; profiles of another estimator refuse to merge."""
-    from mixq.pipeline import profile_model
+    from mixq.profile import profile_model
     from mixq.profile import merge_profiles
 
     cands = {s: [Candidate(QuantSpec.of(b, 32), s) for b in (2, 3)] for s in ("clip", "gptq-act+bias")}

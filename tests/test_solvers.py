@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixq.capture import LayerStats
 from mixq.formats import GRIDS, QuantizedTensor, QuantSpec, quantize
-from mixq.solvers import SOLVERS, get_solver, output_error, register_solver, solve
+from mixq.solvers import SOLVERS, Rows, Solver, output_error, register, solve
+
+STARTERS = sorted(n for n, s in SOLVERS.items() if s.starts)  # every solver that can start a chain
 
 ROWS, COLS, TOKENS = 32, 320, 2048  # more columns than GPTQ's lazy block of 128: updates cross blocks
 
@@ -123,7 +126,7 @@ def _check(qt: QuantizedTensor, rows: int, cols: int, bits) -> None:
     assert torch.all(torch.isfinite(scales)) and torch.all(scales != 0)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", STARTERS)
 @pytest.mark.parametrize("spec", [QuantSpec(2, 32), QuantSpec(3, 64, True), QuantSpec(5, 0), QuantSpec(8, 0, True),
                                   QuantSpec.of(4, 64, "min"), QuantSpec.of(3, 32, "min", 6),
                                   QuantSpec.of(4, 32, "sym", 4), QuantSpec(6, 32)], ids=lambda s: s.name)
@@ -137,13 +140,13 @@ def test_every_solver_returns_valid_codes(hessian, name, spec):
     assert float(output_error(w, deq, hessian).sum()) <= 2 * _err("rtn", w, hessian, spec)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", STARTERS)
 def test_every_solver_handles_per_row_widths(hessian, name):
     """Profiling stacks rows of several widths in one call: each row respects its own width."""
     w = torch.cat([weight(rows=4, seed=s) for s in range(3)])
     bits = torch.tensor([2] * 4 + [4] * 4 + [8] * 4)
     for grid in GRIDS:
-        codes, scales, zeros, steps = get_solver(name)(w, hessian, 32, bits, grid)
+        codes, scales, zeros, steps = SOLVERS[name]().solve_rows(w, LayerStats.of(hessian), Rows(32, bits, grid))
         assert steps is None
         qt = QuantizedTensor(codes, scales, zeros, QuantSpec.of(8, 32, grid))
         _check(qt, 12, COLS, bits)
@@ -154,7 +157,7 @@ def test_every_solver_handles_per_row_widths(hessian, name):
             assert torch.equal(scales[4 * i:4 * i + 4], alone.scales)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", STARTERS)
 def test_dead_input_columns(name):
     """Inputs that are always zero (diag H = 0) must not break a solver."""
     h = correlated_hessian(64, seed=3)
@@ -172,12 +175,23 @@ def test_solve_rejects_a_group_that_does_not_divide(hessian):
 
 
 def test_registry():
-    assert {"rtn", "clip", "gptq"} <= set(SOLVERS)
-    with pytest.raises(ValueError, match="known: .*gptq"):
-        get_solver("awq-nope")
+    assert {"rtn", "clip", "gptq", "comq", "bias"} <= set(SOLVERS)
+    with pytest.raises(ValueError, match="unknown solver 'awq-nope'; known: .*gptq"):
+        solve("awq-nope", weight(), torch.eye(COLS), QuantSpec(3, 64))
     with pytest.raises(ValueError, match="twice"):
-        register_solver("rtn")(lambda *a: None)
-    assert get_solver("rtn") is SOLVERS["rtn"]
+        register(type("Again", (Solver,), {"name": "rtn", "summary": "a second rtn"}))
+    with pytest.raises(ValueError, match="summary"):
+        register(type("Mute", (Solver,), {"name": "mute"}))
+    assert "mute" not in SOLVERS
+    assert all(s.summary and (s.starts or s.refines) for s in SOLVERS.values())
+
+
+def test_solver_help_lists_every_registered_solver():
+    from mixq.solvers import help_text
+
+    text = help_text()
+    for name, s in SOLVERS.items():
+        assert (f"+{name} (" if s.refines and not s.starts else f"{name} (") in text
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -199,31 +213,27 @@ def test_least_squares_refit_lowers_the_clip_search_error(bits, grid):
     assert err(True) < 0.999 * err(False)  # a small, steady gain (0.3–1.5 % here)
 
 
-def test_gptq_reuses_the_inverse_only_for_the_same_unchanged_hessian(hessian):
-    """Profiling solves every format on one H: the cached factor must equal a fresh one, and an H changed in place
-    (or another H) must not get the stale factor."""
-    import mixq.solvers.gptq as gptq_module
-
+def test_gptq_reuses_the_inverse_only_for_the_same_statistics(hessian):
+    """Profiling solves every format on one layer's statistics: the factor of H⁻¹ they keep (LayerStats.memo) must
+    give what a fresh one gives, and other statistics (another H, another damping) must not get it."""
     w = weight()
     spec = QuantSpec(3, 32)
-    first = solve("gptq", w, hessian, spec)
-    cached = solve("gptq", w, hessian, spec)
-    gptq_module._last = ()
-    fresh = solve("gptq", w, hessian, spec)
+    stats = LayerStats.of(hessian)
+    first = solve("gptq", w, stats, spec)
+    assert stats.memo  # the factor is kept …
+    cached = solve("gptq", w, stats, spec)
+    fresh = solve("gptq", w, LayerStats.of(hessian), spec)
     assert torch.equal(first.codes, fresh.codes) and torch.equal(cached.codes, fresh.codes)
-
-    h = hessian.clone()
-    before = solve("gptq", w, h, spec)
-    h.mul_(torch.linspace(0.2, 5, h.shape[0]).sqrt().outer(torch.linspace(0.2, 5, h.shape[0]).sqrt()))
-    after = solve("gptq", w, h, spec)
-    gptq_module._last = ()
-    assert torch.equal(after.codes, solve("gptq", w, h, spec).codes)
-    assert not torch.equal(after.codes, before.codes)
+    scaled = torch.linspace(0.2, 5, hessian.shape[0]).sqrt()
+    other = solve("gptq", w, LayerStats.of(hessian * scaled.outer(scaled)), spec)
+    assert not torch.equal(other.codes, first.codes)
+    damped = solve("gptq", w, stats, spec, damp=1.0)  # … per damping
+    assert torch.equal(damped.codes, solve("gptq", w, LayerStats.of(hessian), spec, damp=1.0).codes)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(4, 32, "min", 6, 256)],
                          ids=lambda s: s.name)
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", STARTERS)
 def test_super_block_steps_in_every_solver(name, spec):
     """k-quant layouts (one step per 256 weights of a row): valid codes and steps, each group's scale a code of
     its own super-block's step, and GPTQ still beats RTN on the output error."""
@@ -242,23 +252,20 @@ def test_super_block_steps_in_every_solver(name, spec):
 
 
 @pytest.mark.parametrize("name", ["gptq-act", "rtn+comq", "split"])
-def test_the_damping_set_at_run_time_reaches_every_solve(hessian, monkeypatch, name):
+def test_the_damping_given_reaches_every_solve(hessian, name):
     """gptq, comq's refit and the split rows' update (each after a solver with no damping of its own: rtn) all
-    damp H by the module's DAMP as it is when they solve (benchmarks/solvers.py --damp sets it): another DAMP,
-    another result; the same DAMP again, the same result."""
-    from mixq.solvers import get_solver, split
+    damp H by the damping the solve is given (QuantizeConfig.damp): another damping, another result; the same
+    damping again, the same result."""
     from mixq.solvers import gptq as g
 
-    w, spec = weight(), QuantSpec(3, 64)
+    w = weight()
+    chain, spec = ("rtn", QuantSpec(3, 64, high=64)) if name == "split" else (name, QuantSpec(3, 64))
 
-    def run():
-        fn = split(get_solver("rtn"), 64) if name == "split" else get_solver(name)
-        return fn(w, hessian, 64, torch.full((ROWS,), 3), spec.grid)[0]
-    before = run()
-    monkeypatch.setattr(g, "DAMP", 1.0)
-    assert not torch.equal(run(), before)
-    monkeypatch.setattr(g, "DAMP", 0.1)
-    assert torch.equal(run(), before)
+    def run(damp):
+        return solve(chain, w, hessian, spec, damp=damp).codes
+    before = run(0.1)
+    assert not torch.equal(run(1.0), before)
+    assert torch.equal(run(0.1), before)
     eye = torch.eye(COLS)
     torch.testing.assert_close(g.damped(hessian) - hessian, eye * 0.1 * torch.diagonal(hessian).mean())
     torch.linalg.cholesky(g.damped(torch.zeros(8, 8)))  # an all-zero H still factors

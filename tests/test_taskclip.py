@@ -6,13 +6,13 @@ import copy
 
 import torch
 
-from mixq.capture import block_inputs, run_block
+from mixq.apply import apply_plan
+from mixq.capture import JUDGE_WINDOWS, LayerStats, block_inputs, run_block
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
-from mixq.pipeline import apply_plan
 from mixq.plan import Candidate, Plan
-from mixq.solvers import solve
-from mixq.solvers.taskclip import JUDGE_WINDOWS, RATIOS, at_ratio, search
+from mixq.solvers import build, solve
+from mixq.solvers.taskclip import RATIOS, TaskClip
 
 from conftest import apply_uniform, first_block_capture
 
@@ -26,18 +26,21 @@ def test_taskclip_alone_is_gptq_act(tiny_model, calib_ids):
     w, h = _layer(tiny_model, calib_ids)
     spec = QuantSpec.of(3, 32)
     assert torch.equal(solve("taskclip", w, h, spec).codes, solve("gptq-act", w, h, spec).codes)
-    harder = solve("taskclip", w, h, spec, base=at_ratio(0.85))
+    harder = TaskClip().at_ratio(0.85).solve(w, LayerStats.of(h), spec)
     assert not torch.equal(harder.codes, solve("taskclip", w, h, spec).codes)
 
 
 def test_search_keeps_the_ratio_of_least_loss(tiny_model, calib_ids):
     w, h = _layer(tiny_model, calib_ids)
     spec = QuantSpec.of(2, 32)
+    first, then = build("taskclip+comq")
     for want in RATIOS[1:]:
-        target = solve("taskclip+comq", w, h, spec, base=at_ratio(want)).dequantize()
-        qt, ratio = search("taskclip+comq", w, h, spec, lambda d: float(((d - target) ** 2).sum()))
+        target = first.at_ratio(want).solve(w, LayerStats.of(h), spec, then).dequantize()
+        judged = LayerStats(h, 0, judge=lambda d: float(((d - target) ** 2).sum()))
+        qt, ratio = first.search(w, judged, spec, then)
         assert ratio == want
         torch.testing.assert_close(qt.dequantize(), target)
+        torch.testing.assert_close(solve("taskclip+comq", w, judged, spec).dequantize(), target)
 
 
 def _block_error(model, float_model, ids) -> float:

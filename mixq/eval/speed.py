@@ -42,3 +42,23 @@ def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Speed:
             past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
         decode = time.perf_counter() - t
     return Speed(prompt.shape[1] / prefill, new_tokens / decode, resident_bytes(model) / 1e6)
+
+
+def bench(folder, prompt_tokens: int = 512, new_tokens: int = 128) -> tuple[dict[str, Speed], float]:
+    """({"float": its float source's speed, "mixq": the packed model's}, the packed model's bpw) of a saved mixq
+    folder, on the first `prompt_tokens` of the evaluation split, in this process."""
+    import json
+    from pathlib import Path
+
+    from .. import data
+    from ..io import MARKER, SavedModelError, open_model
+    from ..models import load_model
+
+    if not (Path(folder) / MARKER).exists():
+        raise SavedModelError(f"{folder} is not a mixq model folder (no {MARKER})")
+    packed, tok, bpw = open_model(str(folder))
+    float_model, _, _ = load_model(json.loads((Path(folder) / MARKER).read_text())["source"])
+    ids = data.evaluation_windows(tok, count=1)[:, :prompt_tokens]
+    if ids.shape[1] < prompt_tokens:
+        raise data.DataError(f"the evaluation text has only {ids.shape[1]} tokens for a {prompt_tokens}-token prompt")
+    return {"float": speed(float_model, ids, new_tokens), "mixq": speed(packed, ids, new_tokens)}, bpw

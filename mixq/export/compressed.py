@@ -11,13 +11,14 @@ buffers at load and then refuses the packed ones, so it is not offered.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
 from ..formats import QuantSpec
-from . import ExportError
+from . import Exporter, ExportError, register
 
 CT_GROUPS = (32, 64, 192)  # --compressed-tensors-compatible: these groups (whole rows where none divides)
 
@@ -84,21 +85,40 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
     return {spec.name: len(names) for spec, (_, names) in groups.items()}
 
 
-# Llama-style configs switch biases on for all attention (q, k, v, o) or all MLP (gate, up, down) linears at once
-BIAS_FLAGS = {"attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-              "mlp_bias": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-
-
 def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None:
-    """Bias compensation gives some layers a bias: switch on the config flag of their kind and store zeros for
-    the layers of that kind that have none, so that transformers builds and fills every one."""
-    for flag, kinds in BIAS_FLAGS.items():
-        layers = {n: m for n, m in model.named_modules() if n.endswith(kinds)}
+    """Bias compensation gives some layers a bias: switch on the config flag of their kind (the adapter's
+    bias_flags) and store zeros for the layers of that kind that have none, so that transformers builds and fills
+    every one."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    for flag, kinds in adapter.biased_kinds().items():
+        layers = {n: m for n, m in model.named_modules() if adapter.in_block(n) in kinds}
         if not any(m.bias is not None for m in layers.values()) or hf_config.get(flag):
             continue
         if flag not in hf_config:
-            raise ExportError(f"the model has biases on layers whose config ({hf_config.get('model_type')}) has no "
+            raise ExportError(f"the model has biases on layers whose config ({type(model.config).__name__}) has no "
                               f"{flag} to declare them")
         hf_config[flag] = True
         for n, m in layers.items():
             tensors.setdefault(f"{n}.bias", torch.zeros(m.out_features, dtype=torch.float16))
+
+
+@register
+class CompressedTensors(Exporter):
+    name = "compressed-tensors"
+    summary = "transformers / vLLM: a Hugging Face folder in the pack-quantized format (pip install 'mixq[export]')"
+    writes = "folder"
+
+    def specs(self) -> list[QuantSpec]:
+        return ct_specs()
+
+    def write(self, folder: Path, out: Path) -> dict[str, int]:
+        from transformers import AutoTokenizer
+
+        from ..io import load
+
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise ExportError("the compressed-tensors export needs the compressed-tensors package: "
+                              "pip install 'mixq[export]'")
+        return export_compressed(load(folder), AutoTokenizer.from_pretrained(folder), out)

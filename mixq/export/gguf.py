@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..formats import QuantizedTensor, QuantSpec
-from . import ExportError
+from . import Exporter, ExportError, register
 
 BLOCK = 32
 
@@ -110,32 +110,28 @@ def _encode_k(qt: QuantizedTensor, name: str) -> np.ndarray:
     return np.concatenate([ql, qh, signed, d], axis=1)
 
 
-def _rotary_rows(rows: int, heads: int) -> np.ndarray:
-    """Row order of a llama q/k weight in GGUF, given in HF rows: the inverse of transformers' reverse permute."""
-    half = rows // heads // 2
-    back = np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)  # gguf row of each HF row
-    return np.argsort(back)
-
-
 def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, int]:
     """Write `model` (a loaded mixq folder) as a GGUF at `out` (atomically), on `source`'s metadata.
     Returns the count of tensors of each ggml type."""
     import gguf
 
+    from ..models import adapter_for
     from ..runtime.qlinear import QuantLinear
 
+    adapter = adapter_for(model)
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the path of the .gguf file to write")
     reader = _read_source(source)
     arch = _field(reader, "general.architecture")
+    if arch != adapter.gguf_arch:
+        raise ExportError(f"{source} is a {arch!r} GGUF, but the saved model's family is written as "
+                          f"{adapter.gguf_arch!r}: export from a model quantized from its own family's GGUF")
     try:
         model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     except StopIteration:
         raise ExportError(f"{source}: architecture {arch!r} is unknown to the gguf package") from None
     blocks = int(_field(reader, f"{arch}.block_count"))
     names = gguf.get_tensor_name_map(model_arch, blocks)
-    heads = {"attn_q": int(_field(reader, f"{arch}.attention.head_count"))}
-    heads["attn_k"] = int(_field(reader, f"{arch}.attention.head_count_kv", heads["attn_q"]))
     ours = _tensors_by_gguf_name(model, names)
     writer_tensors = []
     counts: dict[str, int] = {}
@@ -149,8 +145,7 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
         if name not in ours:
             raise ExportError(f"{source} holds tensor {name}, which the saved model has no counterpart for")
         hf, obj = ours.pop(name)
-        role = name.split(".")[-2]
-        perm = _rotary_rows(rows, heads[role]) if arch == "llama" and role in heads else None
+        perm = adapter.gguf_rows(model, hf, rows)
         if isinstance(obj, QuantLinear):
             qt = obj.quantized()
             kind = ggml_type(qt.spec)
@@ -242,3 +237,27 @@ def _write(reader, arch: str, tensors, out: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@register
+class GGUF(Exporter):
+    name = "gguf"
+    summary = "llama.cpp: a .gguf file of ggml block types, on the source GGUF's tokenizer and metadata"
+
+    def specs(self) -> list[QuantSpec]:
+        return gguf_specs()
+
+    def check_model(self, model) -> None:
+        from ..models import adapter_for
+
+        if adapter_for(model).gguf_arch is None:
+            raise ExportError("llama.cpp does not run this model's architecture: no GGUF export")
+        check_rows(model)
+
+    def write(self, folder: Path, out: Path) -> dict[str, int]:
+        import json
+
+        from ..io import MARKER, load
+
+        source = Path(json.loads((folder / MARKER).read_text())["source"])
+        return export_gguf(load(folder), source, out)

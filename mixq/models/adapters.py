@@ -1,9 +1,18 @@
-"""One adapter per family: block path and linear names as data (like gpt-fast's size table)."""
+"""One adapter per family: everything the other stages ask of a model's architecture, as data (like gpt-fast's size
+table) plus the few functions that data cannot say. Capture, solvers, transforms, runtime and exporters read the
+adapter; none of them names a layer or tests a model type."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
+import torch
 from torch import nn
+
+from . import attention, norms
+from ..registry import Registry
+
+ADAPTERS = Registry("architecture")
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,15 @@ class Adapter:
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
     writes: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    norm_kind: str = "rms"  # how every norm normalises and scales (models.norms)
+    # config flags that switch biases on for a kind of linear at once (a bias compensation gives some layers one)
+    bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+        ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
+    gguf_arch: str | None = "llama"  # llama.cpp's architecture name (None: no GGUF export)
+    # linears whose rows GGUF stores in ggml's rotary order, and the config field with their head count
+    gguf_rotary: tuple[tuple[str, str], ...] = (("self_attn.q_proj", "num_attention_heads"),
+                                                ("self_attn.k_proj", "num_key_value_heads"))
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -41,14 +59,72 @@ class Adapter:
         n = len(self.block_list(model))
         return [f"{self.blocks}.{i}.{lin}" for i in range(n) for lin in self.linears]
 
+    def in_block(self, name: str) -> str | None:
+        """A full layer (or parameter) name's part inside its block ("self_attn.q_proj" of
+        "model.layers.3.self_attn.q_proj"); None outside the blocks."""
+        head, _, rest = name.partition(self.blocks + ".")
+        if head or not rest:
+            return None
+        return rest.partition(".")[2] or None
 
-_LLAMA = Adapter(
+    def head_dim(self, model: nn.Module) -> int:
+        c = model.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def normalised(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What `norm` makes of x before its own scale (x / rms(x) for an RMSNorm)."""
+        return norms.normalised(self.norm_kind, norm, x)
+
+    def fold_norm(self, norm: nn.Module, readers: list[nn.Linear]) -> None:
+        """Fold `norm`'s scale into the input columns of the linears that read its output; the norm then scales
+        by one (the model computes the same function)."""
+        norms.fold(self.norm_kind, norm, readers)
+
+    def untie_head(self, model: nn.Module) -> None:
+        """Give a head tied to the embedding table a weight of its own (the config says so too)."""
+        table, head = model.get_submodule(self.embed), model.get_submodule(self.head)
+        if head.weight is table.weight:
+            head.weight = nn.Parameter(table.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+
+    def watch_attention(self, block: nn.Module, on_call):
+        """A context manager under which every call of the block's attention function also calls
+        on_call(value input x, query, key, mask, scaling, causal) (capture.attention_hessians)."""
+        return attention.watch(block, self.value, on_call)
+
+    def biased_kinds(self) -> dict[str, tuple[str, ...]]:
+        """Config flag → the in-block linears whose biases it switches on together."""
+        return dict(self.bias_flags)
+
+    def gguf_rows(self, model: nn.Module, name: str, rows: int) -> np.ndarray | None:
+        """The order in which GGUF stores the rows of layer (or parameter) `name`, given in Hugging Face rows;
+        None where it keeps them as they are."""
+        local = self.in_block(name)
+        local = local and local.removesuffix(".weight").removesuffix(".bias")
+        heads = dict(self.gguf_rotary).get(local)
+        return None if heads is None else rotary_rows(rows, getattr(model.config, heads))
+
+
+def rotary_rows(rows: int, heads: int) -> np.ndarray:
+    """Row order of a q/k weight in ggml's rotary layout, given in HF rows: the inverse of the reverse permute that
+    transformers applies on reading a llama GGUF."""
+    half = rows // heads // 2
+    back = np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)  # gguf row of each HF row
+    return np.argsort(back)
+
+
+LLAMA = Adapter(
     blocks="model.layers",
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
 )
-
-ADAPTERS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
+ADAPTERS.register("llama")(LLAMA)
+ADAPTERS.register("mistral")(LLAMA)  # llama.cpp writes Mistral as a llama GGUF
+# llama.cpp keeps Qwen's q/k rows as Hugging Face orders them (transformers permutes llama's alone on reading)
+ADAPTERS.register("qwen2")(replace(LLAMA, gguf_arch="qwen2", gguf_rotary=()))
+ADAPTERS.register("qwen3")(replace(LLAMA, gguf_arch="qwen3", gguf_rotary=()))
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -10,6 +10,30 @@ from ..plan import Plan
 from ..profile import Profile
 
 
+SUMMARY_COLUMNS = ("model", "perplexity", "block-linear bpw", "folder MB")
+
+
+def summary(meta: dict) -> tuple[list[list[str]], list[str]]:
+    """A run's mixq.json as the rows of the before/after table (SUMMARY_COLUMNS) and the notes beside it: what
+    `mixq quantize` prints and report.md opens with."""
+    ev = meta.get("eval", {})
+    rows = [["float (before)", f"{ev['ppl_before']:.3f}", "float", ""]] if "ppl_before" in ev else []
+    rows.append(["mixq (after)", f"{ev['ppl_after']:.3f}" if "ppl_after" in ev else "-", f"{meta['bpw']:.3f}",
+                 f"{meta['file_bytes'] / 1e6:.2f}" if "file_bytes" in meta else ""])
+    notes = []
+    if ev:
+        notes.append(f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}.")
+    if meta.get("latency"):
+        lat = meta["latency"]
+        notes.append(f"ms per token: predicted {lat['predicted_ms']:.2f}, measured {lat['measured_ms']:.2f} "
+                     f"(float {lat['float_ms']:.2f}, {lat['threads']} threads)")
+    if meta.get("tables"):
+        notes.append("embeddings: " + ", ".join(f"`{n}` {spec}" for n, spec in meta["tables"].items()))
+    if meta.get("seconds"):
+        notes.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
+    return rows, notes
+
+
 def write_report(folder: str | Path) -> Path:
     import matplotlib
 
@@ -40,18 +64,10 @@ def write_report(folder: str | Path) -> Path:
     fig.savefig(folder / "bits_per_layer.png", dpi=110)
     plt.close(fig)
 
+    rows, notes = summary(meta)
     lines = ["# mixq report", "", f"Model: `{meta.get('source')}`  ", f"Budget: {meta.get('budget')}", "",
-             "| | perplexity | block-linear bpw | file MB |", "|---|---|---|---|"]
-    ev = meta.get("eval", {})
-    if "ppl_before" in ev:
-        lines.append(f"| float (before) | {ev['ppl_before']:.3f} | 16/32 | |")
-    lines.append(f"| mixq (after) | {ev.get('ppl_after', float('nan')):.3f} | {meta['bpw']:.3f} | "
-                 f"{meta['file_bytes'] / 1e6:.2f} |")
-    if ev:
-        lines += ["", f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}."]
-    if meta.get("tables"):
-        lines += ["", "Embedding table and head (--include-embeddings): "
-                  + ", ".join(f"`{n}` {spec}" for n, spec in meta["tables"].items()) + "."]
+             "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""] + [f"{n}  " for n in notes]
     lines += ["", "![bits per layer](bits_per_layer.png)", ""]
     if prof is not None:
         curve = pareto(prof)

@@ -2,23 +2,50 @@
 
     estimator(weight rows × cols, dequantized rows × cols, stats: LayerStats, row_weight: rows or None) -> float
 
-`row_weight` is what each row counts for: the diagonal Fisher of the layer's output (capture.output_fisher) for
-estimators in NEEDS_FISHER, times the number of layer rows each profiled row stands for (profiling samples rows);
-just the latter for the others. None means every row counts once. Estimators in MEASURED run the model instead:
-they get every row (no sampling) and, in place of `row_weight`, a `measure(dequantized weight) -> damage` bound
-to the layer (sensitivity.kl).
+Each declares what else it reads (`needs`, capture's names): OUTPUT_FISHER, the diagonal Fisher of the layer's
+output, arrives as `row_weight` times the number of layer rows each profiled row stands for (profiling samples
+rows; the others get just the latter; None means every row counts once); OUTPUT_ENERGY (the loss-gradient energy of
+each token at the layer's output, with the first inputs kept) arrives as the statistics it judges on. A `measured`
+estimator runs the model instead: it gets every row (no sampling) and, in place of `row_weight`, a
+`measure(dequantized weight) -> damage` bound to the layer (sensitivity.kl). `tables_as`: the estimator that judges
+the embedding table and the head in its place (a lookup has no output error to weigh token by token).
 """
 from __future__ import annotations
 
-from ..registry import Registry
+from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry, import_all
 
 ESTIMATORS = Registry("sensitivity estimator")
 DEFAULT_ESTIMATOR = "oac"  # ranks real perplexity best at fisher's cost (benchmarks/results/sensitivity.md)
-NEEDS_FISHER = {"fisher"}
-NEEDS_ENERGY = {"oac"}  # judged on the output-adaptive statistics (capture.output_energy, sensitivity.oac)
-MEASURED = {"kl"}
-register_estimator = ESTIMATORS.register
-get_estimator = ESTIMATORS.lookup
 
 
-from . import fisher, hessian, kl, oac, roundoff  # noqa: E402,F401  (register)
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    damage: Callable
+    needs: frozenset[str] = frozenset()
+    measured: bool = False
+    tables_as: str | None = None
+    # with OUTPUT_ENERGY: judged(first inputs, their energy, input mean) → {bias compensated?: the LayerStats its
+    # candidates are judged on}
+    judged: Callable | None = None
+
+    def __call__(self, weight, deq, stats, row_weight=None) -> float:
+        return self.damage(weight, deq, stats, row_weight)
+
+
+def register_estimator(name: str, needs=(), measured: bool = False, tables_as: str | None = None,
+                       judged: Callable | None = None):
+    def deco(fn: Callable) -> Callable:
+        ESTIMATORS.register(name)(Estimator(name, fn, frozenset(needs), measured, tables_as, judged))
+        return fn
+    return deco
+
+
+def get_estimator(name: str) -> Estimator:
+    return ESTIMATORS.lookup(name)
+
+
+import_all(__name__, __path__)  # every module of the package registers its estimator

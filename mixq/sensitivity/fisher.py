@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import LayerStats
+from ..capture import OUTPUT_FISHER, LayerStats
 from ..solvers import output_error
 from . import register_estimator
 
 
-@register_estimator("fisher")
+@register_estimator("fisher", needs={OUTPUT_FISHER})
 def fisher_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, fisher: torch.Tensor | None) -> float:
     if fisher is None:
         raise ValueError("the fisher estimator needs output gradients (capture.output_fisher)")

@@ -72,7 +72,7 @@ class KLProbe:
         return measure
 
 
-@register_estimator("kl")
+@register_estimator("kl", measured=True)
 def kl_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, measure) -> float:
     """`measure` is KLProbe.layer(...) of this weight's linear: profiling passes it in place of a row weight."""
     return measure(deq)

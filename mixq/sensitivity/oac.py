@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import LayerStats
+from ..capture import OUTPUT_ENERGY, LayerStats
 from ..solvers import output_error
 from . import register_estimator
 
@@ -29,7 +29,7 @@ def oac_stats(inputs: torch.Tensor, energy: torch.Tensor, mean: torch.Tensor) ->
     return {False: LayerStats((x * w).T @ x / n, n), True: LayerStats((centred * w).T @ centred / n, n)}
 
 
-@register_estimator("oac")
+@register_estimator("oac", needs={OUTPUT_ENERGY}, tables_as="fisher", judged=oac_stats)
 def oac_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, row_weight: torch.Tensor | None) -> float:
     """`stats` from oac_stats; `row_weight`: the layer rows each profiled row stands for (their sum: its rows)."""
     err = output_error(weight, deq, stats.hessian)

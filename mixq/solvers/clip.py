@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import DoubleQuant, fit_params, quantize_codes
-from . import register_solver
+from . import Solver, register
 from .rtn import finish, grouped, row_maxq
 
 SHRINKS = torch.linspace(1.0, 0.5, 11).tolist()  # steps of 0.05
@@ -65,11 +65,20 @@ def column_importance(hessian: torch.Tensor, rows: int, group: int) -> torch.Ten
     return d.reshape(1, -1, group).expand(rows, -1, -1).reshape(-1, group)
 
 
-@register_solver("clip")
 def clip(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+    """The clipping search on every group of rows × cols `weight` (`bits` per row), weighted by diag(`hessian`)."""
     rows, cols = weight.shape
     maxq = row_maxq(bits).repeat_interleave(cols // group, 0)
     wg = grouped(weight, group)
     dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits, super_block)
     scale, zero = search(wg, column_importance(hessian, rows, group), maxq, grid, snap=dq and dq.snap)
     return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)
+
+
+@register
+class Clip(Solver):
+    name = "clip"
+    summary = "per group, the clipped range (and its least-squares scale) of least input-weighted error"
+
+    def rows(self, weight, stats, fmt):
+        return clip(weight, stats.hessian, fmt.group, fmt.bits, fmt.grid, fmt.scale_bits, fmt.super_block)

@@ -8,55 +8,34 @@ groups"), so the stored layout needs no permutation. `gptq-plain` is the publish
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..formats import DoubleQuant, fit_params, quantize_codes
-from . import register_solver
+from . import DAMP, Solver, register
 from .clip import column_importance, search
 from .rtn import finish, row_maxq
 
-# Fraction of mean(diag H) added to the diagonal. GPTQ's 0.01 fits the calibration text closest; 0.1 pulls each
-# solve toward the plain weight error and generalises better: on SmolLM2's 3.0 bpw allocation, pydoc perplexity
-# 15.53 → 15.56 and a novel's 63.6 → 59.6 (benchmarks/results/solvers.md).
-DAMP = 0.1
 PUBLISHED_DAMP = 0.01  # gptq-plain: GPTQ as published
 BLOCK = 128  # columns per lazy batch
 
 
-_last: tuple = ()  # (weakref to H, H's version, damp, order, factor): profiling solves many formats on one H
-
-
-def _inverse_cholesky_of(hessian: torch.Tensor, h: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor:
-    """inverse_cholesky(h), h derived from `hessian` by `perm` (and dead columns): reused while the same, unchanged
-    `hessian` comes back, as it does for every candidate format of one layer group."""
-    global _last
-    key = (hessian._version, damp, perm.tolist() if perm is not None else None)
-    if _last and _last[0]() is hessian and _last[1] == key:
-        return _last[2]
-    u = inverse_cholesky(h, damp)
-    _last = (weakref.ref(hessian), key, u)
-    return u
-
-
-def damped(h: torch.Tensor, damp: float | None = None) -> torch.Tensor:
-    """H + damp · mean(diag H) · I in H's dtype (None: the module's DAMP as it is now, which a benchmark may set):
-    GPTQ's damping against over-fitting the calibration, shared by every solve on a Hessian."""
-    damp = DAMP if damp is None else damp
+def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """H + damp · mean(diag H) · I in H's dtype: GPTQ's damping against over-fitting the calibration, shared by
+    every solve on a Hessian."""
     return h + torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diagonal(h).mean().clamp(min=1e-8)
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float | None = None) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (damped; None: the module's DAMP as it is now), in float64 for stability."""
+def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (damped), in float64 for stability."""
     h = damped(hessian.double(), damp)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
-def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=None, scale_bits=16, super_block=0,
-                  minmax=False, shrinks=None):
-    damp = DAMP if damp is None else damp  # read now: a benchmark may set the module's DAMP
+def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0,
+                  minmax=False, shrinks=None, memo: dict | None = None):
+    """GPTQ on rows × cols `weight` (`bits` per row) against `hessian`; `memo`, a dict kept with the Hessian
+    (LayerStats.memo), keeps the factor of H⁻¹ for the next solve on it (profiling solves every format on one H)."""
     rows, cols = weight.shape
     w = weight.clone().float()
     h = hessian.clone().float()
@@ -92,7 +71,12 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=None
             scales[:], zeros[:] = s.view(rows, ngroups), z.view(rows, ngroups)
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_cholesky_of(hessian, h, damp, perm if act_order else None)
+    key = ("gptq inverse cholesky", damp, act_order)  # h follows from `hessian` and the order alone
+    u = memo.get(key) if memo is not None else None
+    if u is None:
+        u = inverse_cholesky(h, damp)
+        if memo is not None:
+            memo[key] = u
     codes = torch.zeros(rows, cols)
     col_group = perm // group  # group of each (permuted) column in the stored layout
     for b0 in range(0, cols, BLOCK):
@@ -119,21 +103,34 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=None
     return finish(codes.reshape(-1, group), scales.reshape(-1, 1), zeros.reshape(-1, 1), rows, grid, dq)
 
 
-@register_solver("gptq")
-def gptq(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=False, scale_bits=scale_bits,
-                         super_block=super_block)
+@register
+class GPTQ(Solver):
+    name = "gptq"
+    summary = "GPTQ: columns in order, each one's error spread over the rest through H⁻¹, on clip's searched grids"
+    act_order = False
+
+    def rows(self, weight, stats, fmt):
+        return gptq_quantize(weight, stats.hessian, fmt.group, fmt.bits, fmt.grid, act_order=self.act_order,
+                             damp=self.damp, scale_bits=fmt.scale_bits, super_block=fmt.super_block, memo=stats.memo)
 
 
-@register_solver("gptq-act")
-def gptq_act(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
-                         super_block=super_block)
+@register
+class GPTQAct(GPTQ):
+    name = "gptq-act"
+    summary = "gptq with the columns in order of decreasing input energy (act order, static groups)"
+    act_order = True
 
 
-@register_solver("gptq-plain")
-def gptq_plain(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+@register
+class GPTQPlain(Solver):
     """GPTQ as published and as the usual packages run it: act-order with static groups, each group's grid its
-    min/max range (no clipping search): the baseline mixq's solvers are judged against."""
-    return gptq_quantize(weight, hessian, group, bits, grid, act_order=True, scale_bits=scale_bits,
-                         super_block=super_block, minmax=True, damp=PUBLISHED_DAMP)
+    min/max range (no clipping search), GPTQ's damping: the baseline mixq's solvers are judged against."""
+
+    name = "gptq-plain"
+    summary = "GPTQ as published (act order, min/max grids, damping 0.01): the baseline"
+
+    def rows(self, weight, stats, fmt):
+        return gptq_quantize(weight, stats.hessian, fmt.group, fmt.bits, fmt.grid, act_order=True,
+                             damp=PUBLISHED_DAMP, scale_bits=fmt.scale_bits, super_block=fmt.super_block,
+                             minmax=True, memo=stats.memo)
+

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import DoubleQuant, fit_params, quantize_codes, stored_zeros
-from . import register_solver
+from ..capture import LayerStats
+from . import Rows, Solver, register
 
 
 def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -24,8 +25,8 @@ def row_maxq(bits: torch.Tensor) -> torch.Tensor:
     return ((1 << bits) - 1).float().unsqueeze(1)
 
 
-@register_solver("rtn")
-def rtn(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
+def rtn(weight, group, bits, grid, scale_bits=16, super_block=0):
+    """Round to nearest on each group's min/max grid (`bits` per row): the stored tuple."""
     rows, cols = weight.shape
     maxq = row_maxq(bits).repeat_interleave(cols // group, 0)
     wg = grouped(weight, group)
@@ -34,3 +35,13 @@ def rtn(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
     if dq is not None:
         scale, zero = dq.snap(scale, zero)
     return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)
+
+
+@register
+class RTN(Solver):
+    name = "rtn"
+    summary = "round to nearest on each group's min/max grid; needs no calibration"
+    needs = frozenset()
+
+    def rows(self, weight: torch.Tensor, stats: LayerStats, fmt: Rows):
+        return rtn(weight, fmt.group, fmt.bits, fmt.grid, fmt.scale_bits, fmt.super_block)

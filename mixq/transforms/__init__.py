@@ -1,29 +1,41 @@
 """Whole-model transforms, registered by name: function-preserving changes of the float model (rotations, norm
-folding) applied before profiling, so that every layer is then quantized in the new basis. A transform is
-transform(model, adapter, calib) -> None (in place; `calib`, calibration windows, for those that measure the
-model: resq); a solver chain names them first: "rotate+gptq-act+comq"."""
+folding) applied before profiling, so that every layer is then quantized in the new basis. A solver chain names
+them first ("rotate+gptq-act+comq"); a plan or profile records them.
+
+A transform is a `Transform` subclass in a file of its own: `apply(model, adapter, calib)` changes the model in
+place (`calib`, calibration windows, for those that measure the model), and `layer_candidates` may change a
+layer's candidates in the new basis (resq's split rows). `splits_rows`: it gives some layers formats no export
+type stores and the latency cost table does not time.
+"""
 from __future__ import annotations
 
-from ..registry import Registry
+from typing import ClassVar
+
+from ..registry import Registry, import_all
 
 TRANSFORMS = Registry("transform")
-register_transform = TRANSFORMS.register
 
 
-def split_chain(chain: str) -> tuple[tuple[str, ...], str]:
-    """("rotate",), "gptq-act+comq" of "rotate+gptq-act+comq": the leading transform names, then the solver chain."""
-    names = chain.split("+")
-    k = 0
-    while k < len(names) - 1 and names[k] in TRANSFORMS:
-        k += 1
-    if names[k] in TRANSFORMS:
-        raise ValueError(f"{chain!r} names no solver after its transforms (e.g. {chain}+gptq-act)")
-    return tuple(names[:k]), "+".join(names[k:])
+class Transform:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    splits_rows: ClassVar[bool] = False
+
+    def apply(self, model, adapter, calib=None) -> None:
+        raise NotImplementedError
+
+    def layer_candidates(self, adapter, name: str, cols: int, candidates: list) -> list:
+        """The candidates of block linear `name` (rows of `cols` weights) once the model is transformed."""
+        return candidates
+
+
+def register(cls: type[Transform]) -> type[Transform]:
+    return TRANSFORMS.register(cls.name)(cls)
 
 
 def parse_names(value) -> tuple[str, ...]:
     """The "transforms" list of a plan or profile file, checked: known names only."""
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
         raise ValueError('"transforms" is a list of names, e.g. ["rotate"]')
     for t in value:
         TRANSFORMS.lookup(t)
@@ -35,7 +47,18 @@ def apply_transforms(model, names, calib=None) -> None:
 
     adapter = adapter_for(model)
     for name in names:
-        TRANSFORMS.lookup(name)(model, adapter, calib)
+        TRANSFORMS.lookup(name)().apply(model, adapter, calib)
 
 
-from . import resq, rotate  # noqa: E402,F401  (register)
+def layer_candidates(adapter, names, layer: str, cols: int, candidates: list) -> list:
+    """A block linear's candidates once the transforms `names` are applied."""
+    for name in names:
+        candidates = TRANSFORMS.lookup(name)().layer_candidates(adapter, layer, cols, candidates)
+    return candidates
+
+
+def help_text() -> str:
+    return "; ".join(f"{n}+ ({t.summary})" for n, t in TRANSFORMS.items())
+
+
+import_all(__name__, __path__)  # every module of the package registers its transform

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..plan import Candidate
-from . import register_transform
+from . import Transform, register
 from .rotate import SEED, random_rotation, rotate_stream
 
 FRACTION = 8  # the high-precision subspace: 1/8 of the width
@@ -43,16 +43,26 @@ def pca_rotation(covariance: torch.Tensor, high: int, gen: torch.Generator) -> t
     return torch.cat([u[:, :high], u[:, high:] @ random_rotation(rest, gen)], 1)
 
 
-@register_transform("resq")
-def resq(model: nn.Module, adapter, calib=None) -> None:
-    """Turn `model` in place into the basis of its residual stream's principal components (module docstring)."""
-    if calib is None:
-        raise ValueError("resq measures the residual stream: it needs calibration windows")
-    from ..capture import residual_covariance
+@register
+class ResQ(Transform):
+    name = "resq"
+    summary = ("rotate's turn, into the residual stream's principal components, whose first 1/8 the stream's "
+               "readers keep at 8 bits (split rows)")
+    splits_rows = True
 
-    gen = torch.Generator().manual_seed(SEED)
-    cov = residual_covariance(model, adapter, calib)
-    rotate_stream(model, adapter, pca_rotation(cov, subspace(cov.shape[0]), gen), gen)
+    def apply(self, model: nn.Module, adapter, calib=None) -> None:
+        """Turn `model` in place into the basis of its residual stream's principal components (module docstring)."""
+        if calib is None:
+            raise ValueError("resq measures the residual stream: it needs calibration windows")
+        from ..capture import residual_covariance
+
+        gen = torch.Generator().manual_seed(SEED)
+        cov = residual_covariance(model, adapter, calib)
+        rotate_stream(model, adapter, pca_rotation(cov, subspace(cov.shape[0]), gen), gen)
+
+    def layer_candidates(self, adapter, name: str, cols: int, candidates: list[Candidate]) -> list[Candidate]:
+        """Split rows for the linears that read the turned stream."""
+        return split_candidates(candidates, cols) if adapter.in_block(name) in readers(adapter) else candidates
 
 
 def high_columns(cols: int, candidate: Candidate) -> int:
@@ -76,10 +86,3 @@ def split_candidates(candidates: list[Candidate], cols: int) -> list[Candidate]:
 def readers(adapter) -> frozenset[str]:
     """The block linears (names inside a block) that read the residual stream through a norm."""
     return frozenset(n for _, names in adapter.reads for n in names)
-
-
-def layer_candidates(adapter, transforms, name: str, cols: int, candidates: list[Candidate]) -> list[Candidate]:
-    """A block linear's candidates under `transforms`: split rows for the stream's readers after resq."""
-    if "resq" in transforms and name[len(adapter.blocks) + 1:].split(".", 1)[-1] in readers(adapter):
-        return split_candidates(candidates, cols)
-    return candidates

@@ -2,11 +2,13 @@
 the weights (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024), so that a few large channels no longer
 dominate the groups they share and every weight row sees inputs of even scale.
 
-A Llama block reads the residual stream x through an RMSNorm (x / rms(x) ⊙ γ) and writes back through o_proj and
-down_proj. rms(xQ) = rms(x) for an orthogonal Q, so once each norm's γ is folded into the columns of the linears
-that read it, the whole model computes the same function on the rotated stream xQ with
+A Llama block reads the residual stream x through an RMSNorm (x / rms(x) ⊙ γ) and writes back through its output
+and down projections (the adapter's `reads` and `writes`). rms(xQ) = rms(x) for an orthogonal Q, so once each
+norm's γ is folded into the columns of the linears that read it (adapter.fold_norm), the whole model computes the
+same function on the rotated stream xQ with
   embedding E → E Q,   readers W → W Q,   writers W → Qᵀ W,   head W → W diag(γ_final) Q.
-Inside attention, each head's values v_h and the o_proj columns that read them turn by one more orthogonal R
+Inside attention, each head's values v_h and the output projection's columns that read them turn by one more
+orthogonal R
 (attention weights mix tokens, not channels). The down projection's input follows a SiLU gate and cannot be
 rotated without an online transform; it is left as is, so that the saved model stays a plain Llama.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_transform
+from . import Transform, register
 
 SEED = 0
 
@@ -63,14 +65,6 @@ def random_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def fold_norm(readers: list[nn.Linear], norm: nn.Module) -> None:
-    """Fold an RMSNorm's scale γ into the input columns of the linears that read its output; γ becomes 1."""
-    gamma = norm.weight.detach().double()
-    for lin in readers:
-        _set(lin.weight, lin.weight.double() * gamma)
-    _set(norm.weight, torch.ones_like(gamma))
-
-
 def rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """W Q: the weight that reads the rotated input xQ and returns what W returned from x."""
     return (weight.double() @ q).to(weight.dtype)
@@ -86,33 +80,32 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
         param.copy_(value.to(param.dtype))
 
 
-@register_transform("rotate")
-def rotate(model: nn.Module, adapter, calib=None) -> None:
-    """Rotate `model` in place (see the module docstring); its outputs stay the same up to rounding."""
-    gen = torch.Generator().manual_seed(SEED)
-    width = model.get_submodule(adapter.embed).weight.shape[1]
-    rotate_stream(model, adapter, random_rotation(width, gen), gen)
+@register
+class Rotate(Transform):
+    name = "rotate"
+    summary = ("a seeded randomised Hadamard rotation of the residual stream and of each head's values, folded into "
+               "the weights; unties a tied head")
+
+    def apply(self, model: nn.Module, adapter, calib=None) -> None:
+        """Rotate `model` in place (see the module docstring); its outputs stay the same up to rounding."""
+        gen = torch.Generator().manual_seed(SEED)
+        width = model.get_submodule(adapter.embed).weight.shape[1]
+        rotate_stream(model, adapter, random_rotation(width, gen), gen)
 
 
 def rotate_stream(model: nn.Module, adapter, q: torch.Tensor, gen: torch.Generator) -> None:
     """Turn the residual stream x → xQ (Q orthogonal, float64), norms folded first, and each head's values by a
     random rotation drawn from `gen`; in place."""
-    table = model.get_submodule(adapter.embed)
-    head = model.get_submodule(adapter.head)
-    if head.weight is table.weight:  # untie: the head takes γ_final, the table does not
-        head.weight = nn.Parameter(table.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
-    fold_norm([head], model.get_submodule(adapter.norm))
+    adapter.untie_head(model)  # the head takes γ_final, the table does not
+    table, head = model.get_submodule(adapter.embed), model.get_submodule(adapter.head)
+    adapter.fold_norm(model.get_submodule(adapter.norm), [head])
     _set(table.weight, rotate_inputs(table.weight.detach(), q))  # rows of E are inputs to the stream: E Q
     _set(head.weight, rotate_inputs(head.weight.detach(), q))
-    config = model.config
-    r = random_rotation(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads, gen)
+    r = random_rotation(adapter.head_dim(model), gen)
     for block in adapter.block_list(model):
         for norm, names in adapter.reads:
             readers = [block.get_submodule(n) for n in names]
-            fold_norm(readers, block.get_submodule(norm))
+            adapter.fold_norm(block.get_submodule(norm), readers)
             for lin in readers:
                 _set(lin.weight, rotate_inputs(lin.weight.detach(), q))
         for n in adapter.writes:
@@ -124,7 +117,8 @@ def rotate_stream(model: nn.Module, adapter, q: torch.Tensor, gen: torch.Generat
 
 
 def _rotate_values(v: nn.Linear, o: nn.Linear, r: torch.Tensor) -> None:
-    """Each head's values v_h → v_h R (rows of v_proj: Rᵀ W_h) and the o_proj columns that read them → W R."""
+    """Each head's values v_h → v_h R (the value projection's rows: Rᵀ W_h) and the output projection's columns
+    that read them → W R."""
     d = r.shape[0]
     w = v.weight.detach().double().reshape(-1, d, v.in_features)
     _set(v.weight, torch.einsum("ji,hjc->hic", r, w).reshape(v.weight.shape))

@@ -1,0 +1,97 @@
+"""Apply a plan: block by block, each layer quantized by its candidate's chain on the statistics that chain needs,
+the next block fed with the outputs of the blocks already quantized (memory: one block); then pack the model
+(QuantLinear) and count its stored bits."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .capture import LayerStats, block_inputs, capture_block, model_statistics, run_block
+from .formats import QuantizedTensor
+from .io import FLOAT_DTYPE
+from .models import adapter_for
+from .plan import Plan
+from .runtime.qlinear import QuantEmbedding, QuantLinear
+from .solvers import DAMP, solve_layer
+
+
+def _no_step(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = _no_step,
+               damp: float = DAMP) -> dict[str, QuantizedTensor]:
+    """Quantize in place, block by block: each layer's weight becomes its dequantized value (fake quantization,
+    bit-identical to what QuantLinear computes) and gets the bias its chain adds; the next block is fed by this
+    block's quantized outputs. The tables first (their chains need no statistics), so that the blocks calibrate
+    on the quantized embeddings."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
+    out: dict[str, QuantizedTensor] = {}
+    for name in [n for n in adapter.tables(model) if n in plan.layers]:
+        out[name] = _quantize_layer(model.get_submodule(name), plan.layers[name].solver,
+                                    LayerStats(torch.empty(0, 0), 0), plan.layers[name].spec, damp)
+    needs = {n: c.solver.needs for n, c in plan.layers.items()}
+    extra = model_statistics(model, adapter, calib, needs, step)
+    x, kwargs = block_inputs(model, adapter, calib)
+    for i, block in enumerate(blocks):
+        prefix = f"{adapter.blocks}.{i}"
+        _, stats = capture_block(block, adapter, prefix, x, kwargs, needs, extra)
+        for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
+            cand = plan.layers[name]
+            out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
+        x = run_block(block, x, kwargs)
+        step("apply", i + 1, len(blocks))
+    return out
+
+
+def _quantize_layer(module: nn.Module, chain, stats: LayerStats, spec, damp: float) -> QuantizedTensor:
+    """Solve one layer by `chain` and set its weight to the dequantized result (and its bias, where the chain adds
+    one: stored as fp16, like every float parameter)."""
+    qt, delta = solve_layer(chain, module.weight.detach(), stats, spec, damp)
+    if delta is not None:
+        bias = delta if module.bias is None else module.bias.data + delta
+        module.bias = nn.Parameter(bias.to(FLOAT_DTYPE).float())
+    module.weight.data = qt.dequantize()  # a tied head changes with its table
+    return qt
+
+
+def _round_float_params(model: nn.Module, quantized: set[str]) -> None:
+    """Everything not quantized is stored in FLOAT_DTYPE: round it now so saved and in-memory models agree."""
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[0] not in quantized:
+            p.data = p.data.to(FLOAT_DTYPE).float()
+
+
+def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
+    """Swap each quantized nn.Linear for a QuantLinear holding the packed codes (an embedding table for a
+    QuantEmbedding, and a head tied to it for a QuantLinear on the same buffers)."""
+    adapter = adapter_for(model)
+    tied = adapter.embed in qtensors and adapter.head not in adapter.tables(model)
+    for name, qt in qtensors.items():
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            model.set_submodule(name, QuantEmbedding.from_quantized(qt))
+        else:
+            model.set_submodule(name, QuantLinear.from_quantized(qt, module.bias))
+    if tied:
+        model.set_submodule(adapter.head, model.get_submodule(adapter.embed).tied_head())
+
+
+def block_linear_bits(model: nn.Module) -> tuple[int, int]:
+    """(stored bits, weights) of every block linear: packed buffers of QuantLinear, FLOAT_DTYPE for the rest; and
+    each one's bias, stored in FLOAT_DTYPE."""
+    bits = weights = 0
+    for name in adapter_for(model).layer_names(model):
+        m = model.get_submodule(name)
+        weights += m.in_features * m.out_features
+        if isinstance(m, QuantLinear):
+            bits += sum(b.numel() * b.element_size() * 8 for b in m.buffers())  # a split row's high part too
+        else:
+            bits += m.weight.numel() * torch.finfo(FLOAT_DTYPE).bits
+        if m.bias is not None:
+            bits += m.bias.numel() * torch.finfo(FLOAT_DTYPE).bits
+    return bits, weights
