@@ -1,0 +1,95 @@
+"""hqq, the half-quadratic solver: registered and chained like any other, data-free (it runs on a layer with no
+statistics: the tables may take it), and it lowers the loss it minimises, ‖W − Ŵ‖_0.7, below both the min/max grid
+it starts from and HQQ's own offset-only iteration, on every grid, with every group no worse than its start."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mixq.capture import LayerStats
+from mixq.chain import Chain
+from mixq.config import QuantizeConfig
+from mixq.formats import GRIDS, QuantSpec, fit_params, quantize_codes
+from mixq.pipeline import check_plan, run
+from mixq.plan import Budget, Candidate, Plan
+from mixq.solvers import SOLVERS, solve
+from mixq.solvers.hqq import BETA, ITERS, KAPPA, _loss, half_quadratic, shrink
+from mixq.solvers.rtn import grouped
+
+EMPTY = LayerStats(torch.empty(0, 0), 0)  # a layer no calibration reached
+
+
+def heavy_tailed(rows=64, cols=256, seed=0) -> torch.Tensor:
+    """Weights as in trained layers: mostly small, a few large (a normal over the root of a uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) * 0.02 / torch.rand(rows, cols, generator=g).clamp(min=0.05).sqrt()
+
+
+def hqq_offset_only(wg, maxq):
+    """HQQ's own step, as mobiusml/hqq's optimize_weights_proximal_legacy takes it: the offset alone moves, the
+    min/max scale stays, the whole tensor stops at the first step that does not lower the mean absolute error."""
+    scale, zero = fit_params(wg, maxq, "min")
+    beta, best = BETA, float("inf")
+    for _ in range(ITERS):
+        q = quantize_codes(wg, scale, zero, maxq)
+        zero = (q - (wg - shrink(wg - (q - zero) * scale, beta)) / scale).mean(1, keepdim=True)
+        beta *= KAPPA
+        err = float(((quantize_codes(wg, scale, zero, maxq) - zero) * scale - wg).abs().mean())
+        if err >= best:
+            break
+        best = err
+    return scale, zero
+
+
+def test_hqq_is_a_data_free_registered_solver_that_chains():
+    assert SOLVERS["hqq"].needs == frozenset() and SOLVERS["hqq"].starts
+    assert Chain.parse("hqq+comq+bias").profiled() == Chain("hqq", ("bias",))
+    w = heavy_tailed()
+    qt = solve("hqq", w, EMPTY, QuantSpec.of(3, 64, "min", 6))  # no Hessian, no mean: nothing needed
+    assert torch.isfinite(qt.dequantize()).all()
+
+
+def test_shrink_keeps_large_errors_and_drops_small_ones():
+    x = torch.tensor([-1.0, -0.01, 0.0, 0.01, 1.0])
+    out = shrink(x, BETA)
+    assert torch.equal(out[1:4], torch.zeros(3))  # inside the threshold: the loss pulls these to the grid
+    assert torch.all(out[[0, 4]].abs() > 0.8) and torch.all(out[[0, 4]].abs() < 1)  # outliers keep most
+    assert torch.equal(shrink(-x, BETA), -out)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_lowers_the_p_loss_of_every_group_below_its_start(grid, bits):
+    w = heavy_tailed(seed=bits)
+    wg, maxq = grouped(w, 64), torch.full((w.numel() // 64, 1), float((1 << bits) - 1))
+    start = _loss(wg, *fit_params(wg, maxq, grid), maxq)
+    scale, zero = half_quadratic(wg, maxq, grid)
+    fitted = _loss(wg, scale, zero, maxq)
+    assert torch.all(fitted <= start) and fitted.sum() < 0.99 * start.sum()  # 3–20 % lower here
+    if grid == "int":
+        assert torch.equal(zero, zero.round()) and torch.all((zero >= 0) & (zero <= maxq))
+    deq = solve("hqq", w, EMPTY, QuantSpec.of(bits, 64, grid)).dequantize()
+    rtn = solve("rtn", w, EMPTY, QuantSpec.of(bits, 64, grid)).dequantize()
+    assert (deq - w).pow(2).sum() < (rtn - w).pow(2).sum()  # and the plain weight error falls too
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fitting_the_scale_too_beats_hqqs_offset_only_step(bits):
+    w = heavy_tailed(seed=10 + bits)
+    wg, maxq = grouped(w, 64), torch.full((w.numel() // 64, 1), float((1 << bits) - 1))
+    ours = _loss(wg, *half_quadratic(wg, maxq, "min"), maxq).sum()
+    theirs = _loss(wg, *hqq_offset_only(wg, maxq), maxq).sum()
+    assert ours < 0.99 * theirs, (float(ours), float(theirs))  # 2–30 % lower here
+
+
+def test_hqq_profiles_applies_and_may_quantize_the_tables(tiny_model, calib_ids):
+    config = QuantizeConfig(budget=Budget(bits=3.5), solvers=("hqq",), tables=True,
+                            formats=tuple(QuantSpec.of(b, 32, "min") for b in (2, 3, 4, 8)))
+    model = copy.deepcopy(tiny_model)
+    result = run(model, calib_ids, config)
+    assert {str(c.solver) for n, c in result.plan.layers.items() if "layers" in n} == {"hqq"}
+    check_plan(tiny_model, Plan({"model.embed_tokens": Candidate(QuantSpec(4, 32), "hqq")}))  # data-free: allowed
+    with torch.no_grad():
+        assert torch.isfinite(model(calib_ids[:1]).logits).all()
