@@ -1,7 +1,8 @@
 """mixq against the tools people use, on SmolLM2-135M and the project's protocol, in one script.
 
 Peers: uniform RTN (mixq's reference quantizer), HQQ (its own half-quadratic solver), GPTQ from llm-compressor
-(GPTQModifier), and llama.cpp's `llama-quantize` with an importance matrix from `llama-imatrix`. Every model is
+(GPTQModifier), and llama.cpp's `llama-quantize` with an importance matrix from `llama-imatrix`. Beside HQQ, mixq's
+own `hqq` solver on HQQ's format (fp16 scale and offset per group: mixq's "min" grid), uniform. Every model is
 evaluated the same way: its block weights dequantized to fp32 in the same transformers model, perplexity over the
 protocol's 64 windows. Real block bpw counts the stored bytes of the block linears in each tool's own format
 (HQQ's packing, the compressed-tensors files llm-compressor saves, the GGUF tensors llama.cpp writes, fallbacks
@@ -33,6 +34,8 @@ from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec, quantize
 from mixq.models import adapter_for
 from mixq.models.load import default_model_path
+from mixq.apply import apply_plan, block_linear_bits, pack_model
+from mixq.plan import Candidate, Plan
 from mixq.profile import Profile
 
 from common import HERE, finish_bpw_plot, packed_at, provenance, smollm2
@@ -40,6 +43,7 @@ from common import HERE, finish_bpw_plot, packed_at, provenance, smollm2
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ3_S", "IQ4_XS")
 GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 HQQ_CODE_BITS = {2: 2.0, 3: 3.2, 4: 4.0, 8: 8.0}  # HQQ's packings: 3 bits go ten to an int32
+HQQ_FORMATS = ((2, 64), (3, 64), (4, 64), (4, 192))  # (bits, group)
 
 
 def with_weights(model, weights: dict[str, torch.Tensor]):
@@ -78,6 +82,17 @@ def run_hqq(model, bits: int, group: int):
     seconds = time.perf_counter() - t
     bpw = HQQ_CODE_BITS[bits] + 2 * 16 / group  # fp16 scale and fp16 zero per group
     return with_weights(model, ws), bpw, seconds, {}
+
+
+def run_mixq_hqq(model, calib, bits: int, group: int):
+    """mixq's hqq solver on every block linear, in HQQ's format: fp16 scale and offset per group."""
+    plan = Plan({n: Candidate(QuantSpec.of(bits, group, "min"), "hqq") for n in linears(model)})
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    pack_model(m, apply_plan(m, calib, plan))
+    seconds = time.perf_counter() - t
+    stored, weights = block_linear_bits(m)
+    return m, stored / weights, seconds, {}
 
 
 def run_llmcompressor(model, tok, calib: torch.Tensor, bits: int, group: int, out: Path):
@@ -179,7 +194,7 @@ def run_mixq(model, calib, profile: Profile, bpw: float):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", type=Path, help="folder with llama-quantize and llama-imatrix")
-    ap.add_argument("--peers", nargs="+", default=["rtn", "hqq", "llmcompressor", "llama.cpp"])
+    ap.add_argument("--peers", nargs="+", default=["rtn", "hqq", "mixq-hqq", "llmcompressor", "llama.cpp"])
     ap.add_argument("--profile", type=Path, default=HERE / "results" / "smollm2_bits_profile.json",
                     help="mixq's profile of SmolLM2 (default candidates), from benchmarks/smollm2_bits.py")
     ap.add_argument("--mixq", action=argparse.BooleanOptionalAction, default=True,
@@ -213,8 +228,11 @@ def main():
         work = Path(tmp)
         for bits in (2, 3, 4) if "rtn" in args.peers else ():
             record("RTN", f"RTN {QuantSpec.of(bits, 64, 'int').name}", lambda: run_rtn(model, bits, 64))
-        for bits in (2, 3, 4) if "hqq" in args.peers else ():
-            record("HQQ", f"HQQ {bits}-bit g64", lambda: run_hqq(model, bits, 64))
+        for bits, group in HQQ_FORMATS if "hqq" in args.peers else ():
+            record("HQQ", f"HQQ {bits}-bit g{group}", lambda: run_hqq(model, bits, group))
+        for bits, group in HQQ_FORMATS if "mixq-hqq" in args.peers else ():
+            record("mixq hqq", f"mixq hqq solver {bits}-bit g{group}, HQQ's format (uniform)",
+                   lambda: run_mixq_hqq(model, calib, bits, group))
         for bits in (2, 3, 4) if "llmcompressor" in args.peers else ():
             record("llm-compressor", f"llm-compressor GPTQ {bits}-bit g64 sym",
                    lambda: run_llmcompressor(model, tok, calib, bits, 64, work / f"llmc{bits}"))
@@ -269,7 +287,7 @@ def write(rows, out: Path, windows: int):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if mixq:
         ax.plot(*zip(*mixq), "k-o", label="mixq", zorder=3)
-    for tool, marker in (("RTN", "v"), ("HQQ", "s"), ("llm-compressor", "D"), ("llama.cpp", "^")):
+    for tool, marker in (("RTN", "v"), ("HQQ", "s"), ("mixq hqq", "P"), ("llm-compressor", "D"), ("llama.cpp", "^")):
         pts = [(r["bpw"], r["ppl"]) for r in rows if r["tool"] == tool]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, label=tool)
