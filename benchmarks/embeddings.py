@@ -4,7 +4,7 @@ default) and with the table as a candidate (4 / 6 / 8 bits), applied by the real
 of the model.safetensors written) and evaluated by the protocol.
 
 The block layers' profile is the saved one (`smollm2_bits_profile.json`, fisher); the table's is computed here by
-`pipeline.profile_tables`, as `mixq quantize --include-embeddings` does.
+`profile.profile_tables`, as `mixq quantize --include-embeddings` does.
 
 `python benchmarks/embeddings.py [--sizes 60 75 90 100]` writes benchmarks/results/embeddings.{md,json}.
 """
