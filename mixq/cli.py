@@ -78,7 +78,7 @@ def quantize(
     calib: Optional[Path] = typer.Option(None, "--calib", help="A UTF-8 text file to calibrate on. Default: the "
                                          "first 60 % of the pydoc tokens (the project's protocol)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Budget: average stored bits per weight (codes + "
-                                         "scales + zeros) of the block linears (and the tables, if they join), e.g. 3.0"),
+                                         "scales + zeros) of the block linears (and of joining tables), e.g. 3.0"),
     size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored weight, "
                                        "embeddings included: fp16 unless --include-embeddings), e.g. 95MB."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Budget: time per decoded token (batch 1) on this "
@@ -92,8 +92,9 @@ def quantize(
     compatible: Optional[str] = typer.Option(None, "--compatible", help="Allocate among the formats an export "
                                              "stores exactly, so that `mixq export --to NAME` writes the very codes "
                                              f"mixq chose: {export.help_text()}."),
-    gguf_compatible: bool = typer.Option(False, help="--compatible gguf."),
-    compressed_tensors_compatible: bool = typer.Option(False, help="--compatible compressed-tensors."),
+    gguf_compatible: bool = typer.Option(False, "--gguf-compatible", help="The same as --compatible gguf."),
+    ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="The same as --compatible "
+                                       "compressed-tensors."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) as "
                                         "is, instead of profiling and allocating."),
     calib_windows: int = typer.Option(32, help="Calibration windows of 512 tokens."),
@@ -120,7 +121,7 @@ def quantize(
 
     if sum(x is not None for x in (plan, bits, size, latency)) != 1:
         _fail("give exactly one of --bits, --size, --latency or --plan")
-    aliases = [n for n, on in (("gguf", gguf_compatible), ("compressed-tensors", compressed_tensors_compatible)) if on]
+    aliases = [n for n, on in (("gguf", gguf_compatible), ("compressed-tensors", ct_compatible)) if on]
     if len(aliases) + (compatible is not None) > 1:
         _fail("choose one of --compatible, --gguf-compatible and --compressed-tensors-compatible")
     with _failing():

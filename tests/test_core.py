@@ -205,7 +205,8 @@ def test_compatible_takes_an_exporter_name_and_the_old_flags_stay_aliases(tiny_h
     assert plans["--compatible"] == plans["--gguf-compatible"]
     res = invoke("quantize", *common, "--compatible", "onnx", "--out", tmp_path / "x")
     assert res.exit_code == 2 and "unknown export format 'onnx'; known: compressed-tensors, gguf" in _error(res.stderr)
-    res = invoke("quantize", *common, "--compatible", "gguf", "--compressed-tensors-compatible", "--out", tmp_path / "x")
+    res = invoke("quantize", *common, "--compatible", "gguf", "--compressed-tensors-compatible",
+                 "--out", tmp_path / "x")
     assert res.exit_code == 2 and "choose one" in _error(res.stderr)
     res = invoke("export", tmp_path / "compatible", "--to", "onnx", tmp_path / "x.onnx")
     assert res.exit_code == 2 and "known: compressed-tensors, gguf" in _error(res.stderr)
@@ -217,3 +218,36 @@ def test_the_help_is_generated_from_the_registries():
     text = " ".join(res.stdout.split())
     for name in [*SOLVERS, *TRANSFORMS, *EXPORTERS, *ESTIMATORS]:
         assert name in text, name
+
+
+def test_model_knowledge_lives_in_models_and_no_stage_names_a_solver():
+    """The architecture rules as a check: no layer name or model type outside mixq/models/, and none of the files
+    that order a run names a solver (they read what solvers declare)."""
+    import re
+
+    root = Path(mixq.__file__).parent
+    model_names = re.compile(r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|self_attn|model_type")
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if "models" not in p.relative_to(root).parts
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if model_names.search(line)]
+    assert not offenders
+    quoted = re.compile("|".join(f"[\"']{re.escape(n)}[\"']" for n, s in SOLVERS.items() if s.starts))
+    for stage in ("pipeline.py", "profile.py", "capture.py", "cli.py", "apply.py"):
+        assert not quoted.search((root / stage).read_text()), stage
+
+
+def test_the_adapter_says_what_the_exports_ask():
+    from transformers import LlamaConfig, Qwen2Config
+
+    from mixq.models import ADAPTERS
+
+    llama, qwen = ADAPTERS["llama"], ADAPTERS["qwen2"]
+    assert llama.in_block("model.layers.3.self_attn.q_proj") == "self_attn.q_proj"
+    assert llama.in_block("model.embed_tokens") is None and llama.in_block("model.layers.3") is None
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    model = type("M", (), {"config": cfg})()
+    rows = llama.gguf_rows(model, "model.layers.0.self_attn.q_proj.bias", 64)
+    assert sorted(rows.tolist()) == list(range(64)) and rows.tolist() != list(range(64))  # a permutation
+    assert llama.gguf_rows(model, "model.layers.0.mlp.up_proj", 128) is None
+    assert qwen.gguf_rows(type("M", (), {"config": Qwen2Config()})(), "model.layers.0.self_attn.q_proj", 64) is None
+    assert (llama.gguf_arch, qwen.gguf_arch) == ("llama", "qwen2")
+    assert llama.head_dim(model) == 16

@@ -4,7 +4,7 @@ compressed-tensors package) and vLLM load, one config group per format, each lis
 mixq formats it stores exactly (`ct_args`): the "sym" grid with fp16 scales, w = (q − 2^(bits−1)) · s, any width
 2–8, any group or whole rows ("channel"); compressed-tensors holds the codes as signed integers q − 2^(bits−1),
 packed densely into int32 by its own `pack_to_int32`, and the (signed) scales as they are.
-`mixq quantize --compressed-tensors-compatible` allocates among such formats only. The "min" grids and
+`mixq quantize --compatible compressed-tensors` allocates among such formats only. The "min" grids and
 double-quantized scales of the default candidates have no compressed-tensors form; the asymmetric "int" grid has
 one on paper (packed zero points), but compressed-tensors 0.20 with transformers 5.23 builds unpacked zero-point
 buffers at load and then refuses the packed ones, so it is not offered.
@@ -20,7 +20,7 @@ import torch
 from ..formats import QuantSpec
 from . import Exporter, ExportError, register
 
-CT_GROUPS = (32, 64, 192)  # --compressed-tensors-compatible: these groups (whole rows where none divides)
+CT_GROUPS = (32, 64, 192)  # --compatible compressed-tensors: these groups (whole rows where none divides)
 
 
 def ct_args(spec: QuantSpec):
@@ -60,7 +60,7 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
         args = ct_args(m.spec)
         if args is None:
             raise ExportError(f"{name} is {m.spec.name}, which compressed-tensors does not store exactly; quantize "
-                              "with --compressed-tensors-compatible")
+                              "with --compatible compressed-tensors")
         qt = m.quantized()
         half = 1 << (m.spec.bits - 1)
         tensors[f"{name}.weight_packed"] = pack_to_int32((qt.codes.int() - half).to(torch.int8), m.spec.bits)
@@ -107,7 +107,7 @@ def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None
 @register
 class CompressedTensors(Exporter):
     name = "compressed-tensors"
-    summary = "transformers / vLLM: a Hugging Face folder in the pack-quantized format (pip install 'mixq[export]')"
+    summary = "transformers / vLLM: a Hugging Face folder in the pack-quantized format (needs compressed-tensors)"
     writes = "folder"
 
     def specs(self) -> list[QuantSpec]:

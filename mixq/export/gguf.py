@@ -8,7 +8,7 @@ mixq formats that are ggml types (`GGML_TYPES`, `K_QUANTS`):
     16-weight groups with scale codes and one fp16 step per 256 weights (rows of a multiple of 256),
         sym 3 bits, 6-bit codes → Q3_K           (w = d · (sc − 32) · (q − 4))
         sym 6 bits, 8-bit codes → Q6_K           (w = d · (sc − 128) · (q − 32))
-`mixq quantize --gguf-compatible` allocates among these only. Every other tensor is written as mixq stores it:
+`mixq quantize --compatible gguf` allocates among these only. Every other tensor is written as mixq stores it:
 norms in F32, other float matrices in F16.
 
 The file is built on the model's source GGUF: its metadata (architecture, hyper-parameters, tokenizer) is copied
@@ -47,7 +47,7 @@ def ggml_type(spec: QuantSpec) -> str | None:
 
 
 def gguf_specs() -> list[QuantSpec]:
-    """The formats `--gguf-compatible` allocates among (the k-quants only where rows are multiples of 256)."""
+    """The formats `--compatible gguf` allocates among (the k-quants only where rows are multiples of 256)."""
     return [QuantSpec.of(b, BLOCK, g) for b, g in GGML_TYPES] + list(K_QUANTS)
 
 
@@ -60,7 +60,7 @@ def check_rows(model: torch.nn.Module) -> None:
         cols = model.get_submodule(name).in_features
         if cols % BLOCK:
             raise ExportError(f"{name}'s rows of {cols} weights are not a multiple of {BLOCK}: no ggml block type "
-                              "fits them, so --gguf-compatible cannot quantize this model")
+                              "fits them, so --compatible gguf cannot quantize this model")
 
 
 def encode_blocks(qt: QuantizedTensor) -> np.ndarray:
@@ -151,7 +151,7 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
             kind = ggml_type(qt.spec)
             if kind is None:
                 raise ExportError(f"{hf} is {qt.spec.name}, which no ggml type stores; quantize with "
-                                  "--gguf-compatible to allocate among ggml types only")
+                                  "--compatible gguf to allocate among ggml types only")
             if perm is not None:
                 qt = QuantizedTensor(qt.codes[perm], qt.scales[perm], qt.zeros[perm], qt.spec,
                                      None if qt.steps is None else qt.steps[perm])

@@ -1,9 +1,10 @@
-"""One adapter per family: everything the other stages ask of a model's architecture, as data (like gpt-fast's size
-table) plus the few functions that data cannot say. Capture, solvers, transforms, runtime and exporters read the
-adapter; none of them names a layer or tests a model type."""
+"""`Adapter`: everything the other stages ask of a model's architecture, as data (like gpt-fast's size table) plus
+the few functions that data cannot say. Capture, solvers, transforms, runtime and exporters read the adapter; none
+of them names a layer or tests a model type. Each family is a file of this package that registers its adapter for
+the `model_type`s it serves (llama.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -113,18 +114,6 @@ def rotary_rows(rows: int, heads: int) -> np.ndarray:
     half = rows // heads // 2
     back = np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)  # gguf row of each HF row
     return np.argsort(back)
-
-
-LLAMA = Adapter(
-    blocks="model.layers",
-    groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-)
-ADAPTERS.register("llama")(LLAMA)
-ADAPTERS.register("mistral")(LLAMA)  # llama.cpp writes Mistral as a llama GGUF
-# llama.cpp keeps Qwen's q/k rows as Hugging Face orders them (transformers permutes llama's alone on reading)
-ADAPTERS.register("qwen2")(replace(LLAMA, gguf_arch="qwen2", gguf_rotary=()))
-ADAPTERS.register("qwen3")(replace(LLAMA, gguf_arch="qwen3", gguf_rotary=()))
 
 
 def adapter_for(model: nn.Module) -> Adapter:

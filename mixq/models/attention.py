@@ -27,7 +27,8 @@ def watch(block: nn.Module, value: str, on_call):
 
     def wrapped(module, query, key, value_states, attention_mask, *args, **kwargs):
         if module is attn:
-            on_call(seen.pop("x"), query, key, attention_mask, kwargs.get("scaling"), getattr(module, "is_causal", True))
+            causal = getattr(module, "is_causal", True)
+            on_call(seen.pop("x"), query, key, attention_mask, kwargs.get("scaling"), causal)
         return original(module, query, key, value_states, attention_mask, *args, **kwargs)
 
     handle = block.get_submodule(value).register_forward_pre_hook(stash)

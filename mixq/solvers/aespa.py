@@ -25,8 +25,8 @@ from .gptq import GPTQAct
 @register
 class Aespa(GPTQAct):
     name = "aespa"
-    summary = ("attention-aware: the value projection's rows of each key-value head on E[x̄ x̄ᵀ], x̄ the input "
-               "averaged by that head's attention; the other layers as gptq-act")
+    summary = ("attention-aware: the value projection's rows of each key-value head on the mean of x̄ x̄ᵀ, x̄ the "
+               "input averaged by that head's attention; the other layers as gptq-act")
     needs = frozenset({INPUT, ATTENTION})
     profile_as = "gptq-act"
 

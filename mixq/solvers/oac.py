@@ -19,8 +19,8 @@ from .gptq import GPTQAct
 @register
 class OAC(GPTQAct):
     name = "oac"
-    summary = ("GPTQ (act order) on the output-adaptive Hessian E[‖g‖² x xᵀ], g the loss gradient at the layer's "
-               "output (8 backward passes)")
+    summary = ("GPTQ (act order) on the output-adaptive Hessian, the mean of ‖g‖² x xᵀ, g the loss gradient at "
+               "the layer's output (8 backward passes)")
     needs = frozenset({INPUT, OUTPUT_HESSIAN})
     profile_as = "gptq-act"
 
