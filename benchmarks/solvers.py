@@ -38,9 +38,11 @@ from mixq.transforms import apply_transforms, layer_candidates
 
 from common import HERE, provenance, smollm2
 
-# the issue's four uniform formats, on GPTQ's classic asymmetric grid (integer zeros): 192 and 64 divide every row
+# the issue's four uniform formats, on GPTQ's classic asymmetric grid (integer zeros): 192 and 64 divide every row;
+# and two on the grid with a free fp16 offset ("min": HQQ's own format and the default candidates' grid)
 FORMATS = {"3-bit g192": QuantSpec.of(3, 192), "3-bit g64": QuantSpec.of(3, 64), "2-bit g64": QuantSpec.of(2, 64),
-           "4-bit g192": QuantSpec.of(4, 192)}
+           "4-bit g192": QuantSpec.of(4, 192), "3-bit g64 min": QuantSpec.of(3, 64, "min"),
+           "4-bit g192 min": QuantSpec.of(4, 192, "min")}
 SOLVERS = ["rtn", "clip", "gptq-plain", "gptq", "gptq-act", "oac", "aespa", "comq", "gptq-act+bias", "gptq-act+comq",
            "aespa+comq", "gptq-act+comq+bias", "rotate+gptq-act+comq", "rotate+gptq-act+bias", "rotate+aespa+comq",
            "resq+gptq-act+comq"]
