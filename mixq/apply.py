@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import LayerStats, block_inputs, capture_block, model_statistics, run_block
+from .capture import LayerStats, block_inputs, capture_block, model_statistics, no_step, run_block
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
@@ -17,11 +17,7 @@ from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .solvers import DAMP, solve_layer
 
 
-def _no_step(stage: str, done: int, total: int) -> None:
-    pass
-
-
-def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = _no_step,
+def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
                damp: float = DAMP) -> dict[str, QuantizedTensor]:
     """Quantize in place, block by block: each layer's weight becomes its dequantized value (fake quantization,
     bit-identical to what QuantLinear computes) and gets the bias its chain adds; the next block is fed by this

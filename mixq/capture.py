@@ -35,6 +35,10 @@ class _Stop(Exception):
     pass
 
 
+def no_step(stage: str, done: int, total: int) -> None:
+    """The progress callback `step(stage, done, total)` of a caller who wants none."""
+
+
 @dataclass
 class LayerStats:
     """What capture collected for one layer (the INPUT part shared by the linears of a group): H = E[x xᵀ]

@@ -6,11 +6,13 @@ can be checked without the model is checked when a config is made, so bad input 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .chain import Chain, check_list, parse_list
 from .formats import QuantSpec
 from .plan import Budget, Candidate, Plan
+from .sensitivity import DEFAULT_ESTIMATOR
+from .solvers import DAMP
 
 VERSION = 1
 
@@ -65,18 +67,6 @@ class Calibration:
             raise ValueError(f"--calib-generated takes a number of windows ≥ 0 (0: off), got {self.generated}")
 
 
-def _default_estimator() -> str:
-    from .sensitivity import DEFAULT_ESTIMATOR
-
-    return DEFAULT_ESTIMATOR
-
-
-def _default_damp() -> float:
-    from .solvers import DAMP
-
-    return DAMP
-
-
 @dataclass(frozen=True)
 class QuantizeConfig:
     """One run. Exactly one of `budget` (allocate) and `plan` (apply as written).
@@ -100,9 +90,9 @@ class QuantizeConfig:
     formats: tuple[QuantSpec, ...] = ()
     compatible: str | None = None
     tables: bool = False
-    estimator: str = field(default_factory=_default_estimator)
+    estimator: str = DEFAULT_ESTIMATOR
     calibration: Calibration = Calibration()
-    damp: float = field(default_factory=_default_damp)
+    damp: float = DAMP
     refine: int = 0
     cost_table: str | None = None
     eval_windows: int = 64

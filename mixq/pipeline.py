@@ -20,6 +20,7 @@ from torch import nn
 from . import data
 from .allocate import Allocation, allocate, check_budget
 from .apply import apply_plan, block_linear_bits, pack_model
+from .capture import no_step
 from .config import QuantizeConfig
 from .cost import CostTable
 from .models import adapter_for
@@ -31,10 +32,6 @@ from .runtime.qlinear import QuantLinear
 from .transforms import apply_transforms, layer_candidates
 
 Step = Callable[[str, int, int], None]
-
-
-def _no_step(stage: str, done: int, total: int) -> None:
-    pass
 
 
 @dataclass
@@ -49,7 +46,7 @@ class Result:
 
 
 def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = None,
-             step: Step = _no_step) -> Result:
+             step: Step = no_step) -> Result:
     """What `mixq quantize` does, as a library call. `model`: a .gguf file or a Hugging Face folder (None: the
     bundled default), loaded here with its tokenizer, or a loaded transformers model with its `tokenizer`. Inputs
     are checked before the model loads. With `out`, the packed model is saved there (atomically) with its plan,
@@ -86,7 +83,7 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     return result
 
 
-def run(model, calib: torch.Tensor, config: QuantizeConfig, step: Step = _no_step, checkpoint=None,
+def run(model, calib: torch.Tensor, config: QuantizeConfig, step: Step = no_step, checkpoint=None,
         costs: CostTable | None = None) -> Result:
     """The core of a run on a loaded model (its transforms already applied) and calibration windows: check, then
     profile + allocate (unless the config gives a plan), refine, apply and pack. The model is left packed."""

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import FISHER_WINDOWS, OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, hessians, \
+from .capture import FISHER_WINDOWS, OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, hessians, no_step, \
     output_energy, output_fisher, run_block
 from .chain import Chain
 from .config import table_candidates
@@ -19,8 +19,7 @@ from .models import adapter_for
 from .plan import Candidate
 from .sensitivity import DEFAULT_ESTIMATOR, get_estimator
 from .sensitivity.kl import KLProbe
-from .solvers import DAMP, Rows, build, prepared
-from .solvers.bias import compensation
+from .solvers import DAMP, Rows, added_bias, build, prepared
 from .transforms import layer_candidates
 
 VERSION = 1
@@ -152,8 +151,8 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
             for name, w in sampled.items():
                 r1 = r0 + w.shape[0]
                 deq, judge = fmt.stored(out, c.spec).select(slice(r0, r1)).dequantize(), row_weight[name]
-                if measures is not None and c.bias:  # the measured model gets the compensated bias too
-                    judge = partial(judge, bias=compensation(w, deq, stats.mean))
+                if measures is not None and c.bias:  # the measured model gets the added bias too
+                    judge = partial(judge, bias=added_bias(then, w, deq, solved))
                 on = judged[name][c.bias] if judged is not None else solved
                 layers[name].damage[fitting.index(c)] = estimate(w, deq, on, judge)
                 r0 = r1
@@ -200,12 +199,8 @@ def biased_layers(model: nn.Module, names) -> frozenset:
     return frozenset(n for n in names if getattr(model.get_submodule(n), "bias", None) is not None)
 
 
-def _no_step(stage: str, done: int, total: int) -> None:
-    pass
-
-
 def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = DEFAULT_ESTIMATOR, *,
-                  damp: float = DAMP, step: Callable = _no_step, checkpoint=None, tables: bool = False,
+                  damp: float = DAMP, step: Callable = no_step, checkpoint=None, tables: bool = False,
                   transforms: tuple[str, ...] = ()) -> Profile:
     """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
     (profile_tables). With a checkpoint (checkpoint.Checkpoint), the profile is saved after each block and the
@@ -229,11 +224,10 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
                 y = run_block(block, x, kwargs)
             for group in adapter.groups:
                 weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
-                cols = next(iter(weights.values())).shape[1]
+                cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
                 cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
-                prof.layers += profile_group(weights, stats[group[0]], cands, estimator, damp=damp,
-                                             biased=biased_layers(model, weights), **reads.of(block, group, weights,
-                                                                                            stats[group[0]]))
+                prof.layers += profile_group(weights, st, cands, estimator, damp=damp, biased=biased_layers(model, weights),
+                                             **reads.of(block, group, weights, st))
             x = reads.advance(y)
             if checkpoint:
                 checkpoint.save(prof)

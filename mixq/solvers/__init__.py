@@ -143,12 +143,17 @@ def solve_layer(chain, weight: torch.Tensor, stats: LayerStats, spec: QuantSpec,
     steps = build(chain, damp)
     on = prepared(steps, stats)
     qt = steps[0].solve(weight, on, spec, steps[1])
+    return qt, added_bias(steps[1], weight, qt.dequantize(), on)
+
+
+def added_bias(refiners, weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats) -> torch.Tensor | None:
+    """The bias change the refiners of a chain add for `weight` quantized to `deq` (None: they add none)."""
     bias = None
-    for step in steps[1]:
-        delta = step.bias(weight, qt.dequantize(), on)
+    for step in refiners:
+        delta = step.bias(weight, deq, stats)
         if delta is not None:
             bias = delta if bias is None else bias + delta
-    return qt, bias
+    return bias
 
 
 def solve(chain, weight: torch.Tensor, stats: LayerStats | torch.Tensor, spec: QuantSpec,
