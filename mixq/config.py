@@ -9,10 +9,12 @@ import json
 from dataclasses import dataclass, fields
 
 from .chain import Chain, check_list, parse_list
+from .export import EXPORTERS
 from .formats import QuantSpec
 from .plan import Budget, Candidate, Plan
-from .sensitivity import DEFAULT_ESTIMATOR
+from .sensitivity import DEFAULT_ESTIMATOR, get_estimator
 from .solvers import DAMP
+from .transforms import TRANSFORMS, parse_names
 
 VERSION = 1
 
@@ -98,10 +100,6 @@ class QuantizeConfig:
     eval_windows: int = 64
 
     def __post_init__(self):
-        from .export import EXPORTERS
-        from .sensitivity import get_estimator
-        from .transforms import TRANSFORMS, parse_names
-
         if (self.budget is None) == (self.plan is None):
             raise ValueError("give exactly one of a budget (--bits, --size, --latency) or a plan (--plan)")
         object.__setattr__(self, "solvers", tuple(Chain.parse(s) if isinstance(s, str) else s for s in self.solvers))
@@ -156,8 +154,6 @@ class QuantizeConfig:
         if self.formats:
             return list(self.formats)
         if self.compatible is not None:
-            from .export import EXPORTERS
-
             return EXPORTERS[self.compatible]().specs()
         return default_specs()
 
