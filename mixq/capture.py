@@ -61,12 +61,6 @@ class LayerStats:
         """`stats`, or the statistics of a layer whose only statistic is the Hessian `stats`."""
         return stats if isinstance(stats, LayerStats) else cls(stats.float(), 0)
 
-    def derived(self, key, make: Callable):
-        """make(), computed once for these statistics and `key`."""
-        if key not in self.memo:
-            self.memo[key] = make()
-        return self.memo[key]
-
     def covariance(self) -> torch.Tensor:
         """E[(x − μ)(x − μ)ᵀ] = H − μμᵀ: the output error left once a bias absorbs the mean error (solvers.bias)."""
         if self.mean is None:

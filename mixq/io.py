@@ -49,7 +49,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def read_file(path: str | Path, what: str) -> str:
     """A file's text, or a one-line error naming what the file should have been."""
     if not Path(path).is_file():
-        raise SavedModelError(f"{what} not found: {path}")
+        raise ValueError(f"{what} not found: {path}")
     return Path(path).read_text()
 
 

@@ -151,7 +151,7 @@ def test_a_plan_and_a_profile_written_before_the_core_load_and_write_back_the_sa
     assert json.loads(profile.to_json()) == json.loads((BEFORE / "profile.json").read_text())
 
 
-def test_a_folder_saved_before_the_core_loads(tiny_model):
+def test_a_folder_saved_before_the_core_loads():
     model = mixq.load(BEFORE)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -19,7 +19,6 @@ class ExportError(ValueError):
 class Exporter:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for --to's help
-    writes: ClassVar[str] = "file"  # what `out` is: a "file" or a "folder"
 
     def specs(self) -> list:
         """The formats it stores exactly: `--compatible` allocates among these."""

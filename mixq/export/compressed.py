@@ -108,7 +108,6 @@ def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None
 class CompressedTensors(Exporter):
     name = "compressed-tensors"
     summary = "transformers / vLLM: a Hugging Face folder in the pack-quantized format (needs compressed-tensors)"
-    writes = "folder"
 
     def specs(self) -> list[QuantSpec]:
         return ct_specs()
