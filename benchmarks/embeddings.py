@@ -38,9 +38,9 @@ def table_profile(model, calib, blocks_profile: Profile) -> tuple[Profile, float
     """The saved block profile plus the table's rows, and the seconds the table's profile took."""
     t = time.perf_counter()
     adapter = adapter_for(model)
-    x, kwargs = block_inputs(model, adapter, calib)
-    for block in adapter.block_list(model):
-        x = run_block(block, x, kwargs)
+    x, calls = block_inputs(model, adapter, calib)
+    for block, call in zip(adapter.block_list(model), calls):
+        x = run_block(block, x, call)
     fisher = output_fisher(model, adapter, calib[:FISHER_WINDOWS], tables=True)
     layers = profile_tables(model, calib, x, blocks_profile.estimator, fisher, None)
     names = adapter.layer_names(model) + adapter.tables(model)

@@ -32,14 +32,14 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
                                     LayerStats(torch.empty(0, 0), 0), plan.layers[name].spec, damp)
     needs = {n: c.solver.needs for n, c in plan.layers.items()}
     extra = model_statistics(model, adapter, calib, needs, step)
-    x, kwargs = block_inputs(model, adapter, calib)
+    x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
-        _, stats = capture_block(block, adapter, prefix, x, kwargs, needs, extra)
+        _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
         for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
             cand = plan.layers[name]
             out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
-        x = run_block(block, x, kwargs)
+        x = run_block(block, x, calls[i])
         step("apply", i + 1, len(blocks))
     return out
 
@@ -56,9 +56,10 @@ def _quantize_layer(module: nn.Module, chain, stats: LayerStats, spec, damp: flo
 
 
 def _round_float_params(model: nn.Module, quantized: set[str]) -> None:
-    """Everything not quantized is stored in FLOAT_DTYPE: round it now so saved and in-memory models agree."""
+    """Everything but the quantized weights (their layers' own biases included) is stored in FLOAT_DTYPE: round it
+    now so saved and in-memory models agree."""
     for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[0] not in quantized:
+        if name.rsplit(".", 1)[0] not in quantized or not name.endswith(".weight"):
             p.data = p.data.to(FLOAT_DTYPE).float()
 
 
@@ -70,7 +71,7 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
     for name, qt in qtensors.items():
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):
-            model.set_submodule(name, QuantEmbedding.from_quantized(qt))
+            model.set_submodule(name, QuantEmbedding.from_quantized(qt, scale=adapter.table_scale(module)))
         else:
             model.set_submodule(name, QuantLinear.from_quantized(qt, module.bias))
     if tied:

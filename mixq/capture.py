@@ -68,18 +68,57 @@ class LayerStats:
         return self.hessian - torch.outer(self.mean, self.mean)
 
 
-def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
-    """Hidden states entering block 0 for every window (windows × length × width), and the block kwargs."""
-    first = adapter.block_list(model)[0]
-    caught = {}
+@dataclass(frozen=True)
+class BlockCall:
+    """What the model passes a block beside its hidden states (masks, rotary tables, ...), caught from one batch:
+    positional arguments after the hidden states, and keywords. Blocks of one model may differ (Gemma's sliding-
+    window layers get their own mask and rotary table)."""
 
-    def hook(_module, args, kwargs):
-        caught["x"] = args[0] if args else kwargs.pop("hidden_states")
-        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
 
+    @classmethod
+    def caught(cls, args: tuple, kwargs: dict) -> "BlockCall":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        return cls(tuple(args[1:]), kwargs)
+
+    def fit(self, n: int) -> tuple[tuple, dict]:
+        """The call for a batch of n windows: tensors with a batch dimension (masks) cut to n."""
+        return tuple(_fit(v, n) for v in self.args), {k: _fit(v, n) for k, v in self.kwargs.items()}
+
+
+def _fit(v, n: int):
+    if isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[0] > n:
+        return v[:n]
+    if isinstance(v, tuple):
+        return tuple(_fit(t, n) for t in v)
+    return v
+
+
+def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Hidden states entering block 0 for every window (windows × length × width), and each block's call. The
+    blocks do not run: while the calls are caught each passes its input on unchanged, and the model stops at
+    block 0 once every block's call is known (at the last block, on the first batch)."""
+    blocks = adapter.block_list(model)
+    calls: list[BlockCall | None] = [None] * len(blocks)
     xs = []
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def catch(i):
+        def hook(_module, args, kwargs):
+            if i == 0:
+                xs.append(args[0] if args else kwargs["hidden_states"])
+            if calls[i] is None:
+                calls[i] = BlockCall.caught(args, kwargs)
+            if calls[-1] is not None:
+                raise _Stop
+        return hook
+
+    def passed(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    handles = [b.register_forward_pre_hook(catch(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = passed
     try:
         with torch.no_grad():
             for batch in ids.split(BATCH):
@@ -87,44 +126,32 @@ def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
                     model(batch, use_cache=False)
                 except _Stop:
                     pass
-                xs.append(caught["x"])
     finally:
-        handle.remove()
-    kwargs = caught["kwargs"]
-    kwargs.pop("past_key_values", None)
-    kwargs["use_cache"] = False
-    return torch.cat(xs), kwargs
+        for h in handles:
+            h.remove()
+        for b in blocks:
+            del b.forward
+    return torch.cat(xs), calls
 
 
-def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def run_block(block: nn.Module, x: torch.Tensor, call: BlockCall) -> torch.Tensor:
     """The block's outputs for every window, BATCH windows at a time."""
     outs = []
     with torch.no_grad():
         for xb in x.split(BATCH):
-            kw = _fit_batch(kwargs, xb.shape[0])
-            out = block(xb, **kw)
+            args, kw = call.fit(xb.shape[0])
+            out = block(xb, *args, **kw)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs)
-
-
-def _fit_batch(kwargs: dict, n: int) -> dict:
-    """Block kwargs were caught for one batch; slice tensors with a batch dimension for a shorter last batch."""
-    def fit(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[0] > n:
-            return v[:n]
-        if isinstance(v, tuple):
-            return tuple(fit(t) for t in v)
-        return v
-    return {k: fit(v) for k, v in kwargs.items()}
 
 
 def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor, keep: int = 0):
     """(block index, block, {group leader: LayerStats}) for every block, each run on the outputs of the block
     before it as that block is (float, unless the caller changed it in between); `keep`: as hessians'."""
-    x, kwargs = block_inputs(model, adapter, ids)
+    x, calls = block_inputs(model, adapter, ids)
     for i, block in enumerate(adapter.block_list(model)):
         with hessians(block, adapter, keep) as stats:
-            y = run_block(block, x, kwargs)
+            y = run_block(block, x, calls[i])
         yield i, block, stats
         x = y
 
@@ -234,7 +261,7 @@ def _add_attention_hessians(sums: dict, x, query, key, mask, scaling, causal: bo
     sums["n"] = sums.get("n", 0) + xbar.shape[1]
 
 
-def block_judge(block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: dict):
+def block_judge(block: nn.Module, x: torch.Tensor, y: torch.Tensor, call: BlockCall):
     """judge(linear)(weight) → Σ‖block(x) − y‖² with the linear's weight set to `weight` (restored after): how far
     the block's output moves from `y` (its float output) for one layer's candidate weights, the layers before it
     as they are (JUDGE: a solver that judges its candidates by the block's output)."""
@@ -242,14 +269,14 @@ def block_judge(block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: dict
         def loss(weight: torch.Tensor) -> float:
             kept, lin.weight.data = lin.weight.data, weight
             try:
-                return float(((run_block(block, x, kwargs) - y) ** 2).sum())
+                return float(((run_block(block, x, call) - y) ** 2).sum())
             finally:
                 lin.weight.data = kept
         return loss
     return judge
 
 
-def capture_block(block: nn.Module, adapter: Adapter, prefix: str, x: torch.Tensor, kwargs: dict,
+def capture_block(block: nn.Module, adapter: Adapter, prefix: str, x: torch.Tensor, call: BlockCall,
                   needs: dict[str, frozenset[str]], extra: dict[str, dict] | None = None):
     """Run `block` (full name `prefix`) on `x`: (its outputs, {layer: LayerStats}) for each of its linears named
     in `needs` (full names → the statistics asked for): the INPUT statistics of its group, the block's ATTENTION
@@ -260,8 +287,8 @@ def capture_block(block: nn.Module, adapter: Adapter, prefix: str, x: torch.Tens
     attend = ATTENTION in needs.get(f"{prefix}.{adapter.value}", ())
     with hessians(block, adapter) as groups, \
             (attention_hessians(block, adapter) if attend else nullcontext({})) as attn:
-        y = run_block(block, x, kwargs)
-    judge = block_judge(block, x[:JUDGE_WINDOWS], y[:JUDGE_WINDOWS], kwargs) if JUDGE in wants else None
+        y = run_block(block, x, call)
+    judge = block_judge(block, x[:JUDGE_WINDOWS], y[:JUDGE_WINDOWS], call) if JUDGE in wants else None
     stats = {}
     for group in adapter.groups:
         for n in group:

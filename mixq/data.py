@@ -125,8 +125,12 @@ def evaluation_windows(tokenizer, path: str | None = None, count: int = EVAL_WIN
 def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
     """1 × n ids of `prompt`, wrapped in the tokenizer's chat template with `chat` (instruct models)."""
     if not chat:
-        return tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    elif not getattr(tokenizer, "chat_template", None):
         raise DataError("this tokenizer has no chat template; drop --chat")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    if ids.numel() == 0:
+        raise DataError(f"the prompt {prompt[:40]!r} gives no tokens with this model's tokenizer")
+    return ids

@@ -131,10 +131,14 @@ def _in_quantized(param_name: str, plan: Plan) -> bool:
 def install_quant_linears(model: nn.Module, plan: Plan) -> None:
     """Swap each planned nn.Linear for an empty QuantLinear of its spec, and an embedding table for a
     QuantEmbedding (the loader fills the buffers)."""
+    from .models import adapter_for
+
+    adapter = adapter_for(model)
     for name, cand in plan.layers.items():
         m = model.get_submodule(name)
         if isinstance(m, nn.Embedding):
-            model.set_submodule(name, QuantEmbedding(m.num_embeddings, m.embedding_dim, cand.spec))
+            model.set_submodule(name, QuantEmbedding(m.num_embeddings, m.embedding_dim, cand.spec,
+                                                     adapter.table_scale(m)))
         else:
             model.set_submodule(name, QuantLinear(m.in_features, m.out_features, cand.spec,
                                                   m.bias is not None or cand.bias))
@@ -155,8 +159,12 @@ def load(path: str | Path):
     from accelerate import init_empty_weights
 
     config = AutoConfig.from_pretrained(path)
+    from .models import adapter_for
+
     with init_empty_weights(include_buffers=False):  # parameters on meta: the fp32 model is never allocated
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    adapter = adapter_for(model)
+    adapter.prepare(model)  # Conv1D layers as nn.Linear, as they were saved
     names = {id(m): n for n, m in model.named_modules()}
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and (head.weight is table.weight or bool(getattr(config, "tie_word_embeddings", False)))
@@ -166,7 +174,7 @@ def load(path: str | Path):
     keep_half, half_head = set(), None  # float tables stay fp16 as stored (runtime/half.py)
     if table_name not in plan.layers and isinstance(table, nn.Embedding):
         float_head = isinstance(head, nn.Linear) and head_name not in plan.layers
-        half_table, half_head = half_modules(table, head if float_head else None)
+        half_table, half_head = half_modules(table, head if float_head else None, adapter.table_scale(table))
         model.set_submodule(table_name, half_table)
         keep_half.add(f"{table_name}.weight")
         if half_head is not None and not tied:

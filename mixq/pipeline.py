@@ -56,6 +56,7 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     source = _source(model)
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer)
+    check_family(model, config, config.candidates())
     calib = data.calibration_windows(tokenizer, config.calibration.text, config.calibration.windows)
     apply_transforms(model, config.applied_transforms, calib)  # first: everything after sees the new basis
     candidates = config.candidates()
@@ -87,6 +88,7 @@ def run(model, calib: torch.Tensor, config: QuantizeConfig, step: Step = no_step
         costs: CostTable | None = None) -> Result:
     """The core of a run on a loaded model (its transforms already applied) and calibration windows: check, then
     profile + allocate (unless the config gives a plan), refine, apply and pack. The model is left packed."""
+    adapter_for(model).prepare(model)
     candidates = config.candidates()
     preflight(model, config, candidates, costs)
     return _stages(model, calib, config, candidates, costs, step, checkpoint)
@@ -141,9 +143,24 @@ def check_plan(model, plan: Plan) -> None:
             raise ValueError(f"plan gives {name} {cand.spec.name}, whose groups do not divide its rows of {cols}")
 
 
+def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> None:
+    """Refuse a transform that cannot keep this family's function, or a chain that needs statistics it cannot
+    give."""
+    from .transforms import TRANSFORMS
+
+    chains = [c.solver for c in (config.plan.layers.values() if config.plan else candidates)]
+    transforms = config.plan.transforms if config.plan else config.applied_transforms
+    adapter = adapter_for(model)
+    for name in transforms:
+        TRANSFORMS.lookup(name)().check(adapter)
+    adapter.check_needs(frozenset().union(*(c.needs for c in chains)))
+
+
 def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs: CostTable | None = None) -> None:
     """Every check that needs the model but no calibration, so bad input fails in seconds, not after the profile:
-    a plan's layers and formats; the exporter's rows; a budget no allocation can meet."""
+    a plan's layers and formats; transforms and statistics the family cannot take; the exporter's rows; a budget
+    no allocation can meet."""
+    check_family(model, config, candidates)
     if config.plan is not None:
         check_plan(model, config.plan)
         return
@@ -193,7 +210,7 @@ def _load(model, tokenizer):
         model, tokenizer, _ = load_model(None if model is None else str(model))
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (the calibration text is tokenized with it)")
-    return model, tokenizer
+    return adapter_for(model).prepare(model), tokenizer
 
 
 def _with_generated(model, tokenizer, calib: torch.Tensor, config: QuantizeConfig, step: Step) -> torch.Tensor:

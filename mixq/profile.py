@@ -213,15 +213,15 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
                    transforms=tuple(transforms))
     done = checkpoint.load() if checkpoint else {}
     reads = _Reads(model, adapter, calib, get_estimator(estimator), step, tables)
-    x, kwargs = block_inputs(model, adapter, calib)
+    x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         local = [f"{adapter.blocks}.{i}.{n}" for n in adapter.linears]
         if all(n in done for n in local):
             prof.layers += [done[n] for n in local]
-            x = reads.skip(block, x, kwargs)
+            x = reads.skip(block, x, calls[i])
         else:
             with hessians(block, adapter, reads.keep) as stats:
-                y = run_block(block, x, kwargs)
+                y = run_block(block, x, calls[i])
             for group in adapter.groups:
                 weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
                 cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
@@ -269,9 +269,9 @@ class _Reads:
     def _output_fisher(self):
         return output_fisher(self.model, self.adapter, self.calib[:FISHER_WINDOWS], self.step, self.tables)
 
-    def skip(self, block, x, kwargs):
+    def skip(self, block, x, call):
         """Feed the next block past one whose layers an earlier run profiled."""
-        return self.advance(run_block(block, x, kwargs))
+        return self.advance(run_block(block, x, call))
 
     def advance(self, y):
         if self.probe:

@@ -37,6 +37,50 @@ def tiny_config():
                        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 
 
+def family_config(family: str, width: int = 64):
+    """A tiny config of `family` from transformers' own config class: 2 blocks, `width` wide, 4 heads (2 key-value
+    heads where the family has them), the tiny vocabulary."""
+    import transformers as T
+
+    common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=None)
+    llama_like = dict(common, hidden_size=width, intermediate_size=2 * width, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    make = {
+        "llama": lambda: tiny_config() if width == 64 else T.LlamaConfig(**llama_like, tie_word_embeddings=True),
+        "mistral": lambda: T.MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": lambda: T.Qwen2Config(**llama_like, tie_word_embeddings=True),  # biases on q, k, v
+        "qwen3": lambda: T.Qwen3Config(**llama_like, head_dim=width // 4),  # q/k norms
+        "gemma2": lambda: T.Gemma2Config(**llama_like, head_dim=width // 4, sliding_window=8),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**llama_like, head_dim=width // 4, sliding_window=8,
+                                                  layer_types=["sliding_attention", "full_attention"]),
+        "phi3": lambda: T.Phi3Config(**llama_like),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**dict(common, hidden_size=width, intermediate_size=2 * width,
+                                                   max_position_embeddings=512, rotary_pct=0.5)),
+        "gpt2": lambda: T.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=512,
+                                     bos_token_id=1, eos_token_id=2),
+    }
+    return make[family]()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")
+
+
+def make_family_model(family: str, seed: int = 0, width: int = 64):
+    """A tiny random-weight model of `family` (float32, eval mode, seeded), its linears given random biases where
+    the family has them (zero at init) and its norms random scales, so that folding them is tested."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, width)).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm scales and shifts, biases: away from their init
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def make_tiny_model(seed: int = 0):
     from transformers import LlamaForCausalLM
 
@@ -65,10 +109,10 @@ def first_block_capture(model, ids: torch.Tensor):
     adapter = adapter_for(model)
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states
-    x, kwargs = block_inputs(model, adapter, ids)
+    x, calls = block_inputs(model, adapter, ids)
     block = adapter.block_list(model)[0]
     with hessians(block, adapter) as stats:
-        y = run_block(block, x, kwargs)
+        y = run_block(block, x, calls[0])
     return hidden, x, stats, y, block
 
 
@@ -119,6 +163,26 @@ def make_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     assert len(tok) <= VOCAB
     return tok
+
+
+def make_byte_tokenizer():
+    """A byte-level tokenizer: id b is byte b (GPT-2's byte-to-character table, no merges), so every family's own
+    tokenizer class reads it back from a folder as it is (Qwen2's rebuilds a word-level one into nothing), and any
+    text tokenizes; the bos and eos tokens are bytes 1 and 2, as the tiny configs say."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=chars[1], eos_token=chars[2])
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
 
 
 @pytest.fixture(scope="session")

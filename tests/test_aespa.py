@@ -20,14 +20,14 @@ from conftest import apply_uniform
 
 def _block_stats(model, ids, index: int):
     adapter = adapter_for(model)
-    x, kwargs = block_inputs(model, adapter, ids)
+    x, calls = block_inputs(model, adapter, ids)
     blocks = adapter.block_list(model)
-    for block in blocks[:index]:
-        x = run_block(block, x, kwargs)
+    for block, call in zip(blocks[:index], calls):
+        x = run_block(block, x, call)
     block = blocks[index]
     with hessians(block, adapter) as stats, attention_hessians(block, adapter) as attn:
-        run_block(block, x, kwargs)
-    return x, kwargs, block, stats, attn
+        run_block(block, x, calls[index])
+    return x, calls[index], block, stats, attn
 
 
 def solve_heads(chain: str, w, heads, spec):
@@ -61,14 +61,14 @@ def test_attention_hessians_match_the_eager_attention_probabilities(tiny_model, 
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
 
 
-def _attention_output_error(block, x, kwargs, deq: torch.Tensor) -> float:
+def _attention_output_error(block, x, call, deq: torch.Tensor) -> float:
     """Σ ‖Δ(attention output)‖² over the windows when v_proj's weight becomes `deq` (the o_proj input moves)."""
     v, seen = block.self_attn.v_proj, []
     handle = block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    run_block(block, x, kwargs)
+    run_block(block, x, call)
     w = v.weight.data
     v.weight.data = deq
-    run_block(block, x, kwargs)
+    run_block(block, x, call)
     v.weight.data = w
     handle.remove()
     n = len(seen) // 2

@@ -169,9 +169,9 @@ def test_tied_table_damage_is_the_sum_of_both_uses(tiny_model, calib_ids):
     from mixq.solvers import solve
 
     adapter = adapter_for(tiny_model)
-    x, kwargs = block_inputs(tiny_model, adapter, calib_ids)
-    for block in adapter.block_list(tiny_model):
-        x = run_block(block, x, kwargs)
+    x, calls = block_inputs(tiny_model, adapter, calib_ids)
+    for block, call in zip(adapter.block_list(tiny_model), calls):
+        x = run_block(block, x, call)
     [lp] = profile_tables(tiny_model, calib_ids, x, "roundoff", None, None)
     w = tiny_model.model.embed_tokens.weight.detach()
     freq = torch.bincount(calib_ids.reshape(-1), minlength=w.shape[0]).float() / calib_ids.numel()

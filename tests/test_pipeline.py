@@ -92,8 +92,8 @@ def test_layer_names(tiny_model):
 
 
 def test_unknown_architecture_is_an_error_listing_the_supported(tiny_model):
-    tiny_model.config.model_type = "gpt2"
-    with pytest.raises(ValueError, match="supported: .*llama"):
+    tiny_model.config.model_type = "bloom"
+    with pytest.raises(ValueError, match="unsupported architecture 'bloom'; supported: .*llama"):
         adapter_for(tiny_model)
 
 
@@ -166,10 +166,10 @@ def test_apply_feeds_each_block_the_quantized_outputs(tiny_model, calib_ids, mon
     assert len(used) == 1
 
     def block1_hessian(model):
-        x, kwargs = block_inputs(model, adapter, calib_ids)
-        x = run_block(adapter.block_list(model)[0], x, kwargs)
+        x, calls = block_inputs(model, adapter, calib_ids)
+        x = run_block(adapter.block_list(model)[0], x, calls[0])
         with hessians(adapter.block_list(model)[1], adapter) as stats:
-            run_block(adapter.block_list(model)[1], x, kwargs)
+            run_block(adapter.block_list(model)[1], x, calls[1])
         return stats["self_attn.q_proj"].hessian
 
     fed_quantized, fed_float = block1_hessian(tiny_model), block1_hessian(float_model)

@@ -136,10 +136,10 @@ def test_oac_profile_pairs_each_token_with_its_own_gradient(tiny_model):
     adapter = adapter_for(tiny_model)
     name = "model.layers.0.mlp.up_proj"
     energy = output_energy(tiny_model, adapter, ids[:FISHER_WINDOWS])[name]
-    x, kwargs = block_inputs(tiny_model, adapter, ids)
+    x, calls = block_inputs(tiny_model, adapter, ids)
     block = adapter.block_list(tiny_model)[0]
     with hessians(block, adapter, keep=len(energy)) as stats:
-        run_block(block, x, kwargs)
+        run_block(block, x, calls[0])
     st = stats["mlp.gate_proj"]
     w = block.mlp.up_proj.weight.detach()
     deq = solve(cand.solver, w, st.hessian, cand.spec).dequantize()

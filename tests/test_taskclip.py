@@ -46,9 +46,9 @@ def test_search_keeps_the_ratio_of_least_loss(tiny_model, calib_ids):
 def _block_error(model, float_model, ids) -> float:
     """Σ‖block 0(x) − float block 0(x)‖² on the judged windows (block 0's inputs are the same for both)."""
     adapter = adapter_for(model)
-    x, kwargs = block_inputs(float_model, adapter, ids[:JUDGE_WINDOWS])
-    y = run_block(adapter.block_list(model)[0], x, kwargs)
-    return float(((y - run_block(adapter.block_list(float_model)[0], x, kwargs)) ** 2).sum())
+    x, calls = block_inputs(float_model, adapter, ids[:JUDGE_WINDOWS])
+    y = run_block(adapter.block_list(model)[0], x, calls[0])
+    return float(((y - run_block(adapter.block_list(float_model)[0], x, calls[0])) ** 2).sum())
 
 
 def test_taskclip_lowers_the_block_output_error(tiny_model, calib_ids):

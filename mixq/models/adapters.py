@@ -18,13 +18,16 @@ ADAPTERS = Registry("architecture")
 
 @dataclass(frozen=True)
 class Adapter:
+    family: str  # the model_type it serves
     blocks: str  # attribute path of the ModuleList of blocks
     # linears inside a block, grouped by the input they share (one Hessian per group)
     groups: tuple[tuple[str, ...], ...]
     norm: str = "model.norm"  # final normalisation and output head: what turns the last block's output into logits
     head: str = "lm_head"
     embed: str = "model.embed_tokens"
-    value: str = "self_attn.v_proj"  # the value projection, in the block's attention module (solvers.aespa)
+    # the value projection, in the block's attention module (the ATTENTION statistic, rotate's head turn); None
+    # where the family fuses it with the queries and keys
+    value: str | None = "self_attn.v_proj"
     attn_out: str = "self_attn.o_proj"  # the attention's output projection, which reads the values
     # the block's norms and the linears that read each one's output; the linears that write the residual stream
     # (transforms.rotate)
@@ -33,6 +36,10 @@ class Adapter:
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
     writes: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     norm_kind: str = "rms"  # how every norm normalises and scales (models.norms)
+    # why a rotation of the residual stream cannot keep this family's function ("" where it can: transforms.rotate)
+    rotation: str = ""
+    transposed: bool = False  # block linears are transformers' Conv1D (weights in × out): made nn.Linear on load
+    softcap: str | None = None  # the config field of a soft cap on the logits, tanh(z / c) · c (Gemma)
     # config flags that switch biases on for a kind of linear at once (a bias compensation gives some layers one)
     bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
@@ -41,6 +48,42 @@ class Adapter:
     # linears whose rows GGUF stores in ggml's rotary order, and the config field with their head count
     gguf_rotary: tuple[tuple[str, str], ...] = (("self_attn.q_proj", "num_attention_heads"),
                                                 ("self_attn.k_proj", "num_key_value_heads"))
+    gguf_norm_offset: float = 0.0  # what GGUF adds to every norm weight (Gemma's files store 1 + γ)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Make every block linear an nn.Linear (rows × cols), as the rest of mixq expects: a family whose layers
+        are transformers' Conv1D (GPT-2) gets each one's transposed weight, the same function. In place; also on
+        a model built on the meta device."""
+        if self.transposed:
+            for name in self.layer_names(model):
+                conv = model.get_submodule(name)
+                if not isinstance(conv, nn.Linear):
+                    model.set_submodule(name, _linear_of(conv))
+        return model
+
+    def logits(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The logits of the last block's output h: the final norm, the head and a soft cap where the family has
+        one."""
+        z = model.get_submodule(self.head)(model.get_submodule(self.norm)(h))
+        cap = getattr(model.config, self.softcap, None) if self.softcap else None
+        return z if cap is None else torch.tanh(z / cap) * cap
+
+    def table_scale(self, table: nn.Module) -> float | None:
+        """The factor an embedding module multiplies its rows by itself (Gemma 3's scaled embedding), which a
+        module that replaces it must keep; None where it has none."""
+        return getattr(table, "scalar_embed_scale", None)
+
+    def check_needs(self, needs) -> None:
+        """Refuse statistics this family cannot give (one line)."""
+        from ..capture import ATTENTION
+
+        if ATTENTION in needs and self.value is None:
+            raise ValueError(f"{self.family} fuses its value projection with the queries and keys: no solver that "
+                             f"needs the statistic {ATTENTION!r} runs on it")
+
+    def check_rotation(self, transform: str) -> None:
+        if self.rotation:
+            raise ValueError(f"{transform} is not exact for {self.family}: {self.rotation}")
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -73,7 +116,8 @@ class Adapter:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     def normalised(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What `norm` makes of x before its own scale (x / rms(x) for an RMSNorm)."""
+        """What `norm` makes of x before its own scale (x / rms(x) for an RMSNorm; centred first by a
+        LayerNorm)."""
         return norms.normalised(self.norm_kind, norm, x)
 
     def fold_norm(self, norm: nn.Module, readers: list[nn.Linear]) -> None:
@@ -108,12 +152,26 @@ class Adapter:
         return None if heads is None else rotary_rows(rows, getattr(model.config, heads))
 
 
+def _linear_of(conv: nn.Module) -> nn.Linear:
+    """A Conv1D (y = x W + b, W cols × rows) as the nn.Linear of the same function (W rows × cols)."""
+    cols, rows = conv.weight.shape
+    lin = nn.Linear(cols, rows, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    lin.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        lin.bias = conv.bias
+    return lin
+
+
 def rotary_rows(rows: int, heads: int) -> np.ndarray:
     """Row order of a q/k weight in ggml's rotary layout, given in HF rows: the inverse of the reverse permute that
     transformers applies on reading a llama GGUF."""
     half = rows // heads // 2
     back = np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)  # gguf row of each HF row
     return np.argsort(back)
+
+
+def register(adapter: Adapter) -> Adapter:
+    return ADAPTERS.register(adapter.family)(adapter)
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -1,18 +1,19 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3 share its layout): RMSNorm before attention and MLP, q/k/v read
-one norm, gate/up the other, o and down write the residual stream."""
+one norm, gate/up the other, o and down write the residual stream. Qwen2's q/k/v biases are the model's own (kept,
+stored and counted like any parameter); Qwen3's q/k norms sit inside attention, after the projections."""
 from __future__ import annotations
 
 from dataclasses import replace
 
-from .adapters import ADAPTERS, Adapter
+from .adapters import Adapter, register
 
-LLAMA = Adapter(
+LLAMA = register(Adapter(
+    family="llama",
     blocks="model.layers",
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-)
-ADAPTERS.register("llama")(LLAMA)
-ADAPTERS.register("mistral")(LLAMA)  # llama.cpp writes Mistral as a llama GGUF
+))
+register(replace(LLAMA, family="mistral"))  # llama.cpp writes Mistral as a llama GGUF
 # llama.cpp keeps Qwen's q/k rows as Hugging Face orders them (transformers permutes llama's alone on reading)
-ADAPTERS.register("qwen2")(replace(LLAMA, gguf_arch="qwen2", gguf_rotary=()))
-ADAPTERS.register("qwen3")(replace(LLAMA, gguf_arch="qwen3", gguf_rotary=()))
+register(replace(LLAMA, family="qwen2", gguf_arch="qwen2", gguf_rotary=()))
+register(replace(LLAMA, family="qwen3", gguf_arch="qwen3", gguf_rotary=()))

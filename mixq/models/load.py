@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
+
+from .adapters import ADAPTERS, adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,11 @@ def load_model(model: str | None = None):
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         else:
+            _check_family(path)
             tok = AutoTokenizer.from_pretrained(path)
-            net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+            net, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                             output_loading_info=True)
+            _check_weights(path, info)
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types for a bad file; one clear message for all
@@ -59,7 +65,31 @@ def load_model(model: str | None = None):
     if getattr(net.config, "quantization_config", None) is not None:  # GGUF weights were dequantized to fp32
         del net.config.quantization_config
     net.eval()
-    return net, tok, path
+    return adapter_for(net).prepare(net), tok, path
+
+
+def _supported() -> str:
+    return ", ".join(sorted(ADAPTERS))
+
+
+def _check_family(folder: Path) -> None:
+    """Refuse, before the weights load, a folder whose architecture has no adapter."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{folder}/config.json is not a readable JSON object: {str(e).splitlines()[0][:200]}")
+    if model_type not in ADAPTERS:
+        raise ModelError(f"unsupported architecture {model_type!r} in {folder}; supported: {_supported()}")
+
+
+def _check_weights(folder: Path, info: dict) -> None:
+    """Refuse weights that do not match the config: missing, unexpected or of the wrong shape (transformers
+    would only warn, and start the missing ones at random)."""
+    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            raise ModelError(f"the weights in {folder} do not match its config.json: {len(keys)} "
+                             f"{kind.replace('_', ' ')} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})")
 
 
 def _check_gguf(path: Path) -> None:
@@ -69,6 +99,12 @@ def _check_gguf(path: Path) -> None:
     from gguf import GGUFReader
 
     try:
-        GGUFReader(path)
+        reader = GGUFReader(path)
     except Exception as e:
         raise ModelError(f"{path} is a corrupt GGUF file: {str(e).splitlines()[0][:200]}") from e
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    known = sorted({a.gguf_arch for a in ADAPTERS.values() if a.gguf_arch})
+    if arch not in known:
+        raise ModelError(f"{path} holds a GGUF of architecture {arch!r}, which mixq does not map; supported GGUF "
+                         f"architectures: {', '.join(known)}")

@@ -14,8 +14,11 @@ CHUNK = 4096  # rows of an fp16 weight widened at a time for a long input
 
 
 class HalfEmbedding(nn.Embedding):
+    scale: float | None = None  # a factor the table it replaces multiplied its rows by (Adapter.table_scale)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).float()
+        rows = super().forward(ids).float()
+        return rows if self.scale is None else rows * torch.tensor(self.scale, dtype=rows.dtype)
 
 
 class HalfLinear(nn.Linear):
@@ -29,10 +32,13 @@ class HalfLinear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def half_modules(table: nn.Embedding, head: nn.Linear | None) -> tuple[HalfEmbedding, HalfLinear | None]:
-    """Empty (meta) fp16 counterparts of `table` and `head`, for the loader to assign the stored tensors to."""
+def half_modules(table: nn.Embedding, head: nn.Linear | None,
+                 scale: float | None = None) -> tuple[HalfEmbedding, HalfLinear | None]:
+    """Empty (meta) fp16 counterparts of `table` (which multiplies its rows by `scale`, if given) and `head`, for
+    the loader to assign the stored tensors to."""
     with torch.device("meta"):
         emb = HalfEmbedding(table.num_embeddings, table.embedding_dim, table.padding_idx, dtype=torch.float16)
+        emb.scale = scale
         lin = None if head is None else HalfLinear(head.in_features, head.out_features, head.bias is not None,
                                                    dtype=torch.float16)
     return emb, lin

@@ -136,21 +136,26 @@ class QuantEmbedding(QuantLinear):
     """An embedding table (rows: tokens) in QuantLinear's storage; a lookup dequantizes only the rows it reads.
     With tied weights the output head is a QuantLinear holding the very same buffers (`tied_head`)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec):
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, scale: float | None = None):
         super().__init__(embedding_dim, num_embeddings, spec)
+        self.scale = scale  # a factor the table it replaces multiplied its rows by (models.Adapter.table_scale)
 
     @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias=None) -> "QuantEmbedding":
+    def from_quantized(cls, qt: QuantizedTensor, bias=None, scale: float | None = None) -> "QuantEmbedding":
         if bias is not None:
             raise ValueError("an embedding has no bias")
         m = QuantLinear.from_quantized(qt)
-        e = cls(m.out_features, m.in_features, m.spec)
+        e = cls(m.out_features, m.in_features, m.spec, scale)
         e.load_state_dict(m.state_dict())
         return e
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() == 0:  # (generation may look up no token)
+            return torch.empty(*ids.shape, self.in_features)
         seen, where = torch.unique(ids.reshape(-1), return_inverse=True)
         rows = self.quantized(seen).dequantize()
+        if self.scale is not None:
+            rows = rows * torch.tensor(self.scale, dtype=rows.dtype)
         return rows[where].view(*ids.shape, self.in_features)
 
     def tied_head(self) -> QuantLinear:

@@ -30,7 +30,7 @@ class KLProbe:
         self.model, self.adapter = model, adapter
         self.blocks = adapter.block_list(model)
         ids = self.ids = calib[:windows, :length]
-        self.x, self.kwargs = block_inputs(model, adapter, ids)
+        self.x, self.calls = block_inputs(model, adapter, ids)
         self.block = 0
         with torch.no_grad():
             self.ref = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
@@ -38,7 +38,7 @@ class KLProbe:
 
     def advance(self) -> None:
         """Move to the next block's input (run the current block as it is now: float)."""
-        self.x = run_block(self.blocks[self.block], self.x, self.kwargs)
+        self.x = run_block(self.blocks[self.block], self.x, self.calls[self.block])
         self.block += 1
 
     def kl(self, whole: bool = False) -> float:
@@ -49,9 +49,9 @@ class KLProbe:
                 logits = self.model(self.ids, use_cache=False).logits
             else:
                 h = self.x
-                for blk in self.blocks[self.block:]:
-                    h = run_block(blk, h, self.kwargs)
-                logits = self.model.get_submodule(self.adapter.head)(self.model.get_submodule(self.adapter.norm)(h))
+                for blk, call in zip(self.blocks[self.block:], self.calls[self.block:]):
+                    h = run_block(blk, h, call)
+                logits = self.adapter.logits(self.model, h)
         return float((self.p * (self.ref - F.log_softmax(logits.float(), -1))).sum(-1).mean())
 
     def layer(self, linear: nn.Module, whole: bool = False):

@@ -24,6 +24,9 @@ class Transform:
     def apply(self, model, adapter, calib=None) -> None:
         raise NotImplementedError
 
+    def check(self, adapter) -> None:
+        """Refuse, in one line before any work, a family this transform cannot keep the function of."""
+
     def layer_candidates(self, adapter, name: str, cols: int, candidates: list) -> list:
         """The candidates of block linear `name` (rows of `cols` weights) once the model is transformed."""
         return candidates
@@ -46,6 +49,8 @@ def apply_transforms(model, names, calib=None) -> None:
     from ..models import adapter_for
 
     adapter = adapter_for(model)
+    for name in names:
+        TRANSFORMS.lookup(name)().check(adapter)
     for name in names:
         TRANSFORMS.lookup(name)().apply(model, adapter, calib)
 

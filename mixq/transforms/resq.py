@@ -60,6 +60,9 @@ class ResQ(Transform):
         cov = residual_covariance(model, adapter, calib)
         rotate_stream(model, adapter, pca_rotation(cov, subspace(cov.shape[0]), gen), gen)
 
+    def check(self, adapter) -> None:
+        adapter.check_rotation(self.name)
+
     def layer_candidates(self, adapter, name: str, cols: int, candidates: list[Candidate]) -> list[Candidate]:
         """Split rows for the linears that read the turned stream."""
         return split_candidates(candidates, cols) if adapter.in_block(name) in readers(adapter) else candidates

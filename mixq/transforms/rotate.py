@@ -92,6 +92,9 @@ class Rotate(Transform):
         width = model.get_submodule(adapter.embed).weight.shape[1]
         rotate_stream(model, adapter, random_rotation(width, gen), gen)
 
+    def check(self, adapter) -> None:
+        adapter.check_rotation(self.name)
+
 
 def rotate_stream(model: nn.Module, adapter, q: torch.Tensor, gen: torch.Generator) -> None:
     """Turn the residual stream x → xQ (Q orthogonal, float64), norms folded first, and each head's values by a
@@ -113,7 +116,8 @@ def rotate_stream(model: nn.Module, adapter, q: torch.Tensor, gen: torch.Generat
             _set(lin.weight, rotate_outputs(lin.weight.detach(), q))
             if lin.bias is not None:
                 _set(lin.bias, lin.bias.detach().double() @ q)
-        _rotate_values(block.get_submodule(adapter.value), block.get_submodule(adapter.attn_out), r)
+        if adapter.value is not None:  # a value projection fused with q and k keeps its basis
+            _rotate_values(block.get_submodule(adapter.value), block.get_submodule(adapter.attn_out), r)
 
 
 def _rotate_values(v: nn.Linear, o: nn.Linear, r: torch.Tensor) -> None:

@@ -1,0 +1,180 @@
+"""Every model family on a tiny random-weight config from transformers' own config class: the whole flow from a
+Hugging Face folder (profile → allocate → apply → save → load gives the packed model's logits exactly), the
+tables, rotate where it is exact and a one-line refusal where it is not, and the statistics each family can give."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mixq
+from mixq.cli import app
+from mixq.config import Calibration, QuantizeConfig
+from mixq.models import ADAPTERS, adapter_for, load_model
+from mixq.plan import Budget
+from mixq.transforms import apply_transforms
+
+from conftest import FAMILIES, make_family_model, random_ids
+
+runner = CliRunner()
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def test_every_family_has_an_adapter():
+    assert set(FAMILIES) <= set(ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, byte_tokenizer):
+    """Each family's tiny model saved as a Hugging Face folder with a byte-level tokenizer."""
+    def make(family: str):
+        path = tmp_path_factory.mktemp(family)
+        make_family_model(family).save_pretrained(path, safe_serialization=True)
+        byte_tokenizer.save_pretrained(path)
+        return path
+    return make
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_whole_flow_from_a_folder(family, family_dirs, text_file, tmp_path):
+    """Quantize a family's folder at 4 bits (its tables too), save, load: the loaded model computes the packed
+    model's very logits; eval, generate and report read the folder."""
+    folder = family_dirs(family)
+    float_model, _, _ = load_model(str(folder))
+    config = QuantizeConfig(budget=Budget(bits=4.5), tables=True, calibration=Calibration(str(text_file), 4),
+                            eval_windows=0)
+    result = mixq.quantize(str(folder), None, config, out=tmp_path / "q")
+    adapter = adapter_for(float_model)
+    assert set(result.plan.layers) == set(adapter.layer_names(float_model) + adapter.tables(float_model))
+    ids = random_ids(3, 32, seed=10)
+    packed, loaded = _logits(result.model, ids), _logits(mixq.load(tmp_path / "q"), ids)
+    assert torch.equal(loaded, packed)
+    assert (packed - _logits(float_model, ids)).abs().max() > 1e-4  # quantized, and not by nothing
+    meta = json.loads((tmp_path / "q" / "mixq.json").read_text())
+    assert 3.0 < meta["bpw"] <= 4.5
+    for args in (["eval", tmp_path / "q", "--text", text_file, "--windows", 1],
+                 ["generate", tmp_path / "q", "--prompt", "the model", "--max-new-tokens", 3],
+                 ["report", tmp_path / "q"]):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, (args[0], res.output)
+
+
+@pytest.mark.parametrize("family", ROTATABLE)
+def test_rotate_keeps_the_float_model(family):
+    model = make_family_model(family)
+    ids = random_ids(2, 32)
+    want = _logits(model, ids)
+    apply_transforms(model, ("rotate",))
+    got = _logits(model, ids)
+    assert (model.get_submodule(adapter_for(model).embed).weight - make_family_model(family).get_submodule(
+        adapter_for(model).embed).weight).abs().max() > 1e-2  # turned
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(ROTATABLE)))
+@pytest.mark.parametrize("transform", ["rotate", "resq"])
+def test_a_transform_that_cannot_be_exact_is_refused_in_one_line(family, transform, byte_tokenizer, text_file):
+    model = make_family_model(family)
+    config = QuantizeConfig(budget=Budget(bits=4), transforms=(transform,), calibration=Calibration(str(text_file), 2),
+                            eval_windows=0)
+    with pytest.raises(ValueError, match=f"{transform} is not exact for {family}") as e:
+        mixq.quantize(model, byte_tokenizer, config)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_statistics_where_the_family_has_a_value_projection(family, byte_tokenizer, text_file):
+    """aespa takes the attention Hessians through the family's own attention function (Gemma's soft cap and
+    sliding windows included); a family that fuses the values with q and k refuses it in one line."""
+    from mixq.chain import Chain
+
+    model = make_family_model(family)
+    config = QuantizeConfig(budget=Budget(bits=4), solvers=(Chain.parse("aespa"),),
+                            calibration=Calibration(str(text_file), 2), eval_windows=0)
+    if adapter_for(model).value is None:
+        with pytest.raises(ValueError, match=f"{family} fuses its value projection") as e:
+            mixq.quantize(model, byte_tokenizer, config)
+        assert "\n" not in str(e.value)
+        return
+    from mixq.capture import ATTENTION, block_inputs, capture_block
+
+    adapter = adapter_for(model)
+    x, calls = block_inputs(model, adapter, random_ids(2, 32))
+    value = f"{adapter.blocks}.1.{adapter.value}"
+    _, stats = capture_block(adapter.block_list(model)[1], adapter, f"{adapter.blocks}.1", x, calls[1],
+                             {value: frozenset({ATTENTION})})
+    heads = stats[value].attention
+    assert heads.shape[0] == model.config.num_key_value_heads and torch.isfinite(heads).all()
+    assert mixq.quantize(model, byte_tokenizer, config).plan.layers
+
+
+def _quantize_cli(model, out, text_file):
+    return runner.invoke(app, [str(a) for a in ("quantize", "--model", model, "--bits", 4, "--out", out,
+                                               "--eval-windows", 0, "--calib", text_file, "--calib-windows", 2)])
+
+
+def _one_line_refusal(res, phrase: str, out) -> None:
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert phrase in text, text
+    assert not out.exists()
+
+
+def test_an_unsupported_architecture_is_named_with_the_supported_ones(tmp_path, text_file, byte_tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=256)).save_pretrained(tmp_path / "m")
+    byte_tokenizer.save_pretrained(tmp_path / "m")
+    res = _quantize_cli(tmp_path / "m", tmp_path / "q", text_file)
+    _one_line_refusal(res, "unsupported architecture 'bloom'", tmp_path / "q")
+    assert "gemma3_text, gpt2, gpt_neox" in " ".join(res.output.split())
+
+
+def test_weights_that_do_not_match_the_config_are_refused(family_dirs, tmp_path, text_file):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(family_dirs("gpt2"), folder)
+    state = load_file(folder / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    _one_line_refusal(_quantize_cli(folder, tmp_path / "q", text_file), "do not match its config.json",
+                      tmp_path / "q")
+    cfg = json.loads((folder / "config.json").read_text())
+    shutil.copy(family_dirs("gpt2") / "model.safetensors", folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({**cfg, "n_embd": 32}))
+    _one_line_refusal(_quantize_cli(folder, tmp_path / "q", text_file), "cannot load model", tmp_path / "q")
+
+
+def test_a_folder_without_its_tokenizer_is_refused(family_dirs, tmp_path, text_file):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(family_dirs("phi3"), folder)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    _one_line_refusal(_quantize_cli(folder, tmp_path / "q", text_file), "cannot load model", tmp_path / "q")
+
+
+def test_a_gguf_of_an_unmapped_architecture_is_refused(tmp_path, text_file):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    res = _quantize_cli(tmp_path / "m.gguf", tmp_path / "q", text_file)
+    _one_line_refusal(res, "architecture 'mamba', which mixq does not map", tmp_path / "q")
