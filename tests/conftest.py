@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from mixq.testing import VOCAB, make_byte_tokenizer, tiny_config, write_tiny_gguf
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local: never wait on a hub
 
 # The machines that run this suite have 2 cores shared with other work: one intra-op thread avoids the
@@ -22,63 +24,10 @@ settings.register_profile("ci", deadline=None, derandomize=True, database=None, 
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-VOCAB = 256
 WORDS = ("the of and to in is it for on with as by at from this that be are was not or an which can one all "
          "if will but has its more when there their into only other some what so than then these two may new "
          "also use each such must any way first over after most made how many where those well both while "
          "model weight layer block token bits group scale zero code budget plan profile").split()
-
-
-def tiny_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True,
-                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
-
-
-def family_config(family: str, width: int = 64):
-    """A tiny config of `family` from transformers' own config class: 2 blocks, `width` wide, 4 heads (2 key-value
-    heads where the family has them), the tiny vocabulary."""
-    import transformers as T
-
-    common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=None)
-    llama_like = dict(common, hidden_size=width, intermediate_size=2 * width, num_key_value_heads=2,
-                      max_position_embeddings=512)
-    make = {
-        "llama": lambda: tiny_config() if width == 64 else T.LlamaConfig(**llama_like, tie_word_embeddings=True),
-        "mistral": lambda: T.MistralConfig(**llama_like, sliding_window=None),
-        "qwen2": lambda: T.Qwen2Config(**llama_like, tie_word_embeddings=True),  # biases on q, k, v
-        "qwen3": lambda: T.Qwen3Config(**llama_like, head_dim=width // 4),  # q/k norms
-        "gemma2": lambda: T.Gemma2Config(**llama_like, head_dim=width // 4, sliding_window=8),
-        "gemma3_text": lambda: T.Gemma3TextConfig(**llama_like, head_dim=width // 4, sliding_window=8,
-                                                  layer_types=["sliding_attention", "full_attention"]),
-        "phi3": lambda: T.Phi3Config(**llama_like),
-        "gpt_neox": lambda: T.GPTNeoXConfig(**dict(common, hidden_size=width, intermediate_size=2 * width,
-                                                   max_position_embeddings=512, rotary_pct=0.5)),
-        "gpt2": lambda: T.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=512,
-                                     bos_token_id=1, eos_token_id=2),
-    }
-    return make[family]()
-
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")
-
-
-def make_family_model(family: str, seed: int = 0, width: int = 64):
-    """A tiny random-weight model of `family` (float32, eval mode, seeded), its linears given random biases where
-    the family has them (zero at init) and its norms random scales, so that folding them is tested."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, width)).float().eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # norm scales and shifts, biases: away from their init
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def make_tiny_model(seed: int = 0):
@@ -165,21 +114,6 @@ def make_tokenizer():
     return tok
 
 
-def make_byte_tokenizer():
-    """A byte-level tokenizer: id b is byte b (GPT-2's byte-to-character table, no merges), so every family's own
-    tokenizer class reads it back from a folder as it is (Qwen2's rebuilds a word-level one into nothing), and any
-    text tokenizes; the bos and eos tokens are bytes 1 and 2, as the tiny configs say."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = bytes_to_unicode()
-    tk = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=chars[1], eos_token=chars[2])
-
-
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return make_byte_tokenizer()
@@ -206,51 +140,6 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "words.txt"
     path.write_text(word_text(600, seed=3), encoding="utf-8")
     return path
-
-
-def write_tiny_gguf(model, path) -> None:
-    """The tiny model as a llama GGUF (F32 tensors, q/k rows in ggml's rotary order) with a byte-level tokenizer:
-    ids 0–254 are one byte each, 255 two spaces, so any text without byte 255 tokenizes."""
-    import gguf
-    import numpy as np
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from mixq.models.adapters import rotary_rows
-
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    byte_chars = bytes_to_unicode()
-    space = byte_chars[ord(" ")]
-    tokens = [byte_chars[b] for b in range(255)] + [space * 2]  # byte 255 gives way to one merge (llama.cpp
-    w.add_tokenizer_model("gpt2")                                 # refuses a BPE vocabulary without merges)
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_scores([0.0] * len(tokens))
-    w.add_token_merges([f"{space} {space}"])
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
-    for hf, p in model.named_parameters():
-        name = names.get_name(hf, try_suffixes=(".weight",))
-        data = p.detach().numpy()
-        if name.split(".")[-2] in heads:
-            data = data[rotary_rows(data.shape[0], heads[name.split(".")[-2]])]
-        w.add_tensor(name, np.ascontiguousarray(data.astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def test_gguf_export_writes_compensated_biases_in_ggml_row_order(wide_gguf, text
 @pytest.fixture(scope="module")
 def wide_gguf(tmp_path_factory):
     """The tiny Llama with 256-wide down-projection rows (k-quants fit them), as a GGUF."""
-    from conftest import tiny_config, write_tiny_gguf
+    from mixq.testing import tiny_config, write_tiny_gguf
     from transformers import LlamaForCausalLM
 
     config = tiny_config()

@@ -16,7 +16,9 @@ from mixq.models import ADAPTERS, adapter_for, load_model
 from mixq.plan import Budget
 from mixq.transforms import apply_transforms
 
-from conftest import FAMILIES, make_family_model, random_ids
+from mixq.testing import FAMILIES, make_family_model, write_tiny_gguf
+
+from conftest import random_ids
 
 runner = CliRunner()
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -178,3 +180,72 @@ def test_a_gguf_of_an_unmapped_architecture_is_refused(tmp_path, text_file):
     w.close()
     res = _quantize_cli(tmp_path / "m.gguf", tmp_path / "q", text_file)
     _one_line_refusal(res, "architecture 'mamba', which mixq does not map", tmp_path / "q")
+
+
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2")
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_a_family_gguf_quantizes_and_exports_back_to_the_same_logits(family, text_file, tmp_path):
+    """A GGUF of the family loads as the float model; quantized among the ggml types it exports as a GGUF of its
+    architecture that transformers reads back to the saved model's logits."""
+    source = tmp_path / f"{family}.gguf"
+    write_tiny_gguf(make_family_model(family), source)
+    float_model, _, _ = load_model(str(source))
+    assert adapter_for(float_model).family in (family, "llama")  # transformers reads Mistral GGUFs as Llama
+    out = tmp_path / "q"
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", source, "--bits", 5, "--out", out,
+                                               "--compatible", "gguf", "--eval-windows", 0, "--calib", text_file,
+                                               "--calib-windows", 2)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "q.gguf")])
+    assert res.exit_code == 0, res.output
+    theirs, _, _ = load_model(str(tmp_path / "q.gguf"))
+    ids = random_ids(2, 24)
+    a, b, f = _logits(mixq.load(out), ids), _logits(theirs, ids), _logits(float_model, ids)
+    assert (a - f).abs().max() > 1e-3  # really quantized
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+CT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox")
+
+
+@pytest.mark.parametrize("family", CT_FAMILIES)
+def test_a_family_exports_to_compressed_tensors_with_the_same_logits(family, family_dirs, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", family_dirs(family), "--bits", 4, "--out", out,
+                                               "--compatible", "compressed-tensors", "--eval-windows", 0, "--calib",
+                                               text_file, "--calib-windows", 2)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", str(tmp_path / "ct")])
+    assert res.exit_code == 0, res.output
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    ids = random_ids(2, 24)
+    torch.testing.assert_close(_logits(theirs, ids), _logits(mixq.load(out), ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_refuses_compressed_tensors_in_one_line(family_dirs, text_file, tmp_path):
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", family_dirs("gpt2"), "--bits", 4, "--out",
+                                               tmp_path / "q", "--compatible", "compressed-tensors", "--eval-windows",
+                                               0, "--calib", text_file, "--calib-windows", 2)])
+    _one_line_refusal(res, "Conv1D", tmp_path / "q")
+
+
+def test_a_bias_that_the_family_config_cannot_declare_is_refused_by_compressed_tensors(family_dirs, text_file,
+                                                                                       tmp_path):
+    """Phi-3's linears have no bias flag: a bias-compensated layer loads in mixq but has no compressed-tensors
+    form."""
+    from mixq.formats import QuantSpec
+    from mixq.plan import Candidate, Plan
+
+    model = make_family_model("phi3")
+    plan = Plan({n: Candidate(QuantSpec.of(4, 32, "sym"), "gptq+bias") for n in adapter_for(model).layer_names(model)})
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", family_dirs("phi3"), "--plan",
+                                               tmp_path / "plan.json", "--out", tmp_path / "q", "--eval-windows", 0,
+                                               "--calib", text_file, "--calib-windows", 2)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "q"), "--to", "compressed-tensors", str(tmp_path / "ct")])
+    _one_line_refusal(res, "that no field of its config (Phi3Config) can declare", tmp_path / "ct")

@@ -86,22 +86,39 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
 
 
 def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None:
-    """Bias compensation gives some layers a bias: switch on the config flag of their kind (the adapter's
-    bias_flags) and store zeros for the layers of that kind that have none, so that transformers builds and fills
-    every one."""
+    """Bias compensation gives some layers a bias that a model built from the config lacks: switch on the config
+    flag of their kind (the adapter's bias_flags) and store zeros for the layers the flag gives a bias that have
+    none, so that transformers builds and fills every one. Biases the family has of its own (Qwen2's q/k/v, GPT-NeoX's
+    everywhere) need nothing; one no flag declares is refused."""
     from ..models import adapter_for
 
     adapter = adapter_for(model)
+    ours = {n for n in adapter.layer_names(model) if model.get_submodule(n).bias is not None}
+    extra = ours - _biased(model, hf_config)
     for flag, kinds in adapter.biased_kinds().items():
-        layers = {n: m for n, m in model.named_modules() if adapter.in_block(n) in kinds}
-        if not any(m.bias is not None for m in layers.values()) or hf_config.get(flag):
-            continue
-        if flag not in hf_config:
-            raise ExportError(f"the model has biases on layers whose config ({type(model.config).__name__}) has no "
-                              f"{flag} to declare them")
-        hf_config[flag] = True
-        for n, m in layers.items():
-            tensors.setdefault(f"{n}.bias", torch.zeros(m.out_features, dtype=torch.float16))
+        if flag in hf_config and any(adapter.in_block(n) in kinds for n in extra):
+            hf_config[flag] = True
+    missing = ours - _biased(model, hf_config)
+    if missing:
+        raise ExportError(f"{sorted(missing)[0]} has a bias (bias compensation) that no field of its config "
+                          f"({type(model.config).__name__}) can declare: quantize without a +bias chain")
+    for n in _biased(model, hf_config) - ours:
+        tensors.setdefault(f"{n}.bias", torch.zeros(model.get_submodule(n).out_features, dtype=torch.float16))
+
+
+def _biased(model: torch.nn.Module, hf_config: dict) -> set[str]:
+    """The block linears that have a bias in a model built from `hf_config` (on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import adapter_for
+
+    config = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "quantization_config"})
+    with init_empty_weights():
+        fresh = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(fresh)
+    adapter.prepare(fresh)
+    return {n for n in adapter.layer_names(fresh) if fresh.get_submodule(n).bias is not None}
 
 
 @register
@@ -112,6 +129,14 @@ class CompressedTensors(Exporter):
     def specs(self) -> list[QuantSpec]:
         return ct_specs()
 
+    def check_model(self, model) -> None:
+        from ..models import adapter_for
+
+        adapter = adapter_for(model)
+        if adapter.transposed:  # transformers loads such a folder with float Conv1D layers: another model
+            raise ExportError(f"{adapter.family}'s linears are Conv1D layers, which compressed-tensors does not "
+                              "quantize: no compressed-tensors export")
+
     def write(self, folder: Path, out: Path) -> dict[str, int]:
         from transformers import AutoTokenizer
 
@@ -120,4 +145,6 @@ class CompressedTensors(Exporter):
         if importlib.util.find_spec("compressed_tensors") is None:
             raise ExportError("the compressed-tensors export needs the compressed-tensors package: "
                               "pip install 'mixq[export]'")
-        return export_compressed(load(folder), AutoTokenizer.from_pretrained(folder), out)
+        model = load(folder)
+        self.check_model(model)
+        return export_compressed(model, AutoTokenizer.from_pretrained(folder), out)

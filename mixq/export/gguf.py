@@ -9,11 +9,13 @@ mixq formats that are ggml types (`GGML_TYPES`, `K_QUANTS`):
         sym 3 bits, 6-bit codes → Q3_K           (w = d · (sc − 32) · (q − 4))
         sym 6 bits, 8-bit codes → Q6_K           (w = d · (sc − 128) · (q − 32))
 `mixq quantize --compatible gguf` allocates among these only. Every other tensor is written as mixq stores it:
-norms in F32, other float matrices in F16.
+norms in F32 (Gemma's as 1 + γ, as its GGUF files store them), other float matrices in F16.
 
 The file is built on the model's source GGUF: its metadata (architecture, hyper-parameters, tokenizer) is copied
-and each tensor is replaced by the saved model's. Llama's q and k rows are permuted back into ggml's rotary order
-(the inverse of what transformers' GGUF loader does on reading).
+and each tensor is replaced by the saved model's, named by gguf-py's tables for the architecture. Llama's q and k
+rows are permuted back into ggml's rotary order (the inverse of what transformers' GGUF loader does on reading).
+Every family whose GGUF files transformers reads (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, gpt2) exports
+this way; a model quantized from a Hugging Face folder has no source GGUF to build on.
 """
 from __future__ import annotations
 
@@ -159,6 +161,8 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, in
         else:
             data = obj.detach().float().numpy()
             data = data[perm] if perm is not None else data
+            if name.endswith("norm.weight"):  # Gemma's files store a norm's scale as 1 + γ
+                data = data + adapter.gguf_norm_offset
             kind = "F32" if data.ndim == 1 else "F16"
             data = data.astype(np.float32 if data.ndim == 1 else np.float16)
         counts[kind] = counts.get(kind, 0) + 1

@@ -1,0 +1,134 @@
+"""Tiny random-weight models of every family mixq supports, built from transformers' own config classes, with a
+byte-level tokenizer and a GGUF writer for them: what the test suite and benchmarks/families.py run the whole flow
+on (a few MB each, seconds to quantize)."""
+from __future__ import annotations
+
+import torch
+
+VOCAB = 256
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True,
+                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+
+
+def family_config(family: str, width: int = 64):
+    """A tiny config of `family` from transformers' own config class: 2 blocks, `width` wide, 4 heads (2 key-value
+    heads where the family has them), the tiny vocabulary."""
+    import transformers as T
+
+    common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=None)
+    llama_like = dict(common, hidden_size=width, intermediate_size=2 * width, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    make = {
+        "llama": lambda: tiny_config() if width == 64 else T.LlamaConfig(**llama_like, tie_word_embeddings=True),
+        "mistral": lambda: T.MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": lambda: T.Qwen2Config(**llama_like, tie_word_embeddings=True),  # biases on q, k, v
+        "qwen3": lambda: T.Qwen3Config(**llama_like),  # q/k norms; heads of 128 (GGUF cannot say otherwise)
+        "gemma2": lambda: T.Gemma2Config(**llama_like, head_dim=width // 4, sliding_window=8),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**llama_like, head_dim=width // 4, sliding_window=8),
+        "phi3": lambda: T.Phi3Config(**llama_like),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**dict(common, hidden_size=width, intermediate_size=2 * width,
+                                                   max_position_embeddings=512, rotary_pct=0.5)),
+        "gpt2": lambda: T.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                     bos_token_id=1, eos_token_id=2),
+    }
+    return make[family]()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")
+
+
+def make_family_model(family: str, seed: int = 0, width: int = 64):
+    """A tiny random-weight model of `family` (float32, eval mode, seeded), its linears given random biases where
+    the family has them (zero at init) and its norms random scales, so that folding them is tested."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, width)).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm scales and shifts, biases: away from their init
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def make_byte_tokenizer():
+    """A byte-level tokenizer: id b is byte b (GPT-2's byte-to-character table, no merges), so every family's own
+    tokenizer class reads it back from a folder as it is (Qwen2's rebuilds a word-level one into nothing), and any
+    text tokenizes; the bos and eos tokens are bytes 1 and 2, as the tiny configs say."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=chars[1], eos_token=chars[2])
+
+
+def write_tiny_gguf(model, path) -> None:
+    """A tiny float model of any family as a GGUF of its architecture (F32 tensors named by gguf-py's tables, rows
+    in ggml's order and norms as GGUF stores them: the adapter's facts) with the hyper-parameters transformers'
+    GGUF loader reads back, and a byte-level tokenizer: ids 0–254 are one byte each, 255 two spaces, so any text
+    without byte 255 tokenizes."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from mixq.models import adapter_for
+
+    adapter = adapter_for(model)
+    adapter.prepare(model)
+    c, arch = model.config, adapter.gguf_arch
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, attr in GGUF_CONFIG_MAPPING[arch].items():
+        value = _config_value(c, attr, adapter.head_dim(model))
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        kind = gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.FLOAT32
+        w.add_key_value(f"{arch}.{key}", value, kind)
+    byte_chars = bytes_to_unicode()
+    space = byte_chars[ord(" ")]
+    tokens = [byte_chars[b] for b in range(255)] + [space * 2]  # byte 255 gives way to one merge (llama.cpp
+    w.add_tokenizer_model("gpt2")                                 # refuses a BPE vocabulary without merges)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([f"{space} {space}"])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.eos_token_id)  # (a family's default padding id may lie past the tiny vocabulary)
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(model_arch, len(adapter.block_list(model)))
+    for hf, p in model.named_parameters():
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        data = p.detach().numpy()
+        rows = adapter.gguf_rows(model, hf, data.shape[0])
+        data = data[rows] if rows is not None else data
+        if name.endswith("norm.weight"):
+            data = data + adapter.gguf_norm_offset
+        w.add_tensor(name, np.ascontiguousarray(data.astype(np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _config_value(config, attr, head_dim):
+    if attr is None or attr == "head_dim":
+        return head_dim
+    if attr == "rope_theta":
+        return float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    if attr == "feed_forward_length":  # GPT-2's
+        return getattr(config, "n_inner", None) or 4 * config.n_embd
+    return getattr(config, attr, None)
