@@ -32,18 +32,19 @@ from mixq.models import adapter_for, load_model  # noqa: E402
 from mixq.plan import Budget, Candidate, Plan  # noqa: E402
 from mixq.sensitivity import ESTIMATORS  # noqa: E402
 from mixq.solvers import SOLVERS  # noqa: E402
-from mixq.testing import FAMILIES, make_byte_tokenizer, make_family_model, write_tiny_gguf  # noqa: E402
+from mixq.testing import (ENCODERS, FAMILIES, make_byte_tokenizer, make_family_model,  # noqa: E402
+                          make_wordpiece_tokenizer, word_text, write_sentence_folder, write_tiny_gguf)
 from mixq.transforms import TRANSFORMS, apply_transforms  # noqa: E402
 
 OUT = HERE / "results" / "families.md"
 runner = CliRunner()
-IDS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-TEXT = " ".join(["the model reads a block of text and writes the next token of it, one group at a time."] * 60)
+IDS = torch.randint(5, 80, (2, 32), generator=torch.Generator().manual_seed(0))  # (ids every tokenizer has)
 
 
 def logits(model):
+    """A decoder's logits, an encoder's sentence embeddings."""
     with torch.no_grad():
-        return model(IDS, use_cache=False).logits
+        return adapter_for(model).job.whole(model, IDS)
 
 
 def cli(*args) -> str:
@@ -60,10 +61,14 @@ class Family:
         self.family, self.root = family, root
         self.folder = root / "hf"
         model = make_family_model(family)
-        model.save_pretrained(self.folder)
-        make_byte_tokenizer().save_pretrained(self.folder)
+        self.tokenizer = make_wordpiece_tokenizer() if family in ENCODERS else make_byte_tokenizer()
+        if family in ENCODERS:
+            write_sentence_folder(model, self.tokenizer, self.folder)
+        else:
+            model.save_pretrained(self.folder)
+            self.tokenizer.save_pretrained(self.folder)
         self.text = root / "calib.txt"
-        self.text.write_text(TEXT)
+        self.text.write_text(word_text(600, seed=3))
         self.calib = Calibration(str(self.text), 2)
 
     def quantize(self, out: Path, **kw) -> "mixq.pipeline.Result":
@@ -87,10 +92,7 @@ class Family:
     def transform(self, name: str) -> str:
         model, _, _ = load_model(str(self.folder))
         want = logits(model)
-        from mixq.data import calibration_windows
-
-        tok = make_byte_tokenizer()
-        apply_transforms(model, (name,), calibration_windows(tok, str(self.text), 2))
+        apply_transforms(model, (name,), adapter_for(model).job.calibration(model, self.tokenizer, str(self.text), 2))
         err = float((logits(model) - want).abs().max())
         if err > 1e-3:
             raise RuntimeError(f"the float model's logits moved by {err:.2g}")
@@ -112,7 +114,10 @@ class Family:
 
     def export_gguf(self) -> str:
         source = self.root / "float.gguf"
-        write_tiny_gguf(make_family_model(self.family), source)
+        model = make_family_model(self.family)
+        if adapter_for(model).gguf_arch is None:
+            raise RuntimeError(f"mixq has no GGUF export for {self.family}")
+        write_tiny_gguf(model, source)
         float_model, _, _ = load_model(str(source))
         cli("quantize", "--model", source, "--bits", 5, "--out", self.root / "qg", "--compatible", "gguf",
             "--eval-windows", 0, "--calib", self.text, "--calib-windows", 2)
@@ -121,13 +126,16 @@ class Family:
         return self._same(theirs, mixq.load(self.root / "qg"))
 
     def export_compressed(self) -> str:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
         cli("quantize", "--model", self.folder, "--bits", 4, "--out", self.root / "qc", "--compatible",
             "compressed-tensors", "--eval-windows", 0, "--calib", self.text, "--calib-windows", 2)
         cli("export", self.root / "qc", "--to", "compressed-tensors", self.root / "ct")
-        theirs = AutoModelForCausalLM.from_pretrained(self.root / "ct", dtype=torch.float32).eval()
-        return self._same(theirs, mixq.load(self.root / "qc"))
+        ours = mixq.load(self.root / "qc")
+        auto = getattr(transformers, adapter_for(ours).job.auto_class)
+        theirs = auto.from_pretrained(self.root / "ct", dtype=torch.float32).eval()
+        theirs.config.sentence_pooling = getattr(ours.config, "sentence_pooling", None)
+        return self._same(theirs, ours)
 
     @staticmethod
     def _same(theirs, ours) -> str:
@@ -158,7 +166,7 @@ def main() -> None:
     }
     rows, solvers, estimators = {}, {}, {}
     t0 = time.perf_counter()
-    for family in FAMILIES:
+    for family in FAMILIES + ENCODERS:
         with tempfile.TemporaryDirectory() as tmp:
             f = Family(family, Path(tmp))
             rows[family] = {name: probe(fn, f) for name, fn in stages.items()}
@@ -184,6 +192,19 @@ def table(title: str, cells: dict[str, dict[str, str]], notes: dict[str, int]) -
     return lines
 
 
+def widths() -> list[str]:
+    """The default candidate formats that fit rows of Gemma's widths (and their MLPs'), and those dropped."""
+    from mixq.config import default_specs
+
+    specs = default_specs()
+    lines = ["| row width | formats kept | formats dropped (groups do not divide the row) |", "|---|---|---|"]
+    for cols in (640, 1152, 2048, 2560, 6912, 10240):
+        kept = sorted({f"g{s.group_size}" for s in specs if s.fits(cols)})
+        dropped = sorted({f"g{s.group_size}" for s in specs if not s.fits(cols)})
+        lines.append(f"| {cols} | {', '.join(kept)} | {', '.join(dropped) or '-'} |")
+    return lines
+
+
 def write(rows, solvers, estimators, seconds: float) -> None:
     notes: dict[str, int] = {}
     lines = ["# What works for each model family", "",
@@ -199,6 +220,10 @@ def write(rows, solvers, estimators, seconds: float) -> None:
     lines += table("family", solvers, notes) + [""]
     lines += ["## Sensitivity estimators (an allocation at 4.5 bpw)", ""]
     lines += table("family", estimators, notes) + [""]
+    lines += ["## Rows of Gemma's widths", "",
+              "Gemma 3's 270M, 1B and 4B models have rows of 640, 1152 and 2560 weights (MLP rows of 2048, 6912, "
+              "10240). A layer keeps the default candidates whose groups divide its rows; where none does, the same "
+              "formats with one group per row (profile.layer_costs).", ""] + widths() + [""]
     if notes:
         lines += ["## Refusals", ""] + [f"{n}. {msg}" for msg, n in notes.items()] + [""]
     OUT.write_text("\n".join(lines))

@@ -67,7 +67,7 @@ def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:
     """Swap each quantized nn.Linear for a QuantLinear holding the packed codes (an embedding table for a
     QuantEmbedding, and a head tied to it for a QuantLinear on the same buffers)."""
     adapter = adapter_for(model)
-    tied = adapter.embed in qtensors and adapter.head not in adapter.tables(model)
+    tied = adapter.embed in qtensors and adapter.tied(model)
     for name, qt in qtensors.items():
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .models import Adapter
+from .models import Adapter, adapter_for
 
 BATCH = 8  # windows per block forward
 FISHER_WINDOWS = 8  # calibration windows that get a backward pass (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
@@ -303,6 +303,13 @@ def capture_block(block: nn.Module, adapter: Adapter, prefix: str, x: torch.Tens
     return y, stats
 
 
+def fisher_windows(adapter: Adapter, ids: torch.Tensor) -> torch.Tensor:
+    """The calibration windows that get backward passes: the first FISHER_WINDOWS of a decoder's; every one of an
+    encoder's (short windows, one embedding each: models.tasks)."""
+    n = adapter.job.fisher_windows
+    return ids if n is None else ids[:n]
+
+
 def model_statistics(model: nn.Module, adapter: Adapter, ids: torch.Tensor, needs: dict[str, frozenset[str]],
                      step=None) -> dict[str, dict]:
     """The statistics of `needs` (full layer name → names) that take the whole model (OUTPUT_HESSIAN: backward
@@ -310,13 +317,14 @@ def model_statistics(model: nn.Module, adapter: Adapter, ids: torch.Tensor, need
     names = [n for n, wanted in needs.items() if OUTPUT_HESSIAN in wanted]
     if not names:
         return {}
-    hs = output_adaptive_hessians(model, adapter, ids[:FISHER_WINDOWS], names, step)
+    hs = output_adaptive_hessians(model, adapter, fisher_windows(adapter, ids), names, step)
     return {n: {OUTPUT_HESSIAN: h} for n, h in hs.items()}
 
 
 def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,
                      stage: str = "fisher", embed_name: str | None = None) -> int:
-    """One backward pass of the next-token NLL (summed over a window) per window, calling on_grad(name, x, g) with
+    """One backward pass of the task's loss (a decoder's next-token NLL summed over a window; an encoder's probes of
+    its embedding's curvature, one pass each: models.tasks) per window, calling on_grad(name, x, g) with
     the input x and output gradient g (tokens × features, detached) of each module in `names`, and of the
     embedding's output as `embed_name` if given. No weight gradients are kept (the graph starts at the
     embeddings). Returns the number of tokens."""
@@ -333,16 +341,17 @@ def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_g
     for n in names:
         handles.append(model.get_submodule(n).register_forward_hook(make(n)))
     embed = model.get_input_embeddings()
+    task = adapter_for(model).job
     try:
         for k, window in enumerate(ids.split(1)):
             x = embed(window).detach().requires_grad_(True)
-            logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                     window[:, 1:].reshape(-1), reduction="sum")
-            loss.backward()
-            if embed_name:
-                on_grad(embed_name, None, x.grad.reshape(-1, x.shape[-1]))
-            tokens += window.numel()
+            losses = task.loss(model, x, window, k)
+            for i, loss in enumerate(losses):
+                x.grad = None
+                loss.backward(retain_graph=i < len(losses) - 1)
+                if embed_name:
+                    on_grad(embed_name, None, x.grad.reshape(-1, x.shape[-1]))
+                tokens += window.numel()
             if step:
                 step(stage, k + 1, len(ids))
     finally:
@@ -357,7 +366,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
     over a window. One backward pass per window. `tables` adds the head's output (over the vocabulary: the logits)
     and the embedding's (over its width).
     """
-    names = adapter.layer_names(model) + ([adapter.head] if tables else [])
+    names = adapter.layer_names(model) + ([adapter.head] if tables and adapter.head else [])
     sums = {}
 
     def add(name, _x, g):

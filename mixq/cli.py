@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import export, solvers, transforms
 from .config import DEFAULT_SOLVER
-from .sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
+from .sensitivity import ESTIMATORS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mixq: mixed-precision post-training quantization (profile → allocate → apply → pack).")
@@ -104,8 +104,9 @@ def quantize(
                                f"format: a solver, then refiners joined by +. {solvers.help_text()} Whole-model "
                                f"transforms come first: {transforms.help_text()}. A comma-separated list makes each "
                                "chain a candidate of every format: the allocation picks per layer."),
-    sensitivity: str = typer.Option(DEFAULT_ESTIMATOR, help="Damage estimator: " + ", ".join(ESTIMATORS) +
-                                    " (see the README's Sensitivity section)."),
+    sensitivity: Optional[str] = typer.Option(None, help="Damage estimator: " + ", ".join(ESTIMATORS) +
+                                              " (default: fisher for a decoder, kl, the measured cosine, for an "
+                                              "encoder; see the README's Sensitivity section)."),
     damp: float = typer.Option(solvers.DAMP, "--damp", help="The solvers' damping: a fraction of mean(diag H) "
                                "added to H's diagonal."),
     refine: int = typer.Option(0, "--refine", help="Rounds of refinement after the allocation, by the plan's "
@@ -117,7 +118,7 @@ def quantize(
     from .io import read_file
     from .pipeline import quantize as run
     from .plan import Budget, Plan
-    from .report import SUMMARY_COLUMNS, summary
+    from .report import summary
 
     if sum(x is not None for x in (plan, bits, size, latency)) != 1:
         _fail("give exactly one of --bits, --size, --latency or --plan")
@@ -133,8 +134,8 @@ def quantize(
             cost_table=str(cost_table) if cost_table else None)
         with _Bars() as bars:
             meta = run(model, None, config, out, step=bars).meta
-    rows, notes = summary(meta)
-    _print_table(f"mixq: {meta['budget']} → {out}", SUMMARY_COLUMNS, rows)
+    columns, rows, notes = summary(meta)
+    _print_table(f"mixq: {meta['budget']} → {out}", columns, rows)
     for note in notes:
         Console().print(note.replace("`", ""), highlight=False)
 
@@ -151,22 +152,15 @@ def eval_(
     target: str = TARGET,
     text: Optional[Path] = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of the "
                                         "pydoc evaluation split."),
-    windows: int = typer.Option(64, help="Number of 512-token windows."),
+    windows: int = typer.Option(64, help="Number of 512-token windows (decoders)."),
 ):
-    """Perplexity by the protocol (or over a text file), printed as one JSON line."""
-    from . import data
-    from .eval.perplexity import perplexity
-    from .io import open_model
+    """Perplexity by the protocol (or over a text file); for a sentence encoder, the mean cosine to its float
+    source's embeddings and the Spearman of 1,000 pair similarities on held-out sentences. One JSON line."""
+    from .eval import evaluate
 
-    with _failing():
-        if text is not None:
-            data.read_text(text)
-        net, tok, bpw = open_model(target)
-        ids = data.evaluation_windows(tok, str(text) if text else None, windows)
-        with _Bars() as bars:
-            task = bars.add_task("ppl", total=len(ids))
-            ppl = perplexity(net, ids, lambda n: bars.advance(task, n))
-    print(json.dumps({"ppl": round(ppl, 4), "bpw": round(bpw, 4), "windows": int(ids.shape[0])}))
+    with _failing(), _Bars() as bars:
+        result = evaluate(target, str(text) if text else None, windows, bars)
+    print(json.dumps(result))
 
 
 @app.command()
@@ -183,10 +177,13 @@ def generate(
 
     from . import data
     from .io import open_model
+    from .models import adapter_for
 
     with _failing():
         net, tok, _ = open_model(target)
         ids = data.prompt_ids(tok, prompt, chat)
+        if adapter_for(net).task != "causal":
+            raise ValueError(f"{target} is a sentence encoder: it does not generate (mixq eval measures it)")
     with torch.no_grad():
         net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tok),
                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

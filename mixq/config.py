@@ -12,7 +12,7 @@ from .chain import Chain, check_list, parse_list
 from .export import EXPORTERS
 from .formats import QuantSpec
 from .plan import Budget, Candidate, Plan
-from .sensitivity import DEFAULT_ESTIMATOR, get_estimator
+from .sensitivity import get_estimator
 from .solvers import DAMP
 from .transforms import TRANSFORMS, parse_names
 
@@ -78,7 +78,8 @@ class QuantizeConfig:
     formats      the candidate formats; empty: the default menu, or the exporter's with `compatible`
     compatible   an exporter's name (mixq.export): allocate among the formats it stores exactly
     tables       the embedding table and the head join the allocation (else they stay fp16)
-    estimator    the damage estimator of the profile (mixq.sensitivity)
+    estimator    the damage estimator of the profile (mixq.sensitivity; None: the model's own, models.tasks:
+                 fisher for a decoder, kl for an encoder)
     damp         the solvers' damping, a fraction of mean(diag H)
     refine       rounds of measured-KL refinement of the allocation (0: off)
     cost_table   a cost table file for a latency budget (None: measured during the run)
@@ -92,7 +93,7 @@ class QuantizeConfig:
     formats: tuple[QuantSpec, ...] = ()
     compatible: str | None = None
     tables: bool = False
-    estimator: str = DEFAULT_ESTIMATOR
+    estimator: str | None = None
     calibration: Calibration = Calibration()
     damp: float = DAMP
     refine: int = 0
@@ -107,7 +108,8 @@ class QuantizeConfig:
             raise ValueError("solvers: one or more per-layer chains (whole-model transforms go in `transforms`)")
         object.__setattr__(self, "transforms", parse_names(self.transforms))
         check_list(self.solvers)
-        get_estimator(self.estimator)
+        if self.estimator is not None:
+            get_estimator(self.estimator)
         if not 0 < self.damp < 10:
             raise ValueError(f"--damp is a fraction of mean(diag H), above 0 and below 10, got {self.damp:g}")
         if self.refine < 0:

@@ -134,3 +134,63 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
     if ids.numel() == 0:
         raise DataError(f"the prompt {prompt[:40]!r} gives no tokens with this model's tokenizer")
     return ids
+
+
+# --- sentences (encoders) ------------------------------------------------------------------------------------------
+# The encoder protocol: pydoc's texts split into sentences; the first 60 % calibrate (packed into windows that open
+# with the tokenizer's start token and close with its end token), the last 40 % evaluate, the first EVAL_SENTENCES
+# of them, and EVAL_PAIRS random pairs of those for the similarity ranking.
+EVAL_SENTENCES = 1000
+EVAL_PAIRS = 1000
+SENTENCE_WINDOW = 32
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text`: split after . ! ? and at blank lines, whitespace folded, kept between 3 and 80
+    words, each once, in order."""
+    import re
+
+    out, seen = [], set()
+    for part in re.split(r"(?<=[.!?])\s+|\n\s*\n", text):
+        s = " ".join(part.split())
+        if 3 <= len(s.split()) <= 80 and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def sentence_split(path: str | None = None) -> tuple[list[str], list[str]]:
+    """(calibration, evaluation) sentences: pydoc's by the protocol, or a file's (split the same way)."""
+    found = sentences(pydoc_text() if path is None else read_text(path))
+    if len(found) < 10:
+        raise DataError(f"{path or 'the text'} has {len(found)} sentences; calibration needs at least 10")
+    cut = int(len(found) * CALIB_FRACTION)
+    return found[:cut], found[cut:]
+
+
+def sentence_windows(tokenizer, path: str | None = None, count: int = CALIB_WINDOWS,
+                     length: int = SENTENCE_WINDOW) -> torch.Tensor:
+    """count × length windows of the calibration sentences, packed one after another, each window wrapped in the
+    tokenizer's special tokens (an encoder reads [CLS] … [SEP]), spread evenly over them. A given file calibrates
+    whole."""
+    calib, rest = sentence_split(path)
+    ids = tokenize(tokenizer, " ".join(calib if path is None else calib + rest))
+    first, last = _special(tokenizer, "cls", "bos"), _special(tokenizer, "sep", "eos")
+    chunks = windows(ids, min(length - len(first) - len(last), len(ids)), count, spread=True)
+    return torch.cat([torch.tensor(first).expand(len(chunks), -1).long(), chunks,
+                      torch.tensor(last).expand(len(chunks), -1).long()], 1)
+
+
+def _special(tokenizer, *kinds: str) -> list[int]:
+    """The id of the first of the tokenizer's special tokens `kinds` it has ([] for none)."""
+    for kind in kinds:
+        token = getattr(tokenizer, f"{kind}_token_id", None)
+        if token is not None:
+            return [token]
+    return []
+
+
+def evaluation_sentences(path: str | None = None, count: int = EVAL_SENTENCES) -> list[str]:
+    """The first `count` evaluation sentences (pydoc's last 40 %, or a file's whole)."""
+    calib, rest = sentence_split(path)
+    return (rest if path is None else calib + rest)[:count]

@@ -57,7 +57,8 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer)
     check_family(model, config, config.candidates())
-    calib = data.calibration_windows(tokenizer, config.calibration.text, config.calibration.windows)
+    task = adapter_for(model).job
+    calib = task.calibration(model, tokenizer, config.calibration.text, config.calibration.windows)
     apply_transforms(model, config.applied_transforms, calib)  # first: everything after sees the new basis
     candidates = config.candidates()
     if config.budget is not None and config.budget.latency and costs is None:
@@ -66,9 +67,8 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
         costs = measure(model, candidates, step)
     preflight(model, config, candidates, costs)
     calib = _with_generated(model, tokenizer, calib, config, step)
-    evals = data.evaluation_windows(tokenizer, count=config.eval_windows) if config.eval_windows else None
-    before = _perplexity(model, evals, "ppl before", step)
-    checkpoint = _checkpoint(out, source, calib, config, candidates)
+    before = task.evaluate(model, tokenizer, config.eval_windows, step) if config.eval_windows else None
+    checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
     result = _stages(model, calib, config, candidates, costs, step, checkpoint)
     result.seconds["total"] = time.perf_counter() - t0
     result.meta = _describe(model, result, config, source, calib, costs)
@@ -76,9 +76,8 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
         _save(model, tokenizer, result, Path(out), config, costs)
         if checkpoint:
             checkpoint.remove()
-    if evals is not None:
-        result.meta["eval"] = {"ppl_before": before, "ppl_after": _perplexity(model, evals, "ppl after", step),
-                               "windows": len(evals), "text": "pydoc evaluation split"}
+    if before is not None:
+        result.meta["eval"] = task.evaluate(model, tokenizer, config.eval_windows, step, before)
     if out is not None:
         _finish_folder(Path(out), result.meta)
     return result
@@ -100,7 +99,7 @@ def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], c
     plan = config.plan
     if plan is None:
         with _timed(seconds, "profile"):
-            prof = profile_model(model, calib, candidates, config.estimator, damp=config.damp, step=step,
+            prof = profile_model(model, calib, candidates, estimator_of(model, config), damp=config.damp, step=step,
                                  checkpoint=checkpoint, tables=config.tables, transforms=config.transforms)
         with _timed(seconds, "allocate"):
             alloc = allocate(prof, config.budget, costs)
@@ -143,6 +142,12 @@ def check_plan(model, plan: Plan) -> None:
             raise ValueError(f"plan gives {name} {cand.spec.name}, whose groups do not divide its rows of {cols}")
 
 
+def estimator_of(model, config: QuantizeConfig) -> str:
+    """The config's damage estimator, or the model's own (models.tasks: fisher for a decoder, the measured cosine
+    for an encoder)."""
+    return config.estimator or adapter_for(model).job.estimator
+
+
 def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> None:
     """Refuse a transform that cannot keep this family's function, or a chain that needs statistics it cannot
     give."""
@@ -151,6 +156,7 @@ def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> 
     chains = [c.solver for c in (config.plan.layers.values() if config.plan else candidates)]
     transforms = config.plan.transforms if config.plan else config.applied_transforms
     adapter = adapter_for(model)
+    adapter.job.check(config)
     for name in transforms:
         TRANSFORMS.lookup(name)().check(adapter)
     adapter.check_needs(frozenset().union(*(c.needs for c in chains)))
@@ -174,11 +180,12 @@ def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs:
     def shapes(ns):
         return {n: tuple(model.get_submodule(n).weight.shape) for n in ns}
 
-    sizes = cost_profile({}, [], fixed_bytes(model, names + extra), config.estimator)
+    estimator = estimator_of(model, config)
+    sizes = cost_profile({}, [], fixed_bytes(model, names + extra), estimator)
     for n, shape in shapes(names).items():
         cands = layer_candidates(adapter, config.applied_transforms, n, shape[1], candidates)
-        sizes.layers += cost_profile({n: shape}, cands, 0, config.estimator, biased_layers(model, [n])).layers
-    sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, config.estimator,
+        sizes.layers += cost_profile({n: shape}, cands, 0, estimator, biased_layers(model, [n])).layers
+    sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator,
                                  biased_layers(model, extra)).layers
     check_budget(sizes, config.budget, costs)
 
@@ -224,20 +231,7 @@ def _with_generated(model, tokenizer, calib: torch.Tensor, config: QuantizeConfi
     return data.mixed(calib, gen)
 
 
-def _perplexity(model, windows: torch.Tensor | None, label: str, step: Step) -> float | None:
-    if windows is None:
-        return None
-    from .eval.perplexity import perplexity
-
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        step(label, done[0], len(windows))
-    return perplexity(model, windows, advance)
-
-
-def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, candidates):
+def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, candidates, estimator: str):
     """Where the profile is kept while it grows: beside `out`, keyed by everything that decides it, so that the
     same run started again after a crash resumes from the blocks already profiled."""
     if out is None or config.plan is not None:
@@ -248,7 +242,7 @@ def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, c
 
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    key = run_key(source, calib, candidates, config.estimator, fisher_windows=FISHER_WINDOWS,
+    key = run_key(source, calib, candidates, estimator, fisher_windows=FISHER_WINDOWS,
                   kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=config.tables, transforms=list(config.transforms),
                   damp=config.damp)
     return Checkpoint(out.parent / f".{out.name}.profile-partial.json", key)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import FISHER_WINDOWS, OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, hessians, no_step, \
+from .capture import OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, fisher_windows, hessians, no_step, \
     output_energy, output_fisher, run_block
 from .chain import Chain
 from .config import table_candidates
@@ -252,14 +252,14 @@ class _Reads:
         self.tables = tables
         self.fisher = self.energy = None
         self.probe = KLProbe(model, adapter, calib) if estimator.measured else None
-        self.keep = calib[:FISHER_WINDOWS].numel() if OUTPUT_ENERGY in estimator.needs else 0
+        self.keep = fisher_windows(adapter, calib).numel() if OUTPUT_ENERGY in estimator.needs else 0
 
     def of(self, block, group, weights, stats) -> dict:
         """profile_group's keywords for one group of linears."""
         if self.fisher is None and OUTPUT_FISHER in self.estimator.needs:
             self.fisher = self._output_fisher()
         if self.energy is None and OUTPUT_ENERGY in self.estimator.needs:
-            self.energy = output_energy(self.model, self.adapter, self.calib[:FISHER_WINDOWS], self.step)
+            self.energy = output_energy(self.model, self.adapter, fisher_windows(self.adapter, self.calib), self.step)
         return {"fisher": self.fisher,
                 "measures": {n: self.probe.layer(block.get_submodule(m)) for n, m in zip(weights, group)}
                 if self.probe else None,
@@ -267,7 +267,8 @@ class _Reads:
                 if self.energy is not None else None}
 
     def _output_fisher(self):
-        return output_fisher(self.model, self.adapter, self.calib[:FISHER_WINDOWS], self.step, self.tables)
+        return output_fisher(self.model, self.adapter, fisher_windows(self.adapter, self.calib), self.step,
+                             self.tables)
 
     def skip(self, block, x, call):
         """Feed the next block past one whose layers an earlier run profiled."""
@@ -306,7 +307,7 @@ def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: st
             continue
         lp = layer_costs(name, *w.shape, candidates, getattr(module, "bias", None) is not None)
         parts = []
-        if name == adapter.head or adapter.head not in names:  # the head, or a table tied to it
+        if name == adapter.head or adapter.tied(model):  # the head, or a table tied to it
             with torch.no_grad():
                 h = model.get_submodule(adapter.norm)(last).reshape(-1, w.shape[1]).float()
             head = {name: fisher[adapter.head]} if fisher is not None else None

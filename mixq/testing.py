@@ -3,9 +3,15 @@ byte-level tokenizer and a GGUF writer for them: what the test suite and benchma
 on (a few MB each, seconds to quantize)."""
 from __future__ import annotations
 
+import random
+
 import torch
 
 VOCAB = 256
+WORDS = ("the of and to in is it for on with as by at from this that be are was not or an which can one all "
+         "if will but has its more when there their into only other some what so than then these two may new "
+         "also use each such must any way first over after most made how many where those well both while "
+         "model weight layer block token bits group scale zero code budget plan profile").split()
 
 def tiny_config():
     from transformers import LlamaConfig
@@ -25,6 +31,8 @@ def family_config(family: str, width: int = 64):
     llama_like = dict(common, hidden_size=width, intermediate_size=2 * width, num_key_value_heads=2,
                       max_position_embeddings=512)
     make = {
+        "bert": lambda: T.BertConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                     num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=128),
         "llama": lambda: tiny_config() if width == 64 else T.LlamaConfig(**llama_like, tie_word_embeddings=True),
         "mistral": lambda: T.MistralConfig(**llama_like, sliding_window=None),
         "qwen2": lambda: T.Qwen2Config(**llama_like, tie_word_embeddings=True),  # biases on q, k, v
@@ -40,16 +48,20 @@ def family_config(family: str, width: int = 64):
     return make[family]()
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")  # decoders
+ENCODERS = ("bert",)
 
 
 def make_family_model(family: str, seed: int = 0, width: int = 64):
     """A tiny random-weight model of `family` (float32, eval mode, seeded), its linears given random biases where
     the family has them (zero at init) and its norms random scales, so that folding them is tested."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    from .models import adapter_for
+
+    config = family_config(family, width)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, width)).float().eval()
+    model = getattr(transformers, adapter_for(config).job.auto_class).from_config(config).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -132,3 +144,48 @@ def _config_value(config, attr, head_dim):
     if attr == "feed_forward_length":  # GPT-2's
         return getattr(config, "n_inner", None) or 4 * config.n_embd
     return getattr(config, attr, None)
+
+
+def make_wordpiece_tokenizer():
+    """A BERT-style tokenizer over WORDS: WordPiece, [CLS] … [SEP] around every text, [PAD] to pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(special + sorted(set(WORDS)) + ["."])}
+    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tk.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def write_sentence_folder(model, tokenizer, path, normalize: bool = True) -> None:
+    """An encoder as a sentence-transformers folder: the model and tokenizer, mean pooling (1_Pooling), an L2
+    normalisation (2_Normalize) where asked, sequences of at most 128 tokens."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+
+
+def word_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(0, n_words, 12):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + " .")
+    return "\n".join(lines) + "\n"

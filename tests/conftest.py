@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from mixq.testing import VOCAB, make_byte_tokenizer, tiny_config, write_tiny_gguf
+from mixq.testing import VOCAB, WORDS, make_byte_tokenizer, tiny_config, word_text, write_tiny_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local: never wait on a hub
 
@@ -23,11 +22,6 @@ settings.register_profile("dev", deadline=None, suppress_health_check=[HealthChe
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-WORDS = ("the of and to in is it for on with as by at from this that be are was not or an which can one all "
-         "if will but has its more when there their into only other some what so than then these two may new "
-         "also use each such must any way first over after most made how many where those well both while "
-         "model weight layer block token bits group scale zero code budget plan profile").split()
 
 
 def make_tiny_model(seed: int = 0):
@@ -90,14 +84,6 @@ def calib_ids() -> torch.Tensor:
 @pytest.fixture
 def eval_ids() -> torch.Tensor:
     return random_ids(4, 32, seed=2)
-
-
-def word_text(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(0, n_words, 12):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + " .")
-    return "\n".join(lines) + "\n"
 
 
 def make_tokenizer():

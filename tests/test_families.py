@@ -249,3 +249,18 @@ def test_a_bias_that_the_family_config_cannot_declare_is_refused_by_compressed_t
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["export", str(tmp_path / "q"), "--to", "compressed-tensors", str(tmp_path / "ct")])
     _one_line_refusal(res, "that no field of its config (Phi3Config) can declare", tmp_path / "ct")
+
+
+def test_a_gemma_of_640_wide_rows_keeps_the_groups_that_divide_them(byte_tokenizer, text_file):
+    """Gemma 3 270M's width: the 192-weight groups of the default menu do not divide 640, so those layers do
+    without them; the 1280-wide down projection keeps them only where they fit (1280 = 6·192 + 128: not)."""
+    from mixq.chain import Chain
+
+    model = make_family_model("gemma3_text", width=640)
+    config = QuantizeConfig(budget=Budget(bits=4), solvers=(Chain.parse("rtn"),), estimator="hessian",
+                            calibration=Calibration(str(text_file), 2), eval_windows=0)
+    result = mixq.quantize(model, byte_tokenizer, config)
+    groups = {lp.name: {c.spec.group_size for c in lp.candidates} for lp in result.profile.layers}
+    assert groups["model.layers.0.self_attn.q_proj"] == {32, 64}
+    assert groups["model.layers.0.mlp.down_proj"] == {32, 64}
+    assert all(c.spec.fits(result.model.get_submodule(n).in_features) for n, c in result.plan.layers.items())

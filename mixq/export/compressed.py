@@ -108,15 +108,16 @@ def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None
 
 def _biased(model: torch.nn.Module, hf_config: dict) -> set[str]:
     """The block linears that have a bias in a model built from `hf_config` (on the meta device)."""
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..models import adapter_for
 
     config = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "quantization_config"})
+    adapter = adapter_for(model)
     with init_empty_weights():
-        fresh = AutoModelForCausalLM.from_config(config)
-    adapter = adapter_for(fresh)
+        fresh = getattr(transformers, adapter.job.auto_class).from_config(config)
     adapter.prepare(fresh)
     return {n for n in adapter.layer_names(fresh) if fresh.get_submodule(n).bias is not None}
 

@@ -254,8 +254,9 @@ class GGUF(Exporter):
     def check_model(self, model) -> None:
         from ..models import adapter_for
 
-        if adapter_for(model).gguf_arch is None:
-            raise ExportError("llama.cpp does not run this model's architecture: no GGUF export")
+        adapter = adapter_for(model)
+        if adapter.gguf_arch is None:
+            raise ExportError(f"mixq has no GGUF export for {adapter.family}")
         check_rows(model)
 
     def write(self, folder: Path, out: Path) -> dict[str, int]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import attention, norms
+from .tasks import TASKS
 from ..registry import Registry
 
 ADAPTERS = Registry("architecture")
@@ -22,8 +23,9 @@ class Adapter:
     blocks: str  # attribute path of the ModuleList of blocks
     # linears inside a block, grouped by the input they share (one Hessian per group)
     groups: tuple[tuple[str, ...], ...]
-    norm: str = "model.norm"  # final normalisation and output head: what turns the last block's output into logits
-    head: str = "lm_head"
+    # final normalisation and output head: what turns the last block's output into logits (None: an encoder's)
+    norm: str | None = "model.norm"
+    head: str | None = "lm_head"
     embed: str = "model.embed_tokens"
     # the value projection, in the block's attention module (the ATTENTION statistic, rotate's head turn); None
     # where the family fuses it with the queries and keys
@@ -49,6 +51,12 @@ class Adapter:
     gguf_rotary: tuple[tuple[str, str], ...] = (("self_attn.q_proj", "num_attention_heads"),
                                                 ("self_attn.k_proj", "num_key_value_heads"))
     gguf_norm_offset: float = 0.0  # what GGUF adds to every norm weight (Gemma's files store 1 + γ)
+    task: str = "causal"  # what the model is for (models.tasks): how it is loaded, judged and evaluated
+
+    @property
+    def job(self):
+        """The model's Task (models.tasks)."""
+        return TASKS.lookup(self.task)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make every block linear an nn.Linear (rows × cols), as the rest of mixq expects: a family whose layers
@@ -93,10 +101,13 @@ class Adapter:
         return tuple(name for group in self.groups for name in group)
 
     def tables(self, model: nn.Module) -> list[str]:
-        """The embedding table, and the output head unless it is tied to the table (then the table's second use):
-        what joins the allocation with --include-embeddings."""
-        head = model.get_submodule(self.head)
-        return [self.embed] + ([] if head.weight is model.get_submodule(self.embed).weight else [self.head])
+        """The embedding table, and the output head unless the model has none (an encoder) or it is tied to the
+        table (then the table's second use): what joins the allocation with --include-embeddings."""
+        return [self.embed] + ([self.head] if self.head is not None and not self.tied(model) else [])
+
+    def tied(self, model: nn.Module) -> bool:
+        """Whether the head is the embedding table's second use."""
+        return self.head is not None and model.get_submodule(self.head).weight is model.get_submodule(self.embed).weight
 
     def layer_names(self, model: nn.Module) -> list[str]:
         """Full names of every quantizable linear, block after block."""
@@ -174,8 +185,13 @@ def register(adapter: Adapter) -> Adapter:
     return ADAPTERS.register(adapter.family)(adapter)
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    model_type = getattr(model.config, "model_type", None)
+def adapter_for(model) -> Adapter:
+    """The adapter of a model, or of a config (before the model is built)."""
+    return adapter_named(getattr(getattr(model, "config", model), "model_type", None))
+
+
+def adapter_named(model_type: str | None) -> Adapter:
+    """The adapter of a config's model_type, or a one-line error listing the supported ones."""
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[model_type]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTERS, adapter_for
+from .adapters import ADAPTERS, Adapter, adapter_for
+from .tasks import Pooling
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def resolve(model: str | None) -> Path:
 
 def load_model(model: str | None = None):
     """(model in float32, eval mode; tokenizer; resolved path)."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model)
@@ -53,11 +55,14 @@ def load_model(model: str | None = None):
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         else:
-            _check_family(path)
+            adapter = _check_family(path)
             tok = AutoTokenizer.from_pretrained(path)
-            net, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                             output_loading_info=True)
+            auto = getattr(transformers, adapter.job.auto_class)
+            net, info = auto.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                             output_loading_info=True)
             _check_weights(path, info)
+            if adapter.task == "embedding":  # the folder's sentence-transformers pooling, kept in the config
+                net.config.sentence_pooling = Pooling.of_folder(path).to_dict()
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types for a bad file; one clear message for all
@@ -72,14 +77,15 @@ def _supported() -> str:
     return ", ".join(sorted(ADAPTERS))
 
 
-def _check_family(folder: Path) -> None:
-    """Refuse, before the weights load, a folder whose architecture has no adapter."""
+def _check_family(folder: Path) -> Adapter:
+    """The folder's adapter; refuse, before the weights load, an architecture that has none."""
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise ModelError(f"{folder}/config.json is not a readable JSON object: {str(e).splitlines()[0][:200]}")
     if model_type not in ADAPTERS:
         raise ModelError(f"unsupported architecture {model_type!r} in {folder}; supported: {_supported()}")
+    return ADAPTERS[model_type]
 
 
 def _check_weights(folder: Path, info: dict) -> None:
@@ -104,7 +110,9 @@ def _check_gguf(path: Path) -> None:
         raise ModelError(f"{path} is a corrupt GGUF file: {str(e).splitlines()[0][:200]}") from e
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
-    known = sorted({a.gguf_arch for a in ADAPTERS.values() if a.gguf_arch})
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    known = sorted({a.gguf_arch for a in ADAPTERS.values() if a.gguf_arch in GGUF_CONFIG_MAPPING})
     if arch not in known:
         raise ModelError(f"{path} holds a GGUF of architecture {arch!r}, which mixq does not map; supported GGUF "
                          f"architectures: {', '.join(known)}")

@@ -11,18 +11,28 @@ from ..profile import Profile
 
 
 SUMMARY_COLUMNS = ("model", "perplexity", "block-linear bpw", "folder MB")
+ENCODER_COLUMNS = ("model", "cosine / similarity Spearman", "block-linear bpw", "folder MB")
 
 
-def summary(meta: dict) -> tuple[list[list[str]], list[str]]:
-    """A run's mixq.json as the rows of the before/after table (SUMMARY_COLUMNS) and the notes beside it: what
-    `mixq quantize` prints and report.md opens with."""
+def summary(meta: dict) -> tuple[tuple[str, ...], list[list[str]], list[str]]:
+    """A run's mixq.json as the columns and rows of the before/after table and the notes beside it: what
+    `mixq quantize` prints and report.md opens with (a decoder's perplexity, an encoder's embedding fidelity)."""
     ev = meta.get("eval", {})
-    rows = [["float (before)", f"{ev['ppl_before']:.3f}", "float", ""]] if "ppl_before" in ev else []
-    rows.append(["mixq (after)", f"{ev['ppl_after']:.3f}" if "ppl_after" in ev else "-", f"{meta['bpw']:.3f}",
-                 f"{meta['file_bytes'] / 1e6:.2f}" if "file_bytes" in meta else ""])
+    size = f"{meta['file_bytes'] / 1e6:.2f}" if "file_bytes" in meta else ""
     notes = []
-    if ev:
-        notes.append(f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}.")
+    if "cosine" in ev:
+        rows = [["float (before)", "1 / 1", "float", ""],
+                ["mixq (after)", f"{ev['cosine']:.4f} / {ev['spearman']:.4f}", f"{meta['bpw']:.3f}", size]]
+        notes.append(f"Mean cosine to the float embeddings of {ev.get('sentences')} {ev.get('text')}; Spearman of "
+                     f"{ev.get('pairs')} pair similarities.")
+        columns = ENCODER_COLUMNS
+    else:
+        rows = [["float (before)", f"{ev['ppl_before']:.3f}", "float", ""]] if "ppl_before" in ev else []
+        rows.append(["mixq (after)", f"{ev['ppl_after']:.3f}" if "ppl_after" in ev else "-", f"{meta['bpw']:.3f}",
+                     size])
+        columns = SUMMARY_COLUMNS
+        if ev:
+            notes.append(f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}.")
     if meta.get("latency"):
         lat = meta["latency"]
         notes.append(f"ms per token: predicted {lat['predicted_ms']:.2f}, measured {lat['measured_ms']:.2f} "
@@ -31,7 +41,7 @@ def summary(meta: dict) -> tuple[list[list[str]], list[str]]:
         notes.append("embeddings: " + ", ".join(f"`{n}` {spec}" for n, spec in meta["tables"].items()))
     if meta.get("seconds"):
         notes.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
-    return rows, notes
+    return columns, rows, notes
 
 
 def write_report(folder: str | Path) -> Path:
@@ -64,9 +74,9 @@ def write_report(folder: str | Path) -> Path:
     fig.savefig(folder / "bits_per_layer.png", dpi=110)
     plt.close(fig)
 
-    rows, notes = summary(meta)
+    columns, rows, notes = summary(meta)
     lines = ["# mixq report", "", f"Model: `{meta.get('source')}`  ", f"Budget: {meta.get('budget')}", "",
-             "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""] + [f"{n}  " for n in notes]
     lines += ["", "![bits per layer](bits_per_layer.png)", ""]
     if prof is not None:

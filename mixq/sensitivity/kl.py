@@ -6,12 +6,12 @@ from the float model's, with one layer quantized by the candidate and every othe
 on the first KL_WINDOWS calibration windows cut to KL_LENGTH tokens. The float model's log-probabilities and
 probabilities are computed once and kept (2 · KL_WINDOWS · KL_LENGTH · vocabulary floats, whatever the calibration
 size); each measurement runs only the blocks from the layer's own on, from the float hidden states cached at its
-input.
+input. For an encoder the divergence is the task's (models.tasks): the mean of 1 − cos between the float and the
+quantized sentence embeddings of the windows.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..capture import LayerStats, block_inputs, run_block
@@ -29,12 +29,12 @@ class KLProbe:
                  length: int = KL_LENGTH):
         self.model, self.adapter = model, adapter
         self.blocks = adapter.block_list(model)
-        ids = self.ids = calib[:windows, :length]
+        ids = self.ids = calib[:adapter.job.probe_windows or windows, :length]
         self.x, self.calls = block_inputs(model, adapter, ids)
         self.block = 0
+        self.task = adapter.job
         with torch.no_grad():
-            self.ref = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
-        self.p = self.ref.exp()  # once, not per measurement (Σ p·(log p − log q) keeps small KLs exact)
+            self.ref = self.task.reference(self.task.whole(model, ids))
 
     def advance(self) -> None:
         """Move to the next block's input (run the current block as it is now: float)."""
@@ -46,13 +46,13 @@ class KLProbe:
         reference."""
         with torch.no_grad():
             if whole:
-                logits = self.model(self.ids, use_cache=False).logits
+                out = self.task.whole(self.model, self.ids)
             else:
                 h = self.x
                 for blk, call in zip(self.blocks[self.block:], self.calls[self.block:]):
                     h = run_block(blk, h, call)
-                logits = self.adapter.logits(self.model, h)
-        return float((self.p * (self.ref - F.log_softmax(logits.float(), -1))).sum(-1).mean())
+                out = self.task.output(self.adapter, self.model, h)
+        return self.task.divergence(self.ref, out)
 
     def layer(self, linear: nn.Module, whole: bool = False):
         """`measure(dequantized weight, bias change or None) -> KL` for one linear of the current block, restored
