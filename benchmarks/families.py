@@ -89,6 +89,12 @@ class Family:
         self.quantize(self.root / "qt", tables=True)
         return "✓"
 
+    def latency(self) -> str:
+        """A latency budget: the cost table measured on the family's model, the allocation made on it (a
+        generous 1.5 × the float decode time: tiny models time mostly overhead)."""
+        self.quantize(None, budget=Budget(of_float=1.5))
+        return "✓"
+
     def transform(self, name: str) -> str:
         model, _, _ = load_model(str(self.folder))
         want = logits(model)
@@ -160,6 +166,7 @@ def main() -> None:
         "generate": lambda f: f.command("generate", f.root / "q", "--prompt", "the model", "--max-new-tokens", 4),
         "report": lambda f: f.command("report", f.root / "q"),
         "--include-embeddings": lambda f: f.tables(),
+        "--latency (cost table)": lambda f: f.latency(),
         **{n: (lambda f, n=n: f.transform(n)) for n in TRANSFORMS},
         "GGUF export": lambda f: f.export_gguf(),
         "compressed-tensors export": lambda f: f.export_compressed(),

@@ -105,7 +105,7 @@ def quantize(
                                f"transforms come first: {transforms.help_text()}. A comma-separated list makes each "
                                "chain a candidate of every format: the allocation picks per layer."),
     sensitivity: Optional[str] = typer.Option(None, help="Damage estimator: " + ", ".join(ESTIMATORS) +
-                                              " (default: fisher for a decoder, kl, the measured cosine, for an "
+                                              " (default: oac for a decoder, kl, the measured cosine, for an "
                                               "encoder; see the README's Sensitivity section)."),
     damp: float = typer.Option(solvers.DAMP, "--damp", help="The solvers' damping: a fraction of mean(diag H) "
                                "added to H's diagonal."),

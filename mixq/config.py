@@ -79,7 +79,7 @@ class QuantizeConfig:
     compatible   an exporter's name (mixq.export): allocate among the formats it stores exactly
     tables       the embedding table and the head join the allocation (else they stay fp16)
     estimator    the damage estimator of the profile (mixq.sensitivity; None: the model's own, models.tasks:
-                 fisher for a decoder, kl for an encoder)
+                 oac for a decoder, kl for an encoder)
     damp         the solvers' damping, a fraction of mean(diag H)
     refine       rounds of measured-KL refinement of the allocation (0: off)
     cost_table   a cost table file for a latency budget (None: measured during the run)

@@ -28,8 +28,8 @@ def pydoc_text() -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids
+    """The text's ids, tokenized whole (longer than the model's context: no warning, it is cut into windows)."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
 
 
 def read_text(path: str | Path) -> str:

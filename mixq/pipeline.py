@@ -143,9 +143,11 @@ def check_plan(model, plan: Plan) -> None:
 
 
 def estimator_of(model, config: QuantizeConfig) -> str:
-    """The config's damage estimator, or the model's own (models.tasks: fisher for a decoder, the measured cosine
-    for an encoder)."""
-    return config.estimator or adapter_for(model).job.estimator
+    """The config's damage estimator, or the model's own (models.tasks: the measured cosine for an encoder), or
+    mixq's default (sensitivity.DEFAULT_ESTIMATOR)."""
+    from .sensitivity import DEFAULT_ESTIMATOR
+
+    return config.estimator or adapter_for(model).job.estimator or DEFAULT_ESTIMATOR
 
 
 def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> None:

@@ -79,6 +79,8 @@ def test_quantize_evaluates_embedding_fidelity_and_eval_prints_it(bert_dir, text
     assert json.loads(res.stdout.strip().splitlines()[-1])["cosine"] == pytest.approx(1.0)
     res = runner.invoke(app, ["generate", str(tmp_path / "q"), "--prompt", "the model"])
     assert res.exit_code == 2 and "sentence encoder: it does not generate" in " ".join(res.output.split())
+    res = runner.invoke(app, ["bench", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "mixq bench times decoding" in " ".join(res.output.split())
     res = runner.invoke(app, ["report", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
 

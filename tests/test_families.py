@@ -264,3 +264,14 @@ def test_a_gemma_of_640_wide_rows_keeps_the_groups_that_divide_them(byte_tokeniz
     assert groups["model.layers.0.self_attn.q_proj"] == {32, 64}
     assert groups["model.layers.0.mlp.down_proj"] == {32, 64}
     assert all(c.spec.fits(result.model.get_submodule(n).in_features) for n, c in result.plan.layers.items())
+
+
+def test_the_estimator_a_run_names_none_of_is_the_model_s_own():
+    from mixq.pipeline import estimator_of
+    from mixq.sensitivity import DEFAULT_ESTIMATOR
+
+    config = QuantizeConfig(budget=Budget(bits=3))
+    assert estimator_of(make_family_model("llama"), config) == DEFAULT_ESTIMATOR
+    assert estimator_of(make_family_model("bert"), config) == "kl"
+    assert estimator_of(make_family_model("bert"), QuantizeConfig(budget=Budget(bits=3), estimator="hessian")) == \
+        "hessian"

@@ -52,11 +52,13 @@ def bench(folder, prompt_tokens: int = 512, new_tokens: int = 128) -> tuple[dict
 
     from .. import data
     from ..io import MARKER, SavedModelError, open_model
-    from ..models import load_model
+    from ..models import adapter_for, load_model
 
     if not (Path(folder) / MARKER).exists():
         raise SavedModelError(f"{folder} is not a mixq model folder (no {MARKER})")
     packed, tok, bpw = open_model(str(folder))
+    if adapter_for(packed).task != "causal":
+        raise ValueError(f"{folder} is a sentence encoder: mixq bench times decoding, which it does not do")
     float_model, _, _ = load_model(json.loads((Path(folder) / MARKER).read_text())["source"])
     ids = data.evaluation_windows(tok, count=1)[:, :prompt_tokens]
     if ids.shape[1] < prompt_tokens:

@@ -33,7 +33,7 @@ class Task:
     auto_class: ClassVar[str] = ""  # the transformers Auto class that builds the model
     fisher_windows: ClassVar[int | None] = None  # calibration windows with backward passes (None: all)
     probe_windows: ClassVar[int | None] = None  # calibration windows a measured estimator runs (None: its own)
-    estimator: ClassVar[str] = "fisher"  # the damage estimator when the run names none
+    estimator: ClassVar[str | None] = None  # the damage estimator when the run names none (None: mixq's default)
 
     def loss(self, model, embeds: torch.Tensor, window: torch.Tensor, index: int) -> list[torch.Tensor]:
         """The losses whose gradients the Fisher-type statistics average, one backward pass each, for one window
