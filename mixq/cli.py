@@ -183,7 +183,7 @@ def generate(
         net, tok, _ = open_model(target)
         ids = data.prompt_ids(tok, prompt, chat)
         if adapter_for(net).task != "causal":
-            raise ValueError(f"{target} is a sentence encoder: it does not generate (mixq eval measures it)")
+            raise ValueError("a sentence encoder does not generate (mixq eval measures it)")
     with torch.no_grad():
         net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=TextStreamer(tok),
                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

@@ -100,6 +100,9 @@ def write_tiny_gguf(model, path) -> None:
     adapter = adapter_for(model)
     adapter.prepare(model)
     c, arch = model.config, adapter.gguf_arch
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise ValueError(f"transformers reads no {arch or adapter.family} GGUF: mixq loads none, and exports GGUF "
+                         "onto a source GGUF only")
     w = gguf.GGUFWriter(str(path), arch)
     for key, attr in GGUF_CONFIG_MAPPING[arch].items():
         value = _config_value(c, attr, adapter.head_dim(model))
