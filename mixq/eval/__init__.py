@@ -28,16 +28,23 @@ def evaluate(target: str, text: str | None = None, windows: int = 64, step=_no_s
         marker = Path(target) / MARKER
         source = json.loads(marker.read_text())["source"] if marker.is_file() else None
         ref_model = load_model(source)[0] if source else net
-        ref = encode(ref_model, tok, sentences, progress=lambda n: step("float", n, len(sentences)))
-        got = ref if ref_model is net else encode(net, tok, sentences)
+        ref = encode(ref_model, tok, sentences, progress=progress_counter(step, "float", len(sentences)))
+        got = ref if ref_model is net else encode(net, tok, sentences,
+                                                  progress=progress_counter(step, "mixq", len(sentences)))
         return {**{k: round(v, 5) for k, v in fidelity(ref, got, data.EVAL_PAIRS).items()}, "bpw": round(bpw, 4),
                 "sentences": len(sentences), "pairs": data.EVAL_PAIRS}
     from .perplexity import perplexity
 
     ids = data.evaluation_windows(tok, text, windows)
+    ppl = perplexity(net, ids, progress_counter(step, "ppl", len(ids)))
+    return {"ppl": round(ppl, 4), "bpw": round(bpw, 4), "windows": int(ids.shape[0])}
+
+
+def progress_counter(step, stage: str, total: int):
+    """progress(n) callbacks that add up to step(stage, done, total)."""
     done = [0]
 
     def advance(n: int) -> None:
         done[0] += n
-        step("ppl", done[0], len(ids))
-    return {"ppl": round(perplexity(net, ids, advance), 4), "bpw": round(bpw, 4), "windows": int(ids.shape[0])}
+        step(stage, done[0], total)
+    return advance

@@ -109,16 +109,11 @@ class CausalLM(Task):
     def evaluate(self, model, tokenizer, count, step, before=None):
         """Perplexity over the protocol's first `count` evaluation windows."""
         from .. import data
+        from ..eval import progress_counter
         from ..eval.perplexity import perplexity
 
         windows = data.evaluation_windows(tokenizer, count=count)
-        label = "ppl before" if before is None else "ppl after"
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            step(label, done[0], len(windows))
-        ppl = perplexity(model, windows, advance)
+        ppl = perplexity(model, windows, progress_counter(step, "ppl after" if before else "ppl before", len(windows)))
         if before is None:
             return {"ppl_before": ppl, "windows": len(windows), "text": "pydoc evaluation split"}
         return {**before, "ppl_after": ppl}
@@ -219,16 +214,12 @@ class SentenceEmbedding(Task):
         """Embedding fidelity (eval.fidelity) on the first EVAL_SENTENCES held-out pydoc sentences, EVAL_PAIRS
         pairs of them (`count` is a decoder's window count: any count above zero evaluates)."""
         from .. import data
+        from ..eval import progress_counter
         from ..eval.fidelity import encode, fidelity
 
         sentences = data.evaluation_sentences()
-        label = "embed before" if before is None else "embed after"
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            step(label, done[0], len(sentences))
-        emb = encode(model, tokenizer, sentences, progress=advance)
+        label = "embed after" if before else "embed before"
+        emb = encode(model, tokenizer, sentences, progress=progress_counter(step, label, len(sentences)))
         if before is None:
             return {"reference": emb}
         return {**fidelity(before["reference"], emb, data.EVAL_PAIRS), "sentences": len(sentences),
