@@ -129,14 +129,11 @@ class Family:
         return self._same(theirs, mixq.load(self.root / "qg"))
 
     def export_compressed(self) -> str:
-        import transformers
-
         cli("quantize", "--model", self.folder, "--bits", 4, "--out", self.root / "qc", "--compatible",
             "compressed-tensors", "--eval-windows", 0, "--calib", self.text, "--calib-windows", 2)
         cli("export", self.root / "qc", "--to", "compressed-tensors", self.root / "ct")
         ours = mixq.load(self.root / "qc")
-        auto = getattr(transformers, adapter_for(ours).job.auto_class)
-        theirs = auto.from_pretrained(self.root / "ct", dtype=torch.float32).eval()
+        theirs = adapter_for(ours).job.model_class.from_pretrained(self.root / "ct", dtype=torch.float32).eval()
         theirs.config.sentence_pooling = getattr(ours.config, "sentence_pooling", None)
         return self._same(theirs, ours)
 

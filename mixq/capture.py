@@ -21,10 +21,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .models import Adapter, adapter_for
+from .models import Adapter, adapter_for, tasks
 
 BATCH = 8  # windows per block forward
-FISHER_WINDOWS = 8  # calibration windows that get a backward pass (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
+# a decoder's calibration windows that get a backward pass (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
+FISHER_WINDOWS = tasks.FISHER_WINDOWS
 JUDGE_WINDOWS = 8  # calibration windows a block judge runs
 
 INPUT, ATTENTION, JUDGE = "input", "attention", "judge"

@@ -146,8 +146,9 @@ def install_quant_linears(model: nn.Module, plan: Plan) -> None:
 
 def load(path: str | Path):
     """A saved mixq folder as a transformers model (float32 compute) whose block linears are QuantLinear."""
-    import transformers
     from transformers import AutoConfig
+
+    from .models import adapter_for
 
     path = Path(path)
     if not (path / MARKER).exists():
@@ -160,11 +161,9 @@ def load(path: str | Path):
     from accelerate import init_empty_weights
 
     config = AutoConfig.from_pretrained(path)
-    from .models import adapter_for
-
     adapter = adapter_for(config)
     with init_empty_weights(include_buffers=False):  # parameters on meta: the fp32 model is never allocated
-        model = getattr(transformers, adapter.job.auto_class).from_config(config, dtype=torch.float32)
+        model = adapter.job.model_class.from_config(config, dtype=torch.float32)
     adapter.prepare(model)  # Conv1D layers as nn.Linear, as they were saved
     names = {id(m): n for n, m in model.named_modules()}
     head, table = model.get_output_embeddings(), model.get_input_embeddings()

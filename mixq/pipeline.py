@@ -56,11 +56,11 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     source = _source(model)
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer)
-    check_family(model, config, config.candidates())
+    candidates = config.candidates()
+    check_family(model, config, candidates)  # before the calibration is read and the transforms run
     task = adapter_for(model).job
     calib = task.calibration(model, tokenizer, config.calibration.text, config.calibration.windows)
     apply_transforms(model, config.applied_transforms, calib)  # first: everything after sees the new basis
-    candidates = config.candidates()
     if config.budget is not None and config.budget.latency and costs is None:
         from .cost import measure
 

@@ -55,13 +55,11 @@ ENCODERS = ("bert",)
 def make_family_model(family: str, seed: int = 0, width: int = 64):
     """A tiny random-weight model of `family` (float32, eval mode, seeded), its linears given random biases where
     the family has them (zero at init) and its norms random scales, so that folding them is tested."""
-    import transformers
-
     from .models import adapter_for
 
     config = family_config(family, width)
     torch.manual_seed(seed)
-    model = getattr(transformers, adapter_for(config).job.auto_class).from_config(config).float().eval()
+    model = adapter_for(config).job.model_class.from_config(config).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

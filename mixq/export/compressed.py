@@ -94,21 +94,22 @@ def _zero_biases(model: torch.nn.Module, hf_config: dict, tensors: dict) -> None
 
     adapter = adapter_for(model)
     ours = {n for n in adapter.layer_names(model) if model.get_submodule(n).bias is not None}
-    extra = ours - _biased(model, hf_config)
-    for flag, kinds in adapter.biased_kinds().items():
-        if flag in hf_config and any(adapter.in_block(n) in kinds for n in extra):
-            hf_config[flag] = True
-    missing = ours - _biased(model, hf_config)
+    native = _biased(model, hf_config)
+    flags = [flag for flag, kinds in adapter.biased_kinds().items()
+             if flag in hf_config and any(adapter.in_block(n) in kinds for n in ours - native)]
+    for flag in flags:
+        hf_config[flag] = True
+    declared = _biased(model, hf_config) if flags else native  # (a model built again only where a flag changed)
+    missing = ours - declared
     if missing:
         raise ExportError(f"{sorted(missing)[0]} has a bias (bias compensation) that no field of its config "
                           f"({type(model.config).__name__}) can declare: quantize without a +bias chain")
-    for n in _biased(model, hf_config) - ours:
+    for n in declared - ours:
         tensors.setdefault(f"{n}.bias", torch.zeros(model.get_submodule(n).out_features, dtype=torch.float16))
 
 
 def _biased(model: torch.nn.Module, hf_config: dict) -> set[str]:
     """The block linears that have a bias in a model built from `hf_config` (on the meta device)."""
-    import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -117,7 +118,7 @@ def _biased(model: torch.nn.Module, hf_config: dict) -> set[str]:
     config = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "quantization_config"})
     adapter = adapter_for(model)
     with init_empty_weights():
-        fresh = getattr(transformers, adapter.job.auto_class).from_config(config)
+        fresh = adapter.job.model_class.from_config(config)
     adapter.prepare(fresh)
     return {n for n in adapter.layer_names(fresh) if fresh.get_submodule(n).bias is not None}
 

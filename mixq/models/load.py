@@ -45,7 +45,6 @@ def resolve(model: str | None) -> Path:
 
 def load_model(model: str | None = None):
     """(model in float32, eval mode; tokenizer; resolved path)."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model)
@@ -57,8 +56,7 @@ def load_model(model: str | None = None):
         else:
             adapter = _check_family(path)
             tok = AutoTokenizer.from_pretrained(path)
-            auto = getattr(transformers, adapter.job.auto_class)
-            net, info = auto.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+            net, info = adapter.job.model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                              output_loading_info=True)
             _check_weights(path, info)
             if adapter.task == "embedding":  # the folder's sentence-transformers pooling, kept in the config

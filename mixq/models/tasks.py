@@ -26,6 +26,7 @@ from ..registry import Registry
 
 TASKS = Registry("task")
 PROBES = 4  # embedding task: curvature probes per calibration window
+FISHER_WINDOWS = 8  # a decoder's calibration windows that get a backward pass (capture: OUTPUT_FISHER, …)
 
 
 class Task:
@@ -34,6 +35,13 @@ class Task:
     fisher_windows: ClassVar[int | None] = None  # calibration windows with backward passes (None: all)
     probe_windows: ClassVar[int | None] = None  # calibration windows a measured estimator runs (None: its own)
     estimator: ClassVar[str | None] = None  # the damage estimator when the run names none (None: mixq's default)
+
+    @property
+    def model_class(self):
+        """The transformers Auto class (`auto_class`) that builds and loads the model."""
+        import transformers
+
+        return getattr(transformers, self.auto_class)
 
     def loss(self, model, embeds: torch.Tensor, window: torch.Tensor, index: int) -> list[torch.Tensor]:
         """The losses whose gradients the Fisher-type statistics average, one backward pass each, for one window
@@ -77,7 +85,7 @@ def register(cls: type[Task]) -> type[Task]:
 class CausalLM(Task):
     name = "causal"
     auto_class = "AutoModelForCausalLM"
-    fisher_windows = 8  # capture.FISHER_WINDOWS
+    fisher_windows = FISHER_WINDOWS
 
     def loss(self, model, embeds, window, index):
         """The next-token NLL summed over the window."""
