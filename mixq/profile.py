@@ -226,7 +226,8 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
                 weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
                 cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
                 cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
-                prof.layers += profile_group(weights, st, cands, estimator, damp=damp, biased=biased_layers(model, weights),
+                prof.layers += profile_group(weights, st, cands, estimator, damp=damp,
+                                             biased=biased_layers(model, weights),
                                              **reads.of(block, group, weights, st))
             x = reads.advance(y)
             if checkpoint:

@@ -107,7 +107,8 @@ class Adapter:
 
     def tied(self, model: nn.Module) -> bool:
         """Whether the head is the embedding table's second use."""
-        return self.head is not None and model.get_submodule(self.head).weight is model.get_submodule(self.embed).weight
+        return (self.head is not None
+                and model.get_submodule(self.head).weight is model.get_submodule(self.embed).weight)
 
     def layer_names(self, model: nn.Module) -> list[str]:
         """Full names of every quantizable linear, block after block."""
@@ -186,12 +187,9 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def adapter_for(model) -> Adapter:
-    """The adapter of a model, or of a config (before the model is built)."""
-    return adapter_named(getattr(getattr(model, "config", model), "model_type", None))
-
-
-def adapter_named(model_type: str | None) -> Adapter:
-    """The adapter of a config's model_type, or a one-line error listing the supported ones."""
+    """The adapter of a model, or of a config (before the model is built); a one-line error listing the supported
+    architectures where there is none."""
+    model_type = getattr(getattr(model, "config", model), "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[model_type]

@@ -49,6 +49,7 @@ def fold(kind: str, norm: nn.Module, readers: list[nn.Linear]) -> None:
                     lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
                 lin.bias.copy_((lin.bias.double() + extra).to(lin.bias.dtype))
             lin.weight.copy_((w * gamma).to(lin.weight.dtype))
-        norm.weight.copy_((torch.zeros_like(gamma) if kind == "rms1p" else torch.ones_like(gamma)).to(norm.weight.dtype))
+        one = torch.zeros_like(gamma) if kind == "rms1p" else torch.ones_like(gamma)  # a scale of one, as stored
+        norm.weight.copy_(one.to(norm.weight.dtype))
         if shift is not None:
             shift.zero_()
