@@ -6,8 +6,9 @@ came out: ✓ (it ran and, where it has one, passed its check), or the one-line 
 
 Checks: quantize (profile → allocate → apply → save → mixq.load gives the packed model's logits exactly); rotate
 and resq keep the float model's logits; an export reads back (transformers, from the GGUF or the compressed-tensors
-folder) to the saved model's logits. A GGUF export builds on a GGUF of the family (written by mixq.testing, read
-back by transformers as the float model), so it is tried where transformers reads the architecture's GGUF."""
+folder) to the saved model's logits (GPT-NeoX's GGUF, which transformers does not read, in mixq's reader). The GGUF
+export is tried from a GGUF of the family (written by mixq.testing, loaded as the float model: the export keeps its
+metadata) and from the folder (metadata from the config, tokenizer from tokenizer.json)."""
 from __future__ import annotations
 
 import json
@@ -61,10 +62,12 @@ class Family:
         self.family, self.root = family, root
         self.folder = root / "hf"
         model = make_family_model(family)
-        self.tokenizer = make_wordpiece_tokenizer() if family in ENCODERS else make_byte_tokenizer()
+        self.tokenizer = make_wordpiece_tokenizer() if family in ENCODERS else make_byte_tokenizer(merge=True)
         if family in ENCODERS:
             write_sentence_folder(model, self.tokenizer, self.folder)
         else:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # (transformers gives a Phi-3 GGUF without one
+                                                                 # id 32000, past the tiny vocabulary)
             model.save_pretrained(self.folder)
             self.tokenizer.save_pretrained(self.folder)
         self.text = root / "calib.txt"
@@ -118,15 +121,19 @@ class Family:
         self.quantize(None, estimator=name)
         return "✓"
 
-    def export_gguf(self) -> str:
-        source = self.root / "float.gguf"
-        write_tiny_gguf(make_family_model(self.family), source)
-        float_model, _, _ = load_model(str(source))
-        cli("quantize", "--model", source, "--bits", 5, "--out", self.root / "qg", "--compatible", "gguf",
+    def export_gguf(self, from_gguf: bool) -> str:
+        """Quantized among ggml types from a GGUF of the family (mixq.testing writes it; mixq loads it) or from
+        the folder, exported to GGUF and read back."""
+        source = self.folder
+        if from_gguf:
+            source = self.root / "float.gguf"
+            write_tiny_gguf(make_family_model(self.family), source)
+        out, file = self.root / f"qg{int(from_gguf)}", self.root / f"q{int(from_gguf)}.gguf"
+        cli("quantize", "--model", source, "--bits", 5, "--out", out, "--compatible", "gguf",
             "--eval-windows", 0, "--calib", self.text, "--calib-windows", 2)
-        cli("export", self.root / "qg", "--to", "gguf", self.root / "q.gguf")
-        theirs, _, _ = load_model(str(self.root / "q.gguf"))
-        return self._same(theirs, mixq.load(self.root / "qg"))
+        cli("export", out, "--to", "gguf", file)
+        theirs, _, _ = load_model(str(file))
+        return self._same(theirs, mixq.load(out))
 
     def export_compressed(self) -> str:
         cli("quantize", "--model", self.folder, "--bits", 4, "--out", self.root / "qc", "--compatible",
@@ -162,7 +169,8 @@ def main() -> None:
         "--include-embeddings": lambda f: f.tables(),
         "--latency (cost table)": lambda f: f.latency(),
         **{n: (lambda f, n=n: f.transform(n)) for n in TRANSFORMS},
-        "GGUF export": lambda f: f.export_gguf(),
+        "GGUF export (from a GGUF)": lambda f: f.export_gguf(True),
+        "GGUF export (from a folder)": lambda f: f.export_gguf(False),
         "compressed-tensors export": lambda f: f.export_compressed(),
     }
     rows, solvers, estimators = {}, {}, {}
@@ -213,8 +221,10 @@ def write(rows, solvers, estimators, seconds: float) -> None:
              "from transformers' own config class), produced by `python benchmarks/families.py`: ✓ it ran and passed "
              "its check, ✗ the one-line refusal mixq gives (notes below). Checks: the saved folder loads to the "
              "packed model's very logits; `rotate`/`resq` keep the float logits (largest change in brackets); an "
-             "export reads back in transformers to the saved model's logits. The GGUF export starts from a GGUF of "
-             "the family (mixq exports onto its source GGUF's tokenizer and metadata).", "",
+             "export reads back in transformers to the saved model's logits (GPT-NeoX's GGUF, which transformers "
+             "does not read, in mixq's own reader). The GGUF export is tried from a GGUF of the family (the export "
+             "keeps its tokenizer and metadata) and from the Hugging Face folder (hyper-parameters from the config "
+             "as llama.cpp's convert_hf_to_gguf.py writes them, tokenizer from tokenizer.json).", "",
              provenance() + f" {seconds:.0f} s in all.", ""]
     lines += table("family", rows, notes) + [""]
     lines += ["## Solvers (every layer at 4-bit g32 min; a refiner after gptq)", ""]

@@ -65,7 +65,7 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
         from .cost import measure
 
         costs = measure(model, candidates, step)
-    preflight(model, config, candidates, costs)
+    preflight(model, config, candidates, costs, source)
     calib = _with_generated(model, tokenizer, calib, config, step)
     before = task.evaluate(model, tokenizer, config.eval_windows, step) if config.eval_windows else None
     checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
@@ -164,10 +164,11 @@ def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> 
     adapter.check_needs(frozenset().union(*(c.needs for c in chains)))
 
 
-def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs: CostTable | None = None) -> None:
+def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs: CostTable | None = None,
+              source: str | None = None) -> None:
     """Every check that needs the model but no calibration, so bad input fails in seconds, not after the profile:
-    a plan's layers and formats; transforms and statistics the family cannot take; the exporter's rows; a budget
-    no allocation can meet."""
+    a plan's layers and formats; transforms and statistics the family cannot take; what the exporter cannot write
+    (`source`: the model's file or folder); a budget no allocation can meet."""
     check_family(model, config, candidates)
     if config.plan is not None:
         check_plan(model, config.plan)
@@ -175,7 +176,7 @@ def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs:
     if config.compatible is not None:
         from .export import EXPORTERS
 
-        EXPORTERS[config.compatible]().check_model(model)
+        EXPORTERS[config.compatible]().check_model(model, Path(source) if source else None)
     adapter = adapter_for(model)
     names, extra = adapter.layer_names(model), adapter.tables(model) if config.tables else []
 

@@ -68,16 +68,22 @@ def make_family_model(family: str, seed: int = 0, width: int = 64):
     return model
 
 
-def make_byte_tokenizer():
+def make_byte_tokenizer(merge: bool = False):
     """A byte-level tokenizer: id b is byte b (GPT-2's byte-to-character table, no merges), so every family's own
     tokenizer class reads it back from a folder as it is (Qwen2's rebuilds a word-level one into nothing), and any
-    text tokenizes; the bos and eos tokens are bytes 1 and 2, as the tiny configs say."""
+    text tokenizes; the bos and eos tokens are bytes 1 and 2, as the tiny configs say. With `merge`, id 255 is two
+    spaces instead, the one merge (as in write_tiny_gguf's: llama.cpp and transformers read no BPE without
+    merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = bytes_to_unicode()
-    tk = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    vocab = {chars[b]: b for b in range(256)}
+    if merge:
+        del vocab[chars[255]]
+        vocab[chars[32] * 2] = 255
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[(chars[32], chars[32])] if merge else []))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=chars[1], eos_token=chars[2])
@@ -85,31 +91,23 @@ def make_byte_tokenizer():
 
 def write_tiny_gguf(model, path) -> None:
     """A tiny float model of any family as a GGUF of its architecture (F32 tensors named by gguf-py's tables, rows
-    in ggml's order and norms as GGUF stores them: the adapter's facts) with the hyper-parameters transformers'
-    GGUF loader reads back, and a byte-level tokenizer: ids 0–254 are one byte each, 255 two spaces, so any text
-    without byte 255 tokenizes."""
+    in ggml's order and norms as GGUF stores them, the hyper-parameters convert_hf_to_gguf writes: the adapter's
+    facts) and a byte-level tokenizer: ids 0–254 are one byte each, 255 two spaces, so any text without byte 255
+    tokenizes."""
     import gguf
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     from mixq.models import adapter_for
+    from mixq.models.gguf_meta import write_hparams
 
     adapter = adapter_for(model)
     adapter.prepare(model)
     c, arch = model.config, adapter.gguf_arch
-    if arch not in GGUF_CONFIG_MAPPING:
-        raise ValueError(f"transformers reads no {arch or adapter.family} GGUF: mixq loads none, and exports GGUF "
-                         "onto a source GGUF only")
+    if arch is None:
+        raise ValueError(f"llama.cpp runs no {adapter.family} model: mixq writes no GGUF of it")
     w = gguf.GGUFWriter(str(path), arch)
-    for key, attr in GGUF_CONFIG_MAPPING[arch].items():
-        value = _config_value(c, attr, adapter.head_dim(model))
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        kind = gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.FLOAT32
-        w.add_key_value(f"{arch}.{key}", value, kind)
+    write_hparams(w, adapter, c)
     byte_chars = bytes_to_unicode()
     space = byte_chars[ord(" ")]
     tokens = [byte_chars[b] for b in range(255)] + [space * 2]  # byte 255 gives way to one merge (llama.cpp
@@ -137,14 +135,25 @@ def write_tiny_gguf(model, path) -> None:
     w.close()
 
 
-def _config_value(config, attr, head_dim):
-    if attr is None or attr == "head_dim":
-        return head_dim
-    if attr == "rope_theta":
-        return float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
-    if attr == "feed_forward_length":  # GPT-2's
-        return getattr(config, "n_inner", None) or 4 * config.n_embd
-    return getattr(config, attr, None)
+def make_sentencepiece_tokenizer():
+    """A SentencePiece-style BPE as Llama 2's tokenizer.json has it (byte fallback, "▁" for spaces, <s> first):
+    <unk>, <s>, </s>, the 256 byte tokens <0x00>–<0xFF>, "▁", a–z and five merges (291 tokens)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for ch in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "o"), ("▁o", "f")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def make_wordpiece_tokenizer():

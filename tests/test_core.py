@@ -193,8 +193,8 @@ def test_the_library_entry_point_checks_its_inputs_before_loading(tiny_hf_dir, t
         mixq.quantize(torch.nn.Linear(2, 2), None, QuantizeConfig(budget=Budget(bits=3)))
 
 
-def test_compatible_takes_an_exporter_name_and_the_old_flags_stay_aliases(tiny_hf_dir, text_file, tmp_path):
-    common = ["--model", tiny_hf_dir, "--bits", 4.6, "--calib", text_file, "--calib-windows", 2, "--eval-windows", 0]
+def test_compatible_takes_an_exporter_name_and_the_old_flags_stay_aliases(tiny_gguf, text_file, tmp_path):
+    common = ["--model", tiny_gguf, "--bits", 4.6, "--calib", text_file, "--calib-windows", 2, "--eval-windows", 0]
     plans = {}
     for flags in (["--compatible", "gguf"], ["--gguf-compatible"]):
         out = tmp_path / flags[0].strip("-")

@@ -18,6 +18,8 @@ from mixq.formats import QuantSpec, quantize
 from mixq.models import load_model
 from mixq.plan import Candidate, Plan
 
+from conftest import make_tiny_model
+
 runner = CliRunner()
 
 
@@ -163,21 +165,27 @@ def test_export_refuses_formats_without_a_ggml_type(tiny_gguf, text_file, tmp_pa
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".q.gguf*"))
 
 
-def test_export_cli_errors(tiny_hf_dir, text_file, tmp_path):
+def test_export_cli_errors(tmp_path, text_file):
+    from mixq.testing import make_byte_tokenizer
+
     res = runner.invoke(app, ["export", str(tmp_path / "missing"), "--to", "gguf", str(tmp_path / "x.gguf")])
     assert res.exit_code == 2 and "not a mixq model folder" in res.output
-    out = tmp_path / "hf"
-    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", tiny_hf_dir, "--bits", 5, "--out", out,
+    folder, out = tmp_path / "m", tmp_path / "hf"
+    make_tiny_model().save_pretrained(folder)
+    make_byte_tokenizer(merge=True).save_pretrained(folder)
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", folder, "--bits", 5, "--out", out,
                                                "--eval-windows", 0, "--calib", text_file, "--calib-windows", 2,
                                                "--gguf-compatible")])
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "mixq.json").read_text())
     assert all(ggml_type(Candidate.from_dict(c).spec) for c in json.loads((out / "plan.json").read_text())
                ["layers"].values()), meta
-    res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "x.gguf")])
-    assert res.exit_code == 2 and "not a .gguf file" in res.output
     res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path)])
     assert res.exit_code == 2 and "is a folder" in res.output
+    (out / "tokenizer.json").write_text("{")  # a saved folder whose tokenizer was damaged
+    res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "x.gguf")])
+    assert res.exit_code == 2 and "tokenizer.json, which cannot be read" in res.output, res.output
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
     res = runner.invoke(app, ["export", str(out), "--to", "onnx", str(tmp_path / "x.gguf")])
     assert res.exit_code == 2 and "gguf" in res.output
     assert not list(tmp_path.glob("*.gguf"))

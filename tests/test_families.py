@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 import mixq
@@ -16,7 +17,7 @@ from mixq.models import ADAPTERS, adapter_for, load_model
 from mixq.plan import Budget
 from mixq.transforms import apply_transforms
 
-from mixq.testing import FAMILIES, make_family_model, write_tiny_gguf
+from mixq.testing import FAMILIES, family_config, make_byte_tokenizer, make_family_model, write_tiny_gguf
 
 from conftest import random_ids
 
@@ -167,44 +168,172 @@ def test_a_folder_without_its_tokenizer_is_refused(family_dirs, tmp_path, text_f
     _one_line_refusal(_quantize_cli(folder, tmp_path / "q", text_file), "cannot load model", tmp_path / "q")
 
 
-def test_a_gguf_of_an_unmapped_architecture_is_refused(tmp_path, text_file):
+def _write_gguf(path, arch: str, fill) -> None:
+    """A GGUF of `arch` at `path` holding what fill(writer) adds."""
     import gguf
-    import numpy as np
 
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w = gguf.GGUFWriter(str(path), arch)
+    fill(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_a_gguf_of_an_unmapped_architecture_is_refused(tmp_path, text_file):
+    import numpy as np
+
+    def fill(w):
+        w.add_block_count(1)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    _write_gguf(tmp_path / "m.gguf", "mamba", fill)
     res = _quantize_cli(tmp_path / "m.gguf", tmp_path / "q", text_file)
     _one_line_refusal(res, "architecture 'mamba', which mixq does not map", tmp_path / "q")
 
 
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2")
-
-
-@pytest.mark.parametrize("family", GGUF_FAMILIES)
-def test_a_family_gguf_quantizes_and_exports_back_to_the_same_logits(family, text_file, tmp_path):
-    """A GGUF of the family loads as the float model; quantized among the ggml types it exports as a GGUF of its
-    architecture that transformers reads back to the saved model's logits."""
-    source = tmp_path / f"{family}.gguf"
-    write_tiny_gguf(make_family_model(family), source)
-    float_model, _, _ = load_model(str(source))
-    assert adapter_for(float_model).family in (family, "llama")  # transformers reads Mistral GGUFs as Llama
+def _quantize_and_export_gguf(model, tmp_path, text_file):
+    """Quantize `model` at 5 bits among ggml types into tmp_path/q and export it to tmp_path/q.gguf."""
     out = tmp_path / "q"
-    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", source, "--bits", 5, "--out", out,
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", model, "--bits", 5, "--out", out,
                                                "--compatible", "gguf", "--eval-windows", 0, "--calib", text_file,
                                                "--calib-windows", 2)])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "q.gguf")])
     assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_gguf_quantizes_and_exports_back_to_the_same_logits(family, text_file, tmp_path):
+    """A GGUF of the family loads as the float model; quantized among the ggml types it exports as a GGUF of its
+    architecture that reads back to the saved model's logits (in transformers; GPT-NeoX's, which transformers does
+    not read, in mixq's own reader)."""
+    source = tmp_path / f"{family}.gguf"
+    write_tiny_gguf(make_family_model(family), source)
+    float_model, _, _ = load_model(str(source))
+    assert adapter_for(float_model).family in (family, "llama")  # transformers reads Mistral GGUFs as Llama
+    out = _quantize_and_export_gguf(source, tmp_path, text_file)
     theirs, _, _ = load_model(str(tmp_path / "q.gguf"))
     ids = random_ids(2, 24)
     a, b, f = _logits(mixq.load(out), ids), _logits(theirs, ids), _logits(float_model, ids)
     assert (a - f).abs().max() > 1e-3  # really quantized
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_folder_exports_to_gguf_with_the_same_logits(family, tmp_path, text_file):
+    """Quantized from a Hugging Face folder, a family exports as a GGUF of its architecture whose hyper-parameters
+    come from the config and tokenizer from tokenizer.json: it reads back to the saved model's logits, and its
+    tokenizer to the folder's ids."""
+    folder = tmp_path / "m"
+    make_family_model(family).save_pretrained(folder)
+    tokenizer = make_byte_tokenizer(merge=True)
+    tokenizer.pad_token = tokenizer.eos_token  # (transformers gives a Phi-3 GGUF without one id 32000)
+    tokenizer.save_pretrained(folder)
+    out = _quantize_and_export_gguf(folder, tmp_path, text_file)
+    theirs, their_tokenizer, _ = load_model(str(tmp_path / "q.gguf"))
+    ids = random_ids(2, 24)
+    torch.testing.assert_close(_logits(theirs, ids), _logits(mixq.load(out), ids), atol=1e-4, rtol=1e-4)
+    text = "the model  of the budget, 42 bits"
+    assert their_tokenizer(text).input_ids == tokenizer(text).input_ids
+
+
+def test_a_sentencepiece_tokenizer_exports_to_gguf_as_llama_cpp_s_llama_model(tmp_path, text_file):
+    """A byte-fallback BPE (Llama 2's kind of tokenizer.json) is written as llama.cpp's "llama" tokenizer, padded
+    to the model's rows with unused tokens: read back, it gives the folder's ids and the model its logits."""
+    import gguf
+
+    from mixq.testing import make_sentencepiece_tokenizer
+
+    folder = tmp_path / "m"
+    config = family_config("llama")
+    config.vocab_size = 320  # the tokenizer's 291 tokens and 29 unused rows
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer = make_sentencepiece_tokenizer()
+    tokenizer.save_pretrained(folder)
+    out = _quantize_and_export_gguf(folder, tmp_path, text_file)
+    fields = gguf.GGUFReader(tmp_path / "q.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert len(types) == 320 and types[291:] == [gguf.TokenType.UNUSED] * 29 and types[3] == gguf.TokenType.BYTE
+    theirs, their_tokenizer, _ = load_model(str(tmp_path / "q.gguf"))
+    text = "the of 42 Zeta"
+    assert their_tokenizer(text).input_ids == tokenizer(text).input_ids
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(theirs, ids), _logits(mixq.load(out), ids), atol=1e-4, rtol=1e-4)
+
+
+def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from mixq.models.gguf_meta import pre_tokenizer
+
+    def split(regex):
+        return {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": regex}},
+                                                       {"type": "ByteLevel", "use_regex": False}]}
+    assert pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel"}]}}) == "smollm"  # SmolLM's
+    assert pre_tokenizer({"pre_tokenizer": split(GGUF_PRE_TOKENIZER_SPLITS["llama3"])}) == "llama-bpe"
+    assert pre_tokenizer({"pre_tokenizer": split(GGUF_PRE_TOKENIZER_SPLITS["qwen2"])}) == "qwen2"
+    assert pre_tokenizer({"pre_tokenizer": split(r"\p{L}+")}) is None  # unknown: none named, llama.cpp's default
+
+
+def test_gguf_export_refuses_a_tokenizer_it_cannot_write_before_any_work(tmp_path, text_file):
+    from mixq.testing import make_wordpiece_tokenizer
+
+    folder = tmp_path / "m"
+    make_family_model("llama").save_pretrained(folder)
+    make_wordpiece_tokenizer().save_pretrained(folder)
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", folder, "--bits", 5, "--out", tmp_path / "q",
+                                               "--compatible", "gguf", "--calib", text_file)])
+    _one_line_refusal(res, "holds a WordPiece tokenizer: GGUF export writes byte-level BPE", tmp_path / "q")
+    from mixq.models.gguf_meta import GGUFMetaError, check_tokenizer
+
+    make_byte_tokenizer().save_pretrained(tmp_path / "bytes")  # a BPE without merges
+    with pytest.raises(GGUFMetaError, match="without merges, which llama.cpp does not read"):
+        check_tokenizer(tmp_path / "bytes")
+
+
+def test_gguf_export_writes_llama3_rotary_factors_and_refuses_scalings_it_cannot(tmp_path):
+    """Llama 3's scaled rotary frequencies are llama.cpp's base frequencies divided by `rope_freqs`: the factors
+    mixq writes give back the frequencies transformers' model uses."""
+    from mixq.models.gguf_meta import GGUFMetaError, rope_tensors
+
+    config = family_config("llama")
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = LlamaForCausalLM(config)
+    factors = torch.from_numpy(rope_tensors(ADAPTERS["llama"], config)["rope_freqs.weight"]).double()
+    dim = config.hidden_size // config.num_attention_heads
+    base = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    assert (factors > 1).any() and (factors == 1).any()  # the scaling reaches some frequencies, not all
+    torch.testing.assert_close(base / factors, model.model.rotary_emb.inv_freq.double(), rtol=1e-6, atol=0)
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 64}
+    with pytest.raises(GGUFMetaError, match="rotary scaling 'yarn' has no GGUF export"):
+        rope_tensors(ADAPTERS["llama"], config)
+
+
+def test_a_neox_gguf_with_a_missing_tensor_is_refused_in_one_line(tmp_path, text_file):
+    import gguf
+
+    source = tmp_path / "full.gguf"
+    write_tiny_gguf(make_family_model("gpt_neox"), source)
+    reader = gguf.GGUFReader(source)
+
+    def fill(w):  # the same file, less one tensor
+        for key, f in reader.fields.items():
+            if not key.startswith("GGUF.") and key != "general.architecture":
+                sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+                w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        for t in reader.tensors:
+            if t.name != "blk.1.ffn_down.weight":
+                w.add_tensor(t.name, t.data)
+    _write_gguf(tmp_path / "cut.gguf", "gptneox", fill)
+    res = _quantize_cli(tmp_path / "cut.gguf", tmp_path / "q", text_file)
+    _one_line_refusal(res, "has no tensor for the model's gpt_neox.layers.1.mlp.dense_4h_to_h.weight", tmp_path / "q")
 
 
 CT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox")

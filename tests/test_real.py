@@ -90,3 +90,31 @@ def test_block0_rtn_4bit_barely_moves_perplexity(smollm2, eval_windows, float_pp
     ppl = perplexity(model, eval_windows)
     assert ppl != float_ppl  # the layers really changed
     assert abs(ppl / float_ppl - 1) < 0.02, (ppl, float_ppl)
+
+
+def test_gguf_metadata_from_a_folder_matches_llama_cpp_converter(smollm2, tmp_path):
+    """SmolLM2 as a Hugging Face folder: the GGUF metadata mixq writes from its config and tokenizer.json (a
+    model quantized from a folder has no source GGUF) holds the very hyper-parameters, tokens, token types and
+    merges llama.cpp's convert_hf_to_gguf.py wrote into the bundled file."""
+    import gguf
+
+    from mixq.models.gguf_meta import write_hparams, write_vocab
+    from mixq.models.load import default_model_path
+
+    model, tok = smollm2
+    tok.save_pretrained(tmp_path)
+    w = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "llama")
+    write_hparams(w, adapter_for(model), model.config)
+    write_vocab(w, tmp_path, model.config.vocab_size)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs, ours = gguf.GGUFReader(default_model_path()).fields, gguf.GGUFReader(tmp_path / "meta.gguf").fields
+    keys = [k for k in theirs if k.startswith("llama.")] + [
+        "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
+    assert len(keys) > 15
+    for key in keys:
+        assert key in ours, key
+        assert ours[key].contents() == theirs[key].contents(), key

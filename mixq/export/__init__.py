@@ -24,8 +24,9 @@ class Exporter:
         """The formats it stores exactly: `--compatible` allocates among these."""
         raise NotImplementedError
 
-    def check_model(self, model) -> None:
-        """Refuse, before any work, a model this format cannot hold (ExportError naming the layer)."""
+    def check_model(self, model, source=None) -> None:
+        """Refuse, before any work, a model this format cannot hold (ExportError naming the layer); `source` is the
+        model's file or folder, where known."""
 
     def write(self, folder: Path, out: Path) -> dict[str, int]:
         """Write the saved mixq model in `folder` to `out` (atomically); the count of tensors of each type."""

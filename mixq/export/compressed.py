@@ -131,7 +131,7 @@ class CompressedTensors(Exporter):
     def specs(self) -> list[QuantSpec]:
         return ct_specs()
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, source=None) -> None:
         from ..models import adapter_for
 
         adapter = adapter_for(model)

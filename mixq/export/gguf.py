@@ -11,11 +11,12 @@ mixq formats that are ggml types (`GGML_TYPES`, `K_QUANTS`):
 `mixq quantize --compatible gguf` allocates among these only. Every other tensor is written as mixq stores it:
 norms in F32 (Gemma's as 1 + γ, as its GGUF files store them), other float matrices in F16.
 
-The file is built on the model's source GGUF: its metadata (architecture, hyper-parameters, tokenizer) is copied
-and each tensor is replaced by the saved model's, named by gguf-py's tables for the architecture. Llama's q and k
-rows are permuted back into ggml's rotary order (the inverse of what transformers' GGUF loader does on reading).
-Every family whose GGUF files transformers reads (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, gpt2) exports
-this way; a model quantized from a Hugging Face folder has no source GGUF to build on.
+A model quantized from a GGUF is written on its source file: the metadata (architecture, hyper-parameters,
+tokenizer) is copied and each tensor replaced by the saved model's. A model quantized from a Hugging Face folder
+gets its metadata from its config and the saved folder's tokenizer.json (models.gguf_meta: what llama.cpp's
+convert_hf_to_gguf.py writes) and every tensor it has, with Llama 3's rotary factors as `rope_freqs`. Either way
+tensors are named by gguf-py's tables for the architecture and their rows put in ggml's order (the adapter's
+`gguf_rows`: Llama's q and k in its rotary order, GPT-NeoX's fused q/k/v as all q, all k, all v).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ..formats import QuantizedTensor, QuantSpec
+from ..runtime.qlinear import QuantLinear
 from . import Exporter, ExportError, register
 
 BLOCK = 32
@@ -112,66 +114,96 @@ def _encode_k(qt: QuantizedTensor, name: str) -> np.ndarray:
     return np.concatenate([ql, qh, signed, d], axis=1)
 
 
-def export_gguf(model: torch.nn.Module, source: Path, out: Path) -> dict[str, int]:
-    """Write `model` (a loaded mixq folder) as a GGUF at `out` (atomically), on `source`'s metadata.
-    Returns the count of tensors of each ggml type."""
+def export_gguf(model: torch.nn.Module, source: Path, out: Path, folder: Path | None = None) -> dict[str, int]:
+    """Write `model` (a loaded mixq folder) as a GGUF at `out` (atomically). Built on `source`'s metadata where the
+    model came from a GGUF; otherwise the metadata is written from the model's config and the tokenizer from
+    `folder` (the saved mixq folder). Returns the count of tensors of each ggml type."""
     import gguf
 
     from ..models import adapter_for
-    from ..runtime.qlinear import QuantLinear
+    from ..models.gguf_meta import rope_tensors
 
     adapter = adapter_for(model)
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the path of the .gguf file to write")
-    reader = _read_source(source)
-    arch = _field(reader, "general.architecture")
-    if arch != adapter.gguf_arch:
-        raise ExportError(f"{source} is a {arch!r} GGUF, but the saved model's family is written as "
-                          f"{adapter.gguf_arch!r}: export from a model quantized from its own family's GGUF")
-    try:
-        model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    except StopIteration:
-        raise ExportError(f"{source}: architecture {arch!r} is unknown to the gguf package") from None
-    blocks = int(_field(reader, f"{arch}.block_count"))
-    names = gguf.get_tensor_name_map(model_arch, blocks)
+    arch = adapter.gguf_arch
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(model_arch, len(adapter.block_list(model)))
     ours = _tensors_by_gguf_name(model, names)
-    writer_tensors = []
-    counts: dict[str, int] = {}
-    wanted = {t.name: int(t.shape[-1]) for t in reader.tensors}  # name → rows (ggml lists dimensions fastest first)
-    # biases that bias compensation added are in no source; llama.cpp reads them where present
-    wanted |= {n: len(p) for n, (_, p) in ours.items() if n.startswith("blk.") and n.endswith(".bias")
-               and n not in wanted}
-    if "output.weight" in ours and "output.weight" not in wanted:  # a head untied from a tied source (rotate)
-        wanted["output.weight"] = 0
+    if source.suffix == ".gguf" or folder is None:
+        reader = _read_source(source)
+        if _field(reader, "general.architecture") != arch:
+            raise ExportError(f"{source} is a {_field(reader, 'general.architecture')!r} GGUF, but the saved model's "
+                              f"family is written as {arch!r}: export from a model quantized from its own family's "
+                              "GGUF")
+        wanted = {t.name: int(t.shape[-1]) for t in reader.tensors}  # name → rows (ggml: fastest dimension first)
+        # biases that bias compensation added are in no source; llama.cpp reads them where present
+        wanted |= {n: len(p) for n, (_, p) in ours.items() if n.startswith("blk.") and n.endswith(".bias")
+                   and n not in wanted}
+        if "output.weight" in ours and "output.weight" not in wanted:  # a head untied from a tied source (rotate)
+            wanted["output.weight"] = 0
+        extra = {}
+
+        def metadata(w):
+            _copy_fields(reader, w)
+    else:  # a model from a Hugging Face folder: every tensor it has, its head once where tied to the table
+        _check_unnamed(model, names)
+        wanted = {n: _rows(obj) for n, (_, obj) in ours.items()
+                  if not (n == "output.weight" and adapter.tied(model))}
+        try:
+            extra = rope_tensors(adapter, model.config)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+
+        def metadata(w):
+            _fresh_fields(w, adapter, model, folder)
+        source = folder
+    tensors = [(name, data, getattr(gguf.GGMLQuantizationType, "F32")) for name, data in extra.items()]
+    counts: dict[str, int] = {"F32": len(extra)} if extra else {}
     for name, rows in wanted.items():
         if name not in ours:
             raise ExportError(f"{source} holds tensor {name}, which the saved model has no counterpart for")
         hf, obj = ours.pop(name)
-        perm = adapter.gguf_rows(model, hf, rows)
-        if isinstance(obj, QuantLinear):
-            qt = obj.quantized()
-            kind = ggml_type(qt.spec)
-            if kind is None:
-                raise ExportError(f"{hf} is {qt.spec.name}, which no ggml type stores; quantize with "
-                                  "--compatible gguf to allocate among ggml types only")
-            if perm is not None:
-                qt = QuantizedTensor(qt.codes[perm], qt.scales[perm], qt.zeros[perm], qt.spec,
-                                     None if qt.steps is None else qt.steps[perm])
-            data = encode_blocks(qt)
-        else:
-            data = obj.detach().float().numpy()
-            data = data[perm] if perm is not None else data
-            if name.endswith("norm.weight"):  # Gemma's files store a norm's scale as 1 + γ
-                data = data + adapter.gguf_norm_offset
-            kind = "F32" if data.ndim == 1 else "F16"
-            data = data.astype(np.float32 if data.ndim == 1 else np.float16)
+        kind, data = _tensor_data(adapter, model, name, hf, obj, rows)
         counts[kind] = counts.get(kind, 0) + 1
-        writer_tensors.append((name, np.ascontiguousarray(data), getattr(gguf.GGMLQuantizationType, kind)))
+        tensors.append((name, np.ascontiguousarray(data), getattr(gguf.GGMLQuantizationType, kind)))
     left = [hf for hf, obj in ours.values() if isinstance(obj, QuantLinear)]
     if left:
         raise ExportError(f"the saved model's {left[0]} has no tensor in {source}")
-    _write(reader, arch, writer_tensors, out)
+    _write(arch, metadata, tensors, out)
     return counts
+
+
+def _rows(obj) -> int:
+    return obj.out_features if isinstance(obj, QuantLinear) else len(obj)
+
+
+def _tensor_data(adapter, model, name: str, hf: str, obj, rows: int) -> tuple[str, np.ndarray]:
+    """(ggml type, data) of one tensor: a quantized layer's ggml blocks, a float one in F16 (a vector in F32),
+    rows in GGUF's order, norms in its convention."""
+    perm = adapter.gguf_rows(model, hf, rows)
+    if isinstance(obj, QuantLinear):
+        qt = obj.quantized()
+        kind = ggml_type(qt.spec)
+        if kind is None:
+            raise ExportError(f"{hf} is {qt.spec.name}, which no ggml type stores; quantize with "
+                              "--compatible gguf to allocate among ggml types only")
+        if perm is not None:
+            qt = QuantizedTensor(qt.codes[perm], qt.scales[perm], qt.zeros[perm], qt.spec,
+                                 None if qt.steps is None else qt.steps[perm])
+        return kind, encode_blocks(qt)
+    data = obj.detach().float().numpy()
+    data = data[perm] if perm is not None else data
+    if name.endswith("norm.weight"):  # Gemma's files store a norm's scale as 1 + γ
+        data = data + adapter.gguf_norm_offset
+    return ("F32", data.astype(np.float32)) if data.ndim == 1 else ("F16", data.astype(np.float16))
+
+
+def _check_unnamed(model: torch.nn.Module, names) -> None:
+    """Refuse a model with a parameter gguf-py's tables give no name (it would be lost)."""
+    for hf, _ in model.named_parameters():
+        if names.get_name(hf, try_suffixes=(".weight", ".bias")) is None:
+            raise ExportError(f"the saved model's {hf} has no GGUF tensor name for its architecture")
 
 
 def _tensors_by_gguf_name(model: torch.nn.Module, names) -> dict[str, tuple[str, object]]:
@@ -216,7 +248,36 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
-def _write(reader, arch: str, tensors, out: Path) -> None:
+def _copy_fields(reader, w) -> None:
+    """The source GGUF's metadata (its architecture's hyper-parameters, its tokenizer), but for what mixq
+    changes."""
+    import gguf
+
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+
+
+def _fresh_fields(w, adapter, model, folder: Path) -> None:
+    """The metadata of a model from a Hugging Face folder: hyper-parameters from its config, the tokenizer from
+    the saved folder (models.gguf_meta)."""
+    from ..models.gguf_meta import GGUFMetaError, write_hparams, write_vocab
+
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(Path(str(getattr(model.config, "_name_or_path", "") or folder)).name)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_hparams(w, adapter, model.config)
+    try:
+        write_vocab(w, folder, model.get_submodule(adapter.embed).num_embeddings)
+    except GGUFMetaError as e:
+        raise ExportError(str(e)) from e
+
+
+def _write(arch: str, metadata, tensors, out: Path) -> None:
     import gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,11 +285,7 @@ def _write(reader, arch: str, tensors, out: Path) -> None:
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, arch)
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-                continue
-            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
-            w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        metadata(w)
         w.add_string("general.quantized_by", "mixq")
         for name, data, dtype in tensors:
             w.add_tensor(name, data, raw_dtype=dtype)
@@ -246,18 +303,27 @@ def _write(reader, arch: str, tensors, out: Path) -> None:
 @register
 class GGUF(Exporter):
     name = "gguf"
-    summary = "llama.cpp: a .gguf file of ggml block types, on the source GGUF's tokenizer and metadata"
+    summary = ("llama.cpp: a .gguf file of ggml block types, with the source GGUF's tokenizer and metadata or, from a "
+               "Hugging Face folder, the config's and tokenizer.json's")
 
     def specs(self) -> list[QuantSpec]:
         return gguf_specs()
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, source=None) -> None:
         from ..models import adapter_for
+
+        from ..models.gguf_meta import GGUFMetaError, check_tokenizer, rope_tensors
 
         adapter = adapter_for(model)
         if adapter.gguf_arch is None:
             raise ExportError(f"mixq has no GGUF export for {adapter.family}")
         check_rows(model)
+        if source is not None and Path(source).is_dir():  # from a Hugging Face folder: its rotary scaling and
+            try:                                               # tokenizer must have GGUF forms
+                rope_tensors(adapter, model.config)
+                check_tokenizer(Path(source))
+            except GGUFMetaError as e:
+                raise ExportError(str(e)) from e
 
     def write(self, folder: Path, out: Path) -> dict[str, int]:
         import json
@@ -265,4 +331,6 @@ class GGUF(Exporter):
         from ..io import MARKER, load
 
         source = Path(json.loads((folder / MARKER).read_text())["source"])
-        return export_gguf(load(folder), source, out)
+        if source.suffix == ".gguf":
+            return export_gguf(load(folder), source, out)
+        return export_gguf(load(folder), source, out, folder)

@@ -50,7 +50,13 @@ class Adapter:
     # linears whose rows GGUF stores in ggml's rotary order, and the config field with their head count
     gguf_rotary: tuple[tuple[str, str], ...] = (("self_attn.q_proj", "num_attention_heads"),
                                                 ("self_attn.k_proj", "num_key_value_heads"))
+    # fused query/key/value linears whose rows Hugging Face interleaves per head (head, q|k|v, dim) and GGUF stores
+    # as all queries, all keys, all values (GPT-NeoX), and the config field with their head count
+    gguf_interleaved: tuple[tuple[str, str], ...] = ()
     gguf_norm_offset: float = 0.0  # what GGUF adds to every norm weight (Gemma's files store 1 + γ)
+    # the architecture's GGUF hyper-parameters: (gguf-py key, the config attribute or models.gguf_meta's derived
+    # value it holds), as llama.cpp's convert_hf_to_gguf writes them
+    gguf_hparams: tuple[tuple[str, str], ...] = ()
     task: str = "causal"  # what the model is for (models.tasks): how it is loaded, judged and evaluated
 
     @property
@@ -123,8 +129,9 @@ class Adapter:
             return None
         return rest.partition(".")[2] or None
 
-    def head_dim(self, model: nn.Module) -> int:
-        c = model.config
+    def head_dim(self, model) -> int:
+        """The attention heads' width, of a model or a config."""
+        c = getattr(model, "config", model)
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     def normalised(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +167,11 @@ class Adapter:
         None where it keeps them as they are."""
         local = self.in_block(name)
         local = local and local.removesuffix(".weight").removesuffix(".bias")
-        heads = dict(self.gguf_rotary).get(local)
-        return None if heads is None else rotary_rows(rows, getattr(model.config, heads))
+        if (heads := dict(self.gguf_rotary).get(local)) is not None:
+            return rotary_rows(rows, getattr(model.config, heads))
+        if (heads := dict(self.gguf_interleaved).get(local)) is not None:
+            return np.arange(rows).reshape(getattr(model.config, heads), 3, -1).swapaxes(0, 1).reshape(-1)
+        return None
 
 
 def _linear_of(conv: nn.Module) -> nn.Linear:

@@ -21,6 +21,9 @@ GPT2 = register(Adapter(
     reads=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))), writes=("attn.c_proj", "mlp.c_proj"),
     norm_kind="layer", rotation=CENTRED, transposed=True, bias_flags=(),
     gguf_arch="gpt2", gguf_rotary=(),
+    gguf_hparams=(("block_count", "n_layer"), ("context_length", "n_positions"), ("embedding_length", "n_embd"),
+                  ("feed_forward_length", "gpt2_ffn"), ("attention.head_count", "n_head"),
+                  ("attention.layer_norm_epsilon", "layer_norm_epsilon")),
 ))
 
 GPT_NEOX = register(Adapter(
@@ -33,4 +36,11 @@ GPT_NEOX = register(Adapter(
     writes=("attention.dense", "mlp.dense_4h_to_h"),
     norm_kind="layer", rotation=CENTRED, bias_flags=(),
     gguf_arch="gptneox", gguf_rotary=(),
+    # its fused rows are (head, q|k|v, dim) in Hugging Face's order, all q, all k, all v in GGUF's
+    gguf_interleaved=(("attention.query_key_value", "num_attention_heads"),),
+    gguf_hparams=(("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+                  ("block_count", "num_hidden_layers"), ("feed_forward_length", "intermediate_size"),
+                  ("attention.head_count", "num_attention_heads"), ("rope.dimension_count", "rope_dims"),
+                  ("rope.freq_base", "rope_theta"), ("use_parallel_residual", "use_parallel_residual"),
+                  ("attention.layer_norm_epsilon", "layer_norm_eps")),
 ))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ADAPTERS, Adapter, adapter_for
+from .gguf_load import load_gguf
 from .tasks import Pooling
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,14 @@ def load_model(model: str | None = None):
     path = resolve(model)
     try:
         if path.is_file():
-            _check_gguf(path)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            arch, reader = _check_gguf(path)
+            if arch in _transformers_gguf():
+                del reader
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            else:  # an architecture transformers' GGUF reader lacks: mixq's own
+                adapter = next(a for a in ADAPTERS.values() if a.gguf_arch == arch)
+                net, tok = load_gguf(path, adapter, reader)
         else:
             adapter = _check_family(path)
             tok = AutoTokenizer.from_pretrained(path)
@@ -96,7 +102,15 @@ def _check_weights(folder: Path, info: dict) -> None:
                              f"{kind.replace('_', ' ')} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})")
 
 
-def _check_gguf(path: Path) -> None:
+def _transformers_gguf() -> set[str]:
+    """The GGUF architectures transformers reads itself."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return set(GGUF_CONFIG_MAPPING)
+
+
+def _check_gguf(path: Path):
+    """(architecture, reader) of a GGUF file mixq maps; refuse a bad file or an architecture it does not."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{path} is not a GGUF file (bad magic); is it corrupt or truncated?")
@@ -108,9 +122,8 @@ def _check_gguf(path: Path) -> None:
         raise ModelError(f"{path} is a corrupt GGUF file: {str(e).splitlines()[0][:200]}") from e
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    known = sorted({a.gguf_arch for a in ADAPTERS.values() if a.gguf_arch in GGUF_CONFIG_MAPPING})
+    known = sorted({a.gguf_arch for a in ADAPTERS.values() if a.gguf_arch is not None})
     if arch not in known:
         raise ModelError(f"{path} holds a GGUF of architecture {arch!r}, which mixq does not map; supported GGUF "
                          f"architectures: {', '.join(known)}")
+    return arch, reader

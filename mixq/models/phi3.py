@@ -6,6 +6,7 @@ in their basis."""
 from __future__ import annotations
 
 from .adapters import Adapter, register
+from .llama import GGUF_HPARAMS
 
 PHI3 = register(Adapter(
     family="phi3",
@@ -15,4 +16,6 @@ PHI3 = register(Adapter(
     reads=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
     bias_flags=(),
     gguf_arch="phi3", gguf_rotary=(),
+    gguf_hparams=GGUF_HPARAMS + (("rope.scaling.original_context_length", "original_max_position_embeddings"),
+                                 ("attention.sliding_window", "sliding_window")),
 ))
