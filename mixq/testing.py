@@ -105,7 +105,7 @@ def write_tiny_gguf(model, path) -> None:
     adapter.prepare(model)
     c, arch = model.config, adapter.gguf_arch
     if arch is None:
-        raise ValueError(f"llama.cpp runs no {adapter.family} model: mixq writes no GGUF of it")
+        raise ValueError(f"mixq has no GGUF form of {adapter.family}")
     w = gguf.GGUFWriter(str(path), arch)
     write_hparams(w, adapter, c)
     byte_chars = bytes_to_unicode()
