@@ -12,6 +12,7 @@ from .capture import LayerStats, block_inputs, capture_block, model_statistics, 
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
+from .models.stream import hold, keep, streamer_of
 from .plan import Plan
 from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .solvers import DAMP, solve_layer
@@ -35,11 +36,16 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
     x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
-        _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
-        for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
-            cand = plan.layers[name]
-            out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
-        x = run_block(block, x, calls[i])
+        with hold(model, i):
+            _round_float_params(block, {n.removeprefix(prefix + ".") for n in plan.layers})  # (streamed: now read)
+            _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
+            for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
+                cand = plan.layers[name]
+                out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
+            x = run_block(block, x, calls[i])
+            if streamer_of(model) is not None:  # packed now, so that memory holds one float block at most
+                pack_model(model, {n: out.pop(n) for n in stats})
+                keep(model, i)
         step("apply", i + 1, len(blocks))
     return out
 

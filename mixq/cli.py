@@ -112,6 +112,9 @@ def quantize(
     refine: int = typer.Option(0, "--refine", help="Rounds of refinement after the allocation, by the plan's "
                                "measured KL (0: off)."),
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
+    stream: bool = typer.Option(False, "--stream", help="Read the float weights from disk block by block instead "
+                                "of loading the model: memory bounded by about one block, for models larger than "
+                                "memory (block-local estimators and solvers only, for now)."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
     from .config import Calibration, QuantizeConfig
@@ -133,7 +136,7 @@ def quantize(
             calibration=Calibration(str(calib) if calib else None, calib_windows, calib_generated),
             cost_table=str(cost_table) if cost_table else None)
         with _Bars() as bars:
-            meta = run(model, None, config, out, step=bars).meta
+            meta = run(model, None, config, out, step=bars, stream=stream).meta
     columns, rows, notes = summary(meta)
     _print_table(f"mixq: {meta['budget']} → {out}", columns, rows)
     for note in notes:

@@ -23,7 +23,9 @@ from .apply import apply_plan, block_linear_bits, pack_model
 from .capture import no_step
 from .config import QuantizeConfig
 from .cost import CostTable
+from .capture import OUTPUT_ENERGY, OUTPUT_FISHER, OUTPUT_HESSIAN
 from .models import adapter_for
+from .models.stream import streamer_of
 from .plan import Candidate, Plan
 from .config import table_candidates
 from .profile import Profile, biased_layers, cost_profile, fixed_bytes, profile_model
@@ -46,16 +48,17 @@ class Result:
 
 
 def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = None,
-             step: Step = no_step) -> Result:
+             step: Step = no_step, stream: bool = False) -> Result:
     """What `mixq quantize` does, as a library call. `model`: a .gguf file or a Hugging Face folder (None: the
-    bundled default), loaded here with its tokenizer, or a loaded transformers model with its `tokenizer`. Inputs
+    bundled default), loaded here with its tokenizer (`stream`: its weights read from disk block by block,
+    models.stream), or a loaded transformers model with its `tokenizer`. Inputs
     are checked before the model loads. With `out`, the packed model is saved there (atomically) with its plan,
     profile, config and report, and the profile is kept beside it while it grows, so that the same call resumes
     after a crash. The model is left packed (`Result.model`)."""
     t0 = time.perf_counter()
     source = _source(model)
     costs = _check_inputs(config, source, out)
-    model, tokenizer = _load(model, tokenizer)
+    model, tokenizer = _load(model, tokenizer, stream)
     candidates = config.candidates()
     check_family(model, config, candidates)  # before the calibration is read and the transforms run
     task = adapter_for(model).job
@@ -161,7 +164,36 @@ def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> 
     adapter.job.check(config)
     for name in transforms:
         TRANSFORMS.lookup(name)().check(adapter)
-    adapter.check_needs(frozenset().union(*(c.needs for c in chains)))
+    needs = frozenset().union(*(c.needs for c in chains))
+    adapter.check_needs(needs)
+    if streamer_of(model) is not None:
+        check_streamed(config, transforms, needs)
+
+
+# what a streamed model cannot have yet: each needs every block's weights at once (a backward pass through the
+# model, a transform of all of them, a measured probe of the whole model)
+WHOLE_MODEL_NEEDS = (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
+
+
+def check_streamed(config: QuantizeConfig, transforms, needs: frozenset) -> None:
+    """Refuse, in one line, what a model streamed from disk cannot run yet."""
+    from .sensitivity import get_estimator
+
+    whole = sorted(needs & set(WHOLE_MODEL_NEEDS))
+    estimator = get_estimator(config.estimator) if config.plan is None and config.estimator else None
+    reasons = [
+        (transforms, f"the transforms {', '.join(transforms)}"),
+        (whole, f"solvers that need {', '.join(whole)} (backward passes through the whole model)"),
+        (config.plan is None and estimator is None, "the default estimator (it needs backward passes through the "
+                                                    "whole model): give --sensitivity hessian or roundoff"),
+        (estimator is not None and (estimator.measured or set(estimator.needs) & set(WHOLE_MODEL_NEEDS)),
+         f"the {config.estimator} estimator (it reads the whole model): give --sensitivity hessian or roundoff"),
+        (config.refine, "--refine"), (config.calibration.generated, "--calib-generated"),
+        (config.budget is not None and config.budget.latency, "a latency budget"),
+    ]
+    for hit, what in reasons:
+        if hit:
+            raise ValueError(f"a streamed model (--stream) cannot take {what} yet")
 
 
 def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs: CostTable | None = None,
@@ -213,11 +245,13 @@ def _check_inputs(config: QuantizeConfig, source: str, out) -> CostTable | None:
     return None if config.cost_table is None else CostTable.from_json(read_file(config.cost_table, "cost table"))
 
 
-def _load(model, tokenizer):
+def _load(model, tokenizer, stream: bool = False):
     if model is None or isinstance(model, (str, Path)):
         from .models import load_model
 
-        model, tokenizer, _ = load_model(None if model is None else str(model))
+        model, tokenizer, _ = load_model(None if model is None else str(model), stream=stream)
+    elif stream:
+        raise ValueError("stream a model by its path: a loaded model is in memory already")
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (the calibration text is tokenized with it)")
     return adapter_for(model).prepare(model), tokenizer

@@ -16,6 +16,7 @@ from .chain import Chain
 from .config import table_candidates
 from .io import FLOAT_DTYPE
 from .models import adapter_for
+from .models.stream import hold
 from .plan import Candidate
 from .sensitivity import DEFAULT_ESTIMATOR, get_estimator
 from .sensitivity.kl import KLProbe
@@ -220,15 +221,16 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             prof.layers += [done[n] for n in local]
             x = reads.skip(block, x, calls[i])
         else:
-            with hessians(block, adapter, reads.keep) as stats:
-                y = run_block(block, x, calls[i])
-            for group in adapter.groups:
-                weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
-                cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
-                cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
-                prof.layers += profile_group(weights, st, cands, estimator, damp=damp,
-                                             biased=biased_layers(model, weights),
-                                             **reads.of(block, group, weights, st))
+            with hold(model, i):  # (a streamed model's block read from disk, released after)
+                with hessians(block, adapter, reads.keep) as stats:
+                    y = run_block(block, x, calls[i])
+                for group in adapter.groups:
+                    weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
+                    cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
+                    cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
+                    prof.layers += profile_group(weights, st, cands, estimator, damp=damp,
+                                                 biased=biased_layers(model, weights),
+                                                 **reads.of(block, group, weights, st))
             x = reads.advance(y)
             if checkpoint:
                 checkpoint.save(prof)

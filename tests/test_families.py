@@ -333,7 +333,7 @@ def test_a_neox_gguf_with_a_missing_tensor_is_refused_in_one_line(tmp_path, text
                 w.add_tensor(t.name, t.data)
     _write_gguf(tmp_path / "cut.gguf", "gptneox", fill)
     res = _quantize_cli(tmp_path / "cut.gguf", tmp_path / "q", text_file)
-    _one_line_refusal(res, "has no tensor for the model's gpt_neox.layers.1.mlp.dense_4h_to_h.weight", tmp_path / "q")
+    _one_line_refusal(res, "cut.gguf: the weights hold no gpt_neox.layers.1.mlp.dense_4h_to_h.weight", tmp_path / "q")
 
 
 CT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox")

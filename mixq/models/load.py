@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .adapters import ADAPTERS, Adapter, adapter_for
-from .gguf_load import load_gguf
+from .gguf_load import gguf_config, gguf_tokenizer, load_gguf
+from .stream import GGUFSource, SafetensorsSource, StreamError, meta_model, streamed
 from .tasks import Pooling
 
 log = logging.getLogger(__name__)
@@ -44,37 +45,64 @@ def resolve(model: str | None) -> Path:
     return path
 
 
-def load_model(model: str | None = None):
-    """(model in float32, eval mode; tokenizer; resolved path)."""
+def load_model(model: str | None = None, stream: bool = False):
+    """(model in float32, eval mode; tokenizer; resolved path). With `stream`, the model's parameters stay on disk
+    and are read block by block as the model runs (models.stream): memory is bounded by a block, not the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model)
     try:
         if path.is_file():
             arch, reader = _check_gguf(path)
-            if arch in _transformers_gguf():
+            ours = arch not in _transformers_gguf()  # an architecture transformers' GGUF reader lacks: mixq's own
+            adapter = next(a for a in ADAPTERS.values() if a.gguf_arch == arch) if ours else None
+            if stream:
+                config = gguf_config(reader, adapter) if ours else _transformers_gguf_config(path)
+                adapter = adapter_for(config)
+                tok = gguf_tokenizer(path) if ours else AutoTokenizer.from_pretrained(path.parent,
+                                                                                      gguf_file=path.name)
+                net = meta_model(config, adapter)
+                streamed(net, GGUFSource(path, net, adapter, reader))
+            elif ours:
+                net, tok = load_gguf(path, adapter, reader)
+            else:
                 del reader
                 tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
                 net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            else:  # an architecture transformers' GGUF reader lacks: mixq's own
-                adapter = next(a for a in ADAPTERS.values() if a.gguf_arch == arch)
-                net, tok = load_gguf(path, adapter, reader)
         else:
             adapter = _check_family(path)
             tok = AutoTokenizer.from_pretrained(path)
-            net, info = adapter.job.model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                             output_loading_info=True)
-            _check_weights(path, info)
+            if stream:
+                from transformers import AutoConfig
+
+                net = meta_model(AutoConfig.from_pretrained(path), adapter)
+                streamed(net, SafetensorsSource(path, net))
+            else:
+                net, info = adapter.job.model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                                    output_loading_info=True)
+                _check_weights(path, info)
             if adapter.task == "embedding":  # the folder's sentence-transformers pooling, kept in the config
                 net.config.sentence_pooling = Pooling.of_folder(path).to_dict()
     except ModelError:
         raise
+    except StreamError as e:
+        raise ModelError(f"cannot {'stream' if stream else 'load'} model {path}: {e}") from e
     except Exception as e:  # transformers raises many types for a bad file; one clear message for all
         raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     if getattr(net.config, "quantization_config", None) is not None:  # GGUF weights were dequantized to fp32
         del net.config.quantization_config
     net.eval()
     return adapter_for(net).prepare(net), tok, path
+
+
+def _transformers_gguf_config(path: Path):
+    """The config transformers reads from a GGUF of an architecture it knows."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return config
 
 
 def _supported() -> str:

@@ -1,0 +1,166 @@
+"""Memory and time of quantizing models larger than memory: random-weight models with Llama-3-8B's shapes (hidden
+4096, MLP 14336, 32 query / 8 key-value heads, vocab 128256, untied head) and 2, 4, 8 or 32 blocks, written in
+bf16 as sharded Hugging Face folders one block at a time (writing them is bounded too), each quantized by
+`mixq quantize` in a process of its own with a cheap setting (`--solver rtn --sensitivity hessian
+--calib-windows 4 --bits 3 --eval-windows 0`), streamed (`--stream`) and, where it fits, in memory. Peak RSS and
+wall time come from /usr/bin/time -v.
+
+    python benchmarks/scale.py [--blocks 2,4,8,32] [--modes stream,memory] [--models DIR]
+        → benchmarks/results/scale.{md,json,png}
+
+Rows of earlier runs are kept in scale.json (the newest run of each mode and block count is shown)."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from common import provenance  # noqa: E402
+
+OUT = HERE / "results" / "scale"
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+             vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-5,
+             bos_token_id=1, eos_token_id=2)
+SETTING = ["--solver", "rtn", "--sensitivity", "hessian", "--calib-windows", "4", "--bits", "3",
+           "--eval-windows", "0"]
+FP32_BLOCK_GB = 4 * (4 * 4096 * 4096 // 4 * 2 + 2 * 4096 * 4096 + 3 * 4096 * 14336) / 1e9  # q, k, v, o, MLP
+
+
+def write_model(folder: Path, blocks: int) -> None:
+    """A random-weight Llama-3-8B-shaped model of `blocks` blocks: one bf16 shard per block (and one for the
+    tables), written one at a time, with its index, config and a byte-level tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from mixq.testing import make_byte_tokenizer
+
+    if (folder / "model.safetensors.index.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    n = blocks + 1
+    weight_map = {}
+
+    def shard(k: int, tensors: dict) -> None:
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    def rand(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
+
+    h, m, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], 1024
+    shard(0, {"model.embed_tokens.weight": rand(SHAPE["vocab_size"], h), "lm_head.weight": rand(SHAPE["vocab_size"], h),
+              "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    for i in range(blocks):
+        p = f"model.layers.{i}."
+        shard(i + 1, {p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                      p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+                      p + "mlp.gate_proj.weight": rand(m, h), p + "mlp.up_proj.weight": rand(m, h),
+                      p + "mlp.down_proj.weight": rand(h, m),
+                      p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                      p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    LlamaConfig(num_hidden_layers=blocks, dtype="bfloat16", **SHAPE).save_pretrained(folder)
+    make_byte_tokenizer(merge=True).save_pretrained(folder)
+
+
+def run(folder: Path, mode: str) -> dict:
+    """One `mixq quantize` of the folder in its own process: peak RSS (GB), wall seconds, the stage times."""
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        out = Path(tmp) / "q"
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mixq", "quantize", "--model", str(folder), "--out",
+               str(out), *SETTING, *(["--stream"] if mode == "stream" else [])]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
+        if res.returncode:
+            tail = " ".join(res.stderr.strip().splitlines()[-1:])[:200]
+            return {"ok": False, "error": tail, "peak_gb": int(rss.group(1)) / 1e6 if rss else None, "wall_s": wall}
+        meta = json.loads((out / "mixq.json").read_text())
+        return {"ok": True, "peak_gb": int(rss.group(1)) / 1e6, "wall_s": wall, "seconds": meta.get("seconds"),
+                "bpw": meta.get("bpw"),
+                "size_gb": sum(f.stat().st_size for f in out.iterdir()) / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", default="2,4,8,32")
+    ap.add_argument("--modes", default="stream,memory")
+    ap.add_argument("--models", default="/tmp/mixq-scale", help="where the random-weight models are written")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else []
+    for blocks in (int(b) for b in args.blocks.split(",")):
+        folder = Path(args.models) / f"llama3-8b-shape-{blocks}"
+        t0 = time.perf_counter()
+        write_model(folder, blocks)
+        print(f"{blocks} blocks written in {time.perf_counter() - t0:.0f} s", flush=True)
+        for mode in args.modes.split(","):
+            if mode == "memory" and 4 * 1e-9 * _params(blocks) > 16:  # the fp32 model would not fit: not tried
+                continue
+            row = {"mode": mode, "blocks": blocks, "provenance": provenance(), **run(folder, mode)}
+            print(json.dumps(row), flush=True)
+            results = [r for r in results if (r["mode"], r["blocks"]) != (mode, blocks)] + [row]
+            write(results)
+
+
+def _params(blocks: int) -> int:
+    h, m, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    return 2 * v * h + blocks * (2 * h * h + 2 * 1024 * h + 3 * h * m)
+
+
+def write(results: list[dict]) -> None:
+    OUT.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    rows = sorted(results, key=lambda r: (r["mode"], r["blocks"]))
+    lines = ["# Quantizing models larger than memory", "",
+             "Random-weight models with Llama-3-8B's shapes (hidden 4096, MLP 14336, 32/8 heads, vocab 128256, untied "
+             "head), bf16, one shard per block; `mixq quantize " + " ".join(SETTING) + "`, streamed (`--stream`) or "
+             f"in memory. One block's fp32 weights: {FP32_BLOCK_GB:.2f} GB. Produced by `python benchmarks/scale.py`.",
+             "", "| mode | blocks | float params (B) | peak RSS (GB) | wall (s) | s per block (profile + apply) | "
+             "output (GB) | provenance |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r.get("seconds") or {}
+        per = (s.get("profile", 0) + s.get("apply", 0)) / r["blocks"] if s else None
+        cells = [r["mode"], str(r["blocks"]), f"{_params(r['blocks']) / 1e9:.2f}",
+                 f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-", f"{r['wall_s']:.0f}",
+                 f"{per:.1f}" if per else "-", f"{r['size_gb']:.2f}" if r.get("size_gb") else
+                 f"✗ {r.get('error', '')}", r["provenance"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(rows)
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in sorted({r["mode"] for r in rows}):
+        pts = [(r["blocks"], r["peak_gb"]) for r in rows if r["mode"] == mode and r.get("ok")]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=mode)
+    ax.set_xlabel("blocks (Llama-3-8B shapes)")
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Streamed weights: a model whose float weights need not fit in memory. The model is built on the meta device (its
+buffers, such as rotary tables, real); a `WeightSource` reads each tensor from disk on demand in its stored dtype
+(safetensors shards through `safe_open`, a GGUF through gguf-py's memory map, dequantized one tensor at a time),
+and a `Streamer` puts a block's weights in place (float32) when the block runs and takes them back to the meta
+device after. Everything outside the blocks (embedding table, final norm, head) is read once.
+
+Every forward call of a block loads and releases it (hooks), so code that runs the whole model works unchanged,
+one block in memory at a time; `Streamer.hold` keeps a block loaded while the profile or the apply works on its
+layers, and `keep` leaves a block in memory for good (the apply's packed blocks)."""
+from __future__ import annotations
+
+import json
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+
+
+class StreamError(ValueError):
+    """A source of weights that cannot be read; the message says which file or tensor."""
+
+
+class SafetensorsSource:
+    """The tensors of a Hugging Face folder: `model.safetensors`, or the shards `model.safetensors.index.json`
+    names. Every shard is checked when the source opens: present, and as long as its header says."""
+
+    def __init__(self, folder: Path, model: nn.Module):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise StreamError(f"{index} is not a readable safetensors index: {e}") from e
+        elif (folder / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise StreamError(f"{folder} holds no model.safetensors and no model.safetensors.index.json")
+        shards = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.files = {}
+        for shard in shards:
+            path = folder / shard
+            if not path.is_file():
+                raise StreamError(f"{index.name} names shard {shard}, which is not in {folder}")
+            _check_length(path)
+            self.files[shard] = safe_open(str(path), framework="pt")
+        where = weight_map or {k: shards[0] for k in self.files[shards[0]].keys()}
+        for name, shard in where.items():
+            if name not in self.files[shard].keys():
+                raise StreamError(f"{index.name} puts {name} in {shard}, which does not hold it")
+        self.where = {n: (key, where[key]) for n, key in _checkpoint_keys(model, where).items()}
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        key, shard = self.where[name]
+        return self.files[shard].get_tensor(key)
+
+
+def _checkpoint_keys(model: nn.Module, keys) -> dict[str, str]:
+    """The model's parameter name → the checkpoint's key that holds it: the checkpoint's keys renamed as
+    transformers renames them on loading (its conversion mapping, e.g. GPT-NeoX's embed_out → lm_head), with or
+    without the base model's prefix (a GPT-2 checkpoint's h.0… for transformer.h.0…). A mapping that transforms
+    tensors, not only their names, is refused (it cannot be read a tensor at a time)."""
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renames = []
+    for t in get_model_conversion_mapping(model):
+        if not isinstance(t, WeightRenaming):
+            raise StreamError(f"transformers converts {type(model).__name__}'s checkpoint tensors on loading; mixq "
+                              "cannot stream them")
+        renames += [(re.compile(src), dst) for src, dst in zip(t.source_patterns, t.target_patterns * len(
+            t.source_patterns))]
+    renamed = {}
+    for key in keys:
+        new = key
+        for pattern, dst in renames:
+            new = pattern.sub(dst, new)
+        renamed.setdefault(new, key)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    out = {}
+    for name, _ in model.named_parameters():
+        for candidate in (name, prefix + name, name.removeprefix(prefix)):
+            if candidate in renamed:
+                out[name] = renamed[candidate]
+                break
+    return out
+
+
+def _check_length(path: Path) -> None:
+    """Refuse a safetensors file shorter than its header says (a truncated download or copy)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StreamError(f"{path} is truncated (no header)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise StreamError(f"{path} is not a safetensors file (unreadable header)") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        raise StreamError(f"{path} is truncated: {size} bytes where its header needs {8 + n + end}")
+
+
+class GGUFSource:
+    """The tensors of a GGUF file under their Hugging Face names: gguf-py's name tables, each tensor dequantized on
+    demand from the memory-mapped file, its rows put back in Hugging Face's order and its norm convention undone
+    (the inverse of the adapter's gguf_rows and gguf_norm_offset)."""
+
+    def __init__(self, path: Path, model: nn.Module, adapter: Adapter, reader=None):
+        import gguf
+
+        self.reader = reader or gguf.GGUFReader(path)
+        self.path, self.model, self.adapter = path, model, adapter
+        model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == adapter.gguf_arch)
+        names = gguf.get_tensor_name_map(model_arch, len(adapter.block_list(model)))
+        tensors = {t.name: t for t in self.reader.tensors}
+        self.where = {}
+        for hf, _ in model.named_parameters():
+            name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if name in tensors:
+                self.where[hf] = tensors[name]
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self.where[name]
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        data = data.reshape([int(d) for d in reversed(t.shape)]) if data.ndim != len(t.shape) else data
+        perm = self.adapter.gguf_rows(self.model, name, len(data))
+        if perm is not None:
+            data = data[np.argsort(perm)]
+        if t.name.endswith("norm.weight"):
+            data = data - self.adapter.gguf_norm_offset
+        return torch.from_numpy(np.ascontiguousarray(data))
+
+
+class Streamer:
+    """Puts a streamed model's weights in place from its source, block by block (see the module's docstring)."""
+
+    def __init__(self, model: nn.Module, source, device: str | torch.device = "cpu"):
+        self.model, self.source, self.device = model, source, torch.device(device)
+        self.adapter = adapter_for(model)
+        self.held: dict[int, int] = {}  # block index → depth of hold
+        self.kept: set[int] = set()
+        self.loads = 0  # tensors read from the source (a test's measure of what streamed)
+        self.loaded: set[int] = set()  # blocks whose weights are in memory
+        self.peak = 0  # the most blocks in memory at once, kept ones aside (a test's measure of the bound)
+        missing = sorted(n for n, _ in model.named_parameters() if n not in source.keys())
+        if missing:
+            raise StreamError(f"the weights do not hold the model's {missing[0]}"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+        blocks = self.adapter.block_list(model)
+        self.hooks = [h for i, b in enumerate(blocks) for h in (
+            b.register_forward_pre_hook(self._pre(i)), b.register_forward_hook(self._post(i)))]
+        self.load(self._outside_blocks())
+
+    def _outside_blocks(self) -> list[str]:
+        prefix = self.adapter.blocks + "."
+        return [n for n, _ in self.model.named_parameters() if not n.startswith(prefix)]
+
+    def load_block(self, i: int) -> None:
+        self.load(self.block_params(i))
+        self.loaded.add(i)
+        self.peak = max(self.peak, len(self.loaded - self.kept))
+
+    def release_block(self, i: int) -> None:
+        self.release(self.block_params(i))
+        self.loaded.discard(i)
+
+    def block_params(self, i: int) -> list[str]:
+        prefix = f"{self.adapter.blocks}.{i}."
+        return [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
+
+    def load(self, names: list[str]) -> None:
+        """Read parameters still on the meta device into place (float32, on the streamer's device)."""
+        self.loads += fill(self.model, self.source, names, self.device)
+
+    def release(self, names: list[str]) -> None:
+        """Put parameters back on the meta device (their memory freed)."""
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            p = self.model.get_submodule(module_name)._parameters.get(attr)
+            if p is not None and not p.is_meta:
+                self._swap(p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+    def _swap(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        _swap(self.model, old, new)
+
+    @contextmanager
+    def hold(self, i: int):
+        """Block i loaded for the whole context (its forward calls do not release it)."""
+        self.held[i] = self.held.get(i, 0) + 1
+        self.load_block(i)
+        try:
+            yield
+        finally:
+            self.held[i] -= 1
+            if not self.held[i]:
+                del self.held[i]
+                if i not in self.kept:
+                    self.release_block(i)
+
+    def keep(self, i: int) -> None:
+        """Leave block i in memory from now on (the apply has packed it)."""
+        self.kept.add(i)
+
+    def _pre(self, i: int):
+        def hook(block, _args):
+            if "forward" in vars(block):  # a block whose forward is replaced (capture.block_inputs passes its
+                return                     # input on) needs no weights
+            self.load_block(i)
+        return hook
+
+    def _post(self, i: int):
+        def hook(block, _args, _out):
+            if i not in self.held and i not in self.kept and "forward" not in vars(block):
+                self.release_block(i)
+        return hook
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def fill(model: nn.Module, source, names: list[str], device="cpu") -> int:
+    """Read those of `names` (parameters) still on the meta device from `source` into place, float32 on `device`
+    (a Conv1D weight transposed, as the adapter made its module nn.Linear); the count read. Refuse a missing
+    tensor or one of another shape in one line."""
+    adapter = adapter_for(model)
+    transposed = set(adapter.layer_names(model)) if adapter.transposed else set()
+    keys, n = source.keys(), 0
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        p = model.get_submodule(module_name)._parameters.get(attr)
+        if p is None or not p.is_meta:
+            continue
+        if name not in keys:
+            raise StreamError(f"the weights hold no {name}")
+        t = source.get(name)
+        if module_name in transposed and attr == "weight":
+            t = t.t()
+        if t.shape != p.shape:
+            raise StreamError(f"the weights' {name} is {tuple(t.shape)}, where the config makes it {tuple(p.shape)}")
+        _swap(model, p, nn.Parameter(t.to(device, torch.float32).contiguous(), requires_grad=False))
+        n += 1
+    return n
+
+
+def _swap(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Replace a parameter in every module that holds it (a head tied to its table is one parameter)."""
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is old:
+                module._parameters[attr] = new
+
+
+_STREAMERS: "weakref.WeakKeyDictionary[nn.Module, Streamer]" = weakref.WeakKeyDictionary()
+
+
+def streamer_of(model: nn.Module) -> Streamer | None:
+    """The streamer of a streamed model; None for a model in memory."""
+    return _STREAMERS.get(model)
+
+
+@contextmanager
+def hold(model: nn.Module, i: int):
+    """Block i of `model` in memory for the context: loaded from disk where the model is streamed."""
+    s = streamer_of(model)
+    if s is None:
+        yield
+    else:
+        with s.hold(i):
+            yield
+
+
+def keep(model: nn.Module, i: int) -> None:
+    s = streamer_of(model)
+    if s is not None:
+        s.keep(i)
+
+
+def streamed(model: nn.Module, source, device="cpu") -> nn.Module:
+    """Attach a Streamer reading `source` to a model built on the meta device; the model, ready to run."""
+    _STREAMERS[model] = Streamer(model, source, device)
+    return model
+
+
+def meta_model(config, adapter: Adapter) -> nn.Module:
+    """The model of `config` with every parameter on the meta device and its buffers real (rotary tables)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = adapter.job.model_class.from_config(config)
+    model.tie_weights()  # (from_config on the meta device leaves a tied head a parameter of its own)
+    return adapter.prepare(model).eval()

@@ -1,0 +1,134 @@
+"""Streamed weights (models.stream, `mixq quantize --stream`): a model read from disk block by block gives the very
+plan and packed model of the same run in memory, holds at most one float block at a time, and refuses in one line
+what it cannot run yet and the files it cannot read."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mixq
+from mixq.cli import app
+from mixq.config import Calibration, QuantizeConfig
+from mixq.models import load_model
+from mixq.models.stream import streamer_of
+from mixq.plan import Budget
+from mixq.testing import make_byte_tokenizer, make_family_model, write_tiny_gguf
+
+from conftest import random_ids
+
+runner = CliRunner()
+
+
+def _sharded_folder(family: str, path, shard: str = "40KB"):
+    """The family's tiny model as a Hugging Face folder in bf16, in several shards with their index."""
+    model = make_family_model(family).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=shard)
+    tokenizer = make_byte_tokenizer(merge=True)
+    tokenizer.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def _config(text_file, **kw) -> QuantizeConfig:
+    return QuantizeConfig.from_solver("gptq+comq", **{
+        "budget": Budget(bits=4.5), "estimator": "hessian", "eval_windows": 0,
+        "calibration": Calibration(str(text_file), 4), **kw})
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "phi3", "gpt2", "gpt_neox"])
+def test_a_streamed_run_gives_the_in_memory_plan_and_model(family, tmp_path, text_file):
+    """Same plan, same packed model (logits equal bit for bit), and never more than one float block in memory."""
+    folder = _sharded_folder(family, tmp_path / "m")
+    mine = mixq.quantize(str(folder), None, _config(text_file), out=tmp_path / "a")
+    streamed = mixq.quantize(str(folder), None, _config(text_file), out=tmp_path / "b", stream=True)
+    assert (tmp_path / "a" / "plan.json").read_text() == (tmp_path / "b" / "plan.json").read_text()
+    assert mine.plan.layers and mine.plan == streamed.plan
+    streamer = streamer_of(streamed.model)
+    assert streamer.peak == 1 and streamer.loads > 0
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
+
+
+def test_a_streamed_gguf_gives_the_in_memory_plan(tmp_path, text_file):
+    source = tmp_path / "m.gguf"
+    write_tiny_gguf(make_family_model("llama"), source)
+    a = mixq.quantize(str(source), None, _config(text_file), out=tmp_path / "a")
+    b = mixq.quantize(str(source), None, _config(text_file), out=tmp_path / "b", stream=True)
+    assert a.plan == b.plan
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
+
+
+def test_a_streamed_model_runs_whole_one_block_at_a_time(tmp_path):
+    """Code that runs the whole model (the evaluation) works on a streamed one: each block is read as it runs and
+    released after, so the logits are the in-memory model's and no block stays in memory."""
+    folder = _sharded_folder("llama", tmp_path / "m")
+    mine, _, _ = load_model(str(folder))
+    lazy, _, _ = load_model(str(folder), stream=True)
+    assert all(p.is_meta for n, p in lazy.named_parameters() if ".layers." in n)
+    ids = random_ids(2, 16)
+    torch.testing.assert_close(_logits(lazy, ids), _logits(mine, ids), rtol=1e-5, atol=1e-5)
+    assert all(p.is_meta for n, p in lazy.named_parameters() if ".layers." in n)
+    assert streamer_of(lazy).peak == 1
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    ([], "cannot take the default estimator"),
+    (["--sensitivity", "hessian", "--solver", "rotate+gptq"], "cannot take the transforms rotate"),
+    (["--sensitivity", "kl"], "cannot take the kl estimator"),
+    (["--sensitivity", "hessian", "--solver", "oac"], "backward passes through the whole model"),
+])
+def test_what_a_streamed_model_cannot_run_yet_is_refused_in_one_line(flags, phrase, tmp_path, text_file):
+    folder = _sharded_folder("llama", tmp_path / "m")
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", folder, "--bits", 4, "--stream", "--calib",
+                                               text_file, "--eval-windows", 0, "--out", tmp_path / "q", *flags)])
+    assert res.exit_code == 2, res.output
+    assert phrase in " ".join(res.output.split())
+    assert not (tmp_path / "q").exists()
+
+
+def _damaged(tmp_path, how: str):
+    folder = _sharded_folder("llama", tmp_path / "m")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / sorted(set(index["weight_map"].values()))[1]
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:  # the index names a shard that is not there
+        index["weight_map"][next(iter(index["weight_map"]))] = "model-00009-of-00009.safetensors"
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("how, phrase", [("missing", "which is not in"), ("truncated", "is truncated"),
+                                         ("renamed", "names shard model-00009-of-00009.safetensors")])
+def test_a_damaged_sharded_folder_is_refused_in_one_line_before_any_work(how, phrase, tmp_path, text_file):
+    folder = _damaged(tmp_path, how)
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", folder, "--bits", 4, "--stream",
+                                               "--sensitivity", "hessian", "--calib", text_file, "--eval-windows", 0,
+                                               "--out", tmp_path / "q")])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "cannot stream model" in text and phrase in text, text
+    assert not (tmp_path / "q").exists()
+
+
+def test_solvers_that_judge_the_block_stream_too(tmp_path, text_file):
+    """taskclip judges each layer by its block's output (the JUDGE statistic): block-local, so it streams."""
+    folder = _sharded_folder("llama", tmp_path / "m")
+    config = QuantizeConfig.from_solver("taskclip", budget=Budget(bits=4.5), estimator="roundoff", eval_windows=0,
+                                        calibration=Calibration(str(text_file), 4))
+    a = mixq.quantize(str(folder), None, config, out=tmp_path / "a")
+    b = mixq.quantize(str(folder), None, config, out=tmp_path / "b", stream=True)
+    assert a.plan == b.plan
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
