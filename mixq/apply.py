@@ -12,7 +12,7 @@ from .capture import LayerStats, block_inputs, capture_block, model_statistics, 
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE
 from .models import adapter_for
-from .models.stream import hold, keep, streamer_of
+from .models.stream import hold, keep, round_on_load, streamer_of
 from .plan import Plan
 from .runtime.qlinear import QuantEmbedding, QuantLinear
 from .solvers import DAMP, solve_layer
@@ -29,15 +29,16 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
     _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
     out: dict[str, QuantizedTensor] = {}
     for name in [n for n in adapter.tables(model) if n in plan.layers]:
-        out[name] = _quantize_layer(model.get_submodule(name), plan.layers[name].solver,
-                                    LayerStats(torch.empty(0, 0), 0), plan.layers[name].spec, damp)
+        with hold(model, name):
+            out[name] = _quantize_layer(model.get_submodule(name), plan.layers[name].solver,
+                                        LayerStats(torch.empty(0, 0), 0), plan.layers[name].spec, damp)
+            keep(model, name)  # (streamed: its quantized values stay until it is packed)
     needs = {n: c.solver.needs for n, c in plan.layers.items()}
     extra = model_statistics(model, adapter, calib, needs, step)
     x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
         with hold(model, i):
-            _round_float_params(block, {n.removeprefix(prefix + ".") for n in plan.layers})  # (streamed: now read)
             _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
             for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
                 cand = plan.layers[name]
@@ -64,9 +65,15 @@ def _quantize_layer(module: nn.Module, chain, stats: LayerStats, spec, damp: flo
 def _round_float_params(model: nn.Module, quantized: set[str]) -> None:
     """Everything but the quantized weights (their layers' own biases included) is stored in FLOAT_DTYPE: round it
     now so saved and in-memory models agree."""
+    later = []  # a streamed model's parameters still on disk: rounded when read
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[0] not in quantized or not name.endswith(".weight"):
-            p.data = p.data.to(FLOAT_DTYPE).float()
+            if p.is_meta:
+                later.append(name)
+            else:
+                p.data = p.data.to(FLOAT_DTYPE).float()
+    if later:
+        round_on_load(model, later, FLOAT_DTYPE)
 
 
 def pack_model(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> None:

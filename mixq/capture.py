@@ -193,11 +193,11 @@ def hessians(block: nn.Module, adapter: Adapter, keep: int = 0):
     def make(name):
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            xtx = (x.T @ x).double()  # float32 product, float64 running sum
+            xtx = x.T @ x  # float32 product, float64 running sum (added in place: no float64 copy of the product)
             total = x.sum(0).double()
             s = stats.get(name)
             if s is None:
-                s = stats[name] = LayerStats(xtx, x.shape[0], total, x[:keep].clone() if keep else None)
+                s = stats[name] = LayerStats(xtx.double(), x.shape[0], total, x[:keep].clone() if keep else None)
             else:
                 s.hessian += xtx
                 s.tokens += x.shape[0]
@@ -213,8 +213,8 @@ def hessians(block: nn.Module, adapter: Adapter, keep: int = 0):
     finally:
         for h in handles:
             h.remove()
-        for s in stats.values():
-            s.hessian = (s.hessian / max(s.tokens, 1)).float()
+        for s in stats.values():  # (divided in place: a wide layer's float64 sum is not copied)
+            s.hessian = s.hessian.div_(max(s.tokens, 1)).float()
             s.mean = (s.mean / max(s.tokens, 1)).float()
 
 

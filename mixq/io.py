@@ -101,26 +101,71 @@ def staged_folder(out: str | Path):
 
 def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, meta: dict,
                    extra_files: dict[str, str]) -> None:
-    """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder)."""
+    """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder). A
+    streamed model is written in shards, a block or a table each (`model-0000k-of-0000n.safetensors` and
+    `model.safetensors.index.json`, as Hugging Face writes them), one shard in memory at a time; any other in one
+    model.safetensors."""
+    from .models.stream import streamer_of, value
+
+    stored = set()  # a head tied to a QuantEmbedding holds the table's buffers: stored once, under the table
+    tensors: dict[str, object] = {}  # name → its tensor, or how to get it (a streamed table is read from disk)
+    for name, p in model.named_parameters():
+        if not _in_quantized(name, plan):
+            tensors[name] = lambda name=name: value(model, name, FLOAT_DTYPE).contiguous()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            for key, buf in m.named_buffers(recurse=False):
+                if id(buf) not in stored:
+                    stored.add(id(buf))
+                    tensors[f"{name}.{key}"] = buf
     with staged_folder(out) as tmp:
-        tensors = {}
-        for name, p in model.named_parameters():
-            if not _in_quantized(name, plan):
-                tensors[name] = p.detach().to(FLOAT_DTYPE).contiguous()
-        stored = set()  # a head tied to a QuantEmbedding holds the table's buffers: stored once, under the table
-        for name, m in model.named_modules():
-            if isinstance(m, QuantLinear):
-                for key, buf in m.named_buffers(recurse=False):
-                    if id(buf) not in stored:
-                        stored.add(id(buf))
-                        tensors[f"{name}.{key}"] = buf.contiguous()
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "mixq"})
+        streamer = streamer_of(model)
+        if streamer is None:
+            save_file({k: (v() if callable(v) else v).contiguous() for k, v in tensors.items()},
+                      tmp / "model.safetensors", metadata={"format": "mixq"})
+        else:
+            _save_shards(tensors, streamer.shard_of, tmp)
         (tmp / "config.json").write_text(model.config.to_json_string())
         tokenizer.save_pretrained(tmp)
         (tmp / "plan.json").write_text(plan.to_json())
         for fname, text in extra_files.items():
             (tmp / fname).write_text(text)
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _save_shards(tensors: dict, shard_of, folder: Path) -> None:
+    """The tensors in shards by `shard_of(name)` (a key of their unit), each built, written and freed in turn."""
+    groups: dict[str, list[str]] = {}
+    for name in tensors:
+        groups.setdefault(shard_of(name), []).append(name)
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups.values()):
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {n: (tensors[n]() if callable(tensors[n]) else tensors[n]).contiguous() for n in names}
+        save_file(shard, folder / file, metadata={"format": "mixq"})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A saved folder's tensors: model.safetensors, or every shard its index names (each checked)."""
+    if not (path / INDEX).exists():
+        return load_file(path / "model.safetensors")
+    weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+    state = {}
+    for file in sorted(set(weight_map.values())):
+        if not (path / file).is_file():
+            raise SavedModelError(f"{path} is incomplete: its index names {file}, which is not there")
+        state.update(load_file(path / file))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise SavedModelError(f"{path} is corrupt: its index puts {missing[0]} in a shard that does not hold it")
+    return state
 
 
 def _in_quantized(param_name: str, plan: Plan) -> bool:
@@ -155,8 +200,8 @@ def load(path: str | Path):
         raise SavedModelError(f"{path} is not a mixq model folder (no {MARKER})")
     try:
         plan = Plan.from_json((path / "plan.json").read_text())
-        state = load_file(path / "model.safetensors")
-    except (OSError, ValueError, SafetensorError) as e:
+        state = _load_tensors(path)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise SavedModelError(f"{path} is corrupt: {str(e).splitlines()[0][:200]}") from e
     from accelerate import init_empty_weights
 

@@ -302,26 +302,31 @@ def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: st
     names = adapter.tables(model)
     out = []
     for name in names:
-        module = model.get_submodule(name)
-        w = module.weight.detach()
-        if probe is not None:
-            out += profile_group({name: w}, LayerStats(torch.empty(0, 0), 0), candidates, estimator, None,
-                                 {name: probe.layer(module, whole=True)})
-            continue
-        lp = layer_costs(name, *w.shape, candidates, getattr(module, "bias", None) is not None)
-        parts = []
-        if name == adapter.head or adapter.tied(model):  # the head, or a table tied to it
-            with torch.no_grad():
-                h = model.get_submodule(adapter.norm)(last).reshape(-1, w.shape[1]).float()
-            head = {name: fisher[adapter.head]} if fisher is not None else None
-            parts += profile_group({name: w}, LayerStats(h.T @ h / len(h), len(h)), candidates, estimator, head,
-                                   sample=False)  # every row: the logits' Fisher sits on a few tokens
-        if name == adapter.embed:
-            counts = torch.bincount(calib.reshape(-1), minlength=w.shape[0]).float()
-            seen = counts.nonzero().squeeze(1)
-            cols = fisher[adapter.embed] if fisher is not None else torch.ones(w.shape[1])
-            parts += profile_group({name: w[seen]}, LayerStats(torch.diag(cols), int(counts.sum())), candidates,
-                                   estimator, {name: counts[seen] / counts.sum()}, sample=False)
-        lp.damage = [sum(p.damage[k] for p in parts) for k in range(len(lp.candidates))]
-        out.append(lp)
+        with hold(model, name):  # (streamed: the table read for its profile)
+            out.append(_profile_table(model, adapter, name, calib, last, estimator, fisher, probe, candidates))
     return out
+
+
+def _profile_table(model, adapter, name: str, calib, last, estimator: str, fisher, probe,
+                   candidates) -> LayerProfile:
+    module = model.get_submodule(name)
+    w = module.weight.detach()
+    if probe is not None:
+        return profile_group({name: w}, LayerStats(torch.empty(0, 0), 0), candidates, estimator, None,
+                             {name: probe.layer(module, whole=True)})[0]
+    lp = layer_costs(name, *w.shape, candidates, getattr(module, "bias", None) is not None)
+    parts = []
+    if name == adapter.head or adapter.tied(model):  # the head, or a table tied to it
+        with torch.no_grad():
+            h = model.get_submodule(adapter.norm)(last).reshape(-1, w.shape[1]).float()
+        head = {name: fisher[adapter.head]} if fisher is not None else None
+        parts += profile_group({name: w}, LayerStats(h.T @ h / len(h), len(h)), candidates, estimator, head,
+                               sample=False)  # every row: the logits' Fisher sits on a few tokens
+    if name == adapter.embed:
+        counts = torch.bincount(calib.reshape(-1), minlength=w.shape[0]).float()
+        seen = counts.nonzero().squeeze(1)
+        cols = fisher[adapter.embed] if fisher is not None else torch.ones(w.shape[1])
+        parts += profile_group({name: w[seen]}, LayerStats(torch.diag(cols), int(counts.sum())), candidates,
+                               estimator, {name: counts[seen] / counts.sum()}, sample=False)
+    lp.damage = [sum(p.damage[k] for p in parts) for k in range(len(lp.candidates))]
+    return lp

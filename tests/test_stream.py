@@ -53,6 +53,8 @@ def test_a_streamed_run_gives_the_in_memory_plan_and_model(family, tmp_path, tex
     assert mine.plan.layers and mine.plan == streamed.plan
     streamer = streamer_of(streamed.model)
     assert streamer.peak == 1 and streamer.loads > 0
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) >= 3  # a shard a block, one for the tables and the rest
     ids = random_ids(2, 24)
     assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
 
@@ -132,3 +134,26 @@ def test_solvers_that_judge_the_block_stream_too(tmp_path, text_file):
     assert a.plan == b.plan
     ids = random_ids(2, 24)
     assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt_neox"])
+def test_streamed_tables_join_the_allocation_and_the_evaluation_runs(family, tmp_path, text_file):
+    """The embedding table and the head are read when used (the profile, the apply, the evaluation) and released
+    after: with --include-embeddings and before/after perplexities the streamed run is the in-memory one."""
+    folder = _sharded_folder(family, tmp_path / "m")
+    config = _config(text_file, tables=True, eval_windows=2)
+    a = mixq.quantize(str(folder), None, config, out=tmp_path / "a")
+    b = mixq.quantize(str(folder), None, config, out=tmp_path / "b", stream=True)
+    assert a.plan == b.plan and any(n in a.plan.layers for n in ("model.embed_tokens", "gpt_neox.embed_in"))
+    assert a.meta["eval"] == b.meta["eval"]
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
+
+
+def test_a_sharded_output_missing_a_shard_is_refused_in_one_line(tmp_path, text_file):
+    folder = _sharded_folder("llama", tmp_path / "m")
+    mixq.quantize(str(folder), None, _config(text_file), out=tmp_path / "q", stream=True)
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
+    (tmp_path / "q" / sorted(set(index.values()))[0]).unlink()
+    res = runner.invoke(app, ["eval", str(tmp_path / "q"), "--windows", "1"])
+    assert res.exit_code == 2 and "is incomplete: its index names model-00001" in " ".join(res.output.split())

@@ -43,25 +43,32 @@ class SafetensorsSource:
         else:
             raise StreamError(f"{folder} holds no model.safetensors and no model.safetensors.index.json")
         shards = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self.files = {}
+        held = {}
         for shard in shards:
             path = folder / shard
             if not path.is_file():
                 raise StreamError(f"{index.name} names shard {shard}, which is not in {folder}")
             _check_length(path)
-            self.files[shard] = safe_open(str(path), framework="pt")
-        where = weight_map or {k: shards[0] for k in self.files[shards[0]].keys()}
+            with safe_open(str(path), framework="pt") as f:
+                held[shard] = set(f.keys())
+        where = weight_map or {k: shards[0] for k in held[shards[0]]}
         for name, shard in where.items():
-            if name not in self.files[shard].keys():
+            if name not in held[shard]:
                 raise StreamError(f"{index.name} puts {name} in {shard}, which does not hold it")
+        self.folder = folder
         self.where = {n: (key, where[key]) for n, key in _checkpoint_keys(model, where).items()}
 
     def keys(self) -> set[str]:
         return set(self.where)
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, in its stored dtype. The shard is opened for this one read: its memory map (and the pages
+        the read touched) goes with the tensor, not with the source."""
+        from safetensors import safe_open
+
         key, shard = self.where[name]
-        return self.files[shard].get_tensor(key)
+        with safe_open(str(self.folder / shard), framework="pt") as f:
+            return f.get_tensor(key)
 
 
 def _checkpoint_keys(model: nn.Module, keys) -> dict[str, str]:
@@ -151,45 +158,78 @@ class GGUFSource:
 
 
 class Streamer:
-    """Puts a streamed model's weights in place from its source, block by block (see the module's docstring)."""
+    """Puts a streamed model's weights in place from its source, a unit at a time (see the module's docstring). The
+    units are the blocks and the tables (the embedding table, the head): each is read when it runs or is held and
+    released after. The few other parameters (final norm, position table) are read once."""
 
     def __init__(self, model: nn.Module, source, device: str | torch.device = "cpu"):
         self.model, self.source, self.device = model, source, torch.device(device)
-        self.adapter = adapter_for(model)
-        self.held: dict[int, int] = {}  # block index → depth of hold
-        self.kept: set[int] = set()
+        self.adapter = adapter = adapter_for(model)
+        self.held: dict[str, int] = {}  # unit → depth of hold
+        self.kept: set[str] = set()
+        self.loaded: set[str] = set()  # units whose weights are in memory
         self.loads = 0  # tensors read from the source (a test's measure of what streamed)
-        self.loaded: set[int] = set()  # blocks whose weights are in memory
         self.peak = 0  # the most blocks in memory at once, kept ones aside (a test's measure of the bound)
+        self.rounded: dict[str, torch.dtype] = {}  # parameters stored in a lower precision: rounded on reading
         missing = sorted(n for n, _ in model.named_parameters() if n not in source.keys())
         if missing:
             raise StreamError(f"the weights do not hold the model's {missing[0]}"
                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
-        blocks = self.adapter.block_list(model)
-        self.hooks = [h for i, b in enumerate(blocks) for h in (
-            b.register_forward_pre_hook(self._pre(i)), b.register_forward_hook(self._post(i)))]
-        self.load(self._outside_blocks())
+        blocks = [f"{adapter.blocks}.{i}" for i in range(len(adapter.block_list(model)))]
+        tables = [n for n in (adapter.embed, adapter.head) if n is not None]
+        by_id = {id(p): n for n, p in model.named_parameters()}  # a tied head's weight is the table's
+        self.params = {u: list(dict.fromkeys(by_id[id(p)] for p in model.get_submodule(u).parameters()))
+                       for u in blocks + tables}
+        self.blocks = set(blocks)
+        self.hooks = []
+        for unit in self.params:
+            module = model.get_submodule(unit)
+            self.hooks += [module.register_forward_pre_hook(self._pre(unit)),
+                           module.register_forward_hook(self._post(unit))]
+        inside = {n for names in self.params.values() for n in names}
+        self.load([n for n, _ in model.named_parameters() if n not in inside])
 
-    def _outside_blocks(self) -> list[str]:
-        prefix = self.adapter.blocks + "."
-        return [n for n, _ in self.model.named_parameters() if not n.startswith(prefix)]
+    def unit(self, which: int | str) -> str:
+        """The unit of block `which` (an index) or of module path `which`."""
+        return f"{self.adapter.blocks}.{which}" if isinstance(which, int) else which
 
-    def load_block(self, i: int) -> None:
-        self.load(self.block_params(i))
-        self.loaded.add(i)
-        self.peak = max(self.peak, len(self.loaded - self.kept))
+    def load_unit(self, unit: str) -> None:
+        self.load(self.params[unit])
+        self.loaded.add(unit)
+        self.peak = max(self.peak, len((self.loaded - self.kept) & self.blocks))
 
-    def release_block(self, i: int) -> None:
-        self.release(self.block_params(i))
-        self.loaded.discard(i)
+    def release_unit(self, unit: str) -> None:
+        """Release a unit's parameters, but those another unit that stays holds too (a head tied to a kept
+        table)."""
+        staying = {n for u in self.kept | set(self.held) if u != unit for n in self.params[u]}
+        self.release([n for n in self.params[unit] if n not in staying])
+        self.loaded.discard(unit)
 
-    def block_params(self, i: int) -> list[str]:
-        prefix = f"{self.adapter.blocks}.{i}."
-        return [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
+    def shard_of(self, name: str) -> str:
+        """The unit a saved tensor belongs to (its block, its table), or "" for the rest: a saved model's shard."""
+        for unit in self.params:
+            if name.startswith(unit + "."):
+                return unit
+        return ""
 
     def load(self, names: list[str]) -> None:
         """Read parameters still on the meta device into place (float32, on the streamer's device)."""
-        self.loads += fill(self.model, self.source, names, self.device)
+        self.loads += fill(self.model, self.source, names, self.device, self.rounded)
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A parameter's value (as `load` would put it in place) in `dtype`, without keeping it. A dtype no wider
+        than the one it is rounded to is cast straight from the stored tensor (the same values, no float32 copy
+        of a table)."""
+        p = dict(self.model.named_parameters())[name]
+        if not p.is_meta:
+            return p.detach().to(dtype)
+        t = self.source.get(name)
+        if self.adapter.transposed and name.rpartition(".")[0] in self.adapter.layer_names(self.model):
+            t = t.t()
+        if self.rounded.get(name) == dtype:
+            return t.to(self.device, dtype)
+        t = t.to(self.device, torch.float32)
+        return (t.to(self.rounded[name]).float() if name in self.rounded else t).to(dtype)
 
     def release(self, names: list[str]) -> None:
         """Put parameters back on the meta device (their memory freed)."""
@@ -197,40 +237,42 @@ class Streamer:
             module_name, _, attr = name.rpartition(".")
             p = self.model.get_submodule(module_name)._parameters.get(attr)
             if p is not None and not p.is_meta:
-                self._swap(p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+                _swap(self.model, p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
-    def _swap(self, old: nn.Parameter, new: nn.Parameter) -> None:
-        _swap(self.model, old, new)
+    def round_on_load(self, names, dtype: torch.dtype) -> None:
+        """Parameters (on the meta device now) that are to hold `dtype`'s values: rounded whenever read."""
+        self.rounded.update(dict.fromkeys(names, dtype))
 
     @contextmanager
-    def hold(self, i: int):
-        """Block i loaded for the whole context (its forward calls do not release it)."""
-        self.held[i] = self.held.get(i, 0) + 1
-        self.load_block(i)
+    def hold(self, which: int | str):
+        """A unit loaded for the whole context (its forward calls do not release it)."""
+        unit = self.unit(which)
+        self.held[unit] = self.held.get(unit, 0) + 1
+        self.load_unit(unit)
         try:
             yield
         finally:
-            self.held[i] -= 1
-            if not self.held[i]:
-                del self.held[i]
-                if i not in self.kept:
-                    self.release_block(i)
+            self.held[unit] -= 1
+            if not self.held[unit]:
+                del self.held[unit]
+                if unit not in self.kept:
+                    self.release_unit(unit)
 
-    def keep(self, i: int) -> None:
-        """Leave block i in memory from now on (the apply has packed it)."""
-        self.kept.add(i)
+    def keep(self, which: int | str) -> None:
+        """Leave a unit in memory from now on (the apply has packed it)."""
+        self.kept.add(self.unit(which))
 
-    def _pre(self, i: int):
-        def hook(block, _args):
-            if "forward" in vars(block):  # a block whose forward is replaced (capture.block_inputs passes its
-                return                     # input on) needs no weights
-            self.load_block(i)
+    def _pre(self, unit: str):
+        def hook(module, _args):
+            if "forward" in vars(module):  # a block whose forward is replaced (capture.block_inputs passes its
+                return                      # input on) needs no weights
+            self.load_unit(unit)
         return hook
 
-    def _post(self, i: int):
-        def hook(block, _args, _out):
-            if i not in self.held and i not in self.kept and "forward" not in vars(block):
-                self.release_block(i)
+    def _post(self, unit: str):
+        def hook(module, _args, _out):
+            if unit not in self.held and unit not in self.kept and "forward" not in vars(module):
+                self.release_unit(unit)
         return hook
 
     def close(self) -> None:
@@ -239,7 +281,7 @@ class Streamer:
         self.hooks = []
 
 
-def fill(model: nn.Module, source, names: list[str], device="cpu") -> int:
+def fill(model: nn.Module, source, names: list[str], device="cpu", rounded: dict | None = None) -> int:
     """Read those of `names` (parameters) still on the meta device from `source` into place, float32 on `device`
     (a Conv1D weight transposed, as the adapter made its module nn.Linear); the count read. Refuse a missing
     tensor or one of another shape in one line."""
@@ -258,7 +300,10 @@ def fill(model: nn.Module, source, names: list[str], device="cpu") -> int:
             t = t.t()
         if t.shape != p.shape:
             raise StreamError(f"the weights' {name} is {tuple(t.shape)}, where the config makes it {tuple(p.shape)}")
-        _swap(model, p, nn.Parameter(t.to(device, torch.float32).contiguous(), requires_grad=False))
+        t = t.to(device, torch.float32, copy=True).contiguous()  # (a copy: never the file's memory map)
+        if rounded and name in rounded:
+            t = t.to(rounded[name]).float()
+        _swap(model, p, nn.Parameter(t, requires_grad=False))
         n += 1
     return n
 
@@ -280,20 +325,32 @@ def streamer_of(model: nn.Module) -> Streamer | None:
 
 
 @contextmanager
-def hold(model: nn.Module, i: int):
-    """Block i of `model` in memory for the context: loaded from disk where the model is streamed."""
+def hold(model: nn.Module, which: int | str):
+    """Block `which` (an index) or table `which` (a module path) of `model` in memory for the context: read from
+    disk where the model is streamed."""
     s = streamer_of(model)
     if s is None:
         yield
     else:
-        with s.hold(i):
+        with s.hold(which):
             yield
 
 
-def keep(model: nn.Module, i: int) -> None:
+def keep(model: nn.Module, which: int | str) -> None:
     s = streamer_of(model)
     if s is not None:
-        s.keep(i)
+        s.keep(which)
+
+
+def round_on_load(model: nn.Module, names, dtype: torch.dtype) -> None:
+    """Parameters of a streamed model that are to hold `dtype`'s values: rounded whenever they are read."""
+    streamer_of(model).round_on_load(names, dtype)
+
+
+def value(model: nn.Module, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Parameter `name`'s value in `dtype`: read from disk (not kept) where it is streamed and not in memory."""
+    s = streamer_of(model)
+    return s.read(name, dtype) if s is not None else dict(model.named_parameters())[name].detach().to(dtype)
 
 
 def streamed(model: nn.Module, source, device="cpu") -> nn.Module:
