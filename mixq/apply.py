@@ -10,7 +10,7 @@ from torch import nn
 
 from .capture import LayerStats, block_inputs, capture_block, model_statistics, no_step, run_block
 from .formats import QuantizedTensor
-from .io import FLOAT_DTYPE
+from .io import FLOAT_DTYPE, install_quant_linears, stored_tensors
 from .models import adapter_for
 from .models.stream import hold, keep, round_on_load, streamer_of
 from .plan import Plan
@@ -19,11 +19,15 @@ from .solvers import DAMP, solve_layer
 
 
 def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
-               damp: float = DAMP) -> dict[str, QuantizedTensor]:
+               damp: float = DAMP, shards=None) -> dict[str, QuantizedTensor]:
     """Quantize in place, block by block: each layer's weight becomes its dequantized value (fake quantization,
     bit-identical to what QuantLinear computes) and gets the bias its chain adds; the next block is fed by this
     block's quantized outputs. The tables first (their chains need no statistics), so that the blocks calibrate
-    on the quantized embeddings."""
+    on the quantized embeddings.
+
+    A streamed model's blocks are packed as they are finished; with `shards` (io.BlockShards) each is written
+    there and released, and a block an earlier run with the same key wrote is read back and only run, to feed the
+    next (a stopped run resumes)."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
@@ -38,6 +42,10 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
     x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
+        if shards is not None and shards.done(i):
+            x = _replay(model, block, prefix, plan, shards.read(i), x, calls[i])
+            step("apply", i + 1, len(blocks))
+            continue
         with hold(model, i):
             _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
             for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
@@ -46,9 +54,41 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
             x = run_block(block, x, calls[i])
             if streamer_of(model) is not None:  # packed now, so that memory holds one float block at most
                 pack_model(model, {n: out.pop(n) for n in stats})
-                keep(model, i)
+                if shards is None:
+                    keep(model, i)
+                else:  # written, and released with the block
+                    shards.write(i, {k: v() if callable(v) else v
+                                     for k, v in stored_tensors(model, plan, prefix + ".").items()})
+                    _release_packed(block)
         step("apply", i + 1, len(blocks))
     return out
+
+
+def _replay(model, block: nn.Module, prefix: str, plan: Plan, tensors: dict, x, call):
+    """Run a block an earlier run packed and wrote (its saved tensors) on x, then release it: the next block's
+    input, as the run that wrote it computed it."""
+    install_quant_linears(model, Plan({n: c for n, c in plan.layers.items() if n.startswith(prefix + ".")}))
+    for name, t in tensors.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._buffers:
+            module._buffers[attr] = t
+        else:  # a parameter stored in FLOAT_DTYPE: computed in float32, as the writing run did
+            module._parameters[attr] = nn.Parameter(t.float(), requires_grad=False)
+    y = run_block(block, x, call)
+    _release_packed(block)
+    return y
+
+
+def _release_packed(block: nn.Module) -> None:
+    """Put a written block's packed buffers and parameters back on the meta device."""
+    for m in block.modules():
+        for key, t in list(m._buffers.items()):
+            if isinstance(m, QuantLinear) and t is not None:
+                m._buffers[key] = torch.empty_like(t, device="meta")
+        for key, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
 def _quantize_layer(module: nn.Module, chain, stats: LayerStats, spec, damp: float) -> QuantizedTensor:

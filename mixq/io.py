@@ -100,31 +100,22 @@ def staged_folder(out: str | Path):
 
 
 def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, meta: dict,
-                   extra_files: dict[str, str]) -> None:
+                   extra_files: dict[str, str], blocks: "BlockShards | None" = None) -> None:
     """Write the folder under a temporary name, then swap it into place (replacing an earlier run's folder). A
     streamed model is written in shards, a block or a table each (`model-0000k-of-0000n.safetensors` and
-    `model.safetensors.index.json`, as Hugging Face writes them), one shard in memory at a time; any other in one
-    model.safetensors."""
-    from .models.stream import streamer_of, value
+    `model.safetensors.index.json`, as Hugging Face writes them), one shard in memory at a time, its blocks
+    already written by the apply where `blocks` holds them; any other in one model.safetensors."""
+    from .models.stream import streamer_of
 
-    stored = set()  # a head tied to a QuantEmbedding holds the table's buffers: stored once, under the table
-    tensors: dict[str, object] = {}  # name → its tensor, or how to get it (a streamed table is read from disk)
-    for name, p in model.named_parameters():
-        if not _in_quantized(name, plan):
-            tensors[name] = lambda name=name: value(model, name, FLOAT_DTYPE).contiguous()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            for key, buf in m.named_buffers(recurse=False):
-                if id(buf) not in stored:
-                    stored.add(id(buf))
-                    tensors[f"{name}.{key}"] = buf
+    written = blocks.names() if blocks is not None else set()
+    tensors = {k: v for k, v in stored_tensors(model, plan).items() if k not in written}
     with staged_folder(out) as tmp:
         streamer = streamer_of(model)
         if streamer is None:
             save_file({k: (v() if callable(v) else v).contiguous() for k, v in tensors.items()},
                       tmp / "model.safetensors", metadata={"format": "mixq"})
         else:
-            _save_shards(tensors, streamer.shard_of, tmp)
+            _save_shards(tensors, streamer.shard_of, tmp, blocks)
         (tmp / "config.json").write_text(model.config.to_json_string())
         tokenizer.save_pretrained(tmp)
         (tmp / "plan.json").write_text(plan.to_json())
@@ -133,17 +124,95 @@ def save_quantized(model: nn.Module, tokenizer, plan: Plan, out: str | Path, met
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
 
 
+def stored_tensors(model: nn.Module, plan: Plan, prefix: str = "") -> dict:
+    """What the saved folder stores of `model` (of its modules under `prefix`): name → the tensor, or a function
+    that gives it (a streamed table, read from disk only then). QuantLinear buffers as they are; every other
+    parameter in FLOAT_DTYPE."""
+    from .models.stream import value
+
+    stored = set()  # a head tied to a QuantEmbedding holds the table's buffers: stored once, under the table
+    tensors: dict[str, object] = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix) and not _in_quantized(name, plan):
+            tensors[name] = lambda name=name: value(model, name, FLOAT_DTYPE).contiguous()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and name.startswith(prefix):
+            for key, buf in m.named_buffers(recurse=False):
+                if id(buf) not in stored:
+                    stored.add(id(buf))
+                    tensors[f"{name}.{key}"] = buf
+    return tensors
+
+
 INDEX = "model.safetensors.index.json"
 
 
-def _save_shards(tensors: dict, shard_of, folder: Path) -> None:
-    """The tensors in shards by `shard_of(name)` (a key of their unit), each built, written and freed in turn."""
+class BlockShards:
+    """A streamed model's packed blocks, written as the apply finishes each (a block's QuantLinear buffers and its
+    other parameters as saved) into a folder beside the output, under a key of everything that decides them: a run
+    started again with the same key keeps the blocks already written, and save_quantized moves them into the
+    output folder as its first shards. Nothing here looks like a finished output."""
+
+    PROGRESS = "progress.json"
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = Path(folder), key
+        self.blocks: dict[int, dict] = {}  # block → {"names": its tensors, "bytes": their size}
+        progress = self.folder / self.PROGRESS
+        try:
+            d = json.loads(progress.read_text()) if progress.exists() else {}
+        except (OSError, ValueError):
+            d = {}
+        if d.get("key") == key:
+            self.blocks = {int(i): b for i, b in d["blocks"].items() if (self.folder / self.file(int(i))).is_file()}
+        elif self.folder.exists():  # from other arguments: start over
+            shutil.rmtree(self.folder)
+
+    @staticmethod
+    def file(i: int) -> str:
+        return f"block-{i:05d}.safetensors"
+
+    def done(self, i: int) -> bool:
+        return i in self.blocks
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{self.file(i)}.partial"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "mixq"})
+        os.replace(tmp, self.folder / self.file(i))
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.blocks[i] = {"names": sorted(tensors), "bytes": size}
+        atomic_write_text(self.folder / self.PROGRESS, json.dumps({"key": self.key, "blocks": self.blocks}))
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(self.folder / self.file(i))
+        except (OSError, SafetensorError) as e:
+            raise SavedModelError(f"{self.folder / self.file(i)} is unreadable: {e}") from e
+
+    def names(self) -> set[str]:
+        return {n for b in self.blocks.values() for n in b["names"]}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _save_shards(tensors: dict, shard_of, folder: Path, blocks: "BlockShards | None" = None) -> None:
+    """The tensors in shards by `shard_of(name)` (a key of their unit), each built, written and freed in turn;
+    first the block files the apply wrote (`blocks`), moved in."""
     groups: dict[str, list[str]] = {}
     for name in tensors:
         groups.setdefault(shard_of(name), []).append(name)
+    written = sorted(blocks.blocks) if blocks is not None else []
+    n = len(written) + len(groups)
     weight_map, total = {}, 0
-    for k, names in enumerate(groups.values()):
-        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+    for k, i in enumerate(written):
+        file = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        os.link(blocks.folder / blocks.file(i), folder / file)  # (a link: the block files stay till the end)
+        total += blocks.blocks[i]["bytes"]
+        weight_map.update(dict.fromkeys(blocks.blocks[i]["names"], file))
+    for k, names in enumerate(groups.values(), start=len(written)):
+        file = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         shard = {n: (tensors[n]() if callable(tensors[n]) else tensors[n]).contiguous() for n in names}
         save_file(shard, folder / file, metadata={"format": "mixq"})
         total += sum(t.numel() * t.element_size() for t in shard.values())

@@ -45,6 +45,7 @@ class Result:
     refinement: Refinement | None = None
     model: nn.Module | None = None  # packed (QuantLinear)
     meta: dict = field(default_factory=dict)  # what mixq.json says of the run (quantize)
+    shards: object = None  # a streamed run's packed blocks, written as the apply made them (io.BlockShards)
 
 
 def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = None,
@@ -72,13 +73,19 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     calib = _with_generated(model, tokenizer, calib, config, step)
     before = task.evaluate(model, tokenizer, config.eval_windows, step) if config.eval_windows else None
     checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
-    result = _stages(model, calib, config, candidates, costs, step, checkpoint)
+    shards = _block_shards(out, source, calib, config) if streamer_of(model) is not None else None
+    result = _stages(model, calib, config, candidates, costs, step, checkpoint, shards, out)
     result.seconds["total"] = time.perf_counter() - t0
     result.meta = _describe(model, result, config, source, calib, costs)
     if out is not None:
         _save(model, tokenizer, result, Path(out), config, costs)
         if checkpoint:
             checkpoint.remove()
+        if result.shards is not None:  # its blocks were written and released: the saved folder is the model
+            result.shards.remove()
+            from .io import load
+
+            model = result.model = load(out) if before is not None else result.model
     if before is not None:
         result.meta["eval"] = task.evaluate(model, tokenizer, config.eval_windows, step, before)
     if out is not None:
@@ -96,7 +103,11 @@ def run(model, calib: torch.Tensor, config: QuantizeConfig, step: Step = no_step
     return _stages(model, calib, config, candidates, costs, step, checkpoint)
 
 
-def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], costs, step, checkpoint) -> Result:
+def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], costs, step, checkpoint,
+            shards=None, out=None) -> Result:
+    """Profile, allocate, refine, apply and pack. `shards(plan)`: where a streamed run writes its packed blocks
+    (io.BlockShards), or None; `out`: the folder the result will be saved in (its disk is checked before the
+    apply)."""
     seconds: dict[str, float] = {}
     prof = alloc = refinement = None
     plan = config.plan
@@ -112,10 +123,13 @@ def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], c
                                     damp=config.damp)
                 alloc = refinement.allocation
         plan = alloc.plan
+    if out is not None:
+        check_disk(model, plan, Path(out))
+    written = shards(plan) if shards is not None else None
     with _timed(seconds, "apply"):
-        qtensors = apply_plan(model, calib, plan, step, config.damp)
+        qtensors = apply_plan(model, calib, plan, step, config.damp, written)
     pack_model(model, qtensors)
-    return Result(plan, prof, alloc, seconds, refinement, model)
+    return Result(plan, prof, alloc, seconds, refinement, model, shards=written)
 
 
 @contextmanager
@@ -285,6 +299,44 @@ def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, c
     return Checkpoint(out.parent / f".{out.name}.profile-partial.json", key)
 
 
+DISK_MARGIN = 1.05  # the saved folder's size over the plan's tensors (headers, config, tokenizer, profile)
+
+
+def check_disk(model, plan: Plan, out: Path) -> None:
+    """Refuse, before the apply, a plan whose saved model the output's disk cannot hold (its exact size: every
+    stored tensor)."""
+    import shutil
+
+    adapter = adapter_for(model)
+    names = adapter.layer_names(model) + [n for n in adapter.tables(model) if n in plan.layers]
+    need = fixed_bytes(model, [n for n in names if n in plan.layers])
+    for name, cand in plan.layers.items():
+        m = model.get_submodule(name)
+        rows, cols = m.weight.shape
+        need += cand.storage_bits(rows, cols, getattr(m, "bias", None) is not None) // 8
+    where = next(p for p in (out, *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need * DISK_MARGIN > free:
+        raise ValueError(f"the quantized model needs {need * DISK_MARGIN / 1e9:.2f} GB on the disk of {out}, which "
+                         f"has {free / 1e9:.2f} GB free; free some space or choose another --out")
+
+
+def _block_shards(out, source: str, calib: torch.Tensor, config: QuantizeConfig):
+    """Where a streamed run writes its packed blocks as the apply makes them (beside `out`), as a function of the
+    plan: keyed by the model, the calibration and the plan, so that the same run started again keeps them."""
+    if out is None:
+        return None
+    from .checkpoint import run_key
+    from .io import BlockShards
+
+    out = Path(out).absolute()
+
+    def shards(plan: Plan) -> BlockShards:
+        key = run_key(source, calib, [], "", plan=plan.to_json(), damp=config.damp)
+        return BlockShards(out.parent / f".{out.name}.blocks-partial", key)
+    return shards
+
+
 def _describe(model, result: Result, config: QuantizeConfig, source: str, calib: torch.Tensor, costs) -> dict:
     """What mixq.json says of a run: its config, source, budget, calibration, real bpw, seconds, shapes."""
     qbits, weights = block_linear_bits(model)
@@ -318,7 +370,7 @@ def _save(model, tokenizer, result: Result, out: Path, config: QuantizeConfig, c
     extra = {"profile.json": result.profile.to_json()} if result.profile is not None else {}
     if costs is not None:
         extra["cost.json"] = costs.to_json()
-    save_quantized(model, tokenizer, result.plan, out, result.meta, extra)
+    save_quantized(model, tokenizer, result.plan, out, result.meta, extra, result.shards)
     result.meta["file_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "mixq.json")
 
 

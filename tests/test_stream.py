@@ -157,3 +157,47 @@ def test_a_sharded_output_missing_a_shard_is_refused_in_one_line(tmp_path, text_
     (tmp_path / "q" / sorted(set(index.values()))[0]).unlink()
     res = runner.invoke(app, ["eval", str(tmp_path / "q"), "--windows", "1"])
     assert res.exit_code == 2 and "is incomplete: its index names model-00001" in " ".join(res.output.split())
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_streamed_apply_resumes_from_the_blocks_it_wrote(tmp_path, text_file, monkeypatch):
+    """Each packed block is written beside the output as the apply makes it: a run stopped after block 0 leaves no
+    output folder, and the same run started again quantizes block 1 only and ends with the uninterrupted run's
+    model."""
+    import mixq.apply as apply_module
+
+    folder = _sharded_folder("llama", tmp_path / "m")
+    config = _config(text_file)
+    whole = mixq.quantize(str(folder), None, config, out=tmp_path / "whole", stream=True)
+
+    def stop(stage, done, total):
+        if stage == "apply" and done == 1:
+            raise _Stop
+    with pytest.raises(_Stop):
+        mixq.quantize(str(folder), None, config, out=tmp_path / "q", stream=True, step=stop)
+    assert not (tmp_path / "q").exists() and (tmp_path / ".q.blocks-partial" / "block-00000.safetensors").exists()
+    solved = []
+    real = apply_module._quantize_layer
+    monkeypatch.setattr(apply_module, "_quantize_layer", lambda module, *a: solved.append(module) or real(module, *a))
+    again = mixq.quantize(str(folder), None, config, out=tmp_path / "q", stream=True)
+    assert len(solved) == len(whole.plan.layers) // 2  # block 1's layers only
+    assert again.plan == whole.plan and not (tmp_path / ".q.blocks-partial").exists()
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "q"), ids), _logits(mixq.load(tmp_path / "whole"), ids))
+
+
+def test_a_disk_too_small_for_the_output_is_refused_before_the_apply(tmp_path, text_file, monkeypatch):
+    import collections
+    import shutil
+
+    folder = _sharded_folder("llama", tmp_path / "m")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    applied = []
+    with pytest.raises(ValueError, match=r"needs 0\.\d\d GB on the disk of .* which has 0\.00 GB free"):
+        mixq.quantize(str(folder), None, _config(text_file), out=tmp_path / "q", stream=True,
+                      step=lambda stage, done, total: applied.append(stage))
+    assert "apply" not in applied and "profile" in applied and not (tmp_path / "q").exists()
