@@ -33,7 +33,7 @@ SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, 
              bos_token_id=1, eos_token_id=2)
 SETTING = ["--solver", "rtn", "--sensitivity", "hessian", "--calib-windows", "4", "--bits", "3",
            "--eval-windows", "0"]
-FP32_BLOCK_GB = 4 * (4 * 4096 * 4096 // 4 * 2 + 2 * 4096 * 4096 + 3 * 4096 * 14336) / 1e9  # q, k, v, o, MLP
+FP32_BLOCK_GB = 4 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336) / 1e9  # q, o; k, v; the MLP
 
 
 def write_model(folder: Path, blocks: int) -> None:
@@ -127,7 +127,9 @@ def write(results: list[dict]) -> None:
     lines = ["# Quantizing models larger than memory", "",
              "Random-weight models with Llama-3-8B's shapes (hidden 4096, MLP 14336, 32/8 heads, vocab 128256, untied "
              "head), bf16, one shard per block; `mixq quantize " + " ".join(SETTING) + "`, streamed (`--stream`) or "
-             f"in memory. One block's fp32 weights: {FP32_BLOCK_GB:.2f} GB. Produced by `python benchmarks/scale.py`.",
+             f"in memory, each in a process of its own (torch's default threads: 2 on this machine; the provenance "
+             f"column is the benchmark's own). One block's fp32 weights: {FP32_BLOCK_GB:.2f} GB. Produced by "
+             "`python benchmarks/scale.py`.",
              "", "| mode | blocks | float params (B) | peak RSS (GB) | wall (s) | s per block (profile + apply) | "
              "output (GB) | provenance |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -138,7 +140,20 @@ def write(results: list[dict]) -> None:
                  f"{per:.1f}" if per else "-", f"{r['size_gb']:.2f}" if r.get("size_gb") else
                  f"✗ {r.get('error', '')}", r["provenance"]]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [_growth(rows, mode) for mode in ("stream", "memory") if _growth(rows, mode)]
+    if not any(r["mode"] == "stream" and r["blocks"] == 32 and r.get("ok") for r in rows):
+        lines.append("The 32-block model (16 GB in bf16, 32 GB in fp32) has no row yet.")
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _growth(rows: list[dict], mode: str) -> str:
+    """How the peak RSS of `mode` grows from its fewest to its most blocks, against one block's fp32 weights."""
+    pts = sorted((r["blocks"], r["peak_gb"]) for r in rows if r["mode"] == mode and r.get("ok"))
+    if len(pts) < 2:
+        return ""
+    (b0, p0), (b1, p1) = pts[0], pts[-1]
+    return (f"{mode}: from {b0} to {b1} blocks the peak RSS changes by {p1 - p0:+.2f} GB "
+            f"({(p1 - p0) / FP32_BLOCK_GB:+.2f} blocks' fp32 weights).  ")
     _plot(rows)
 
 
