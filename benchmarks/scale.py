@@ -33,7 +33,10 @@ SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, 
              bos_token_id=1, eos_token_id=2)
 SETTING = ["--solver", "rtn", "--sensitivity", "hessian", "--calib-windows", "4", "--bits", "3",
            "--eval-windows", "0"]
-FP32_BLOCK_GB = 4 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336) / 1e9  # q, o; k, v; the MLP
+H, M, V = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+KV = H // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]  # the key and value projections' rows
+BLOCK_PARAMS = 2 * H * H + 2 * KV * H + 3 * H * M  # q, o; k, v; the MLP
+FP32_BLOCK_GB = 4 * BLOCK_PARAMS / 1e9
 
 
 def write_model(folder: Path, blocks: int) -> None:
@@ -59,8 +62,8 @@ def write_model(folder: Path, blocks: int) -> None:
     def rand(*shape, scale=0.02):
         return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
 
-    h, m, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], 1024
-    shard(0, {"model.embed_tokens.weight": rand(SHAPE["vocab_size"], h), "lm_head.weight": rand(SHAPE["vocab_size"], h),
+    h, m, kv = H, M, KV
+    shard(0, {"model.embed_tokens.weight": rand(V, h), "lm_head.weight": rand(V, h),
               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)})
     for i in range(blocks):
         p = f"model.layers.{i}."
@@ -117,8 +120,7 @@ def main() -> None:
 
 
 def _params(blocks: int) -> int:
-    h, m, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
-    return 2 * v * h + blocks * (2 * h * h + 2 * 1024 * h + 3 * h * m)
+    return 2 * V * H + blocks * BLOCK_PARAMS  # the table and the head, untied
 
 
 def write(results: list[dict]) -> None:

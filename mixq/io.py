@@ -132,9 +132,10 @@ def stored_tensors(model: nn.Module, plan: Plan, prefix: str = "") -> dict:
 
     stored = set()  # a head tied to a QuantEmbedding holds the table's buffers: stored once, under the table
     tensors: dict[str, object] = {}
-    for name, _ in model.named_parameters():
+    for name, p in model.named_parameters():
         if name.startswith(prefix) and not _in_quantized(name, plan):
-            tensors[name] = lambda name=name: value(model, name, FLOAT_DTYPE).contiguous()
+            tensors[name] = (lambda name=name: value(model, name, FLOAT_DTYPE)) if p.is_meta else \
+                (lambda p=p: p.detach().to(FLOAT_DTYPE))
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and name.startswith(prefix):
             for key, buf in m.named_buffers(recurse=False):

@@ -81,11 +81,12 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
         _save(model, tokenizer, result, Path(out), config, costs)
         if checkpoint:
             checkpoint.remove()
-        if result.shards is not None:  # its blocks were written and released: the saved folder is the model
+        if result.shards is not None:
             result.shards.remove()
-            from .io import load
+            if before is not None:  # its blocks were written and released: the saved folder is the model
+                from .io import load
 
-            model = result.model = load(out) if before is not None else result.model
+                model = result.model = load(out)
     if before is not None:
         result.meta["eval"] = task.evaluate(model, tokenizer, config.eval_windows, step, before)
     if out is not None:
@@ -307,13 +308,9 @@ def check_disk(model, plan: Plan, out: Path) -> None:
     stored tensor)."""
     import shutil
 
-    adapter = adapter_for(model)
-    names = adapter.layer_names(model) + [n for n in adapter.tables(model) if n in plan.layers]
-    need = fixed_bytes(model, [n for n in names if n in plan.layers])
-    for name, cand in plan.layers.items():
-        m = model.get_submodule(name)
-        rows, cols = m.weight.shape
-        need += cand.storage_bits(rows, cols, getattr(m, "bias", None) is not None) // 8
+    biased = biased_layers(model, plan.layers)
+    need = fixed_bytes(model, list(plan.layers)) + sum(
+        c.storage_bits(*model.get_submodule(n).weight.shape, n in biased) for n, c in plan.layers.items()) // 8
     where = next(p for p in (out, *out.absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need * DISK_MARGIN > free:

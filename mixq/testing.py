@@ -119,8 +119,7 @@ def write_tiny_gguf(model, path) -> None:
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
     w.add_pad_token_id(c.eos_token_id)  # (a family's default padding id may lie past the tiny vocabulary)
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(model_arch, len(adapter.block_list(model)))
+    names = adapter.gguf_names(model)
     for hf, p in model.named_parameters():
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         data = p.detach().numpy()

@@ -127,8 +127,7 @@ def export_gguf(model: torch.nn.Module, source: Path, out: Path, folder: Path | 
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the path of the .gguf file to write")
     arch = adapter.gguf_arch
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(model_arch, len(adapter.block_list(model)))
+    names = adapter.gguf_names(model)
     ours = _tensors_by_gguf_name(model, names)
     if source.suffix == ".gguf" or folder is None:
         reader = _read_source(source)

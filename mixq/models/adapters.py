@@ -162,6 +162,13 @@ class Adapter:
         """Config flag → the in-block linears whose biases it switches on together."""
         return dict(self.bias_flags)
 
+    def gguf_names(self, model: nn.Module):
+        """gguf-py's tensor name map of the model's architecture and block count (GGUF name of each HF name)."""
+        import gguf
+
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.gguf_arch)
+        return gguf.get_tensor_name_map(arch, len(self.block_list(model)))
+
     def gguf_rows(self, model: nn.Module, name: str, rows: int) -> np.ndarray | None:
         """The order in which GGUF stores the rows of layer (or parameter) `name`, given in Hugging Face rows;
         None where it keeps them as they are."""

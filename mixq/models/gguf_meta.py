@@ -30,17 +30,13 @@ def _rope(config, kind: str = "full_attention") -> dict:
     return dict(rope.get(kind) or rope)
 
 
-def _head_dim(adapter: Adapter, config) -> int:
-    return adapter.head_dim(config)
-
-
 def _rotated(adapter: Adapter, config) -> int:
-    return int(_rope(config).get("partial_rotary_factor", 1.0) * _head_dim(adapter, config))
+    return int(_rope(config).get("partial_rotary_factor", 1.0) * adapter.head_dim(config))
 
 
 # derived value → (its value of a config, the config fields a GGUF's value of it gives back)
 DERIVED: dict[str, tuple[Callable, Callable]] = {
-    "head_dim": (_head_dim, lambda v, a, c: {"head_dim": v}),
+    "head_dim": (lambda a, c: a.head_dim(c), lambda v, a, c: {"head_dim": v}),
     "kv_heads": (lambda a, c: getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                  lambda v, a, c: {"num_key_value_heads": v}),
     "rope_theta": (lambda a, c: _rope(c).get("rope_theta"), lambda v, a, c: {"rope_theta": v}),

@@ -131,8 +131,7 @@ class GGUFSource:
 
         self.reader = reader or gguf.GGUFReader(path)
         self.path, self.model, self.adapter = path, model, adapter
-        model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == adapter.gguf_arch)
-        names = gguf.get_tensor_name_map(model_arch, len(adapter.block_list(model)))
+        names = adapter.gguf_names(model)
         tensors = {t.name: t for t in self.reader.tensors}
         self.where = {}
         for hf, _ in model.named_parameters():
@@ -223,9 +222,7 @@ class Streamer:
         p = dict(self.model.named_parameters())[name]
         if not p.is_meta:
             return p.detach().to(dtype)
-        t = self.source.get(name)
-        if self.adapter.transposed and name.rpartition(".")[0] in self.adapter.layer_names(self.model):
-            t = t.t()
+        t = _oriented(self.model, self.source, name)
         if self.rounded.get(name) == dtype:
             return t.to(self.device, dtype)
         t = t.to(self.device, torch.float32)
@@ -285,8 +282,6 @@ def fill(model: nn.Module, source, names: list[str], device="cpu", rounded: dict
     """Read those of `names` (parameters) still on the meta device from `source` into place, float32 on `device`
     (a Conv1D weight transposed, as the adapter made its module nn.Linear); the count read. Refuse a missing
     tensor or one of another shape in one line."""
-    adapter = adapter_for(model)
-    transposed = set(adapter.layer_names(model)) if adapter.transposed else set()
     keys, n = source.keys(), 0
     for name in names:
         module_name, _, attr = name.rpartition(".")
@@ -295,9 +290,7 @@ def fill(model: nn.Module, source, names: list[str], device="cpu", rounded: dict
             continue
         if name not in keys:
             raise StreamError(f"the weights hold no {name}")
-        t = source.get(name)
-        if module_name in transposed and attr == "weight":
-            t = t.t()
+        t = _oriented(model, source, name)
         if t.shape != p.shape:
             raise StreamError(f"the weights' {name} is {tuple(t.shape)}, where the config makes it {tuple(p.shape)}")
         t = t.to(device, torch.float32, copy=True).contiguous()  # (a copy: never the file's memory map)
@@ -306,6 +299,17 @@ def fill(model: nn.Module, source, names: list[str], device="cpu", rounded: dict
         _swap(model, p, nn.Parameter(t, requires_grad=False))
         n += 1
     return n
+
+
+def _oriented(model: nn.Module, source, name: str) -> torch.Tensor:
+    """Parameter `name` as the source stores it, in the model's orientation: a Conv1D's weight (GPT-2) transposed,
+    as the adapter made its module nn.Linear."""
+    t = source.get(name)
+    adapter = adapter_for(model)
+    module_name, _, attr = name.rpartition(".")
+    if adapter.transposed and attr == "weight" and adapter.in_block(module_name) in adapter.linears:
+        t = t.t()
+    return t
 
 
 def _swap(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
