@@ -8,10 +8,17 @@ wall time come from /usr/bin/time -v.
     python benchmarks/scale.py [--blocks 2,4,8,32] [--modes stream,memory] [--models DIR]
         → benchmarks/results/scale.{md,json,png}
 
+With `--smollm2`, the bundled SmolLM2-135M is quantized with the default settings (`mixq quantize --bits 3.0`:
+the oac estimator's backward passes, the 64-window evaluation before and after) in memory and streamed: the same
+plan (plan.json's bytes) and perplexity, and the time and memory of each.
+
+    python benchmarks/scale.py --smollm2 --blocks ''
+
 Rows of earlier runs are kept in scale.json (the newest run of each mode and block count is shown)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
@@ -78,12 +85,14 @@ def write_model(folder: Path, blocks: int) -> None:
     make_byte_tokenizer(merge=True).save_pretrained(folder)
 
 
-def run(folder: Path, mode: str) -> dict:
-    """One `mixq quantize` of the folder in its own process: peak RSS (GB), wall seconds, the stage times."""
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: Path | None = None) -> dict:
+    """One `mixq quantize` of the folder (None: the bundled default model) in its own process: peak RSS (GB), wall
+    seconds, the stage times, the evaluation and plan.json's digest."""
+    with tempfile.TemporaryDirectory(dir=scratch or folder.parent) as tmp:
         out = Path(tmp) / "q"
-        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mixq", "quantize", "--model", str(folder), "--out",
-               str(out), *SETTING, *(["--stream"] if mode == "stream" else [])]
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mixq", "quantize",
+               *(["--model", str(folder)] if folder else []), "--out", str(out), *setting,
+               *(["--stream"] if mode == "stream" else [])]
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -93,7 +102,8 @@ def run(folder: Path, mode: str) -> dict:
             return {"ok": False, "error": tail, "peak_gb": int(rss.group(1)) / 1e6 if rss else None, "wall_s": wall}
         meta = json.loads((out / "mixq.json").read_text())
         return {"ok": True, "peak_gb": int(rss.group(1)) / 1e6, "wall_s": wall, "seconds": meta.get("seconds"),
-                "bpw": meta.get("bpw"),
+                "bpw": meta.get("bpw"), "eval": meta.get("eval"),
+                "plan_sha": hashlib.sha256((out / "plan.json").read_bytes()).hexdigest()[:12],
                 "size_gb": sum(f.stat().st_size for f in out.iterdir()) / 1e9}
 
 
@@ -102,10 +112,18 @@ def main() -> None:
     ap.add_argument("--blocks", default="2,4,8,32")
     ap.add_argument("--modes", default="stream,memory")
     ap.add_argument("--models", default="/tmp/mixq-scale", help="where the random-weight models are written")
+    ap.add_argument("--smollm2", action="store_true", help="the default run on SmolLM2, in memory and streamed")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else []
-    for blocks in (int(b) for b in args.blocks.split(",")):
+    if args.smollm2:
+        for mode in ("memory", "stream"):
+            row = {"mode": mode, "blocks": 0, "model": "smollm2", "provenance": provenance(),
+                   **run(None, mode, ["--bits", "3.0"], Path(tempfile.gettempdir()))}
+            print(json.dumps(row), flush=True)
+            results = [r for r in results if (r["mode"], r.get("model")) != (mode, "smollm2")] + [row]
+            write(results)
+    for blocks in (int(b) for b in args.blocks.split(",") if b):
         folder = Path(args.models) / f"llama3-8b-shape-{blocks}"
         t0 = time.perf_counter()
         write_model(folder, blocks)
@@ -125,7 +143,8 @@ def _params(blocks: int) -> int:
 
 def write(results: list[dict]) -> None:
     OUT.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    rows = sorted(results, key=lambda r: (r["mode"], r["blocks"]))
+    small = [r for r in results if r.get("model") == "smollm2"]
+    rows = sorted((r for r in results if r not in small), key=lambda r: (r["mode"], r["blocks"]))
     lines = ["# Quantizing models larger than memory", "",
              "Random-weight models with Llama-3-8B's shapes (hidden 4096, MLP 14336, 32/8 heads, vocab 128256, untied "
              "head), bf16, one shard per block; `mixq quantize " + " ".join(SETTING) + "`, streamed (`--stream`) or "
@@ -145,7 +164,26 @@ def write(results: list[dict]) -> None:
     lines += [""] + [_growth(rows, mode) for mode in ("stream", "memory") if _growth(rows, mode)]
     if not any(r["mode"] == "stream" and r["blocks"] == 32 and r.get("ok") for r in rows):
         lines.append("The 32-block model (16 GB in bf16, 32 GB in fp32) has no row yet.")
+    if small:
+        lines += ["", "## SmolLM2-135M, default settings", "",
+                  "`mixq quantize --bits 3.0` (the oac estimator's backward passes: streamed, each block is recomputed "
+                  "as the gradient reaches it), in memory and `--stream`; perplexity by the protocol (64 windows of "
+                  "pydoc's evaluation split). `python benchmarks/scale.py --smollm2 --blocks ''`.", "",
+                  "| mode | plan.json sha256 | real bpw | ppl before | ppl after | profile (s) | apply (s) | wall (s) | "
+                  "peak RSS (GB) | provenance |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(small, key=lambda r: r["mode"]):
+            e, s = r.get("eval") or {}, r.get("seconds") or {}
+            lines.append("| " + " | ".join([
+                r["mode"], r.get("plan_sha", "-"), f"{r['bpw']:.3f}" if r.get("bpw") else "-",
+                f"{e['ppl_before']:.3f}" if "ppl_before" in e else "-",
+                f"{e['ppl_after']:.3f}" if "ppl_after" in e else f"✗ {r.get('error', '')}",
+                f"{s.get('profile', 0):.0f}", f"{s.get('apply', 0):.0f}", f"{r['wall_s']:.0f}",
+                f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-", r["provenance"]]) + " |")
+        same = {r.get("plan_sha") for r in small}
+        if len(small) == 2 and all(r.get("ok") for r in small):
+            lines += ["", "Same plan: " + ("yes" if len(same) == 1 else "**no**") + "."]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(rows)
 
 
 def _growth(rows: list[dict], mode: str) -> str:
@@ -156,7 +194,6 @@ def _growth(rows: list[dict], mode: str) -> str:
     (b0, p0), (b1, p1) = pts[0], pts[-1]
     return (f"{mode}: from {b0} to {b1} blocks the peak RSS changes by {p1 - p0:+.2f} GB "
             f"({(p1 - p0) / FP32_BLOCK_GB:+.2f} blocks' fp32 weights).  ")
-    _plot(rows)
 
 
 def _plot(rows: list[dict]) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .models import Adapter, adapter_for, tasks
+from .models.stream import recomputing
 
 BATCH = 8  # windows per block forward
 # a decoder's calibration windows that get a backward pass (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
@@ -323,19 +324,20 @@ def model_statistics(model: nn.Module, adapter: Adapter, ids: torch.Tensor, need
 
 
 def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,
-                     stage: str = "fisher", embed_name: str | None = None) -> int:
+                     stage: str = "fisher", embed_name: str | None = None, inputs: bool = True) -> int:
     """One backward pass of the task's loss (a decoder's next-token NLL summed over a window; an encoder's probes of
     its embedding's curvature, one pass each: models.tasks) per window, calling on_grad(name, x, g) with
-    the input x and output gradient g (tokens × features, detached) of each module in `names`, and of the
-    embedding's output as `embed_name` if given. No weight gradients are kept (the graph starts at the
-    embeddings). Returns the number of tokens."""
+    the input x (None unless `inputs`) and output gradient g (tokens × features, detached) of each module in
+    `names`, and of the embedding's output as `embed_name` if given. No weight gradients are kept (the graph starts
+    at the embeddings). A streamed model recomputes each block in its backward pass (stream.recomputing). Returns
+    the number of tokens."""
     tokens, handles = 0, []
 
     def make(name):
         def fwd(_module, args, out):
             if out.requires_grad:
-                x = args[0].detach()
-                out.register_hook(lambda g: on_grad(name, x.reshape(-1, x.shape[-1]),
+                x = args[0].detach() if inputs else None
+                out.register_hook(lambda g: on_grad(name, None if x is None else x.reshape(-1, x.shape[-1]),
                                                     g.detach().reshape(-1, g.shape[-1])))
         return fwd
 
@@ -344,17 +346,20 @@ def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_g
     embed = model.get_input_embeddings()
     task = adapter_for(model).job
     try:
-        for k, window in enumerate(ids.split(1)):
-            x = embed(window).detach().requires_grad_(True)
-            losses = task.loss(model, x, window, k)
-            for i, loss in enumerate(losses):
-                x.grad = None
-                loss.backward(retain_graph=i < len(losses) - 1)
-                if embed_name:
-                    on_grad(embed_name, None, x.grad.reshape(-1, x.shape[-1]))
-                tokens += window.numel()
-            if step:
-                step(stage, k + 1, len(ids))
+        with recomputing(model) as streamed:
+            for k, window in enumerate(ids.split(1)):
+                x = embed(window).detach().requires_grad_(True)
+                losses = task.loss(model, x, window, k)
+                for i in range(len(losses)):
+                    x.grad = None
+                    if streamed and i:  # (a fresh graph a loss: a retained one would keep every recomputed block)
+                        losses = task.loss(model, x, window, k)
+                    losses[i].backward(retain_graph=not streamed and i < len(losses) - 1)
+                    if embed_name:
+                        on_grad(embed_name, None, x.grad.reshape(-1, x.shape[-1]))
+                    tokens += window.numel()
+                if step:
+                    step(stage, k + 1, len(ids))
     finally:
         for h in handles:
             h.remove()
@@ -374,7 +379,8 @@ def output_fisher(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
         sq = g.float().pow(2).sum(0).double()
         sums[name] = sq if name not in sums else sums[name] + sq
 
-    tokens = _backward_passes(model, ids, names, add, step, embed_name=adapter.embed if tables else None)
+    tokens = _backward_passes(model, ids, names, add, step, embed_name=adapter.embed if tables else None,
+                              inputs=False)
     return {n: (s / tokens).float() for n, s in sums.items()}
 
 
@@ -386,7 +392,7 @@ def output_energy(model: nn.Module, adapter: Adapter, ids: torch.Tensor, step=No
     def add(name, _x, g):
         parts.setdefault(name, []).append(g.float().pow(2).sum(1))
 
-    _backward_passes(model, ids, adapter.layer_names(model), add, step)
+    _backward_passes(model, ids, adapter.layer_names(model), add, step, inputs=False)
     return {n: torch.cat(p) for n, p in parts.items()}
 
 

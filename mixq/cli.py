@@ -114,7 +114,7 @@ def quantize(
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
     stream: bool = typer.Option(False, "--stream", help="Read the float weights from disk block by block instead "
                                 "of loading the model: memory bounded by about one block, for models larger than "
-                                "memory (block-local estimators and solvers only, for now)."),
+                                "memory (no transforms, kl, --refine, --calib-generated or latency budget)."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
     from .config import Calibration, QuantizeConfig

@@ -23,7 +23,6 @@ from .apply import apply_plan, block_linear_bits, pack_model
 from .capture import no_step
 from .config import QuantizeConfig
 from .cost import CostTable
-from .capture import OUTPUT_ENERGY, OUTPUT_FISHER, OUTPUT_HESSIAN
 from .models import adapter_for
 from .models.stream import streamer_of
 from .plan import Candidate, Plan
@@ -182,27 +181,20 @@ def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> 
     needs = frozenset().union(*(c.needs for c in chains))
     adapter.check_needs(needs)
     if streamer_of(model) is not None:
-        check_streamed(config, transforms, needs)
+        check_streamed(config, transforms)
 
 
-# what a streamed model cannot have yet: each needs every block's weights at once (a backward pass through the
-# model, a transform of all of them, a measured probe of the whole model)
-WHOLE_MODEL_NEEDS = (OUTPUT_FISHER, OUTPUT_ENERGY, OUTPUT_HESSIAN)
-
-
-def check_streamed(config: QuantizeConfig, transforms, needs: frozenset) -> None:
-    """Refuse, in one line, what a model streamed from disk cannot run yet."""
+def check_streamed(config: QuantizeConfig, transforms) -> None:
+    """Refuse, in one line, what a model streamed from disk cannot run yet: what needs every block's weights at
+    once (a transform of all of them) or runs the whole model once per probe (the measured estimator, --refine,
+    generated calibration, a latency budget's timing). Backward passes stream (stream.recomputing)."""
     from .sensitivity import get_estimator
 
-    whole = sorted(needs & set(WHOLE_MODEL_NEEDS))
     estimator = get_estimator(config.estimator) if config.plan is None and config.estimator else None
     reasons = [
         (transforms, f"the transforms {', '.join(transforms)}"),
-        (whole, f"solvers that need {', '.join(whole)} (backward passes through the whole model)"),
-        (config.plan is None and estimator is None, "the default estimator (it needs backward passes through the "
-                                                    "whole model): give --sensitivity hessian or roundoff"),
-        (estimator is not None and (estimator.measured or set(estimator.needs) & set(WHOLE_MODEL_NEEDS)),
-         f"the {config.estimator} estimator (it reads the whole model): give --sensitivity hessian or roundoff"),
+        (estimator is not None and estimator.measured,
+         f"the {config.estimator} estimator (it runs the whole model for every probe)"),
         (config.refine, "--refine"), (config.calibration.generated, "--calib-generated"),
         (config.budget is not None and config.budget.latency, "a latency budget"),
     ]

@@ -221,6 +221,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             prof.layers += [done[n] for n in local]
             x = reads.skip(block, x, calls[i])
         else:
+            reads.prepare()
             with hold(model, i):  # (a streamed model's block read from disk, released after)
                 with hessians(block, adapter, reads.keep) as stats:
                     y = run_block(block, x, calls[i])
@@ -257,12 +258,16 @@ class _Reads:
         self.probe = KLProbe(model, adapter, calib) if estimator.measured else None
         self.keep = fisher_windows(adapter, calib).numel() if OUTPUT_ENERGY in estimator.needs else 0
 
-    def of(self, block, group, weights, stats) -> dict:
-        """profile_group's keywords for one group of linears."""
+    def prepare(self) -> None:
+        """Run the backward passes the estimator reads, once, before the first block it profiles (outside the
+        block's hold: a streamed model's backward passes load every block in turn)."""
         if self.fisher is None and OUTPUT_FISHER in self.estimator.needs:
             self.fisher = self._output_fisher()
         if self.energy is None and OUTPUT_ENERGY in self.estimator.needs:
             self.energy = output_energy(self.model, self.adapter, fisher_windows(self.adapter, self.calib), self.step)
+
+    def of(self, block, group, weights, stats) -> dict:
+        """profile_group's keywords for one group of linears (after `prepare`)."""
         return {"fisher": self.fisher,
                 "measures": {n: self.probe.layer(block.get_submodule(m)) for n, m in zip(weights, group)}
                 if self.probe else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +168,10 @@ class Streamer:
         self.kept: set[str] = set()
         self.loaded: set[str] = set()  # units whose weights are in memory
         self.loads = 0  # tensors read from the source (a test's measure of what streamed)
-        self.peak = 0  # the most blocks in memory at once, kept ones aside (a test's measure of the bound)
+        # the most blocks whose weights were alive at once, kept ones aside (a test's measure of the bound): a
+        # weight counts until its memory is freed, not only while it is in place (an autograd graph may hold it)
+        self.peak = 0
+        self.live: dict[str, int] = {}  # block → its weights read and not yet freed
         self.rounded: dict[str, torch.dtype] = {}  # parameters stored in a lower precision: rounded on reading
         missing = sorted(n for n, _ in model.named_parameters() if n not in source.keys())
         if missing:
@@ -193,9 +196,21 @@ class Streamer:
         return f"{self.adapter.blocks}.{which}" if isinstance(which, int) else which
 
     def load_unit(self, unit: str) -> None:
+        absent = [n for n in self.params[unit] if getattr(self._param(n), "is_meta", False)]
         self.load(self.params[unit])
         self.loaded.add(unit)
-        self.peak = max(self.peak, len((self.loaded - self.kept) & self.blocks))
+        if unit in self.blocks:
+            for name in absent:
+                self.live[unit] = self.live.get(unit, 0) + 1
+                weakref.finalize(self._param(name), self._freed, unit)
+            self.peak = max(self.peak, sum(1 for u, n in self.live.items() if n and u not in self.kept))
+
+    def _freed(self, unit: str) -> None:
+        self.live[unit] -= 1
+
+    def _param(self, name: str) -> nn.Parameter | None:
+        module_name, _, attr = name.rpartition(".")
+        return self.model.get_submodule(module_name)._parameters.get(attr)
 
     def release_unit(self, unit: str) -> None:
         """Release a unit's parameters, but those another unit that stays holds too (a head tied to a kept
@@ -259,10 +274,39 @@ class Streamer:
         """Leave a unit in memory from now on (the apply has packed it)."""
         self.kept.add(self.unit(which))
 
+    @contextmanager
+    def recomputing(self):
+        """Backward passes through the whole model with one block in memory: each block's forward runs under
+        activation checkpointing (torch.utils.checkpoint), loading the block for the forward and again when the
+        backward pass recomputes it, and keeping none of its weights in between. The autograd graph holds each
+        block's input, not its weights; the gradients are those of the model in memory."""
+        from torch.utils.checkpoint import checkpoint
+
+        patched = []
+        for unit in sorted(self.blocks):
+            module = self.model.get_submodule(unit)
+            if "forward" in vars(module):
+                continue
+
+            def run(*args, _unit=unit, _forward=module.forward, **kwargs):
+                with self.hold(_unit):
+                    return _forward(*args, **kwargs)
+
+            def forward(*args, _run=run, **kwargs):
+                return checkpoint(_run, *args, use_reentrant=False, **kwargs)
+
+            module.forward = forward
+            patched.append(module)
+        try:
+            yield True
+        finally:
+            for module in patched:
+                del module.forward
+
     def _pre(self, unit: str):
         def hook(module, _args):
-            if "forward" in vars(module):  # a block whose forward is replaced (capture.block_inputs passes its
-                return                      # input on) needs no weights
+            if "forward" in vars(module):  # a block whose forward is replaced loads itself (recomputing) or
+                return                      # needs no weights (capture.block_inputs passes its input on)
             self.load_unit(unit)
         return hook
 
@@ -338,6 +382,13 @@ def hold(model: nn.Module, which: int | str):
     else:
         with s.hold(which):
             yield
+
+
+def recomputing(model: nn.Module):
+    """A context for backward passes through `model`: Streamer.recomputing where it is streamed (it yields True;
+    else nothing is done and it yields False)."""
+    s = streamer_of(model)
+    return s.recomputing() if s is not None else nullcontext(False)
 
 
 def keep(model: nn.Module, which: int | str) -> None:
