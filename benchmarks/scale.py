@@ -9,8 +9,9 @@ wall time come from /usr/bin/time -v.
         → benchmarks/results/scale.{md,json,png}
 
 With `--smollm2`, the bundled SmolLM2-135M is quantized with the default settings (`mixq quantize --bits 3.0`:
-the oac estimator's backward passes, the 64-window evaluation before and after) in memory and streamed: the same
-plan (plan.json's bytes) and perplexity, and the time and memory of each.
+the oac estimator's backward passes, the 64-window evaluation before and after) in memory, streamed and in two
+processes (`--workers 2`, torch.distributed with gloo): the same plan (plan.json's bytes) and perplexity, and the
+time and memory of each (the peak RSS of the launching process and its largest rank).
 
     python benchmarks/scale.py --smollm2 --blocks ''
 
@@ -96,15 +97,29 @@ def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: P
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
         if res.returncode:
             tail = " ".join(res.stderr.strip().splitlines()[-1:])[:200]
-            return {"ok": False, "error": tail, "peak_gb": int(rss.group(1)) / 1e6 if rss else None, "wall_s": wall}
+            return {"ok": False, "error": tail, "peak_gb": _peak_gb(res.stderr), "wall_s": wall}
         meta = json.loads((out / "mixq.json").read_text())
-        return {"ok": True, "peak_gb": int(rss.group(1)) / 1e6, "wall_s": wall, "seconds": meta.get("seconds"),
+        loaded = _load_peak(out) if mode == "stream" and folder else {}
+        return {"ok": True, **loaded, "peak_gb": _peak_gb(res.stderr), "wall_s": wall, "seconds": meta.get("seconds"),
                 "bpw": meta.get("bpw"), "eval": meta.get("eval"),
                 "plan_sha": hashlib.sha256((out / "plan.json").read_bytes()).hexdigest()[:12],
                 "size_gb": sum(f.stat().st_size for f in out.iterdir()) / 1e9}
+
+
+def _load_peak(out: Path) -> dict:
+    """Peak RSS (GB) of `mixq.load` of a saved folder and one forward pass of 8 tokens, in a process of its own:
+    bounded by the packed model (its folder's size), not by the float one."""
+    code = f"import torch, mixq; m = mixq.load({str(out)!r}); m(torch.zeros(1, 8, dtype=torch.long))"
+    res = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
+    return {"load_peak_gb": _peak_gb(res.stderr)} if res.returncode == 0 else {}
+
+
+def _peak_gb(stderr: str) -> float | None:
+    """The peak RSS /usr/bin/time -v reports, in GB."""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    return int(rss.group(1)) / 1e6 if rss else None
 
 
 def main() -> None:
@@ -113,13 +128,16 @@ def main() -> None:
     ap.add_argument("--modes", default="stream,memory")
     ap.add_argument("--models", default="/tmp/mixq-scale", help="where the random-weight models are written")
     ap.add_argument("--smollm2", action="store_true", help="the default run on SmolLM2, in memory and streamed")
+    ap.add_argument("--smollm2-modes", default="memory,stream,2 processes",
+                    help="which SmolLM2 runs: memory, stream, N processes (--workers N)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else []
     if args.smollm2:
-        for mode in ("memory", "stream"):
+        for mode in args.smollm2_modes.split(","):
+            setting = ["--bits", "3.0", *(["--workers", mode.split()[0]] if "processes" in mode else [])]
             row = {"mode": mode, "blocks": 0, "model": "smollm2", "provenance": provenance(),
-                   **run(None, mode, ["--bits", "3.0"], Path(tempfile.gettempdir()))}
+                   **run(None, mode, setting, Path(tempfile.gettempdir()))}
             print(json.dumps(row), flush=True)
             results = [r for r in results if (r["mode"], r.get("model")) != (mode, "smollm2")] + [row]
             write(results)
@@ -151,15 +169,18 @@ def write(results: list[dict]) -> None:
              f"in memory, each in a process of its own (torch's default threads: 2 on this machine; the provenance "
              f"column is the benchmark's own). One block's fp32 weights: {FP32_BLOCK_GB:.2f} GB. Produced by "
              "`python benchmarks/scale.py`.",
+             " Load: the peak RSS of `mixq.load` of the streamed run's output and a forward pass of 8 tokens, in a "
+             "process of its own (the packed model, not the float one).",
              "", "| mode | blocks | float params (B) | peak RSS (GB) | wall (s) | s per block (profile + apply) | "
-             "output (GB) | provenance |", "|---|---|---|---|---|---|---|---|"]
+             "output (GB) | load peak (GB) | provenance |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("seconds") or {}
         per = (s.get("profile", 0) + s.get("apply", 0)) / r["blocks"] if s else None
         cells = [r["mode"], str(r["blocks"]), f"{_params(r['blocks']) / 1e9:.2f}",
                  f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-", f"{r['wall_s']:.0f}",
                  f"{per:.1f}" if per else "-", f"{r['size_gb']:.2f}" if r.get("size_gb") else
-                 f"✗ {r.get('error', '')}", r["provenance"]]
+                 f"✗ {r.get('error', '')}", f"{r['load_peak_gb']:.2f}" if r.get("load_peak_gb") else "-",
+                 r["provenance"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [_growth(rows, mode) for mode in ("stream", "memory") if _growth(rows, mode)]
     if not any(r["mode"] == "stream" and r["blocks"] == 32 and r.get("ok") for r in rows):
@@ -168,9 +189,10 @@ def write(results: list[dict]) -> None:
         lines += ["", "## SmolLM2-135M, default settings", "",
                   "`mixq quantize --bits 3.0` (the oac estimator's backward passes: streamed, each block is recomputed "
                   "as the gradient reaches it), in memory and `--stream`; perplexity by the protocol (64 windows of "
-                  "pydoc's evaluation split). `python benchmarks/scale.py --smollm2 --blocks ''`.", "",
-                  "| mode | plan.json sha256 | real bpw | ppl before | ppl after | profile (s) | apply (s) | wall (s) | "
-                  "peak RSS (GB) | provenance |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "pydoc's evaluation split); two processes: `--workers 2`. `python benchmarks/scale.py --smollm2 "
+                  "--blocks ''`.", "",
+                  "| mode | plan.json sha256 | real bpw | ppl before | ppl after | profile (s) | apply (s) | "
+                  "wall (s) | peak RSS (GB) | provenance |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(small, key=lambda r: r["mode"]):
             e, s = r.get("eval") or {}, r.get("seconds") or {}
             lines.append("| " + " | ".join([
@@ -180,8 +202,10 @@ def write(results: list[dict]) -> None:
                 f"{s.get('profile', 0):.0f}", f"{s.get('apply', 0):.0f}", f"{r['wall_s']:.0f}",
                 f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-", r["provenance"]]) + " |")
         same = {r.get("plan_sha") for r in small}
-        if len(small) == 2 and all(r.get("ok") for r in small):
-            lines += ["", "Same plan: " + ("yes" if len(same) == 1 else "**no**") + "."]
+        if len(small) > 1 and all(r.get("ok") for r in small):
+            lines += ["", "Same plan in every mode: " + ("yes" if len(same) == 1 else "**no**") + ". On 2 cores, two "
+                      "processes share them (one thread each) and are not faster; the figure that counts is on more "
+                      "cores or GPUs."]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows)
 

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import LayerStats, block_inputs, capture_block, model_statistics, no_step, run_block
+from .capture import JUDGE, LayerStats, block_inputs, capture_block, model_statistics, no_step, run_block
+from .distributed import current, gather
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE, install_quant_linears, stored_tensors
 from .models import adapter_for
@@ -39,6 +40,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
             keep(model, name)  # (streamed: its quantized values stay until it is packed)
     needs = {n: c.solver.needs for n, c in plan.layers.items()}
     extra = model_statistics(model, adapter, calib, needs, step)
+    ranks = current()
     x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
@@ -48,19 +50,47 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
             continue
         with hold(model, i):
             _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
-            for name, st in stats.items():  # in the block's order: each layer's judge sees the earlier ones quantized
-                cand = plan.layers[name]
-                out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
+            out.update(_quantize_block(model, stats, plan, damp, ranks))
             x = run_block(block, x, calls[i])
             if streamer_of(model) is not None:  # packed now, so that memory holds one float block at most
                 pack_model(model, {n: out.pop(n) for n in stats})
                 if shards is None:
                     keep(model, i)
-                else:  # written, and released with the block
-                    shards.write(i, {k: v() if callable(v) else v
-                                     for k, v in stored_tensors(model, plan, prefix + ".").items()})
+                else:  # written (by the main rank), and released with the block
+                    if ranks.main:
+                        shards.write(i, {k: v() if callable(v) else v
+                                         for k, v in stored_tensors(model, plan, prefix + ".").items()})
                     _release_packed(block)
         step("apply", i + 1, len(blocks))
+    return out
+
+
+def _quantize_block(model, stats: dict[str, LayerStats], plan: Plan, damp: float, ranks) -> dict:
+    """Solve a block's layers (`stats`, in the block's order) and set their weights: {name: QuantizedTensor}. With
+    several ranks, the layers are dealt out in turns and each rank's results installed on every rank, so that all
+    go on from the same block; a block with a layer judged by the block's output (JUDGE: each layer sees the
+    earlier ones quantized) is solved whole by the main rank, in order."""
+    out = {}
+    if ranks.world == 1:
+        for name, st in stats.items():
+            cand = plan.layers[name]
+            out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
+        return out
+    turns = ranks.turns()
+    in_order = any(JUDGE in plan.layers[n].solver.needs for n in stats)
+    solved = {}
+    for name, st in stats.items():
+        if ranks.main if in_order else turns.mine():
+            cand, module = plan.layers[name], model.get_submodule(name)
+            qt = _quantize_layer(module, cand.solver, st, cand.spec, damp)
+            solved[name] = qt, None if module.bias is None else module.bias.data
+    for part in gather(solved):
+        for name, (qt, bias) in part.items():
+            module = model.get_submodule(name)
+            if bias is not None:
+                module.bias = nn.Parameter(bias)
+            module.weight.data = qt.dequantize()
+            out[name] = qt
     return out
 
 
@@ -69,6 +99,7 @@ def _replay(model, block: nn.Module, prefix: str, plan: Plan, tensors: dict, x, 
     input, as the run that wrote it computed it."""
     install_quant_linears(model, Plan({n: c for n, c in plan.layers.items() if n.startswith(prefix + ".")}))
     for name, t in tensors.items():
+        t = t.to(x.device)  # (read to the CPU; the run may compute on a GPU)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if attr in module._buffers:

@@ -25,7 +25,7 @@ def run_key(source: str, calib: torch.Tensor, candidates: list[Candidate], estim
     files = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
     what = {"mixq": __version__, "source": str(path.resolve()),
             "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()],
-            "calib": hashlib.sha256(calib.to(torch.int64).numpy().tobytes()).hexdigest(),
+            "calib": hashlib.sha256(calib.to("cpu", torch.int64).numpy().tobytes()).hexdigest(),
             "shape": list(calib.shape), "candidates": [c.to_dict() for c in candidates], "estimator": estimator,
             "rows": PROFILE_ROWS, **extra}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()

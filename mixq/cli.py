@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import export, solvers, transforms
+from . import distributed, export, solvers, transforms
+from . import device as devices
+from .capture import no_step
 from .config import DEFAULT_SOLVER
 from .sensitivity import ESTIMATORS
 
@@ -34,10 +37,13 @@ def _fail(msg: str) -> None:
 
 @contextmanager
 def _failing():
-    """Bad input (every library error is a ValueError or an OSError) ends the command in one line."""
+    """Bad input (every library error is a ValueError or an OSError) ends the command in one line; so does a rank
+    of the run that stopped (distributed.RankLost)."""
     try:
         yield
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, distributed.RankLost) as e:
+        if distributed.silent(e):  # (one line for the whole run: rank 0's or the launcher's)
+            raise typer.Exit(2) from None
         _fail(str(e))
 
 
@@ -115,6 +121,11 @@ def quantize(
     stream: bool = typer.Option(False, "--stream", help="Read the float weights from disk block by block instead "
                                 "of loading the model: memory bounded by about one block, for models larger than "
                                 "memory (no transforms, kl, --refine, --calib-generated or latency budget)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where capture, profile and apply compute: cpu, "
+                                         "cuda or cuda:N (default: cuda where torch sees a GPU, else cpu)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes to spread the profile and the apply over "
+                                "(torch.distributed, gloo on the CPU): the same plan and model as one process. "
+                                "Under torchrun, its --nproc-per-node decides instead."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
     from .config import Calibration, QuantizeConfig
@@ -135,12 +146,35 @@ def quantize(
             tables=include_embeddings, estimator=sensitivity, damp=damp, refine=refine, eval_windows=eval_windows,
             calibration=Calibration(str(calib) if calib else None, calib_windows, calib_generated),
             cost_table=str(cost_table) if cost_table else None)
-        with _Bars() as bars:
-            meta = run(model, None, config, out, step=bars, stream=stream).meta
+        if workers > 1 and not distributed.launched():
+            if distributed.launch(workers, _without_workers(sys.argv[1:])):
+                raise typer.Exit(2)
+            return
+        ranks = distributed.start(devices.resolve(device))
+        try:
+            with _Bars() if ranks.main else nullcontext(no_step) as bars:
+                meta = run(model, None, config, out, step=bars, stream=stream, device=device).meta
+        finally:
+            distributed.stop()
+        if not ranks.main:
+            return
     columns, rows, notes = summary(meta)
     _print_table(f"mixq: {meta['budget']} → {out}", columns, rows)
     for note in notes:
         Console().print(note.replace("`", ""), highlight=False)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """The command line without its --workers option (each rank runs the rest)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
 
 
 def _print_table(title: str, columns, rows) -> None:

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import data
+from . import data, distributed
+from . import device as devices
 from .allocate import Allocation, allocate, check_budget
 from .apply import apply_plan, block_linear_bits, pack_model
 from .capture import no_step
@@ -48,17 +49,30 @@ class Result:
 
 
 def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = None,
-             step: Step = no_step, stream: bool = False) -> Result:
+             step: Step = no_step, stream: bool = False, device: str | None = None) -> Result:
     """What `mixq quantize` does, as a library call. `model`: a .gguf file or a Hugging Face folder (None: the
     bundled default), loaded here with its tokenizer (`stream`: its weights read from disk block by block,
-    models.stream), or a loaded transformers model with its `tokenizer`. Inputs
+    models.stream), or a loaded transformers model with its `tokenizer`. `device`: where the run computes (cpu,
+    cuda, cuda:N; default: cuda where torch sees a GPU, else cpu). Inputs
     are checked before the model loads. With `out`, the packed model is saved there (atomically) with its plan,
     profile, config and report, and the profile is kept beside it while it grows, so that the same call resumes
-    after a crash. The model is left packed (`Result.model`)."""
+    after a crash. Under torchrun, each rank takes its share (mixq.distributed) and the main one saves. The model
+    is left packed (`Result.model`)."""
     t0 = time.perf_counter()
+    where = devices.resolve(device)
+    ranks = distributed.start(where)
+    step = step if ranks.main else no_step
     source = _source(model)
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer, stream)
+    with devices.computing(where):
+        return _quantize_loaded(devices.place(model, where), tokenizer, config, out, step, source, costs, ranks,
+                                where, t0)
+
+
+def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, source: str, costs, ranks, where,
+                     t0: float) -> Result:
+    """quantize's work once the model is loaded and placed on its device `where`."""
     candidates = config.candidates()
     check_family(model, config, candidates)  # before the calibration is read and the transforms run
     task = adapter_for(model).job
@@ -70,12 +84,15 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
         costs = measure(model, candidates, step)
     preflight(model, config, candidates, costs, source)
     calib = _with_generated(model, tokenizer, calib, config, step)
-    before = task.evaluate(model, tokenizer, config.eval_windows, step) if config.eval_windows else None
+    evaluate = config.eval_windows and ranks.main  # (several ranks: the main one evaluates and writes)
+    before = task.evaluate(model, tokenizer, config.eval_windows, step) if evaluate else None
     checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
     shards = _block_shards(out, source, calib, config) if streamer_of(model) is not None else None
     result = _stages(model, calib, config, candidates, costs, step, checkpoint, shards, out)
     result.seconds["total"] = time.perf_counter() - t0
     result.meta = _describe(model, result, config, source, calib, costs)
+    if not ranks.main:
+        return result
     if out is not None:
         _save(model, tokenizer, result, Path(out), config, costs)
         if checkpoint:
@@ -85,7 +102,7 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
             if before is not None:  # its blocks were written and released: the saved folder is the model
                 from .io import load
 
-                model = result.model = load(out)
+                model = result.model = devices.place(load(out), where)
     if before is not None:
         result.meta["eval"] = task.evaluate(model, tokenizer, config.eval_windows, step, before)
     if out is not None:
@@ -322,7 +339,7 @@ def _block_shards(out, source: str, calib: torch.Tensor, config: QuantizeConfig)
 
     def shards(plan: Plan) -> BlockShards:
         key = run_key(source, calib, [], "", plan=plan.to_json(), damp=config.damp)
-        return BlockShards(out.parent / f".{out.name}.blocks-partial", key)
+        return BlockShards(out.parent / f".{out.name}.blocks-partial", key, writer=distributed.current().main)
     return shards
 
 

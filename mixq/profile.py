@@ -14,6 +14,7 @@ from .capture import OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, fis
     output_energy, output_fisher, run_block
 from .chain import Chain
 from .config import table_candidates
+from .distributed import Turns, current, gather, merged_damage
 from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .models.stream import hold
@@ -118,7 +119,8 @@ def cost_profile(shapes: dict[str, tuple[int, int]], candidates: list[Candidate]
 def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidates: list[Candidate],
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None,
                   measures: dict | None = None, sample: bool = True, biased: frozenset = frozenset(),
-                  judged: dict[str, dict[bool, LayerStats]] | None = None, damp: float = DAMP) -> list[LayerProfile]:
+                  judged: dict[str, dict[bool, LayerStats]] | None = None, damp: float = DAMP,
+                  turns: Turns | None = None) -> list[LayerProfile]:
     """Profile the linears that share one input. Each candidate is judged by the result of its chain's profiled
     form (Chain.profiled); candidates whose profiled chain, group size, grid and scale storage agree are solved in
     one call: rows of every layer × every width stacked (rows are independent given H), on the statistics the
@@ -126,7 +128,8 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows; so does every
     estimator with `sample` False (rows whose weights are too uneven for an even sample: the tables). `biased`:
     layers with a bias of their own. `judged`: per layer, the statistics its candidates are judged on instead of
-    the solver's, without and with bias compensation (Estimator.judged)."""
+    the solver's, without and with bias compensation (Estimator.judged). `turns`: a rank's share of the calls
+    (distributed.Turns); the candidates of the calls it skips get NaN, for distributed.merged_damage."""
     estimate = get_estimator(estimator)
     layers = {name: layer_costs(name, *w.shape, candidates, name in biased) for name, w in weights.items()}
     sampled, row_weight = _sampled_rows(weights, fisher, measures, sample)
@@ -139,6 +142,11 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
         by_call.setdefault(key, []).append(c)
     solving: dict[Chain, tuple] = {}  # each profiled chain's steps and the statistics it solves on, made once
     for (chain, group, grid, scale_bits, super_block, high), cands in by_call.items():
+        if turns is not None and not turns.mine():
+            for c in cands:
+                for name in weights:
+                    layers[name].damage[fitting.index(c)] = float("nan")
+            continue
         if chain not in solving:
             steps = build(chain, damp)
             solving[chain] = steps, prepared(steps, stats)
@@ -213,6 +221,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
     prof = Profile(estimator, fixed_bytes(model, names + (adapter.tables(model) if tables else [])),
                    transforms=tuple(transforms))
     done = checkpoint.load() if checkpoint else {}
+    ranks = current()
     reads = _Reads(model, adapter, calib, get_estimator(estimator), step, tables)
     x, calls = block_inputs(model, adapter, calib)
     for i, block in enumerate(blocks):
@@ -222,6 +231,8 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             x = reads.skip(block, x, calls[i])
         else:
             reads.prepare()
+            turns = ranks.turns() if ranks.world > 1 else None
+            profiled = []
             with hold(model, i):  # (a streamed model's block read from disk, released after)
                 with hessians(block, adapter, reads.keep) as stats:
                     y = run_block(block, x, calls[i])
@@ -229,11 +240,16 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
                     weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
                     cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
                     cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
-                    prof.layers += profile_group(weights, st, cands, estimator, damp=damp,
-                                                 biased=biased_layers(model, weights),
-                                                 **reads.of(block, group, weights, st))
+                    profiled += profile_group(weights, st, cands, estimator, damp=damp,
+                                          biased=biased_layers(model, weights), turns=turns,
+                                          **reads.of(block, group, weights, st))
+            if turns is not None:  # every rank's share of the block, on every rank
+                parts = gather([lp.damage for lp in profiled])
+                for k, lp in enumerate(profiled):
+                    lp.damage = merged_damage([part[k] for part in parts])
+            prof.layers += profiled
             x = reads.advance(y)
-            if checkpoint:
+            if checkpoint and ranks.main:
                 checkpoint.save(prof)
         step("profile", i + 1, len(blocks))
     names = adapter.tables(model) if tables else []
@@ -241,7 +257,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
         prof.layers += [done[n] for n in names]
     else:
         prof.layers += profile_tables(model, calib, x, reads.table_estimator(), reads.table_fisher(), reads.probe)
-        if checkpoint:
+        if checkpoint and ranks.main:
             checkpoint.save(prof)
     return prof
 

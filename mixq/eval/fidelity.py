@@ -48,4 +48,4 @@ def fidelity(reference: torch.Tensor, embeddings: torch.Tensor, pair_count: int)
     ref = cos(reference[p[:, 0]], reference[p[:, 1]], dim=-1)
     got = cos(embeddings[p[:, 0]], embeddings[p[:, 1]], dim=-1)
     return {"cosine": float(cos(reference, embeddings, dim=-1).mean()),
-            "spearman": float(spearmanr(ref.numpy(), got.numpy()).statistic)}
+            "spearman": float(spearmanr(ref.cpu().numpy(), got.cpu().numpy()).statistic)}

@@ -191,6 +191,17 @@ class Streamer:
         inside = {n for names in self.params.values() for n in names}
         self.load([n for n, _ in model.named_parameters() if n not in inside])
 
+    def to(self, device: str | torch.device) -> None:
+        """Read blocks onto `device` from now on; move what is in memory (resident parameters, buffers) there."""
+        self.device = torch.device(device)
+        for module in self.model.modules():
+            for key, t in module._buffers.items():
+                if t is not None and not t.is_meta:
+                    module._buffers[key] = t.to(self.device)
+            for p in module._parameters.values():
+                if p is not None and not p.is_meta:
+                    p.data = p.data.to(self.device)
+
     def unit(self, which: int | str) -> str:
         """The unit of block `which` (an index) or of module path `which`."""
         return f"{self.adapter.blocks}.{which}" if isinstance(which, int) else which
