@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import JUDGE, LayerStats, block_inputs, capture_block, model_statistics, no_step, run_block
+from .capture import IN_MEMORY, JUDGE, Activations, LayerStats, block_inputs, capture_block, model_statistics, \
+    no_step, run_block
 from .distributed import current, gather
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE, install_quant_linears, stored_tensors
@@ -20,7 +21,7 @@ from .solvers import DAMP, solve_layer
 
 
 def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
-               damp: float = DAMP, shards=None) -> dict[str, QuantizedTensor]:
+               damp: float = DAMP, shards=None, store: Activations = IN_MEMORY) -> dict[str, QuantizedTensor]:
     """Quantize in place, block by block: each layer's weight becomes its dequantized value (fake quantization,
     bit-identical to what QuantLinear computes) and gets the bias its chain adds; the next block is fed by this
     block's quantized outputs. The tables first (their chains need no statistics), so that the blocks calibrate
@@ -28,7 +29,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
 
     A streamed model's blocks are packed as they are finished; with `shards` (io.BlockShards) each is written
     there and released, and a block an earlier run with the same key wrote is read back and only run, to feed the
-    next (a stopped run resumes)."""
+    next (a stopped run resumes). `store`: where the hidden states between blocks live (capture.Activations)."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     _round_float_params(model, set(plan.layers))  # calibrate on the float values that will be saved
@@ -41,17 +42,18 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
     needs = {n: c.solver.needs for n, c in plan.layers.items()}
     extra = model_statistics(model, adapter, calib, needs, step)
     ranks = current()
-    x, calls = block_inputs(model, adapter, calib)
+    x, calls = block_inputs(model, adapter, calib, store)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
         if shards is not None and shards.done(i):
-            x = _replay(model, block, prefix, plan, shards.read(i), x, calls[i])
+            x = _replay(model, block, prefix, plan, shards.read(i), x, calls[i], store.next(i, x))
             step("apply", i + 1, len(blocks))
             continue
         with hold(model, i):
-            _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra)
+            _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra,
+                                     store.buffer("float", x.shape, x.dtype))
             out.update(_quantize_block(model, stats, plan, damp, ranks))
-            x = run_block(block, x, calls[i])
+            x = run_block(block, x, calls[i], store.next(i, x))
             if streamer_of(model) is not None:  # packed now, so that memory holds one float block at most
                 pack_model(model, {n: out.pop(n) for n in stats})
                 if shards is None:
@@ -94,7 +96,7 @@ def _quantize_block(model, stats: dict[str, LayerStats], plan: Plan, damp: float
     return out
 
 
-def _replay(model, block: nn.Module, prefix: str, plan: Plan, tensors: dict, x, call):
+def _replay(model, block: nn.Module, prefix: str, plan: Plan, tensors: dict, x, call, out=None):
     """Run a block an earlier run packed and wrote (its saved tensors) on x, then release it: the next block's
     input, as the run that wrote it computed it."""
     install_quant_linears(model, Plan({n: c for n, c in plan.layers.items() if n.startswith(prefix + ".")}))
@@ -106,7 +108,7 @@ def _replay(model, block: nn.Module, prefix: str, plan: Plan, tensors: dict, x, 
             module._buffers[attr] = t
         else:  # a parameter stored in FLOAT_DTYPE: computed in float32, as the writing run did
             module._parameters[attr] = nn.Parameter(t.float(), requires_grad=False)
-    y = run_block(block, x, call)
+    y = run_block(block, x, call, out)
     _release_packed(block)
     return y
 

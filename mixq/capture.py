@@ -14,8 +14,11 @@ The statistics a solver or an estimator may need (`Solver.needs`, `Estimator.nee
 """
 from __future__ import annotations
 
+import math
+import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -97,18 +100,63 @@ def _fit(v, n: int):
     return v
 
 
-def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple[torch.Tensor, list[BlockCall]]:
-    """Hidden states entering block 0 for every window (windows × length × width), and each block's call. The
-    blocks do not run: while the calls are caught each passes its input on unchanged, and the model stops at
-    block 0 once every block's call is known (at the last block, on the first batch)."""
+class Activations:
+    """Where the hidden states between blocks live (windows × length × width: a block's inputs, its outputs): in
+    memory, or, with a `folder`, in files there, memory-mapped (pages the kernel writes back and drops when memory
+    runs short), for calibrations longer than memory. Each named buffer is one file, reused from block to block;
+    `remove` deletes them."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def buffer(self, name: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """A tensor of `shape` backed by file `name` (None in memory: the caller makes its own)."""
+        if self.folder is None:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path, numel = self.folder / f"{name}.bin", math.prod(shape)
+        if not path.exists() or path.stat().st_size != numel * dtype.itemsize:  # (never shrunk under a mapping
+            with open(path, "ab") as f:                                        # still in use: same shape, reused)
+                f.truncate(numel * dtype.itemsize)
+        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(*shape)
+
+    def next(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The buffer for the outputs of block i (the inputs of block i + 1), given its inputs x: files x0 and x1
+        in turn."""
+        return self.buffer(f"x{(i + 1) % 2}", x.shape, x.dtype)
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+IN_MEMORY = Activations()
+
+
+def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor,
+                 store: Activations = IN_MEMORY) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Hidden states entering block 0 for every window (windows × length × width; in `store`'s buffer "x0"), and
+    each block's call. The blocks do not run: while the calls are caught each passes its input on unchanged, and
+    the model stops at block 0 once every block's call is known (at the last block, on the first batch)."""
     blocks = adapter.block_list(model)
     calls: list[BlockCall | None] = [None] * len(blocks)
     xs = []
+    into = {}
+
+    def keep(x):
+        if not into:
+            into["x"] = store.buffer("x0", (len(ids), *x.shape[1:]), x.dtype)
+            into["at"] = 0
+        if into["x"] is None:
+            xs.append(x)
+        else:
+            into["x"][into["at"]:into["at"] + len(x)] = x
+            into["at"] += len(x)
 
     def catch(i):
         def hook(_module, args, kwargs):
             if i == 0:
-                xs.append(args[0] if args else kwargs["hidden_states"])
+                keep(args[0] if args else kwargs["hidden_states"])
             if calls[i] is None:
                 calls[i] = BlockCall.caught(args, kwargs)
             if calls[-1] is not None:
@@ -133,18 +181,24 @@ def block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple
             h.remove()
         for b in blocks:
             del b.forward
-    return torch.cat(xs), calls
+    return (torch.cat(xs) if into["x"] is None else into["x"]), calls
 
 
-def run_block(block: nn.Module, x: torch.Tensor, call: BlockCall) -> torch.Tensor:
-    """The block's outputs for every window, BATCH windows at a time."""
-    outs = []
+def run_block(block: nn.Module, x: torch.Tensor, call: BlockCall, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's outputs for every window, BATCH windows at a time (written into `out` where given: an
+    Activations buffer)."""
+    outs, at = [], 0
     with torch.no_grad():
         for xb in x.split(BATCH):
             args, kw = call.fit(xb.shape[0])
-            out = block(xb, *args, **kw)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
+            y = block(xb, *args, **kw)
+            y = y[0] if isinstance(y, tuple) else y
+            if out is None:
+                outs.append(y)
+            else:
+                out[at:at + len(y)] = y
+                at += len(y)
+    return torch.cat(outs) if out is None else out
 
 
 def float_block_stats(model: nn.Module, adapter: Adapter, ids: torch.Tensor, keep: int = 0):
@@ -279,17 +333,18 @@ def block_judge(block: nn.Module, x: torch.Tensor, y: torch.Tensor, call: BlockC
 
 
 def capture_block(block: nn.Module, adapter: Adapter, prefix: str, x: torch.Tensor, call: BlockCall,
-                  needs: dict[str, frozenset[str]], extra: dict[str, dict] | None = None):
+                  needs: dict[str, frozenset[str]], extra: dict[str, dict] | None = None,
+                  out: torch.Tensor | None = None):
     """Run `block` (full name `prefix`) on `x`: (its outputs, {layer: LayerStats}) for each of its linears named
     in `needs` (full names → the statistics asked for): the INPUT statistics of its group, the block's ATTENTION
     Hessians for the value projection and a JUDGE where asked, and the model-level ones of `extra` (full name →
-    {statistic: value}, from `model_statistics`)."""
+    {statistic: value}, from `model_statistics`). `out`: where the outputs go (run_block)."""
     local = {n: f"{prefix}.{n}" for n in adapter.linears if f"{prefix}.{n}" in needs}
     wants = set().union(*(needs[f] for f in local.values()))
     attend = ATTENTION in needs.get(f"{prefix}.{adapter.value}", ())
     with hessians(block, adapter) as groups, \
             (attention_hessians(block, adapter) if attend else nullcontext({})) as attn:
-        y = run_block(block, x, call)
+        y = run_block(block, x, call, out)
     judge = block_judge(block, x[:JUDGE_WINDOWS], y[:JUDGE_WINDOWS], call) if JUDGE in wants else None
     stats = {}
     for group in adapter.groups:

@@ -123,6 +123,9 @@ def quantize(
                                 "memory (no transforms, kl, --refine, --calib-generated or latency budget)."),
     device: Optional[str] = typer.Option(None, "--device", help="Where capture, profile and apply compute: cpu, "
                                          "cuda or cuda:N (default: cuda where torch sees a GPU, else cpu)."),
+    activations_on_disk: bool = typer.Option(False, "--activations-on-disk", help="Keep the hidden states between "
+                                             "blocks in memory-mapped files beside --out instead of in memory: for "
+                                             "long calibrations (many --calib-windows) of large models."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes to spread the profile and the apply over "
                                 "(torch.distributed, gloo on the CPU): the same plan and model as one process. "
                                 "Under torchrun, its --nproc-per-node decides instead."),
@@ -153,7 +156,8 @@ def quantize(
         ranks = distributed.start(devices.resolve(device))
         try:
             with _Bars() if ranks.main else nullcontext(no_step) as bars:
-                meta = run(model, None, config, out, step=bars, stream=stream, device=device).meta
+                meta = run(model, None, config, out, step=bars, stream=stream, device=device,
+                           activations_on_disk=activations_on_disk).meta
         finally:
             distributed.stop()
         if not ranks.main:

@@ -261,7 +261,8 @@ def install_quant_linears(model: nn.Module, plan: Plan) -> None:
 
 
 def load(path: str | Path):
-    """A saved mixq folder as a transformers model (float32 compute) whose block linears are QuantLinear."""
+    """A saved mixq folder as a transformers model (float32 compute, for inference: no parameter requires a
+    gradient) whose block linears are QuantLinear."""
     from transformers import AutoConfig
 
     from .models import adapter_for
@@ -313,8 +314,8 @@ def load(path: str | Path):
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise SavedModelError(f"{path} does not hold {left[0]} (and {len(left) - 1} more)")
-    model.eval()
-    return model
+    model.eval().requires_grad_(False)  # for inference: a forward pass outside no_grad must not keep every
+    return model                         # layer's decoded weight for a backward pass
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

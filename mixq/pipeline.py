@@ -21,7 +21,7 @@ from . import data, distributed
 from . import device as devices
 from .allocate import Allocation, allocate, check_budget
 from .apply import apply_plan, block_linear_bits, pack_model
-from .capture import no_step
+from .capture import IN_MEMORY, Activations, no_step
 from .config import QuantizeConfig
 from .cost import CostTable
 from .models import adapter_for
@@ -49,29 +49,48 @@ class Result:
 
 
 def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = None,
-             step: Step = no_step, stream: bool = False, device: str | None = None) -> Result:
+             step: Step = no_step, stream: bool = False, device: str | None = None,
+             activations_on_disk: bool = False) -> Result:
     """What `mixq quantize` does, as a library call. `model`: a .gguf file or a Hugging Face folder (None: the
     bundled default), loaded here with its tokenizer (`stream`: its weights read from disk block by block,
     models.stream), or a loaded transformers model with its `tokenizer`. `device`: where the run computes (cpu,
-    cuda, cuda:N; default: cuda where torch sees a GPU, else cpu). Inputs
+    cuda, cuda:N; default: cuda where torch sees a GPU, else cpu). `activations_on_disk`: the hidden states between
+    blocks in memory-mapped files beside `out` (capture.Activations), for long calibrations. Inputs
     are checked before the model loads. With `out`, the packed model is saved there (atomically) with its plan,
     profile, config and report, and the profile is kept beside it while it grows, so that the same call resumes
     after a crash. Under torchrun, each rank takes its share (mixq.distributed) and the main one saves. The model
     is left packed (`Result.model`)."""
     t0 = time.perf_counter()
     where = devices.resolve(device)
+    if activations_on_disk and where.type != "cpu":
+        raise ValueError("--activations-on-disk keeps the hidden states on the CPU side: give --device cpu with it")
     ranks = distributed.start(where)
     step = step if ranks.main else no_step
     source = _source(model)
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer, stream)
-    with devices.computing(where):
-        return _quantize_loaded(devices.place(model, where), tokenizer, config, out, step, source, costs, ranks,
-                                where, t0)
+    store = _activations(out, ranks) if activations_on_disk else IN_MEMORY
+    try:
+        with devices.computing(where):
+            return _quantize_loaded(devices.place(model, where), tokenizer, config, out, step, source, costs, ranks,
+                                    where, store, t0)
+    finally:
+        store.remove()
+
+
+def _activations(out, ranks) -> Activations:
+    """Files for the hidden states between blocks: beside `out` (or in the temporary folder), one folder a rank."""
+    import tempfile
+
+    rank = f"-rank{ranks.rank}" if ranks.world > 1 else ""
+    if out is None:
+        return Activations(Path(tempfile.mkdtemp(prefix="mixq-activations")))
+    out = Path(out).absolute()
+    return Activations(out.parent / f".{out.name}.activations-partial{rank}")
 
 
 def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, source: str, costs, ranks, where,
-                     t0: float) -> Result:
+                     store: Activations, t0: float) -> Result:
     """quantize's work once the model is loaded and placed on its device `where`."""
     candidates = config.candidates()
     check_family(model, config, candidates)  # before the calibration is read and the transforms run
@@ -81,14 +100,15 @@ def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, 
     if config.budget is not None and config.budget.latency and costs is None:
         from .cost import measure
 
-        costs = measure(model, candidates, step)
+        costs = measure(model, candidates, step) if ranks.main else None
+        costs = distributed.gather(costs)[0]  # (several ranks: the main one's timings, so that all allocate alike)
     preflight(model, config, candidates, costs, source)
     calib = _with_generated(model, tokenizer, calib, config, step)
     evaluate = config.eval_windows and ranks.main  # (several ranks: the main one evaluates and writes)
     before = task.evaluate(model, tokenizer, config.eval_windows, step) if evaluate else None
     checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
     shards = _block_shards(out, source, calib, config) if streamer_of(model) is not None else None
-    result = _stages(model, calib, config, candidates, costs, step, checkpoint, shards, out)
+    result = _stages(model, calib, config, candidates, costs, step, checkpoint, shards, out, store)
     result.seconds["total"] = time.perf_counter() - t0
     result.meta = _describe(model, result, config, source, calib, costs)
     if not ranks.main:
@@ -121,17 +141,18 @@ def run(model, calib: torch.Tensor, config: QuantizeConfig, step: Step = no_step
 
 
 def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], costs, step, checkpoint,
-            shards=None, out=None) -> Result:
+            shards=None, out=None, store: Activations = IN_MEMORY) -> Result:
     """Profile, allocate, refine, apply and pack. `shards(plan)`: where a streamed run writes its packed blocks
     (io.BlockShards), or None; `out`: the folder the result will be saved in (its disk is checked before the
-    apply)."""
+    apply); `store`: where the hidden states between blocks live."""
     seconds: dict[str, float] = {}
     prof = alloc = refinement = None
     plan = config.plan
     if plan is None:
         with _timed(seconds, "profile"):
             prof = profile_model(model, calib, candidates, estimator_of(model, config), damp=config.damp, step=step,
-                                 checkpoint=checkpoint, tables=config.tables, transforms=config.transforms)
+                                 checkpoint=checkpoint, tables=config.tables, transforms=config.transforms,
+                                 store=store)
         with _timed(seconds, "allocate"):
             alloc = allocate(prof, config.budget, costs)
         if config.refine:
@@ -139,12 +160,12 @@ def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], c
                 refinement = refine(model, calib, prof, alloc, config.budget, rounds=config.refine, step=step,
                                     damp=config.damp)
                 alloc = refinement.allocation
-        plan = alloc.plan
+        plan = distributed.gather(alloc.plan)[0]  # (several ranks: all apply the main one's plan)
     if out is not None:
         check_disk(model, plan, Path(out))
     written = shards(plan) if shards is not None else None
     with _timed(seconds, "apply"):
-        qtensors = apply_plan(model, calib, plan, step, config.damp, written)
+        qtensors = apply_plan(model, calib, plan, step, config.damp, written, store)
     pack_model(model, qtensors)
     return Result(plan, prof, alloc, seconds, refinement, model, shards=written)
 

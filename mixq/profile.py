@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import OUTPUT_ENERGY, OUTPUT_FISHER, LayerStats, block_inputs, fisher_windows, hessians, no_step, \
-    output_energy, output_fisher, run_block
+from .capture import IN_MEMORY, OUTPUT_ENERGY, OUTPUT_FISHER, Activations, LayerStats, block_inputs, \
+    fisher_windows, hessians, no_step, output_energy, output_fisher, run_block
 from .chain import Chain
 from .config import table_candidates
 from .distributed import Turns, current, gather, merged_damage
@@ -210,11 +210,12 @@ def biased_layers(model: nn.Module, names) -> frozenset:
 
 def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = DEFAULT_ESTIMATOR, *,
                   damp: float = DAMP, step: Callable = no_step, checkpoint=None, tables: bool = False,
-                  transforms: tuple[str, ...] = ()) -> Profile:
+                  transforms: tuple[str, ...] = (), store: Activations = IN_MEMORY) -> Profile:
     """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
     (profile_tables). With a checkpoint (checkpoint.Checkpoint), the profile is saved after each block and the
     blocks an earlier run with the same key finished are taken from it (only run forward, to feed the next).
-    `transforms`: those applied to the model, which may change a layer's candidates."""
+    `transforms`: those applied to the model, which may change a layer's candidates. `store`: where the hidden
+    states between blocks live (capture.Activations)."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     names = adapter.layer_names(model)
@@ -223,19 +224,19 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
     done = checkpoint.load() if checkpoint else {}
     ranks = current()
     reads = _Reads(model, adapter, calib, get_estimator(estimator), step, tables)
-    x, calls = block_inputs(model, adapter, calib)
+    x, calls = block_inputs(model, adapter, calib, store)
     for i, block in enumerate(blocks):
         local = [f"{adapter.blocks}.{i}.{n}" for n in adapter.linears]
         if all(n in done for n in local):
             prof.layers += [done[n] for n in local]
-            x = reads.skip(block, x, calls[i])
+            x = reads.skip(block, x, calls[i], store.next(i, x))
         else:
             reads.prepare()
             turns = ranks.turns() if ranks.world > 1 else None
             profiled = []
             with hold(model, i):  # (a streamed model's block read from disk, released after)
                 with hessians(block, adapter, reads.keep) as stats:
-                    y = run_block(block, x, calls[i])
+                    y = run_block(block, x, calls[i], store.next(i, x))
                 for group in adapter.groups:
                     weights = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n).weight.detach() for n in group}
                     cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
@@ -294,9 +295,9 @@ class _Reads:
         return output_fisher(self.model, self.adapter, fisher_windows(self.adapter, self.calib), self.step,
                              self.tables)
 
-    def skip(self, block, x, call):
+    def skip(self, block, x, call, out=None):
         """Feed the next block past one whose layers an earlier run profiled."""
-        return self.advance(run_block(block, x, call))
+        return self.advance(run_block(block, x, call, out))
 
     def advance(self, y):
         if self.probe:

@@ -187,9 +187,9 @@ def test_blocks_calibrate_on_the_quantized_embeddings(tiny_model, calib_ids, mon
     seen = []
     real = mixq.apply.block_inputs
 
-    def spy(model, adapter, ids):
+    def spy(model, adapter, ids, *rest):
         seen.append(model.model.embed_tokens.weight.detach().clone())
-        return real(model, adapter, ids)
+        return real(model, adapter, ids, *rest)
 
     monkeypatch.setattr(mixq.apply, "block_inputs", spy)
     spec = QuantSpec.of(4, 32, "min", 6)

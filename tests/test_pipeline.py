@@ -191,6 +191,9 @@ def test_saved_model_loads_bit_identical(quantized, saved):
         assert isinstance(loaded.get_submodule(name), QuantLinear)
         assert loaded.get_submodule(name).spec == cand.spec
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    # for inference: a forward pass outside no_grad keeps no decoded weight for a backward pass
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert loaded(ids).logits.grad_fn is None
 
 
 def test_saved_tensors_are_packed(quantized, saved):

@@ -223,3 +223,32 @@ def test_a_disk_too_small_for_the_output_is_refused_before_the_apply(tmp_path, t
         mixq.quantize(str(folder), None, _config(text_file), out=tmp_path / "q", stream=True,
                       step=lambda stage, done, total: applied.append(stage))
     assert "apply" not in applied and "profile" in applied and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_activations_on_disk_give_the_same_plan_and_model(stream, tmp_path, text_file, monkeypatch):
+    """The hidden states between blocks in memory-mapped files (--activations-on-disk): the very plan and packed
+    model, and no file left beside the output."""
+    from mixq.capture import Activations
+
+    made = []
+    buffer = Activations.buffer
+
+    def spy(self, name, shape, dtype=torch.float32):
+        t = buffer(self, name, shape, dtype)
+        made.append(t is not None)
+        return t
+
+    monkeypatch.setattr(Activations, "buffer", spy)
+    folder = _sharded_folder("llama", tmp_path / "m")
+    config = QuantizeConfig.from_solver("gptq", budget=Budget(bits=4.5), eval_windows=0, tables=True,
+                                        calibration=Calibration(str(text_file), 4))
+    a = mixq.quantize(str(folder), None, config, out=tmp_path / "a", stream=stream)
+    assert made and not any(made)  # (in memory: no file)
+    made.clear()
+    b = mixq.quantize(str(folder), None, config, out=tmp_path / "b", stream=stream, activations_on_disk=True)
+    assert made and all(made)
+    assert a.plan == b.plan
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "m"]
