@@ -220,8 +220,7 @@ class Streamer:
         self.live[unit] -= 1
 
     def _param(self, name: str) -> nn.Parameter | None:
-        module_name, _, attr = name.rpartition(".")
-        return self.model.get_submodule(module_name)._parameters.get(attr)
+        return _parameter(self.model, name)
 
     def release_unit(self, unit: str) -> None:
         """Release a unit's parameters, but those another unit that stays holds too (a head tied to a kept
@@ -257,8 +256,7 @@ class Streamer:
     def release(self, names: list[str]) -> None:
         """Put parameters back on the meta device (their memory freed)."""
         for name in names:
-            module_name, _, attr = name.rpartition(".")
-            p = self.model.get_submodule(module_name)._parameters.get(attr)
+            p = _parameter(self.model, name)
             if p is not None and not p.is_meta:
                 _swap(self.model, p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
@@ -339,8 +337,7 @@ def fill(model: nn.Module, source, names: list[str], device="cpu", rounded: dict
     tensor or one of another shape in one line."""
     keys, n = source.keys(), 0
     for name in names:
-        module_name, _, attr = name.rpartition(".")
-        p = model.get_submodule(module_name)._parameters.get(attr)
+        p = _parameter(model, name)
         if p is None or not p.is_meta:
             continue
         if name not in keys:
@@ -354,6 +351,12 @@ def fill(model: nn.Module, source, names: list[str], device="cpu", rounded: dict
         _swap(model, p, nn.Parameter(t, requires_grad=False))
         n += 1
     return n
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter a full name names (None where its module holds none by that name: a packed layer)."""
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name)._parameters.get(attr)
 
 
 def _oriented(model: nn.Module, source, name: str) -> torch.Tensor:
