@@ -120,7 +120,8 @@ def quantize(
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
     stream: bool = typer.Option(False, "--stream", help="Read the float weights from disk block by block instead "
                                 "of loading the model: memory bounded by about one block, for models larger than "
-                                "memory (no transforms, kl, --refine, --calib-generated or latency budget)."),
+                                "memory (not with kl, --refine, --calib-generated or a latency budget; transforms "
+                                "write a float32 scratch copy beside the output)."),
     device: Optional[str] = typer.Option(None, "--device", help="Where capture, profile and apply compute: cpu, "
                                          "cuda or cuda:N (default: cuda where torch sees a GPU, else cpu)."),
     activations_on_disk: bool = typer.Option(False, "--activations-on-disk", help="Keep the hidden states between "

@@ -69,6 +69,9 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     source = _source(model)
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer, stream)
+    if streamer_of(model) is not None and out is not None:  # a transform's scratch folder: beside the output
+        out_path = Path(out).absolute()
+        streamer_of(model).scratch = out_path.parent / f".{out_path.name}.transformed-partial"
     store = _activations(out, ranks) if activations_on_disk else IN_MEMORY
     try:
         with devices.computing(where):
@@ -119,6 +122,7 @@ def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, 
             checkpoint.remove()
         if result.shards is not None:
             result.shards.remove()
+            streamer_of(model).remove_scratch()
             if before is not None:  # its blocks were written and released: the saved folder is the model
                 from .io import load
 
@@ -219,18 +223,17 @@ def check_family(model, config: QuantizeConfig, candidates: list[Candidate]) -> 
     needs = frozenset().union(*(c.needs for c in chains))
     adapter.check_needs(needs)
     if streamer_of(model) is not None:
-        check_streamed(config, transforms)
+        check_streamed(config)
 
 
-def check_streamed(config: QuantizeConfig, transforms) -> None:
-    """Refuse, in one line, what a model streamed from disk cannot run yet: what needs every block's weights at
-    once (a transform of all of them) or runs the whole model once per probe (the measured estimator, --refine,
-    generated calibration, a latency budget's timing). Backward passes stream (stream.recomputing)."""
+def check_streamed(config: QuantizeConfig) -> None:
+    """Refuse, in one line, what a model streamed from disk cannot run yet: what runs the whole model once per
+    probe (the measured estimator, --refine, generated calibration, a latency budget's timing). Backward passes
+    stream (stream.recomputing); transforms turn each unit once, into a scratch folder (stream.change_units)."""
     from .sensitivity import get_estimator
 
     estimator = get_estimator(config.estimator) if config.plan is None and config.estimator else None
     reasons = [
-        (transforms, f"the transforms {', '.join(transforms)}"),
         (estimator is not None and estimator.measured,
          f"the {config.estimator} estimator (it runs the whole model for every probe)"),
         (config.refine, "--refine"), (config.calibration.generated, "--calib-generated"),

@@ -39,6 +39,7 @@ def _logits(folder, ids):
 @pytest.mark.parametrize("family, flags", [
     ("llama", ["--stream"]),  # the default estimator's backward passes, streamed
     ("qwen2", ["--sensitivity", "hessian", "--solver", "gptq,taskclip"]),  # a judged solver: its blocks in order
+    ("llama", ["--stream", "--sensitivity", "hessian", "--solver", "rotate+gptq"]),  # the main rank turns the units
 ])
 def test_two_processes_give_the_single_process_plan_and_model(family, flags, tmp_path, text_file):
     folder = _folder(family, tmp_path / "m")

@@ -153,7 +153,7 @@ def test_backward_passes_stream_and_give_the_in_memory_statistics(family, solver
 
 
 @pytest.mark.parametrize("flags, phrase", [
-    (["--sensitivity", "hessian", "--solver", "rotate+gptq"], "cannot take the transforms rotate"),
+    (["--sensitivity", "hessian", "--refine", "1"], "cannot take --refine"),
     (["--sensitivity", "kl"], "cannot take the kl estimator"),
 ])
 def test_what_a_streamed_model_cannot_run_yet_is_refused_in_one_line(flags, phrase, tmp_path, text_file):
@@ -163,6 +163,24 @@ def test_what_a_streamed_model_cannot_run_yet_is_refused_in_one_line(flags, phra
     assert res.exit_code == 2, res.output
     assert phrase in " ".join(res.output.split())
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("family, solver", [("llama", "rotate+gptq"), ("qwen3", "resq+gptq"), ("phi3", "rotate+rtn")])
+def test_transforms_stream_and_give_the_in_memory_plan_and_model(family, solver, tmp_path, text_file):
+    """A transform turns each unit of a streamed model once (stream.change_units), into a scratch folder beside the
+    output that the run reads from and removes: the plan and the packed model are the in-memory run's (a head tied
+    to the table untied as in memory: llama), with one float block in memory at a time."""
+    folder = _sharded_folder(family, tmp_path / "m")
+    config = QuantizeConfig.from_solver(solver, budget=Budget(bits=4.5), estimator="hessian", eval_windows=0,
+                                        calibration=Calibration(str(text_file), 4))
+    a = mixq.quantize(str(folder), None, config, out=tmp_path / "a")
+    b = mixq.quantize(str(folder), None, config, out=tmp_path / "b", stream=True)
+    assert a.plan.transforms == b.plan.transforms == (solver.split("+")[0],)
+    assert (tmp_path / "a" / "plan.json").read_text() == (tmp_path / "b" / "plan.json").read_text()
+    assert streamer_of(b.model).peak == 1
+    ids = random_ids(2, 24)
+    assert torch.equal(_logits(mixq.load(tmp_path / "a"), ids), _logits(mixq.load(tmp_path / "b"), ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "m"]  # (the scratch folder removed)
 
 
 def _damaged(tmp_path, how: str):
@@ -231,14 +249,16 @@ class _Stop(Exception):
     pass
 
 
-def test_a_stopped_streamed_apply_resumes_from_the_blocks_it_wrote(tmp_path, text_file, monkeypatch):
+@pytest.mark.parametrize("solver", ["gptq+comq", "oac"])
+def test_a_stopped_streamed_apply_resumes_from_the_blocks_it_wrote(solver, tmp_path, text_file, monkeypatch):
     """Each packed block is written beside the output as the apply makes it: a run stopped after block 0 leaves no
     output folder, and the same run started again quantizes block 1 only and ends with the uninterrupted run's
-    model."""
+    model (oac: its output-adaptive Hessians read the float block 0 again, to carry their float stream past it)."""
     import mixq.apply as apply_module
 
     folder = _sharded_folder("llama", tmp_path / "m")
-    config = _config(text_file)
+    config = QuantizeConfig.from_solver(solver, budget=Budget(bits=4.5), estimator="hessian", eval_windows=0,
+                                        calibration=Calibration(str(text_file), 4))
     whole = mixq.quantize(str(folder), None, config, out=tmp_path / "whole", stream=True)
 
     def stop(stage, done, total):
@@ -269,6 +289,21 @@ def test_a_disk_too_small_for_the_output_is_refused_before_the_apply(tmp_path, t
         mixq.quantize(str(folder), None, _config(text_file), out=tmp_path / "q", stream=True,
                       step=lambda stage, done, total: applied.append(stage))
     assert "apply" not in applied and "profile" in applied and not (tmp_path / "q").exists()
+
+
+def test_a_disk_too_small_for_a_transforms_scratch_is_refused_in_one_line(tmp_path, text_file, monkeypatch):
+    import collections
+    import shutil
+
+    folder = _sharded_folder("llama", tmp_path / "m")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    res = runner.invoke(app, [str(a) for a in ("quantize", "--model", folder, "--bits", 4, "--stream", "--calib",
+                                               text_file, "--eval-windows", 0, "--out", tmp_path / "q",
+                                               "--sensitivity", "hessian", "--solver", "rotate+gptq")])
+    assert res.exit_code == 2, res.output
+    assert "needs 0.00 GB of scratch" in " ".join(res.output.split()) and len(res.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

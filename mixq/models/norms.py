@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 KINDS = ("rms", "rms1p", "layer")
+CHUNK = 4096  # rows folded at a time
 
 
 def _check(kind: str) -> None:
@@ -42,13 +43,13 @@ def fold(kind: str, norm: nn.Module, readers: list[nn.Linear]) -> None:
     shift = getattr(norm, "bias", None)
     with torch.no_grad():
         for lin in readers:
-            w = lin.weight.double()
-            if shift is not None:
-                extra = w @ shift.detach().double()
-                if lin.bias is None:
-                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
-                lin.bias.copy_((lin.bias.double() + extra).to(lin.bias.dtype))
-            lin.weight.copy_((w * gamma).to(lin.weight.dtype))
+            if shift is not None and lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+            for a in range(0, lin.out_features, CHUNK):  # (float64 copies of a slice of rows: a head is 128k rows)
+                w = lin.weight[a:a + CHUNK].double()
+                if shift is not None:
+                    lin.bias[a:a + CHUNK] = lin.bias[a:a + CHUNK].double() + w @ shift.detach().double()
+                lin.weight[a:a + CHUNK] = w * gamma
         one = torch.zeros_like(gamma) if kind == "rms1p" else torch.ones_like(gamma)  # a scale of one, as stored
         norm.weight.copy_(one.to(norm.weight.dtype))
         if shift is not None:

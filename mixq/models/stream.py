@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import shutil
+import tempfile
 import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -162,6 +164,45 @@ class GGUFSource:
         return torch.from_numpy(np.ascontiguousarray(data))
 
 
+class _Aliased:
+    """A source under which some names read another's tensor (an untied head reads the table's)."""
+
+    def __init__(self, source, aliases: dict[str, str]):
+        self.inner, self.aliases = source, aliases
+        self.oriented = getattr(source, "oriented", False)
+
+    def keys(self) -> set[str]:
+        return self.inner.keys() | set(self.aliases)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(self.aliases.get(name, name))
+
+
+class _Written:
+    """Tensors the run wrote itself (Streamer.rewrite), float32 and in the model's orientation, by parameter
+    name."""
+
+    oriented = True  # (a Conv1D weight is already turned: _oriented leaves it)
+
+    def __init__(self, folder: Path):
+        self.folder, self.where = folder, {}
+
+    def add(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, self.folder / file)
+        self.where.update(dict.fromkeys(tensors, file))
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
 class Streamer:
     """Puts a streamed model's weights in place from its source, a unit at a time (see the module's docstring). The
     units are the blocks and the tables (the embedding table, the head): each is read when it runs or is held and
@@ -179,6 +220,7 @@ class Streamer:
         self.peak = 0
         self.live: dict[str, int] = {}  # block → its weights read and not yet freed
         self.rounded: dict[str, torch.dtype] = {}  # parameters stored in a lower precision: rounded on reading
+        self.scratch: Path | None = None  # the folder `rewrite` writes (None: a new one in the system's temp)
         missing = sorted(n for n, _ in model.named_parameters() if n not in source.keys())
         if missing:
             raise StreamError(f"the weights do not hold the model's {missing[0]}"
@@ -319,6 +361,59 @@ class Streamer:
             for module in patched:
                 del module.forward
 
+    def untie_head(self) -> None:
+        """Give a head tied to the embedding table a weight of its own (adapter.untie_head), read from the table's
+        tensor on disk."""
+        a = self.adapter
+        table, head = (self.model.get_submodule(u) for u in (a.embed, a.head))
+        if head.weight is not table.weight:
+            return
+        a.untie_head(self.model)  # (a meta parameter of its own)
+        name, of = f"{a.head}.weight", f"{a.embed}.weight"
+        self.source = _Aliased(self.source, {name: of})
+        self.params[a.head] = [name if n == of else n for n in self.params[a.head]]
+
+    def rewrite(self, change, writer: bool = True) -> None:
+        """Change every unit once by `change(unit, module)` (a transform, in float32, in place), each unit read,
+        changed and written in turn to the scratch folder, which the streamer reads from from then on: a transform
+        costs its work once, not at every read. The folder (float32: 4 bytes a weight) is checked for room first,
+        replaces one an earlier run left, and is removed by `remove_scratch` or with the streamer; a second
+        transform reads the first one's files and writes its own beside them. Not `writer` (several ranks: not
+        the main one): the writer's files are read once they are written (the caller waits)."""
+        if self.scratch is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="mixq-transformed-"))
+        earlier = self.source if isinstance(self.source, _Written) else None
+        written = _Written(self.scratch / f"pass-{0 if earlier is None else int(earlier.folder.name[5:]) + 1}")
+        tied = self.adapter.head is not None and self.adapter.tied(self.model)
+        units = [u for u in self.params if not (tied and u == self.adapter.head)]  # (a tied head is the table)
+        if writer:
+            need = 4 * sum(_parameter(self.model, n).numel() for u in units for n in self.params[u])
+            if earlier is None:
+                shutil.rmtree(self.scratch, ignore_errors=True)  # (an earlier run's)
+                weakref.finalize(self, shutil.rmtree, self.scratch, True)
+            self.scratch.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.scratch.parent).free
+            if free < need:
+                raise StreamError(f"transforming a streamed model needs {need / 1e9:.2f} GB of scratch (its float32 "
+                                  f"weights) on the disk of {self.scratch.parent}, which has {free / 1e9:.2f} GB "
+                                  "free")
+            written.folder.mkdir(parents=True)
+        for k, unit in enumerate(units):
+            file = f"unit-{k:05d}.safetensors"
+            if not writer:
+                written.where.update(dict.fromkeys(self.params[unit], file))
+                continue
+            with self.hold(unit):
+                change(unit, self.model.get_submodule(unit))
+                written.add(file, {n: _parameter(self.model, n).detach() for n in self.params[unit]})
+        self.source = written
+        if earlier is not None and writer:
+            shutil.rmtree(earlier.folder, ignore_errors=True)
+
+    def remove_scratch(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
     def _pre(self, unit: str):
         def hook(module, _args):
             if "forward" in vars(module):  # a block whose forward is replaced loads itself (recomputing) or
@@ -410,7 +505,8 @@ def _oriented(model: nn.Module, source, name: str) -> torch.Tensor:
     t = source.get(name)
     adapter = adapter_for(model)
     module_name, _, attr = name.rpartition(".")
-    if adapter.transposed and attr == "weight" and adapter.in_block(module_name) in adapter.linears:
+    turned = not getattr(source, "oriented", False) and adapter.transposed
+    if turned and attr == "weight" and adapter.in_block(module_name) in adapter.linears:
         t = t.t()
     return t
 
@@ -454,6 +550,32 @@ def keep(model: nn.Module, which: int | str) -> None:
     s = streamer_of(model)
     if s is not None:
         s.keep(which)
+
+
+def untie_head(model: nn.Module) -> None:
+    """adapter.untie_head, for a streamed model too (its head then reads the table's tensor from disk)."""
+    s = streamer_of(model)
+    if s is not None:
+        s.untie_head()
+    else:
+        adapter_for(model).untie_head(model)
+
+
+def change_units(model: nn.Module, change) -> None:
+    """`change(unit, module)` in place on every unit of the model: its embedding table, its head (unless tied to
+    the table) and each block. In memory, now; streamed, once, into a scratch folder it is read from afterwards
+    (Streamer.rewrite)."""
+    s = streamer_of(model)
+    if s is not None:
+        from ..distributed import current, gather
+
+        s.rewrite(change, writer=current().main)
+        gather(None)  # (several ranks: the others read the main one's folder once it is written)
+        return
+    adapter = adapter_for(model)
+    units = [adapter.embed] + ([adapter.head] if adapter.head is not None and not adapter.tied(model) else [])
+    for unit in units + [f"{adapter.blocks}.{i}" for i in range(len(adapter.block_list(model)))]:
+        change(unit, model.get_submodule(unit))
 
 
 def round_on_load(model: nn.Module, names, dtype: torch.dtype) -> None:

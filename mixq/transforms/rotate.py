@@ -19,9 +19,12 @@ which its file size counts.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from ..models.stream import change_units, untie_head
 from . import Transform, register
 
 SEED = 0
@@ -65,14 +68,24 @@ def random_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
+CHUNK = 4096  # rows (or columns) turned at a time: float64 copies of a slice, not of a 128k-row table
+
+
 def rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """W Q: the weight that reads the rotated input xQ and returns what W returned from x."""
-    return (weight.double() @ q).to(weight.dtype)
+    """W Q: the weight that reads the rotated input xQ and returns what W returned from x (in float64, a slice
+    of rows at a time)."""
+    out = torch.empty_like(weight)
+    for a in range(0, weight.shape[0], CHUNK):
+        out[a:a + CHUNK] = weight[a:a + CHUNK].double() @ q
+    return out
 
 
 def rotate_outputs(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Qᵀ W: the weight whose output is W's output rotated (y → yQ)."""
-    return (q.T @ weight.double()).to(weight.dtype)
+    """Qᵀ W: the weight whose output is W's output rotated (y → yQ) (in float64, a slice of columns at a time)."""
+    out = torch.empty_like(weight)
+    for a in range(0, weight.shape[1], CHUNK):
+        out[:, a:a + CHUNK] = q.T @ weight[:, a:a + CHUNK].double()
+    return out
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -98,26 +111,39 @@ class Rotate(Transform):
 
 def rotate_stream(model: nn.Module, adapter, q: torch.Tensor, gen: torch.Generator) -> None:
     """Turn the residual stream x → xQ (Q orthogonal, float64), norms folded first, and each head's values by a
-    random rotation drawn from `gen`; in place."""
-    adapter.untie_head(model)  # the head takes γ_final, the table does not
-    table, head = model.get_submodule(adapter.embed), model.get_submodule(adapter.head)
-    adapter.fold_norm(model.get_submodule(adapter.norm), [head])
-    _set(table.weight, rotate_inputs(table.weight.detach(), q))  # rows of E are inputs to the stream: E Q
-    _set(head.weight, rotate_inputs(head.weight.detach(), q))
+    random rotation drawn from `gen`; in place, one unit (the table, the head, a block) at a time, so that a
+    streamed model is turned as it is read (stream.change_units)."""
+    untie_head(model)  # the head takes γ_final, the table does not
+    final = model.get_submodule(adapter.norm)
+    scale = copy.deepcopy(final)  # γ_final, for the head's turn
+    adapter.fold_norm(final, [])  # (the final norm now scales by one)
     r = random_rotation(adapter.head_dim(model), gen)
-    for block in adapter.block_list(model):
-        for norm, names in adapter.reads:
-            readers = [block.get_submodule(n) for n in names]
-            adapter.fold_norm(block.get_submodule(norm), readers)
-            for lin in readers:
-                _set(lin.weight, rotate_inputs(lin.weight.detach(), q))
-        for n in adapter.writes:
-            lin = block.get_submodule(n)
-            _set(lin.weight, rotate_outputs(lin.weight.detach(), q))
-            if lin.bias is not None:
-                _set(lin.bias, lin.bias.detach().double() @ q)
-        if adapter.value is not None:  # a value projection fused with q and k keeps its basis
-            _rotate_values(block.get_submodule(adapter.value), block.get_submodule(adapter.attn_out), r)
+
+    def turn(unit: str, module: nn.Module) -> None:
+        if unit == adapter.embed:  # rows of E are inputs to the stream: E Q
+            _set(module.weight, rotate_inputs(module.weight.detach(), q))
+        elif unit == adapter.head:
+            adapter.fold_norm(copy.deepcopy(scale), [module])
+            _set(module.weight, rotate_inputs(module.weight.detach(), q))
+        else:
+            _rotate_block(module, adapter, q, r)
+
+    change_units(model, turn)
+
+
+def _rotate_block(block: nn.Module, adapter, q: torch.Tensor, r: torch.Tensor) -> None:
+    for norm, names in adapter.reads:
+        readers = [block.get_submodule(n) for n in names]
+        adapter.fold_norm(block.get_submodule(norm), readers)
+        for lin in readers:
+            _set(lin.weight, rotate_inputs(lin.weight.detach(), q))
+    for n in adapter.writes:
+        lin = block.get_submodule(n)
+        _set(lin.weight, rotate_outputs(lin.weight.detach(), q))
+        if lin.bias is not None:
+            _set(lin.bias, lin.bias.detach().double() @ q)
+    if adapter.value is not None:  # a value projection fused with q and k keeps its basis
+        _rotate_values(block.get_submodule(adapter.value), block.get_submodule(adapter.attn_out), r)
 
 
 def _rotate_values(v: nn.Linear, o: nn.Linear, r: torch.Tensor) -> None:
