@@ -46,11 +46,15 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
         if shards is not None and shards.done(i):
+            if extra.names:  # (the float stream of the output-adaptive Hessians goes on past it)
+                with hold(model, i):
+                    extra.block(block, prefix, x, calls[i])
             x = _replay(model, block, prefix, plan, shards.read(i), x, calls[i], store.next(i, x))
             step("apply", i + 1, len(blocks))
             continue
         with hold(model, i):
-            _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, extra,
+            more = extra.block(block, prefix, x, calls[i])  # (before the block changes)
+            _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, more,
                                      store.buffer("float", x.shape, x.dtype))
             out.update(_quantize_block(model, stats, plan, damp, ranks))
             x = run_block(block, x, calls[i], store.next(i, x))

@@ -368,14 +368,10 @@ def fisher_windows(adapter: Adapter, ids: torch.Tensor) -> torch.Tensor:
 
 
 def model_statistics(model: nn.Module, adapter: Adapter, ids: torch.Tensor, needs: dict[str, frozenset[str]],
-                     step=None) -> dict[str, dict]:
+                     step=None) -> "OutputHessians":
     """The statistics of `needs` (full layer name → names) that take the whole model (OUTPUT_HESSIAN: backward
-    passes over the first FISHER_WINDOWS windows of `ids`): full name → {statistic: value}."""
-    names = [n for n, wanted in needs.items() if OUTPUT_HESSIAN in wanted]
-    if not names:
-        return {}
-    hs = output_adaptive_hessians(model, adapter, fisher_windows(adapter, ids), names, step)
-    return {n: {OUTPUT_HESSIAN: h} for n, h in hs.items()}
+    passes over the first FISHER_WINDOWS windows of `ids`), given a block at a time (OutputHessians.block)."""
+    return OutputHessians(model, adapter, ids, [n for n, wanted in needs.items() if OUTPUT_HESSIAN in wanted], step)
 
 
 def _backward_passes(model: nn.Module, ids: torch.Tensor, names: list[str], on_grad, step=None,
@@ -456,15 +452,83 @@ def output_adaptive_hessians(model: nn.Module, adapter: Adapter, ids: torch.Tens
     """OAC (Edalati et al. 2024, arXiv 2405.17009): the Hessian of the output cross-entropy with respect to a
     linear's weight rows, under the Fisher approximation and shared across rows: H = E_t[‖g_t‖² x_t x_tᵀ] /
     E_t[‖g_t‖²], g_t = ∂L/∂y_t. Tokens whose output moves the loss weigh more than in XᵀX. One cols × cols matrix
-    per name in `names` (float32)."""
-    sums, weights = {}, {}
+    per name in `names` (float32), every one at once (the apply takes them a block at a time: OutputHessians)."""
+    sums: dict = {}
 
     def add(name, x, g):
-        energy = g.float().pow(2).sum(1)
-        xs = x.float() * energy.sqrt()[:, None]
-        xtx = (xs.T @ xs).double()
-        sums[name] = xtx if name not in sums else sums[name] + xtx
-        weights[name] = weights.get(name, 0.0) + float(energy.sum())
+        _add_weighted(sums, name, x, g.float().pow(2).sum(1))
 
     _backward_passes(model, ids, names, add, step, stage="gradients")
-    return {n: (sums[n] / max(weights[n], 1e-30)).float() for n in sums}
+    return {n: _mean(sums[n]) for n in sums}
+
+
+def _add_weighted(sums: dict, name: str, x: torch.Tensor, energy: torch.Tensor) -> None:
+    """Add one window's Σ_t e_t x_t x_tᵀ (float64) and Σ_t e_t to sums[name]."""
+    xs = x.float() * energy.sqrt()[:, None]
+    xtx = (xs.T @ xs).double()
+    h, w = sums.get(name, (None, 0.0))
+    sums[name] = (xtx if h is None else h + xtx, w + float(energy.sum()))
+
+
+def _mean(total: tuple) -> torch.Tensor:
+    h, w = total
+    return (h / max(w, 1e-30)).float()
+
+
+class OutputHessians:
+    """OUTPUT_HESSIAN a block at a time, for the apply: memory for one block's matrices, not the model's (cols × cols
+    for every layer: 39 GB of float32 for Llama-3-8B). The backward passes keep only each layer's per-token output
+    energies ‖g_t‖² (a number a token, output_adaptive_hessians' weights); each block's layer inputs x_t come from
+    running the float block, as it is before the apply changes it, on the float hidden states of those windows,
+    which this carries from block to block (as the backward passes' forward computed them: a window at a time)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, names: list[str], step=None):
+        self.adapter, self.names = adapter, frozenset(names)
+        self.energy: dict[str, list[list[torch.Tensor]]] = {}  # name → window → its losses' energies
+        self.windows = len(fisher_windows(adapter, ids))
+        self.x = None  # the float hidden states entering the next block, for those windows
+        if not names:
+            return
+        at = {"window": 0}
+
+        def add(name, _x, g):
+            per = self.energy.setdefault(name, [[] for _ in range(self.windows)])
+            per[at["window"]].append(g.float().pow(2).sum(1))
+
+        def counted(stage, done, total):
+            at["window"] = done
+            if step:
+                step(stage, done, total)
+
+        _backward_passes(model, fisher_windows(adapter, ids), sorted(self.names), add, counted, stage="gradients",
+                         inputs=False)
+
+    def block(self, block: nn.Module, prefix: str, x: torch.Tensor, call: BlockCall) -> dict[str, dict]:
+        """{full name: {OUTPUT_HESSIAN: H}} for the block's layers among `names`, and the float stream carried past
+        it. Call it for every block in order while the block holds its float weights; `x`: the block's inputs in
+        the apply (the first block's begin the float stream)."""
+        if not self.names:
+            return {}
+        if self.x is None:
+            self.x = x[:self.windows].clone()
+        local = {f"{prefix}.{n}": block.get_submodule(n) for n in self.adapter.linears
+                 if f"{prefix}.{n}" in self.names}
+        seen, sums, ys = {}, {}, []
+
+        def keep(name):
+            def hook(_module, args, _out):
+                seen[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            return hook
+
+        handles = [m.register_forward_hook(keep(n)) for n, m in local.items()]
+        try:
+            for k in range(self.windows):
+                ys.append(run_block(block, self.x[k:k + 1], call))
+                for name in local:
+                    for energy in self.energy[name][k]:
+                        _add_weighted(sums, name, seen[name], energy)
+        finally:
+            for h in handles:
+                h.remove()
+        self.x = torch.cat(ys)
+        return {n: {OUTPUT_HESSIAN: _mean(sums[n])} for n in sums}

@@ -43,6 +43,29 @@ def test_output_adaptive_hessian_matches_a_direct_computation(tiny_model, calib_
     torch.testing.assert_close(got, (num / den).float(), rtol=1e-4, atol=1e-6)
 
 
+def test_the_apply_gets_the_output_adaptive_hessians_a_block_at_a_time(tiny_model, calib_ids):
+    """OutputHessians keeps a number a token from the backward passes and makes each block's matrices from the
+    float block as the apply reaches it: the matrices of output_adaptive_hessians, never all at once."""
+    from mixq.capture import OutputHessians, block_inputs, fisher_windows, run_block
+
+    adapter = adapter_for(tiny_model)
+    names = adapter.layer_names(tiny_model)
+    whole = output_adaptive_hessians(tiny_model, adapter, fisher_windows(adapter, calib_ids), names)
+    per = OutputHessians(tiny_model, adapter, calib_ids, names)
+    assert all(e.dim() == 1 for losses in per.energy.values() for window in losses for e in window)
+    x, calls = block_inputs(tiny_model, adapter, calib_ids)
+    got = {}
+    for i, block in enumerate(adapter.block_list(tiny_model)):
+        quantized = x if i == 0 else x + 0.1  # (the apply's later blocks see quantized inputs: not what H reads)
+        more = per.block(block, f"{adapter.blocks}.{i}", quantized, calls[i])
+        assert set(more) == {n for n in names if n.startswith(f"{adapter.blocks}.{i}.")}
+        got.update({n: v["output_hessian"] for n, v in more.items()})
+        x = run_block(block, x, calls[i])
+    assert set(got) == set(whole)
+    for n in names:
+        torch.testing.assert_close(got[n], whole[n], rtol=1e-5, atol=1e-7)
+
+
 def test_oac_lowers_the_loss_weighted_output_error(tiny_model, calib_ids):
     """GPTQ minimises tr(ΔW H ΔWᵀ) for the H it is given: on the output-adaptive H, oac must beat gptq-act."""
     adapter = adapter_for(tiny_model)
