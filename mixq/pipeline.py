@@ -70,8 +70,7 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer, stream)
     if streamer_of(model) is not None and out is not None:  # a transform's scratch folder: beside the output
-        out_path = Path(out).absolute()
-        streamer_of(model).scratch = out_path.parent / f".{out_path.name}.transformed-partial"
+        streamer_of(model).scratch = beside(out, "transformed-partial")
     store = _activations(out, ranks) if activations_on_disk else IN_MEMORY
     try:
         with devices.computing(where):
@@ -81,6 +80,13 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
         store.remove()
 
 
+def beside(out, what: str) -> Path:
+    """A run's working file or folder `what` beside its output folder `out`: hidden (.OUT.what), and named after
+    it, so that the same run started again finds it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.{what}"
+
+
 def _activations(out, ranks) -> Activations:
     """Files for the hidden states between blocks: beside `out` (or in the temporary folder), one folder a rank."""
     import tempfile
@@ -88,8 +94,7 @@ def _activations(out, ranks) -> Activations:
     rank = f"-rank{ranks.rank}" if ranks.world > 1 else ""
     if out is None:
         return Activations(Path(tempfile.mkdtemp(prefix="mixq-activations")))
-    out = Path(out).absolute()
-    return Activations(out.parent / f".{out.name}.activations-partial{rank}")
+    return Activations(beside(out, f"activations-partial{rank}"))
 
 
 def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, source: str, costs, ranks, where,
@@ -325,12 +330,11 @@ def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, c
     from .checkpoint import Checkpoint, run_key
     from .sensitivity.kl import KL_LENGTH, KL_WINDOWS
 
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     key = run_key(source, calib, candidates, estimator, fisher_windows=FISHER_WINDOWS,
                   kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=config.tables, transforms=list(config.transforms),
                   damp=config.damp)
-    return Checkpoint(out.parent / f".{out.name}.profile-partial.json", key)
+    return Checkpoint(beside(out, "profile-partial.json"), key)
 
 
 DISK_MARGIN = 1.05  # the saved folder's size over the plan's tensors (headers, config, tokenizer, profile)
@@ -359,11 +363,9 @@ def _block_shards(out, source: str, calib: torch.Tensor, config: QuantizeConfig)
     from .checkpoint import run_key
     from .io import BlockShards
 
-    out = Path(out).absolute()
-
     def shards(plan: Plan) -> BlockShards:
         key = run_key(source, calib, [], "", plan=plan.to_json(), damp=config.damp)
-        return BlockShards(out.parent / f".{out.name}.blocks-partial", key, writer=distributed.current().main)
+        return BlockShards(beside(out, "blocks-partial"), key, writer=distributed.current().main)
     return shards
 
 

@@ -225,7 +225,7 @@ class Streamer:
         if missing:
             raise StreamError(f"the weights do not hold the model's {missing[0]}"
                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
-        blocks = [f"{adapter.blocks}.{i}" for i in range(len(adapter.block_list(model)))]
+        blocks = _blocks(model, adapter)
         tables = [n for n in (adapter.embed, adapter.head) if n is not None]
         by_id = {id(p): n for n, p in model.named_parameters()}  # a tied head's weight is the table's
         self.params = {u: list(dict.fromkeys(by_id[id(p)] for p in model.get_submodule(u).parameters()))
@@ -299,8 +299,7 @@ class Streamer:
         t = _oriented(self.model, self.source, name)
         if self.rounded.get(name) == dtype:
             return t.to(self.device, dtype)
-        t = _float32(t, self.device, self.rounded.get(name))
-        return t if dtype == torch.float32 else t.to(dtype)
+        return _float32(t, self.device, self.rounded.get(name)).to(dtype)
 
     def release(self, names: list[str]) -> None:
         """Put parameters back on the meta device (their memory freed)."""
@@ -384,8 +383,7 @@ class Streamer:
             self.scratch = Path(tempfile.mkdtemp(prefix="mixq-transformed-"))
         earlier = self.source if isinstance(self.source, _Written) else None
         written = _Written(self.scratch / f"pass-{0 if earlier is None else int(earlier.folder.name[5:]) + 1}")
-        tied = self.adapter.head is not None and self.adapter.tied(self.model)
-        units = [u for u in self.params if not (tied and u == self.adapter.head)]  # (a tied head is the table)
+        units = _changed_units(self.model, self.adapter)
         if writer:
             need = 4 * sum(_parameter(self.model, n).numel() for u in units for n in self.params[u])
             if earlier is None:
@@ -572,10 +570,18 @@ def change_units(model: nn.Module, change) -> None:
         s.rewrite(change, writer=current().main)
         gather(None)  # (several ranks: the others read the main one's folder once it is written)
         return
-    adapter = adapter_for(model)
-    units = [adapter.embed] + ([adapter.head] if adapter.head is not None and not adapter.tied(model) else [])
-    for unit in units + [f"{adapter.blocks}.{i}" for i in range(len(adapter.block_list(model)))]:
+    for unit in _changed_units(model, adapter_for(model)):
         change(unit, model.get_submodule(unit))
+
+
+def _blocks(model: nn.Module, adapter: Adapter) -> list[str]:
+    return [f"{adapter.blocks}.{i}" for i in range(len(adapter.block_list(model)))]
+
+
+def _changed_units(model: nn.Module, adapter: Adapter) -> list[str]:
+    """The units a transform changes: the embedding table, the head unless it is the table (tied), each block."""
+    head = [adapter.head] if adapter.head is not None and not adapter.tied(model) else []
+    return [adapter.embed] + head + _blocks(model, adapter)
 
 
 def round_on_load(model: nn.Module, names, dtype: torch.dtype) -> None:
