@@ -93,21 +93,62 @@ def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: P
         out = Path(tmp) / "q"
         if "rotate" in mode:  # the solver behind the transform: the model turned first (streamed: once, to scratch)
             setting = [f"rotate+{a}" if k and setting[k - 1] == "--solver" else a for k, a in enumerate(setting)]
+        workers = re.search(r"(\d+) processes", mode)
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mixq", "quantize",
                *(["--model", str(folder)] if folder else []), "--out", str(out), *setting,
-               *(["--stream"] if mode.startswith("stream") else [])]
+               *(["--stream"] if mode.startswith("stream") else []),
+               *(["--workers", workers.group(1)] if workers else [])]
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            ranks = _RankPeaks(proc.pid) if workers else None
+            _, stderr = proc.communicate()
+        res = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
         wall = time.perf_counter() - t0
+        peaks = {"rank_peaks_gb": ranks.stop()} if ranks else {}
         if res.returncode:
             tail = " ".join(res.stderr.strip().splitlines()[-1:])[:200]
             return {"ok": False, "error": tail, "peak_gb": _peak_gb(res.stderr), "wall_s": wall}
         meta = json.loads((out / "mixq.json").read_text())
         loaded = _load_peak(out) if mode.startswith("stream") and folder else {}
-        return {"ok": True, **loaded, "peak_gb": _peak_gb(res.stderr), "wall_s": wall, "seconds": meta.get("seconds"),
+        return {"ok": True, **loaded, **peaks, "peak_gb": _peak_gb(res.stderr), "wall_s": wall,
+                "seconds": meta.get("seconds"),
                 "bpw": meta.get("bpw"), "eval": meta.get("eval"),
                 "plan_sha": hashlib.sha256((out / "plan.json").read_bytes()).hexdigest()[:12],
                 "size_gb": sum(f.stat().st_size for f in out.iterdir()) / 1e9}
+
+
+class _RankPeaks:
+    """The peak RSS (GB) of each rank of a run of several processes (the launcher's children, told apart by their
+    RANK), sampled every 0.2 s while it runs: /usr/bin/time gives only the largest process's."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.peaks: dict[str, float] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
+        self.thread.start()
+
+    def _sample(self, pid: int) -> None:
+        import psutil
+
+        while not self.done.wait(0.2):
+            try:
+                children = psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                try:
+                    rank, rss = child.environ().get("RANK"), child.memory_info().rss / 1e9
+                except psutil.Error:
+                    continue
+                if rank is not None:
+                    self.peaks[rank] = max(self.peaks.get(rank, 0.0), rss)
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.thread.join()
+        return dict(sorted(self.peaks.items()))
 
 
 def _load_peak(out: Path) -> dict:
@@ -127,7 +168,8 @@ def _peak_gb(stderr: str) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="2,4,8,32")
-    ap.add_argument("--modes", default="stream,memory", help="stream, memory, or stream rotate (--solver rotate+rtn)")
+    ap.add_argument("--modes", default="stream,memory", help="stream, memory, stream rotate (--solver rotate+rtn) "
+                    "or stream N processes (--workers N)")
     ap.add_argument("--models", default="/tmp/mixq-scale", help="where the random-weight models are written")
     ap.add_argument("--smollm2", action="store_true", help="the default run on SmolLM2, in memory and streamed")
     ap.add_argument("--smollm2-modes", default="memory,stream,2 processes",
@@ -137,7 +179,7 @@ def main() -> None:
     results = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else []
     if args.smollm2:
         for mode in args.smollm2_modes.split(","):
-            setting = ["--bits", "3.0", *(["--workers", mode.split()[0]] if "processes" in mode else [])]
+            setting = ["--bits", "3.0"]
             row = {"mode": mode, "blocks": 0, "model": "smollm2", "provenance": provenance(),
                    **run(None, mode, setting, Path(tempfile.gettempdir()))}
             print(json.dumps(row), flush=True)
@@ -179,23 +221,24 @@ def write(results: list[dict]) -> None:
         s = r.get("seconds") or {}
         per = (s.get("profile", 0) + s.get("apply", 0)) / r["blocks"] if s else None
         cells = [r["mode"], str(r["blocks"]), f"{_params(r['blocks']) / 1e9:.2f}",
-                 f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-", f"{r['wall_s']:.0f}",
-                 f"{per:.1f}" if per else "-", f"{r['size_gb']:.2f}" if r.get("size_gb") else
-                 f"✗ {r.get('error', '')}", (f"✗ {r['load_peak_gb']:.1f} (killed)" if r.get("load_failed") else
-                                             f"{r['load_peak_gb']:.2f}") if r.get("load_peak_gb") else "-",
+                 _peak(r), f"{r['wall_s']:.0f}", f"{per:.1f}" if per else "-",
+                 f"{r['size_gb']:.2f}" if r.get("size_gb") else f"✗ {r.get('error', '')}",
+                 (f"✗ {r['load_peak_gb']:.1f} (killed)" if r.get("load_failed") else
+                  f"{r['load_peak_gb']:.2f}") if r.get("load_peak_gb") else "-",
                  r["provenance"] + (" (note)" if r.get("note") else "")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [_growth(rows, mode) for mode in ("stream", "memory") if _growth(rows, mode)]
     lines += ["", "Until fb295d7 the streamed peak grew with the blocks: 6.16 GB at 2 blocks and 7.68 GB at 32 "
-              "(+1.52 GB, 1.74 blocks' fp32 weights). glibc served the tensors under its mmap threshold (which rises to 32 MB as "
-              "large blocks are freed) from its heap, and the holes freed blocks left stayed resident; a streamed run "
-              "now returns them after each block (malloc_trim). The table read into place is converted a slice of rows "
-              "at a time (its fp16 rounding had held four copies of Llama-3-8B's embedding at once)."]
+              "(+1.52 GB, 1.74 blocks' fp32 weights). glibc served the tensors under its mmap threshold (which "
+              "rises to 32 MB as large blocks are freed) from its heap, and the holes freed blocks left stayed "
+              "resident; a streamed run now returns them after each block (malloc_trim). The table read into place "
+              "is converted a slice of rows at a time (its fp16 rounding had held four copies of Llama-3-8B's "
+              "embedding at once)."]
     if any(r["mode"] == "stream rotate" for r in rows):
         lines += ["", "stream rotate: `--solver rotate+rtn --stream`: the model is turned once (in float64, a slice at "
                   "a time), each block and table read, turned and written as float32 to a scratch folder beside the "
-                  "output, which the run reads from and removes. Its wall time includes the turning, its seconds per block do "
-                  "not: " + _turning(rows) + "."]
+                  "output, which the run reads from and removes. Its wall time includes the turning, its seconds per "
+                  "block do not: " + _turning(rows) + "."]
     lines += [f"Note on the {r['mode']} row of {r['blocks']} blocks: {r['note']}." for r in rows if r.get("note")]
     big = [r for r in rows if r["mode"] == "stream" and r["blocks"] == 32 and r.get("ok")]
     if big:
@@ -218,7 +261,7 @@ def write(results: list[dict]) -> None:
                 f"{e['ppl_before']:.3f}" if "ppl_before" in e else "-",
                 f"{e['ppl_after']:.5f}" if "ppl_after" in e else f"✗ {r.get('error', '')}",
                 f"{s.get('profile', 0):.0f}", f"{s.get('apply', 0):.0f}", f"{r['wall_s']:.0f}",
-                f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-", r["provenance"]]) + " |")
+                _peak(r), r["provenance"]]) + " |")
         same = {r.get("plan_sha") for r in small}
         if len(small) > 1 and all(r.get("ok") for r in small):
             lines += ["", "Same plan in every mode: " + ("yes" if len(same) == 1 else "**no**") + ". On 2 cores, two "
@@ -230,6 +273,15 @@ def write(results: list[dict]) -> None:
                       "304 s)."]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows)
+
+
+def _peak(row: dict) -> str:
+    """The peak RSS cell: the largest process's, and each rank's where there were several."""
+    if not row.get("peak_gb"):
+        return "-"
+    ranks = row.get("rank_peaks_gb")
+    return f"{row['peak_gb']:.2f}" + (" (" + ", ".join(f"rank {k}: {v:.2f}" for k, v in ranks.items()) + ")"
+                                      if ranks else "")
 
 
 def _turning(rows: list[dict]) -> str:

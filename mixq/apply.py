@@ -10,7 +10,7 @@ from torch import nn
 
 from .capture import IN_MEMORY, JUDGE, Activations, LayerStats, block_inputs, capture_block, model_statistics, \
     no_step, run_block
-from .distributed import current, gather
+from .distributed import Dealer
 from .formats import QuantizedTensor
 from .io import FLOAT_DTYPE, install_quant_linears, stored_tensors
 from .models import adapter_for
@@ -41,7 +41,7 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
             keep(model, name)  # (streamed: its quantized values stay until it is packed)
     needs = {n: c.solver.needs for n, c in plan.layers.items()}
     extra = model_statistics(model, adapter, calib, needs, step)
-    ranks = current()
+    dealer = Dealer()
     x, calls = block_inputs(model, adapter, calib, store)
     for i, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{i}"
@@ -56,48 +56,49 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
             more = extra.block(block, prefix, x, calls[i])  # (before the block changes)
             _, stats = capture_block(block, adapter, prefix, x, calls[i], needs, more,
                                      store.buffer("float", x.shape, x.dtype))
-            out.update(_quantize_block(model, stats, plan, damp, ranks))
+            out.update(_quantize_block(model, stats, plan, damp, dealer))
             x = run_block(block, x, calls[i], store.next(i, x))
             if streamer_of(model) is not None:  # packed now, so that memory holds one float block at most
                 pack_model(model, {n: out.pop(n) for n in stats})
                 if shards is None:
                     keep(model, i)
-                else:  # written (by the main rank), and released with the block
-                    if ranks.main:
-                        shards.write(i, {k: v() if callable(v) else v
-                                         for k, v in stored_tensors(model, plan, prefix + ".").items()})
+                else:  # written, and released with the block
+                    shards.write(i, {k: v() if callable(v) else v
+                                     for k, v in stored_tensors(model, plan, prefix + ".").items()})
                     _release_packed(block)
         step("apply", i + 1, len(blocks))
     return out
 
 
-def _quantize_block(model, stats: dict[str, LayerStats], plan: Plan, damp: float, ranks) -> dict:
+def _quantize_block(model, stats: dict[str, LayerStats], plan: Plan, damp: float, dealer: Dealer) -> dict:
     """Solve a block's layers (`stats`, in the block's order) and set their weights: {name: QuantizedTensor}. With
-    several ranks, the layers are dealt out in turns and each rank's results installed on every rank, so that all
-    go on from the same block; a block with a layer judged by the block's output (JUDGE: each layer sees the
-    earlier ones quantized) is solved whole by the main rank, in order."""
-    out = {}
-    if ranks.world == 1:
-        for name, st in stats.items():
-            cand = plan.layers[name]
-            out[name] = _quantize_layer(model.get_submodule(name), cand.solver, st, cand.spec, damp)
-        return out
-    turns = ranks.turns()
+    several ranks, the layers are dealt out in turns (the layers of one group that go to a rank, with their
+    statistics, in one call: distributed.Dealer); a block with a layer judged by the block's output (JUDGE: each
+    layer sees the earlier ones quantized) is solved here, in order, each layer set before the next is solved."""
+    out: dict[str, QuantizedTensor] = {}
+
+    def install(solved: dict) -> None:
+        for name, (qt, delta) in solved.items():
+            out[name] = _install(model.get_submodule(name), qt, delta)
+
     in_order = any(JUDGE in plan.layers[n].solver.needs for n in stats)
-    solved = {}
+    groups: dict[int, tuple[LayerStats, list[str]]] = {}  # the layers that share statistics (one input)
     for name, st in stats.items():
-        if ranks.main if in_order else turns.mine():
-            cand, module = plan.layers[name], model.get_submodule(name)
-            qt = _quantize_layer(module, cand.solver, st, cand.spec, damp)
-            solved[name] = qt, None if module.bias is None else module.bias.data
-    for part in gather(solved):
-        for name, (qt, bias) in part.items():
-            module = model.get_submodule(name)
-            if bias is not None:
-                module.bias = nn.Parameter(bias)
-            module.weight.data = qt.dequantize()
-            out[name] = qt
-    return out
+        groups.setdefault(id(st), (st, []))[1].append(name)
+    for st, names in groups.values():
+        for part in [[n] for n in names] if in_order else [names]:
+            for rank, share in dealer.deal(part, alone=in_order).items():
+                layers = [(n, plan.layers[n].solver, model.get_submodule(n).weight.detach(), plan.layers[n].spec)
+                          for n in share]
+                dealer.run(rank, _solve_layers, (layers, st, damp), install)
+    dealer.settle()
+    return {name: out[name] for name in stats}
+
+
+def _solve_layers(layers: list[tuple], stats: LayerStats, damp: float) -> dict:
+    """{name: (QuantizedTensor, the bias change its chain adds or None)} of layers (name, chain, weight, spec) that
+    share `stats`."""
+    return {name: solve_layer(chain, weight, stats, spec, damp) for name, chain, weight, spec in layers}
 
 
 def _replay(model, block: nn.Module, prefix: str, plan: Plan, tensors: dict, x, call, out=None):
@@ -130,8 +131,13 @@ def _release_packed(block: nn.Module) -> None:
 
 def _quantize_layer(module: nn.Module, chain, stats: LayerStats, spec, damp: float) -> QuantizedTensor:
     """Solve one layer by `chain` and set its weight to the dequantized result (and its bias, where the chain adds
-    one: stored as fp16, like every float parameter)."""
-    qt, delta = solve_layer(chain, module.weight.detach(), stats, spec, damp)
+    one)."""
+    return _install(module, *solve_layer(chain, module.weight.detach(), stats, spec, damp))
+
+
+def _install(module: nn.Module, qt: QuantizedTensor, delta: torch.Tensor | None) -> QuantizedTensor:
+    """Set a solved layer's weight to its dequantized value and add the bias its chain adds (stored as fp16, like
+    every float parameter); its QuantizedTensor."""
     if delta is not None:
         bias = delta if module.bias is None else module.bias.data + delta
         module.bias = nn.Parameter(bias.to(FLOAT_DTYPE).float())

@@ -61,6 +61,12 @@ class LayerStats:
     # reuses for every format); fresh in a copy (dataclasses.replace)
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:  # (sent to another rank: without what was derived here)
+        return {k: v for k, v in vars(self).items() if k != "memo"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, memo={})
+
     @classmethod
     def of(cls, stats: "LayerStats | torch.Tensor") -> "LayerStats":
         """`stats`, or the statistics of a layer whose only statistic is the Hessian `stats`."""

@@ -128,7 +128,9 @@ def quantize(
                                              "blocks in memory-mapped files beside --out instead of in memory: for "
                                              "long calibrations (many --calib-windows) of large models."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes to spread the profile and the apply over "
-                                "(torch.distributed, gloo on the CPU): the same plan and model as one process. "
+                                "(torch.distributed, gloo on the CPU): the main rank reads the model and runs the "
+                                "forward passes, the others solve what it sends them; the same plan and model as "
+                                "one process. "
                                 "Under torchrun, its --nproc-per-node decides instead."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
@@ -157,12 +159,13 @@ def quantize(
         ranks = distributed.start(devices.resolve(device))
         try:
             with _Bars() if ranks.main else nullcontext(no_step) as bars:
-                meta = run(model, None, config, out, step=bars, stream=stream, device=device,
-                           activations_on_disk=activations_on_disk).meta
+                result = run(model, None, config, out, step=bars, stream=stream, device=device,
+                             activations_on_disk=activations_on_disk)
         finally:
             distributed.stop()
-        if not ranks.main:
+        if result is None:  # (a rank that served the main one)
             return
+        meta = result.meta
     columns, rows, notes = summary(meta)
     _print_table(f"mixq: {meta['budget']} → {out}", columns, rows)
     for note in notes:

@@ -1,16 +1,16 @@
 """Several processes: one run spread over the ranks of torch.distributed (`torchrun --nproc-per-node N -m mixq
 quantize …`, or `mixq quantize --workers N`, which starts them).
 
-Every rank loads (or streams) the model, reads the same calibration and runs each block's forward passes, so that
-every rank holds the same block inputs. The work inside a block is what is shared out, in turns (`Turns`): the
-profile's solver calls (a group of layers × the candidates solved in one call) and the apply's layers. What a rank
-computed is gathered to every rank after each block (`gather`), so every rank goes on from the same profile and
-the same quantized block; the plan, the packed model and the written files are the single process's (each unit of
-work is computed whole, by one rank, as the single process computes it). The main rank alone writes (checkpoint,
-packed blocks, the output folder) and evaluates.
+The main rank (0) runs the whole job as a single process would: it loads (or streams) the model, reads the
+calibration, runs each block's forward passes, writes and evaluates. The other ranks load nothing: they `serve`,
+each computing the units of work the main rank deals to it (`Dealer`) from the tensors it is sent with them: the
+profile's solver calls (a group of layers × the candidates solved in one call, on the group's statistics) and the
+apply's layers (a weight and its statistics). Every rank thus holds only what it works on. What they computed is
+sent back to the main rank at the end of each block (`Dealer.settle`); each unit is computed whole, by one rank, as
+the single process computes it, so the plan, the packed model and the written files are the single process's.
 
-A rank that stops makes the others fail in their next gathering; `RankLost` says so in one line, and the same
-command resumes from what the main rank wrote."""
+A rank that stops makes the others fail where they next send or receive; `RankLost` says so in one line, and the
+same command resumes from what the main rank wrote."""
 from __future__ import annotations
 
 import logging
@@ -41,21 +41,6 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def turns(self) -> "Turns":
-        return Turns(self)
-
-
-class Turns:
-    """Work units dealt out in turns: every rank asks for each unit in the same order, and unit k is rank k mod N's
-    (`mine()` says whether the next one is this rank's)."""
-
-    def __init__(self, ranks: Ranks):
-        self.ranks, self.k = ranks, 0
-
-    def mine(self) -> bool:
-        k, self.k = self.k, self.k + 1
-        return k % self.ranks.world == self.ranks.rank
-
 
 def launched() -> bool:
     """Whether this process is one of several ranks that torchrun started."""
@@ -85,30 +70,156 @@ def current() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
-def gather(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank ([obj] alone). A rank that stopped: RankLost."""
+class Dealer:
+    """The main rank's dealing of a block's work (one per run; every rank where there is one). Units are dealt in
+    turns, unit k to rank k mod N, and a rank's share of a group of units goes to it as one call of `run`: the
+    others' first, sent and computed there while the main rank computes its own. `settle` (at the end of a block)
+    receives what the others computed and hands each result to its `then`. Alone, every call runs here at once."""
+
+    def __init__(self, ranks: Ranks | None = None):
+        self.ranks = ranks or current()
+        self.k = 0
+        self.waiting: dict[int, list] = {r: [] for r in range(1, self.ranks.world)}  # rank → `then`s, in order
+        self.sending: list = []  # the sends in flight (their tensors kept until done)
+
+    def deal(self, units: list, alone: bool = False) -> dict[int, list]:
+        """{rank: its share of `units`}, the other ranks first and the main one last; `alone`: all to the main
+        rank (work that needs the model, which only the main rank holds)."""
+        shares: dict[int, list] = {}
+        for unit in units:
+            rank = 0 if alone else self.k % self.ranks.world
+            self.k += not alone
+            shares.setdefault(rank, []).append(unit)
+        return dict(sorted(shares.items(), key=lambda kv: kv[0] == 0))
+
+    def run(self, rank: int, fn, args: tuple, then) -> None:
+        """then(fn(*args)), computed by `rank` (fn: a module-level function; args: what it reads, sent to it)."""
+        if rank == 0:
+            then(fn(*args))
+            return
+        self.sending += _send(("call", fn, args), rank)
+        self.waiting[rank].append(then)
+
+    def settle(self) -> None:
+        """Receive every result the other ranks owe, in order, and hand each to its `then`."""
+        for rank, thens in self.waiting.items():
+            while thens:
+                how, result = _receive(rank)
+                if how == "failed":
+                    raise result
+                thens.pop(0)(result)
+        _wait(self.sending)
+        self.sending = []
+
+
+def serve(device) -> int:
+    """What a rank other than the main one does for the whole run: compute the units the main rank sends it (onto
+    `device`) and send back their results, until it is told to stop; how many it computed."""
+    served = 0
+    while True:
+        message = _receive(0, device)
+        if message[0] == "stop":
+            return served
+        _, fn, args = message
+        try:
+            result = ("done", fn(*args))
+        except Exception as e:  # (the main rank raises it, as it would have where it computed the unit itself)
+            result = ("failed", e)
+        _wait(_send(result, 0))
+        served += 1
+
+
+def dismiss() -> None:
+    """The main rank tells the others that the run is over (at its end, or where it failed: a rank still busy
+    then finds the main rank gone, and stops without a word)."""
+    ranks = current()
+    for rank in range(1, ranks.world):
+        try:
+            _wait(_send(("stop",), rank), timedelta(seconds=5))
+        except (RuntimeError, ConnectionError, RankLost):
+            pass
+
+
+def _send(obj, rank: int) -> list:
+    """Send `obj` to `rank` (pickled, its tensors sent as they are, not copied into the pickle): the sends in
+    flight, to wait for."""
+    import io
+    import pickle
+
     import torch.distributed as dist
 
-    ranks = current()
-    if ranks.world == 1:
-        return [obj]
-    out = [None] * ranks.world
+    tensors: list[torch.Tensor] = []
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, torch.Tensor):
+                tensors.append(o.detach().contiguous())
+                return len(tensors) - 1
+            return None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    head = pickle.dumps([(t.dtype, t.shape) for t in tensors]) + buffer.getvalue()
+    wire = _wire()
+    sizes = torch.tensor([len(head) - len(buffer.getvalue()), len(buffer.getvalue())], device=wire)
+    parts = [sizes, torch.frombuffer(bytearray(head), dtype=torch.uint8).to(wire)]
+    parts += [t.reshape(-1).view(torch.uint8).to(wire) for t in tensors if t.numel()]
     try:
-        dist.all_gather_object(out, obj)
+        return [(dist.isend(p, rank), p) for p in parts]
     except (RuntimeError, ConnectionError) as e:
-        raise RankLost(f"another rank of this run stopped ({_first_line(e)}): run the same command again to resume "
-                       "from what was written") from None
-    return out
+        raise _lost(e) from None
 
 
-def merged_damage(parts: list[list[float]]) -> list[float]:
-    """One layer's damages from every rank's profile of it: each entry from the rank that computed it (the others
-    hold NaN there)."""
-    out = []
-    for values in zip(*parts):
-        computed = [v for v in values if v == v]
-        out.append(computed[0] if computed else float("nan"))
-    return out
+def _receive(rank: int, device=None):
+    """What `rank` sent with `_send` (its tensors on `device`, the wire's where None)."""
+    import io
+    import pickle
+
+    import torch.distributed as dist
+
+    wire = _wire()
+    try:
+        sizes = torch.empty(2, dtype=torch.int64, device=wire)
+        dist.recv(sizes, rank)
+        head = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=wire)
+        dist.recv(head, rank)
+        head = head.cpu().numpy().tobytes()
+        tensors = []
+        for dtype, shape in pickle.loads(head[:int(sizes[0])]):
+            t = torch.empty(shape, dtype=dtype, device=wire)
+            if t.numel():
+                dist.recv(t.reshape(-1).view(torch.uint8), rank)
+            tensors.append(t if device is None else t.to(device))
+    except (RuntimeError, ConnectionError) as e:
+        raise _lost(e) from None
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return tensors[pid]
+
+    return Unpickler(io.BytesIO(head[int(sizes[0]):])).load()
+
+
+def _wait(sending: list, timeout: timedelta | None = None) -> None:
+    try:
+        for work, _ in sending:
+            work.wait(timeout) if timeout is not None else work.wait()
+    except (RuntimeError, ConnectionError) as e:
+        raise _lost(e) from None
+
+
+def _wire() -> torch.device:
+    """Where sent tensors travel from: the GPU of this rank under nccl, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _lost(e: BaseException) -> RankLost:
+    return RankLost(f"another rank of this run stopped ({_first_line(e)}): run the same command again to resume "
+                    "from what was written")
 
 
 def stop() -> None:

@@ -156,8 +156,7 @@ class BlockShards:
 
     PROGRESS = "progress.json"
 
-    def __init__(self, folder: Path, key: str, writer: bool = True):
-        """`writer`: this process writes the blocks (with several ranks, the main one: the others only read)."""
+    def __init__(self, folder: Path, key: str):
         self.folder, self.key = Path(folder), key
         self.blocks: dict[int, dict] = {}  # block → {"names": its tensors, "bytes": their size}
         progress = self.folder / self.PROGRESS
@@ -167,7 +166,7 @@ class BlockShards:
             d = {}
         if d.get("key") == key:
             self.blocks = {int(i): b for i, b in d["blocks"].items() if (self.folder / self.file(int(i))).is_file()}
-        elif self.folder.exists() and writer:  # from other arguments: start over
+        elif self.folder.exists():  # from other arguments: start over
             shutil.rmtree(self.folder)
 
     @staticmethod

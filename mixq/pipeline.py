@@ -58,24 +58,35 @@ def quantize(model, tokenizer, config: QuantizeConfig, out: str | Path | None = 
     blocks in memory-mapped files beside `out` (capture.Activations), for long calibrations. Inputs
     are checked before the model loads. With `out`, the packed model is saved there (atomically) with its plan,
     profile, config and report, and the profile is kept beside it while it grows, so that the same call resumes
-    after a crash. Under torchrun, each rank takes its share (mixq.distributed) and the main one saves. The model
-    is left packed (`Result.model`)."""
+    after a crash. Under torchrun, the main rank runs the job and deals work to the others (mixq.distributed), which
+    load nothing and return None. The model is left packed (`Result.model`)."""
     t0 = time.perf_counter()
     where = devices.resolve(device)
     if activations_on_disk and where.type != "cpu":
         raise ValueError("--activations-on-disk keeps the hidden states on the CPU side: give --device cpu with it")
-    ranks = distributed.start(where)
-    step = step if ranks.main else no_step
+    if not distributed.start(where).main:
+        with devices.computing(where):
+            distributed.serve(where)
+        return None
+    try:
+        return _quantize_main(model, tokenizer, config, out, step, stream, where, activations_on_disk, t0)
+    finally:
+        distributed.dismiss()
+
+
+def _quantize_main(model, tokenizer, config: QuantizeConfig, out, step: Step, stream: bool, where,
+                   activations_on_disk: bool, t0: float) -> Result:
+    """quantize's work on the main rank (the only one where there is one)."""
     source = _source(model)
     costs = _check_inputs(config, source, out)
     model, tokenizer = _load(model, tokenizer, stream)
     if streamer_of(model) is not None and out is not None:  # a transform's scratch folder: beside the output
         streamer_of(model).scratch = beside(out, "transformed-partial")
-    store = _activations(out, ranks) if activations_on_disk else IN_MEMORY
+    store = _activations(out) if activations_on_disk else IN_MEMORY
     try:
         with devices.computing(where):
-            return _quantize_loaded(devices.place(model, where), tokenizer, config, out, step, source, costs, ranks,
-                                    where, store, t0)
+            return _quantize_loaded(devices.place(model, where), tokenizer, config, out, step, source, costs, where,
+                                    store, t0)
     finally:
         store.remove()
 
@@ -87,17 +98,16 @@ def beside(out, what: str) -> Path:
     return out.parent / f".{out.name}.{what}"
 
 
-def _activations(out, ranks) -> Activations:
-    """Files for the hidden states between blocks: beside `out` (or in the temporary folder), one folder a rank."""
+def _activations(out) -> Activations:
+    """Files for the hidden states between blocks: beside `out` (or in the temporary folder)."""
     import tempfile
 
-    rank = f"-rank{ranks.rank}" if ranks.world > 1 else ""
     if out is None:
         return Activations(Path(tempfile.mkdtemp(prefix="mixq-activations")))
-    return Activations(beside(out, f"activations-partial{rank}"))
+    return Activations(beside(out, "activations-partial"))
 
 
-def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, source: str, costs, ranks, where,
+def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, source: str, costs, where,
                      store: Activations, t0: float) -> Result:
     """quantize's work once the model is loaded and placed on its device `where`."""
     candidates = config.candidates()
@@ -108,19 +118,15 @@ def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, 
     if config.budget is not None and config.budget.latency and costs is None:
         from .cost import measure
 
-        costs = measure(model, candidates, step) if ranks.main else None
-        costs = distributed.gather(costs)[0]  # (several ranks: the main one's timings, so that all allocate alike)
+        costs = measure(model, candidates, step)
     preflight(model, config, candidates, costs, source)
     calib = _with_generated(model, tokenizer, calib, config, step)
-    evaluate = config.eval_windows and ranks.main  # (several ranks: the main one evaluates and writes)
-    before = task.evaluate(model, tokenizer, config.eval_windows, step) if evaluate else None
+    before = task.evaluate(model, tokenizer, config.eval_windows, step) if config.eval_windows else None
     checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
     shards = _block_shards(out, source, calib, config) if streamer_of(model) is not None else None
     result = _stages(model, calib, config, candidates, costs, step, checkpoint, shards, out, store)
     result.seconds["total"] = time.perf_counter() - t0
     result.meta = _describe(model, result, config, source, calib, costs)
-    if not ranks.main:
-        return result
     if out is not None:
         _save(model, tokenizer, result, Path(out), config, costs)
         if checkpoint:
@@ -169,7 +175,7 @@ def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], c
                 refinement = refine(model, calib, prof, alloc, config.budget, rounds=config.refine, step=step,
                                     damp=config.damp)
                 alloc = refinement.allocation
-        plan = distributed.gather(alloc.plan)[0]  # (several ranks: all apply the main one's plan)
+        plan = alloc.plan
     if out is not None:
         check_disk(model, plan, Path(out))
     written = shards(plan) if shards is not None else None
@@ -365,7 +371,7 @@ def _block_shards(out, source: str, calib: torch.Tensor, config: QuantizeConfig)
 
     def shards(plan: Plan) -> BlockShards:
         key = run_key(source, calib, [], "", plan=plan.to_json(), damp=config.damp)
-        return BlockShards(beside(out, "blocks-partial"), key, writer=distributed.current().main)
+        return BlockShards(beside(out, "blocks-partial"), key)
     return shards
 
 

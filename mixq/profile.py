@@ -14,7 +14,7 @@ from .capture import IN_MEMORY, OUTPUT_ENERGY, OUTPUT_FISHER, Activations, Layer
     fisher_windows, hessians, no_step, output_energy, output_fisher, run_block
 from .chain import Chain
 from .config import table_candidates
-from .distributed import Turns, current, gather, merged_damage
+from .distributed import Dealer, Ranks
 from .io import FLOAT_DTYPE
 from .models import adapter_for
 from .models.stream import hold
@@ -120,7 +120,7 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
                   estimator: str, fisher: dict[str, torch.Tensor] | None = None,
                   measures: dict | None = None, sample: bool = True, biased: frozenset = frozenset(),
                   judged: dict[str, dict[bool, LayerStats]] | None = None, damp: float = DAMP,
-                  turns: Turns | None = None) -> list[LayerProfile]:
+                  dealer: Dealer | None = None) -> list[LayerProfile]:
     """Profile the linears that share one input. Each candidate is judged by the result of its chain's profiled
     form (Chain.profiled); candidates whose profiled chain, group size, grid and scale storage agree are solved in
     one call: rows of every layer × every width stacked (rows are independent given H), on the statistics the
@@ -128,9 +128,8 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
     (`measures`: layer name → measure(dequantized weight)) gets whole layers, not a sample of rows; so does every
     estimator with `sample` False (rows whose weights are too uneven for an even sample: the tables). `biased`:
     layers with a bias of their own. `judged`: per layer, the statistics its candidates are judged on instead of
-    the solver's, without and with bias compensation (Estimator.judged). `turns`: a rank's share of the calls
-    (distributed.Turns); the candidates of the calls it skips get NaN, for distributed.merged_damage."""
-    estimate = get_estimator(estimator)
+    the solver's, without and with bias compensation (Estimator.judged). `dealer` (several ranks): the calls are
+    dealt out, and the damages are in place once it settles (distributed.Dealer)."""
     layers = {name: layer_costs(name, *w.shape, candidates, name in biased) for name, w in weights.items()}
     sampled, row_weight = _sampled_rows(weights, fisher, measures, sample)
     cols = next(iter(weights.values())).shape[1]
@@ -140,13 +139,28 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
         key = (c.solver.profiled(), c.spec.group(cols), c.spec.grid, c.spec.scale_bits, c.spec.super_block,
                c.spec.high)
         by_call.setdefault(key, []).append(c)
+
+    def fill(calls, damages):
+        for (_, cands), per_cand in zip(calls, damages):
+            for c, per_layer in zip(cands, per_cand):
+                for name, d in zip(sampled, per_layer):
+                    layers[name].damage[fitting.index(c)] = d
+
+    dealer = dealer or Dealer(Ranks())
+    for rank, calls in dealer.deal(list(by_call.items()), alone=measures is not None).items():
+        dealer.run(rank, _damages, (calls, stats, sampled, row_weight, judged, estimator, damp, measures),
+                   partial(fill, calls))
+    return list(layers.values())
+
+
+def _damages(calls: list[tuple], stats: LayerStats, sampled: dict, row_weight: dict, judged, estimator: str,
+             damp: float, measures) -> list[list[list[float]]]:
+    """profile_group's solver calls ((profiled chain, group, grid, scale bits, super-block, high), candidates):
+    for each call, each candidate's damage of each layer of `sampled`."""
+    estimate = get_estimator(estimator)
     solving: dict[Chain, tuple] = {}  # each profiled chain's steps and the statistics it solves on, made once
-    for (chain, group, grid, scale_bits, super_block, high), cands in by_call.items():
-        if turns is not None and not turns.mine():
-            for c in cands:
-                for name in weights:
-                    layers[name].damage[fitting.index(c)] = float("nan")
-            continue
+    out = []
+    for (chain, group, grid, scale_bits, super_block, high), cands in calls:
         if chain not in solving:
             steps = build(chain, damp)
             solving[chain] = steps, prepared(steps, stats)
@@ -154,18 +168,21 @@ def profile_group(weights: dict[str, torch.Tensor], stats: LayerStats, candidate
         stacked = torch.cat([w for c in cands for w in sampled.values()])
         bits = torch.cat([torch.full((w.shape[0],), c.spec.bits) for c in cands for w in sampled.values()])
         fmt = Rows(group, bits, grid, scale_bits, super_block, high)
-        out = first.solve_rows(stacked.float(), solved, fmt, then)
-        r0 = 0
+        solution = first.solve_rows(stacked.float(), solved, fmt, then)
+        r0, per_cand = 0, []
         for c in cands:
+            per_layer = []
             for name, w in sampled.items():
                 r1 = r0 + w.shape[0]
-                deq, judge = fmt.stored(out, c.spec).select(slice(r0, r1)).dequantize(), row_weight[name]
+                deq, judge = fmt.stored(solution, c.spec).select(slice(r0, r1)).dequantize(), row_weight[name]
                 if measures is not None and c.bias:  # the measured model gets the added bias too
                     judge = partial(judge, bias=added_bias(then, w, deq, solved))
                 on = judged[name][c.bias] if judged is not None else solved
-                layers[name].damage[fitting.index(c)] = estimate(w, deq, on, judge)
+                per_layer.append(estimate(w, deq, on, judge))
                 r0 = r1
-    return list(layers.values())
+            per_cand.append(per_layer)
+        out.append(per_cand)
+    return out
 
 
 def _sampled_rows(weights, fisher, measures, sample: bool):
@@ -222,7 +239,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
     prof = Profile(estimator, fixed_bytes(model, names + (adapter.tables(model) if tables else [])),
                    transforms=tuple(transforms))
     done = checkpoint.load() if checkpoint else {}
-    ranks = current()
+    dealer = Dealer()
     reads = _Reads(model, adapter, calib, get_estimator(estimator), step, tables)
     x, calls = block_inputs(model, adapter, calib, store)
     for i, block in enumerate(blocks):
@@ -232,7 +249,6 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
             x = reads.skip(block, x, calls[i], store.next(i, x))
         else:
             reads.prepare()
-            turns = ranks.turns() if ranks.world > 1 else None
             profiled = []
             with hold(model, i):  # (a streamed model's block read from disk, released after)
                 with hessians(block, adapter, reads.keep) as stats:
@@ -242,15 +258,12 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
                     cols, st = next(iter(weights.values())).shape[1], stats[group[0]]
                     cands = layer_candidates(adapter, transforms, next(iter(weights)), cols, candidates)
                     profiled += profile_group(weights, st, cands, estimator, damp=damp,
-                                          biased=biased_layers(model, weights), turns=turns,
-                                          **reads.of(block, group, weights, st))
-            if turns is not None:  # every rank's share of the block, on every rank
-                parts = gather([lp.damage for lp in profiled])
-                for k, lp in enumerate(profiled):
-                    lp.damage = merged_damage([part[k] for part in parts])
+                                              biased=biased_layers(model, weights), dealer=dealer,
+                                              **reads.of(block, group, weights, st))
+                dealer.settle()  # (several ranks: the others' damages, in place)
             prof.layers += profiled
             x = reads.advance(y)
-            if checkpoint and ranks.main:
+            if checkpoint:
                 checkpoint.save(prof)
         step("profile", i + 1, len(blocks))
     names = adapter.tables(model) if tables else []
@@ -258,7 +271,7 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
         prof.layers += [done[n] for n in names]
     else:
         prof.layers += profile_tables(model, calib, x, reads.table_estimator(), reads.table_fisher(), reads.probe)
-        if checkpoint and ranks.main:
+        if checkpoint:
             checkpoint.save(prof)
     return prof
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mixq
-from mixq.distributed import Ranks, Turns, merged_damage
+from mixq.distributed import Dealer, Ranks
 from mixq.testing import make_byte_tokenizer, make_family_model
 
 from conftest import random_ids
@@ -56,13 +56,15 @@ def test_two_processes_give_the_single_process_plan_and_model(family, flags, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".two")]  # nothing left beside the output
 
 
-def test_turns_deal_every_unit_to_exactly_one_rank():
-    ranks = [Turns(Ranks(r, 3)) for r in range(3)]
-    owners = [[t.mine() for t in ranks] for _ in range(10)]
-    assert all(sum(o) == 1 for o in owners)
-    assert [o.index(True) for o in owners] == [k % 3 for k in range(10)]
-    nan = float("nan")
-    assert merged_damage([[1.0, nan, nan], [nan, 2.0, nan], [nan, nan, 3.0]]) == [1.0, 2.0, 3.0]
+def test_the_dealer_deals_units_in_turns_the_others_first():
+    dealer = Dealer(Ranks(0, 3))
+    assert dealer.deal(list("abcd")) == {1: ["b"], 2: ["c"], 0: ["a", "d"]}
+    assert dealer.deal(list("efg")) == {1: ["e"], 2: ["f"], 0: ["g"]}  # (the turns go on from the last unit)
+    assert dealer.deal(list("gh"), alone=True) == {0: ["g", "h"]}
+    alone, got = Dealer(Ranks()), []
+    for rank, share in alone.deal(list("abc")).items():
+        alone.run(rank, str.upper, ("".join(share),), got.append)
+    assert got == ["ABC"]  # (one rank: computed here, at once)
 
 
 def test_a_rank_that_dies_ends_the_run_in_one_line_and_a_rerun_resumes(tmp_path, text_file):
@@ -107,3 +109,97 @@ def test_bad_input_under_several_workers_is_one_line(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert lines == [f"error: text file not found: {tmp_path / 'missing.txt'}"], res.stderr
     assert not (tmp_path / "q").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, argv: list[str], marks):
+    """One rank of a two-rank run in this test's own processes, as torchrun starts it, with the model loading and
+    the serving of the other rank recorded in `marks`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mixq import distributed, pipeline
+    from mixq.cli import app
+
+    load, serve = pipeline._load, distributed.serve
+
+    def loading(*args, **kwargs):
+        (marks / f"loaded-{rank}").touch()
+        return load(*args, **kwargs)
+
+    def serving(device):
+        served = serve(device)
+        (marks / f"served-{rank}").write_text(str(served))
+        return served
+
+    pipeline._load, distributed.serve = loading, serving
+    app(["quantize", *argv], standalone_mode=False)
+
+
+def test_the_other_ranks_load_nothing_and_solve_what_they_are_sent(tmp_path, text_file):
+    """Under torchrun, only the main rank loads (streams) the model; the other one computes profile calls and
+    layers it is sent, and the run gives one process's plan."""
+    from torch.multiprocessing import spawn
+
+    folder = _folder("llama", tmp_path / "m")
+    flags = ["--model", str(folder), "--bits", "4.5", "--calib", str(text_file), "--calib-windows", "4",
+             "--eval-windows", "0", "--solver", "gptq", "--sensitivity", "hessian", "--stream"]
+    one = _quantize(folder, tmp_path / "one", text_file, *flags[6:])
+    assert one.returncode == 0, one.stderr[-2000:]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spawn(_rank, (_free_port(), [*flags, "--out", str(tmp_path / "two")], marks), nprocs=2)
+    assert sorted(p.name for p in marks.iterdir() if p.name.startswith("loaded")) == ["loaded-0"]
+    served = int((marks / "served-1").read_text())
+    blocks = len(make_family_model("llama").model.layers)
+    assert served >= 2 * blocks  # (its share of each block's profile calls and of its layers)
+    assert (tmp_path / "one" / "plan.json").read_text() == (tmp_path / "two" / "plan.json").read_text()
+
+
+def _echo(payload):
+    return payload
+
+
+def _ranks_sending(rank: int, port: int, marks):
+    import torch.distributed as dist
+
+    from mixq import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            distributed.serve(torch.device("cpu"))
+            return
+        dealer = Dealer()
+        payload = {"bf16": torch.randn(3, 5).bfloat16(), "bool": torch.rand(7) > 0.5, "scalar": torch.tensor(2.5),
+                   "empty": torch.empty(0, 4), "view": torch.arange(20.0).reshape(4, 5)[:, 1:3], "text": "x"}
+        got = []
+        dealer.run(1, _echo, (payload,), got.append)
+        dealer.settle()
+        same = got[0].keys() == payload.keys() and got[0]["text"] == "x" and all(
+            torch.equal(got[0][k], v) and got[0][k].dtype == v.dtype for k, v in payload.items() if k != "text")
+        dealer.run(1, int, ("not a number",), got.append)
+        try:
+            dealer.settle()
+            failed = ""
+        except ValueError as e:
+            failed = str(e)
+        (marks / "result").write_text(f"{same} {failed}")
+    finally:
+        if rank == 0:
+            distributed.dismiss()
+        dist.destroy_process_group()
+
+
+def test_tensors_go_to_another_rank_and_back_whole_and_its_errors_are_raised_here(tmp_path):
+    from torch.multiprocessing import spawn
+
+    spawn(_ranks_sending, (_free_port(), tmp_path), nprocs=2)
+    assert (tmp_path / "result").read_text() == "True invalid literal for int() with base 10: 'not a number'"

@@ -268,8 +268,8 @@ def test_a_stopped_streamed_apply_resumes_from_the_blocks_it_wrote(solver, tmp_p
         mixq.quantize(str(folder), None, config, out=tmp_path / "q", stream=True, step=stop)
     assert not (tmp_path / "q").exists() and (tmp_path / ".q.blocks-partial" / "block-00000.safetensors").exists()
     solved = []
-    real = apply_module._quantize_layer
-    monkeypatch.setattr(apply_module, "_quantize_layer", lambda module, *a: solved.append(module) or real(module, *a))
+    real = apply_module.solve_layer
+    monkeypatch.setattr(apply_module, "solve_layer", lambda chain, w, *a: solved.append(w) or real(chain, w, *a))
     again = mixq.quantize(str(folder), None, config, out=tmp_path / "q", stream=True)
     assert len(solved) == len(whole.plan.layers) // 2  # block 1's layers only
     assert again.plan == whole.plan and not (tmp_path / ".q.blocks-partial").exists()

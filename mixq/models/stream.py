@@ -221,6 +221,7 @@ class Streamer:
         self.live: dict[str, int] = {}  # block → its weights read and not yet freed
         self.rounded: dict[str, torch.dtype] = {}  # parameters stored in a lower precision: rounded on reading
         self.scratch: Path | None = None  # the folder `rewrite` writes (None: a new one in the system's temp)
+        self.passes = 0  # the transforms `rewrite` made (each writes a folder pass-N in the scratch)
         missing = sorted(n for n, _ in model.named_parameters() if n not in source.keys())
         if missing:
             raise StreamError(f"the weights do not hold the model's {missing[0]}"
@@ -372,40 +373,35 @@ class Streamer:
         self.source = _Aliased(self.source, {name: of})
         self.params[a.head] = [name if n == of else n for n in self.params[a.head]]
 
-    def rewrite(self, change, writer: bool = True) -> None:
+    def rewrite(self, change) -> None:
         """Change every unit once by `change(unit, module)` (a transform, in float32, in place), each unit read,
         changed and written in turn to the scratch folder, which the streamer reads from from then on: a transform
         costs its work once, not at every read. The folder (float32: 4 bytes a weight) is checked for room first,
         replaces one an earlier run left, and is removed by `remove_scratch` or with the streamer; a second
-        transform reads the first one's files and writes its own beside them. Not `writer` (several ranks: not
-        the main one): the writer's files are read once they are written (the caller waits)."""
+        transform reads the first one's files and writes its own beside them."""
         if self.scratch is None:
             self.scratch = Path(tempfile.mkdtemp(prefix="mixq-transformed-"))
         earlier = self.source if isinstance(self.source, _Written) else None
-        written = _Written(self.scratch / f"pass-{0 if earlier is None else int(earlier.folder.name[5:]) + 1}")
+        self.passes += 1
+        written = _Written(self.scratch / f"pass-{self.passes}")
         units = _changed_units(self.model, self.adapter)
-        if writer:
-            need = 4 * sum(_parameter(self.model, n).numel() for u in units for n in self.params[u])
-            if earlier is None:
-                shutil.rmtree(self.scratch, ignore_errors=True)  # (an earlier run's)
-                weakref.finalize(self, shutil.rmtree, self.scratch, True)
-            self.scratch.parent.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(self.scratch.parent).free
-            if free < need:
-                raise StreamError(f"transforming a streamed model needs {need / 1e9:.2f} GB of scratch (its float32 "
-                                  f"weights) on the disk of {self.scratch.parent}, which has {free / 1e9:.2f} GB "
-                                  "free")
-            written.folder.mkdir(parents=True)
+        need = 4 * sum(_parameter(self.model, n).numel() for u in units for n in self.params[u])
+        if earlier is None:
+            shutil.rmtree(self.scratch, ignore_errors=True)  # (an earlier run's)
+            weakref.finalize(self, shutil.rmtree, self.scratch, True)
+        self.scratch.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.scratch.parent).free
+        if free < need:
+            raise StreamError(f"transforming a streamed model needs {need / 1e9:.2f} GB of scratch (its float32 "
+                              f"weights) on the disk of {self.scratch.parent}, which has {free / 1e9:.2f} GB free")
+        written.folder.mkdir(parents=True)
         for k, unit in enumerate(units):
-            file = f"unit-{k:05d}.safetensors"
-            if not writer:
-                written.where.update(dict.fromkeys(self.params[unit], file))
-                continue
             with self.hold(unit):
                 change(unit, self.model.get_submodule(unit))
-                written.add(file, {n: _parameter(self.model, n).detach() for n in self.params[unit]})
+                written.add(f"unit-{k:05d}.safetensors",
+                            {n: _parameter(self.model, n).detach() for n in self.params[unit]})
         self.source = written
-        if earlier is not None and writer:
+        if earlier is not None:
             shutil.rmtree(earlier.folder, ignore_errors=True)
 
     def remove_scratch(self) -> None:
@@ -565,10 +561,7 @@ def change_units(model: nn.Module, change) -> None:
     (Streamer.rewrite)."""
     s = streamer_of(model)
     if s is not None:
-        from ..distributed import current, gather
-
-        s.rewrite(change, writer=current().main)
-        gather(None)  # (several ranks: the others read the main one's folder once it is written)
+        s.rewrite(change)
         return
     for unit in _changed_units(model, adapter_for(model)):
         change(unit, model.get_submodule(unit))
