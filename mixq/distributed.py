@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
 import uuid
@@ -127,6 +128,7 @@ def serve(device) -> int:
             result = ("failed", e)
         _wait(_send(result, 0))
         served += 1
+        del message, fn, args, result  # (not held while the next one comes)
 
 
 def dismiss() -> None:
@@ -144,21 +146,13 @@ def _send(obj, rank: int) -> list:
     """Send `obj` to `rank` (pickled, its tensors sent as they are, not copied into the pickle): the sends in
     flight, to wait for."""
     import io
-    import pickle
 
     import torch.distributed as dist
 
-    tensors: list[torch.Tensor] = []
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, o):
-            if isinstance(o, torch.Tensor):
-                tensors.append(o.detach().contiguous())
-                return len(tensors) - 1
-            return None
-
     buffer = io.BytesIO()
-    Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    pickler = _Pickler(buffer)
+    pickler.dump(obj)
+    tensors = pickler.tensors
     head = pickle.dumps([(t.dtype, t.shape) for t in tensors]) + buffer.getvalue()
     wire = _wire()
     sizes = torch.tensor([len(head) - len(buffer.getvalue()), len(buffer.getvalue())], device=wire)
@@ -173,7 +167,6 @@ def _send(obj, rank: int) -> list:
 def _receive(rank: int, device=None):
     """What `rank` sent with `_send` (its tensors on `device`, the wire's where None)."""
     import io
-    import pickle
 
     import torch.distributed as dist
 
@@ -192,12 +185,31 @@ def _receive(rank: int, device=None):
             tensors.append(t if device is None else t.to(device))
     except (RuntimeError, ConnectionError) as e:
         raise _lost(e) from None
+    return _Unpickler(io.BytesIO(head[int(sizes[0]):]), tensors).load()
 
-    class Unpickler(pickle.Unpickler):
-        def persistent_load(self, pid):
-            return tensors[pid]
 
-    return Unpickler(io.BytesIO(head[int(sizes[0]):])).load()
+class _Pickler(pickle.Pickler):
+    """A pickle with its tensors left out (`tensors`, sent as they are). (A class of its own, not one made in each
+    call: a class made there would keep the tensors it closes over until the garbage collector's next cycle.)"""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[torch.Tensor] = []
+
+    def persistent_id(self, o):
+        if isinstance(o, torch.Tensor):
+            self.tensors.append(o.detach().contiguous())
+            return len(self.tensors) - 1
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, tensors: list[torch.Tensor]):
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid):
+        return self.tensors[pid]
 
 
 def _wait(sending: list, timeout: timedelta | None = None) -> None:

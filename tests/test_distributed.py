@@ -167,6 +167,18 @@ def _echo(payload):
     return payload
 
 
+_SEEN = []
+
+
+def _earlier_alive(t: torch.Tensor) -> list[bool]:
+    """Whether the tensors of the earlier calls are still held (on the serving rank: by nothing, once served)."""
+    import weakref
+
+    alive = [ref() is not None for ref in _SEEN]
+    _SEEN.append(weakref.ref(t))
+    return alive
+
+
 def _ranks_sending(rank: int, port: int, marks):
     import torch.distributed as dist
 
@@ -185,6 +197,10 @@ def _ranks_sending(rank: int, port: int, marks):
         dealer.settle()
         same = got[0].keys() == payload.keys() and got[0]["text"] == "x" and all(
             torch.equal(got[0][k], v) and got[0][k].dtype == v.dtype for k, v in payload.items() if k != "text")
+        for _ in range(3):
+            dealer.run(1, _earlier_alive, (torch.zeros(1000),), got.append)
+            dealer.settle()
+        same = same and got[1:] == [[], [False], [False, False]]
         dealer.run(1, int, ("not a number",), got.append)
         try:
             dealer.settle()
@@ -198,7 +214,7 @@ def _ranks_sending(rank: int, port: int, marks):
         dist.destroy_process_group()
 
 
-def test_tensors_go_to_another_rank_and_back_whole_and_its_errors_are_raised_here(tmp_path):
+def test_tensors_go_to_another_rank_and_back_whole_are_not_kept_and_errors_are_raised_here(tmp_path):
     from torch.multiprocessing import spawn
 
     spawn(_ranks_sending, (_free_port(), tmp_path), nprocs=2)
