@@ -43,7 +43,7 @@ def _failing():
         yield
     except (ValueError, OSError, distributed.RankLost) as e:
         if distributed.silent(e):  # (one line for the whole run: rank 0's or the launcher's)
-            raise typer.Exit(2) from None
+            raise typer.Exit(distributed.UNSAID) from None
         _fail(str(e))
 
 

@@ -116,17 +116,20 @@ class Dealer:
 def serve(device) -> int:
     """What a rank other than the main one does for the whole run: compute the units the main rank sends it (onto
     `device`) and send back their results, until it is told to stop; how many it computed."""
-    served = 0
+    served, sending = 0, []
     while True:
         message = _receive(0, device)
         if message[0] == "stop":
+            _wait(sending)
             return served
         _, fn, args = message
         try:
             result = ("done", fn(*args))
         except Exception as e:  # (the main rank raises it, as it would have where it computed the unit itself)
             result = ("failed", e)
-        _wait(_send(result, 0))
+        # not waited for: the main rank receives results when its own share of the block is done, and this rank
+        # goes on to the next unit meanwhile
+        sending = [s for s in sending if not s[0].is_completed()] + _send(result, 0)
         served += 1
         del message, fn, args, result  # (not held while the next one comes)
 
@@ -243,12 +246,13 @@ def stop() -> None:
 
 
 LAUNCHED_BY_MIXQ = "MIXQ_WORKERS"  # set for the ranks `launch` starts: it reports a lost rank itself
+SAID, UNSAID = 2, 3  # the exit codes of a rank that said its error, and of one that left it unsaid (`silent`)
 
 
 def silent(error: BaseException) -> bool:
-    """Whether this process leaves `error` unsaid, so that a run of several ranks ends in one line: a rank other
-    than the main one says nothing (the main one meets the same bad input, or loses a rank); under `launch`, a lost
-    rank is the launcher's to report."""
+    """Whether this process leaves `error` unsaid (it exits with UNSAID), so that a run of several ranks ends in
+    one line: a rank other than the main one says nothing (the main one says what went wrong, or loses a rank);
+    under `launch`, a lost rank is the launcher's to report."""
     rank = int(os.environ.get("RANK", "0")) if launched() else 0  # (torchrun's: known before the group is joined)
     return rank != 0 or (isinstance(error, RankLost) and os.environ.get(LAUNCHED_BY_MIXQ) == "1")
 
@@ -272,12 +276,13 @@ def launch(workers: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "mixq", *argv)
     except ChildFailedError as e:
-        # a rank that ended with 2 reported an error (rank 0) or met a lost rank, and the launcher stops the rest
-        # (SIGTERM): the one that ended otherwise (killed, crashed) is the lost one
+        # the main rank said what went wrong (SAID), and the launcher stopped the rest (SIGTERM) where they had
+        # not ended yet; or a rank was lost: the others met it (UNSAID) or were stopped, and the one that ended
+        # otherwise (killed, crashed) is the lost one
+        if any(f.exitcode == SAID for f in e.failures.values()):
+            return SAID
         lost = sorted((f.exitcode == -signal.SIGTERM, f.timestamp, rank, f.exitcode)
-                      for rank, f in e.failures.items() if f.exitcode != 2)
-        if not lost:  # bad input, which rank 0 said
-            return 2
+                      for rank, f in e.failures.items() if f.exitcode != UNSAID)
         *_, rank, code = lost[0]
         raise RankLost(f"rank {rank} of {workers} failed (exit code {code}): run the same command again to resume "
                        "from what was written") from None
