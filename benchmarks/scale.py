@@ -3,15 +3,16 @@
 bf16 as sharded Hugging Face folders one block at a time (writing them is bounded too), each quantized by
 `mixq quantize` in a process of its own with a cheap setting (`--solver rtn --sensitivity hessian
 --calib-windows 4 --bits 3 --eval-windows 0`), streamed (`--stream`) and, where it fits, in memory. Peak RSS and
-wall time come from /usr/bin/time -v.
+wall time come from /usr/bin/time -v. Mode `stream 2 processes` streams with `--workers 2`: each rank's peak RSS
+is sampled too (the main rank streams the model; the other reads nothing from disk).
 
-    python benchmarks/scale.py [--blocks 2,4,8,32] [--modes stream,memory] [--models DIR]
+    python benchmarks/scale.py [--blocks 2,4,8,32] [--modes stream,memory,"stream 2 processes"] [--models DIR]
         → benchmarks/results/scale.{md,json,png}
 
 With `--smollm2`, the bundled SmolLM2-135M is quantized with the default settings (`mixq quantize --bits 3.0`:
 the oac estimator's backward passes, the 64-window evaluation before and after) in memory, streamed and in two
 processes (`--workers 2`, torch.distributed with gloo): the same plan (plan.json's bytes) and perplexity, and the
-time and memory of each (the peak RSS of the launching process and its largest rank).
+time and memory of each (the peak RSS of the largest process, and of each rank).
 
     python benchmarks/scale.py --smollm2 --blocks ''
 
@@ -239,6 +240,7 @@ def write(results: list[dict]) -> None:
                   "a time), each block and table read, turned and written as float32 to a scratch folder beside the "
                   "output, which the run reads from and removes. Its wall time includes the turning, its seconds per "
                   "block do not: " + _turning(rows) + "."]
+    lines += _processes(rows)
     lines += [f"Note on the {r['mode']} row of {r['blocks']} blocks: {r['note']}." for r in rows if r.get("note")]
     big = [r for r in rows if r["mode"] == "stream" and r["blocks"] == 32 and r.get("ok")]
     if big:
@@ -266,13 +268,41 @@ def write(results: list[dict]) -> None:
         if len(small) > 1 and all(r.get("ok") for r in small):
             lines += ["", "Same plan in every mode: " + ("yes" if len(same) == 1 else "**no**") + ". On 2 cores, two "
                       "processes share them (one thread each) and are not faster; the figure that counts is on more "
-                      "cores or GPUs. Where the perplexities differ in their last digits, the ranks computed with one "
-                      "thread each against the single process's two. At equal threads the packed models are "
-                      "bit-identical: `tests/test_distributed.py`, and on SmolLM2 one process with one thread against "
-                      "`--workers 2` (`--sensitivity hessian --calib-windows 4`: all 886 tensors equal; 379 s against "
-                      "304 s)."]
+                      "cores or GPUs. The main rank alone loads the model and runs the forward and backward passes "
+                      "and the evaluations (on one thread, while the other rank waits); the other rank solves the "
+                      "share of each block it is sent, and holds only that (its peak: rank 1's). Where the "
+                      "perplexities differ in their last digits, the ranks computed with one thread each against the "
+                      "single process's two. At equal threads the packed models are bit-identical: "
+                      "`tests/test_distributed.py`, and on SmolLM2 " + _equal_threads + ". At 6df8e19, when every "
+                      "rank loaded the model and ran every block's forward passes, two processes took 723 s and each "
+                      "rank peaked near 3.73 GB."]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows)
+
+
+_equal_threads = ("one process with one thread against `--workers 2` (`--sensitivity hessian --calib-windows 4 "
+                  "--eval-windows 0`, OMP_NUM_THREADS=1): all 886 tensors equal, 373 s against 311 s at 68de78f (at "
+                  "abc3c69, when every rank ran every block's forward passes: 379 s against 304 s)")
+
+
+def _processes(rows: list[dict]) -> list[str]:
+    """What the runs of several processes show: each rank's peak, and the plan against one process's."""
+    out = []
+    for r in (r for r in rows if "processes" in r["mode"] and r.get("rank_peaks_gb")):
+        one = [o for o in rows if o["mode"] == "stream" and o["blocks"] == r["blocks"] and o.get("plan_sha")]
+        peaks = r["rank_peaks_gb"]
+        others = max(v for k, v in peaks.items() if k != "0")
+        out += ["", f"{r['mode']} ({r['blocks']} blocks): `--stream --workers {len(peaks)}`, one thread a rank. The "
+                "main rank streams the model and runs the forward passes; the others read nothing from disk and "
+                "solve the profile calls and layers they are sent (the weights or row samples and the group's "
+                f"statistics). Peak RSS: main rank {peaks['0']:.2f} GB, the others at most {others:.2f} GB (the "
+                "down projection's 14336 × 14336 Hessian, 0.82 GB, and its solves). Plan against one process's: "
+                + ("the same" if one and one[0]["plan_sha"] == r["plan_sha"] else "**not the same**" if one else
+                   "no single-process row") + (f"; wall {r['wall_s']:.0f} s against its {one[0]['wall_s']:.0f} s "
+                                               "(one process, two threads)" if one else "") + ". Until 6f8f674 a "
+                "serving rank kept every Hessian it was sent (5.52 GB); until 68de78f it waited for the main rank to "
+                "take each result before its next unit (284 s)."]
+    return out
 
 
 def _peak(row: dict) -> str:
