@@ -130,8 +130,7 @@ def quantize(
     workers: int = typer.Option(1, "--workers", min=1, help="Processes to spread the profile and the apply over "
                                 "(torch.distributed, gloo on the CPU): the main rank reads the model and runs the "
                                 "forward passes, the others solve what it sends them; the same plan and model as "
-                                "one process. "
-                                "Under torchrun, its --nproc-per-node decides instead."),
+                                "one process. Under torchrun, its --nproc-per-node decides instead."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
     from .config import Calibration, QuantizeConfig

@@ -13,6 +13,7 @@ A rank that stops makes the others fail where they next send or receive; `RankLo
 same command resumes from what the main rank wrote."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -72,8 +73,8 @@ def current() -> Ranks:
 
 
 class Dealer:
-    """The main rank's dealing of a block's work (one per run; every rank where there is one). Units are dealt in
-    turns, unit k to rank k mod N, and a rank's share of a group of units goes to it as one call of `run`: the
+    """The main rank's dealing of a run's work, block by block (the other ranks have none: they `serve`). Units are
+    dealt in turns, unit k to rank k mod N, and a rank's share of a group of units goes to it as one call of `run`: the
     others' first, sent and computed there while the main rank computes its own. `settle` (at the end of a block)
     receives what the others computed and hands each result to its `then`. Alone, every call runs here at once."""
 
@@ -148,19 +149,16 @@ def dismiss() -> None:
 def _send(obj, rank: int) -> list:
     """Send `obj` to `rank` (pickled, its tensors sent as they are, not copied into the pickle): the sends in
     flight, to wait for."""
-    import io
-
     import torch.distributed as dist
 
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     pickler.dump(obj)
-    tensors = pickler.tensors
-    head = pickle.dumps([(t.dtype, t.shape) for t in tensors]) + buffer.getvalue()
+    shapes, body = pickle.dumps([(t.dtype, t.shape) for t in pickler.tensors]), buffer.getvalue()
     wire = _wire()
-    sizes = torch.tensor([len(head) - len(buffer.getvalue()), len(buffer.getvalue())], device=wire)
-    parts = [sizes, torch.frombuffer(bytearray(head), dtype=torch.uint8).to(wire)]
-    parts += [t.reshape(-1).view(torch.uint8).to(wire) for t in tensors if t.numel()]
+    parts = [torch.tensor([len(shapes), len(body)], device=wire),
+             torch.frombuffer(bytearray(shapes + body), dtype=torch.uint8).to(wire)]
+    parts += [t.reshape(-1).view(torch.uint8).to(wire) for t in pickler.tensors if t.numel()]
     try:
         return [(dist.isend(p, rank), p) for p in parts]
     except (RuntimeError, ConnectionError) as e:
@@ -169,8 +167,6 @@ def _send(obj, rank: int) -> list:
 
 def _receive(rank: int, device=None):
     """What `rank` sent with `_send` (its tensors on `device`, the wire's where None)."""
-    import io
-
     import torch.distributed as dist
 
     wire = _wire()

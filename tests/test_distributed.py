@@ -23,10 +23,15 @@ def _folder(family: str, path):
     return path
 
 
+def _command(folder, out, text_file, *flags) -> list[str]:
+    """The tests' `mixq quantize` command line."""
+    return [sys.executable, "-m", "mixq", "quantize", "--model", str(folder), "--out", str(out), "--bits", "4.5",
+            "--calib", str(text_file), "--calib-windows", "4", "--eval-windows", "0", "--solver", "gptq", *flags]
+
+
 def _quantize(folder, out, text_file, *flags, env=None):
     """`mixq quantize` in a process of its own (as a user runs it): its completed process."""
-    cmd = [sys.executable, "-m", "mixq", "quantize", "--model", str(folder), "--out", str(out), "--bits", "4.5",
-           "--calib", str(text_file), "--calib-windows", "4", "--eval-windows", "0", "--solver", "gptq", *flags]
+    cmd = _command(folder, out, text_file, *flags)
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
                                                                     **(env or {})}, timeout=600)
 
@@ -78,9 +83,7 @@ def test_a_rank_that_dies_ends_the_run_in_one_line_and_a_rerun_resumes(tmp_path,
     flags = ["--sensitivity", "hessian", "--stream"]
     one = _quantize(folder, tmp_path / "one", text_file, *flags)
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "mixq", "quantize", "--model", str(folder), "--out", str(tmp_path / "two"),
-           "--bits", "4.5", "--calib", str(text_file), "--calib-windows", "4", "--eval-windows", "0", "--solver",
-           "gptq", "--workers", "2", *flags]
+    cmd = _command(folder, tmp_path / "two", text_file, "--workers", "2", *flags)
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     checkpoint = tmp_path / ".two.profile-partial.json"
@@ -140,7 +143,7 @@ def _rank(rank: int, port: int, argv: list[str], marks):
         return served
 
     pipeline._load, distributed.serve = loading, serving
-    app(["quantize", *argv], standalone_mode=False)
+    app(argv, standalone_mode=False)
 
 
 def test_the_other_ranks_load_nothing_and_solve_what_they_are_sent(tmp_path, text_file):
@@ -149,13 +152,12 @@ def test_the_other_ranks_load_nothing_and_solve_what_they_are_sent(tmp_path, tex
     from torch.multiprocessing import spawn
 
     folder = _folder("llama", tmp_path / "m")
-    flags = ["--model", str(folder), "--bits", "4.5", "--calib", str(text_file), "--calib-windows", "4",
-             "--eval-windows", "0", "--solver", "gptq", "--sensitivity", "hessian", "--stream"]
-    one = _quantize(folder, tmp_path / "one", text_file, *flags[6:])
+    one = _quantize(folder, tmp_path / "one", text_file, "--sensitivity", "hessian", "--stream")
     assert one.returncode == 0, one.stderr[-2000:]
     marks = tmp_path / "marks"
     marks.mkdir()
-    spawn(_rank, (_free_port(), [*flags, "--out", str(tmp_path / "two")], marks), nprocs=2)
+    argv = _command(folder, tmp_path / "two", text_file, "--sensitivity", "hessian", "--stream")[3:]  # quantize …
+    spawn(_rank, (_free_port(), argv, marks), nprocs=2)
     assert sorted(p.name for p in marks.iterdir() if p.name.startswith("loaded")) == ["loaded-0"]
     served = int((marks / "served-1").read_text())
     blocks = len(make_family_model("llama").model.layers)

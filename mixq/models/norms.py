@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 KINDS = ("rms", "rms1p", "layer")
-CHUNK = 4096  # rows folded at a time
+CHUNK = 4096  # rows folded (or turned: transforms.rotate) at a time: float64 copies of a slice, not of a 128k-row
+# table
 
 
 def _check(kind: str) -> None:

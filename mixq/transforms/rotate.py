@@ -24,6 +24,7 @@ import copy
 import torch
 from torch import nn
 
+from ..models.norms import CHUNK  # rows (or columns) turned at a time: float64 copies of a slice
 from ..models.stream import change_units, untie_head
 from . import Transform, register
 
@@ -66,9 +67,6 @@ def random_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
         return h * signs / n ** 0.5
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
-
-
-CHUNK = 4096  # rows (or columns) turned at a time: float64 copies of a slice, not of a 128k-row table
 
 
 def rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
