@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +41,7 @@ OUT = HERE / "results" / "scale"
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-5,
              bos_token_id=1, eos_token_id=2)
+EQUAL = ["--bits", "3.0", "--sensitivity", "hessian", "--calib-windows", "4", "--eval-windows", "0"]
 SETTING = ["--solver", "rtn", "--sensitivity", "hessian", "--calib-windows", "4", "--bits", "3",
            "--eval-windows", "0"]
 H, M, V = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
@@ -87,9 +89,11 @@ def write_model(folder: Path, blocks: int) -> None:
     make_byte_tokenizer(merge=True).save_pretrained(folder)
 
 
-def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: Path | None = None) -> dict:
-    """One `mixq quantize` of the folder (None: the bundled default model) in its own process: peak RSS (GB), wall
-    seconds, the stage times, the evaluation and plan.json's digest."""
+def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: Path | None = None,
+        env: dict | None = None) -> dict:
+    """One `mixq quantize` of the folder (None: the bundled default model) in its own process (`env`: added to its
+    environment): peak RSS (GB), wall seconds, the stage times, the evaluation and the digests of plan.json and
+    model.safetensors."""
     with tempfile.TemporaryDirectory(dir=scratch or folder.parent) as tmp:
         out = Path(tmp) / "q"
         if "rotate" in mode:  # the solver behind the transform: the model turned first (streamed: once, to scratch)
@@ -100,7 +104,8 @@ def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: P
                *(["--stream"] if mode.startswith("stream") else []),
                *(["--workers", workers.group(1)] if workers else [])]
         t0 = time.perf_counter()
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **(env or {})}) as proc:
             ranks = _RankPeaks(proc.pid) if workers else None
             _, stderr = proc.communicate()
         res = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
@@ -115,6 +120,7 @@ def run(folder: Path | None, mode: str, setting: list[str] = SETTING, scratch: P
                 "seconds": meta.get("seconds"),
                 "bpw": meta.get("bpw"), "eval": meta.get("eval"),
                 "plan_sha": hashlib.sha256((out / "plan.json").read_bytes()).hexdigest()[:12],
+                "model_sha": _digest(out),
                 "size_gb": sum(f.stat().st_size for f in out.iterdir()) / 1e9}
 
 
@@ -152,6 +158,16 @@ class _RankPeaks:
         return dict(sorted(self.peaks.items()))
 
 
+def _digest(out: Path) -> str:
+    """sha256 of the saved model's tensors (every model*.safetensors, in name order)."""
+    h = hashlib.sha256()
+    for f in sorted(out.glob("model*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def _load_peak(out: Path) -> dict:
     """Peak RSS (GB) of `mixq.load` of a saved folder and one forward pass of 8 tokens, in a process of its own:
     bounded by the packed model (its folder's size), not by the float one."""
@@ -173,16 +189,18 @@ def main() -> None:
                     "or stream N processes (--workers N)")
     ap.add_argument("--models", default="/tmp/mixq-scale", help="where the random-weight models are written")
     ap.add_argument("--smollm2", action="store_true", help="the default run on SmolLM2, in memory and streamed")
-    ap.add_argument("--smollm2-modes", default="memory,stream,2 processes",
-                    help="which SmolLM2 runs: memory, stream, N processes (--workers N)")
+    ap.add_argument("--smollm2-modes", default="memory,stream,2 processes,1 thread,2 processes 1 thread",
+                    help="which SmolLM2 runs: memory, stream, N processes (--workers N); with '1 thread', at one "
+                    "thread a process and the equal-threads setting")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else []
     if args.smollm2:
         for mode in args.smollm2_modes.split(","):
-            setting = ["--bits", "3.0"]
+            equal = "1 thread" in mode  # the equal-threads comparison: one thread a process, a cheaper setting
             row = {"mode": mode, "blocks": 0, "model": "smollm2", "provenance": provenance(),
-                   **run(None, mode, setting, Path(tempfile.gettempdir()))}
+                   **run(None, mode, EQUAL if equal else ["--bits", "3.0"], Path(tempfile.gettempdir()),
+                         {"OMP_NUM_THREADS": "1"} if equal else None)}
             print(json.dumps(row), flush=True)
             results = [r for r in results if (r["mode"], r.get("model")) != (mode, "smollm2")] + [row]
             write(results)
@@ -206,8 +224,9 @@ def _params(blocks: int) -> int:
 
 def write(results: list[dict]) -> None:
     OUT.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    small = [r for r in results if r.get("model") == "smollm2"]
-    rows = sorted((r for r in results if r not in small), key=lambda r: (r["mode"], r["blocks"]))
+    equal = {r["mode"]: r for r in results if r.get("model") == "smollm2" and "1 thread" in r["mode"]}
+    small = [r for r in results if r.get("model") == "smollm2" and r["mode"] not in equal]
+    rows = sorted((r for r in results if r.get("model") != "smollm2"), key=lambda r: (r["mode"], r["blocks"]))
     lines = ["# Quantizing models larger than memory", "",
              "Random-weight models with Llama-3-8B's shapes (hidden 4096, MLP 14336, 32/8 heads, vocab 128256, untied "
              "head), bf16, one shard per block; `mixq quantize " + " ".join(SETTING) + "`, streamed (`--stream`) or "
@@ -272,17 +291,26 @@ def write(results: list[dict]) -> None:
                       "and the evaluations (on one thread, while the other rank waits); the other rank solves the "
                       "share of each block it is sent, and holds only that (its peak: rank 1's). Where the "
                       "perplexities differ in their last digits, the ranks computed with one thread each against the "
-                      "single process's two. At equal threads the packed models are bit-identical: "
-                      "`tests/test_distributed.py`, and on SmolLM2 " + _equal_threads + ". At 6df8e19, when every "
-                      "rank loaded the model and ran every block's forward passes, two processes took 723 s and each "
+                      "single process's two. At equal threads: `tests/test_distributed.py` (bit-identical "
+                      "models), and on SmolLM2 " + _equal_threads(equal) + ". At 6df8e19, when every rank "
+                      "loaded the model and ran every block's forward passes, two processes took 723 s and each "
                       "rank peaked near 3.73 GB."]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows)
 
 
-_equal_threads = ("one process with one thread against `--workers 2` (`--sensitivity hessian --calib-windows 4 "
-                  "--eval-windows 0`, OMP_NUM_THREADS=1): all 886 tensors equal, 373 s against 311 s at 68de78f (at "
-                  "abc3c69, when every rank ran every block's forward passes: 379 s against 304 s)")
+def _equal_threads(rows: dict) -> str:
+    """The equal-threads comparison: one process against two, one thread each (`--smollm2-modes '1 thread,2
+    processes 1 thread'`)."""
+    one, two = rows.get("1 thread"), rows.get("2 processes 1 thread")
+    if not (one and two and one.get("ok") and two.get("ok")):
+        return "the equal-threads rows have not been run"
+    same = one.get("model_sha") == two.get("model_sha") and one.get("model_sha") is not None
+    return (f"one process against `--workers 2`, one thread each (`{' '.join(EQUAL)}`, OMP_NUM_THREADS=1): "
+            f"model.safetensors {'the same' if same else '**not the same**'} (sha256 {one.get('model_sha')} and "
+            f"{two.get('model_sha')}), {one['wall_s']:.0f} s against {two['wall_s']:.0f} s, a ratio of "
+            f"{one['wall_s'] / two['wall_s']:.2f} ({two['provenance']}; at abc3c69, when every rank ran every block's "
+            "forward passes: 379 s against 304 s)")
 
 
 def _processes(rows: list[dict]) -> list[str]:
