@@ -99,6 +99,11 @@ def quantize(
                                              "stores exactly, so that `mixq export --to NAME` writes the very codes "
                                              f"mixq chose: {export.help_text()}."),
     gguf_compatible: bool = typer.Option(False, "--gguf-compatible", help="The same as --compatible gguf."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="The candidate formats, comma-separated, named as "
+                                          "mixq prints them: int3-g64-min (uniform, fp16 minimum), "
+                                          "int4-g32-min-dq6 (6-bit scale codes), int4-g32-sym, nf3-g64 (normal-float "
+                                          "levels), iq4nl-g32 (llama.cpp's IQ4_NL levels); `default` stands for the "
+                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min)."),
     ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="The same as --compatible "
                                        "compressed-tensors."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) as "
@@ -133,7 +138,7 @@ def quantize(
                                 "one process. Under torchrun, its --nproc-per-node decides instead."),
 ):
     """Quantize a model to a budget with per-layer mixed precision, save it packed, print before/after."""
-    from .config import Calibration, QuantizeConfig
+    from .config import Calibration, QuantizeConfig, parse_formats
     from .io import read_file
     from .pipeline import quantize as run
     from .plan import Budget, Plan
@@ -150,7 +155,7 @@ def quantize(
             next(iter(aliases), None), plan=Plan.from_json(read_file(plan, "plan file")) if plan else None,
             tables=include_embeddings, estimator=sensitivity, damp=damp, refine=refine, eval_windows=eval_windows,
             calibration=Calibration(str(calib) if calib else None, calib_windows, calib_generated),
-            cost_table=str(cost_table) if cost_table else None)
+            cost_table=str(cost_table) if cost_table else None, formats=parse_formats(formats) if formats else ())
         if workers > 1 and not distributed.launched():
             if distributed.launch(workers, _without_workers(sys.argv[1:])):
                 raise typer.Exit(2)

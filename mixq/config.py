@@ -43,6 +43,20 @@ def default_candidates(solver=DEFAULT_SOLVER, bits=(2, 3, 4, 5, 6, 8), groups=No
     return [Candidate(spec, solver) for spec in default_specs(bits, groups, grid, formats)]
 
 
+def parse_formats(text: str) -> tuple[QuantSpec, ...]:
+    """--formats: format names (QuantSpec.name), comma-separated; "default" stands for the default menu."""
+    specs: list[QuantSpec] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        for spec in default_specs() if item == "default" else [QuantSpec.from_name(item)]:
+            if spec not in specs:
+                specs.append(spec)
+    if not specs:
+        raise ValueError("--formats: give one or more format names (e.g. default,nf3-g64), comma-separated")
+    return tuple(specs)
+
+
 TABLE_BITS = (4, 6, 8)  # the embedding table and the output head (--include-embeddings)
 
 
@@ -130,6 +144,9 @@ class QuantizeConfig:
         if latency and self.tables:
             raise ValueError("a latency budget does not take --include-embeddings yet: the cost table times the "
                              "block linears only")
+        if self.compatible is not None and self.formats:
+            raise ValueError(f"--formats and --compatible {self.compatible} both give the candidate formats: "
+                             "give one of them")
         if self.compatible is not None:
             EXPORTERS.lookup(self.compatible)
             if self.plan is not None or self.tables or latency:

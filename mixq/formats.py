@@ -3,47 +3,62 @@
 Semantics (the reference every kernel and exporter must match), for a weight of rows × cols split into
 groups of `group_size` consecutive columns:
 
-    w ≈ (q - z) · s        q ∈ [0, 2^bits - 1] integer code, s fp16 scale, z integer zero, one (s, z) per group
+    w ≈ (level(q) - z) · s    q ∈ [0, 2^bits - 1] integer code, s fp16 scale, z the zero, one (s, z) per group
 
-Three grids (`QuantSpec.grid`):
-- "int" (asymmetric): z is stored, `bits` wide.
-- "sym": no zero is stored: z is the constant 2^(bits-1), and the scale is signed so that the weight of largest
-  magnitude lands on code 0, the longer side of the grid (as llama.cpp's Q4_0: no level is wasted).
-- "min": an fp16 minimum m instead of an integer zero, w ≈ q · s + m (llama.cpp's Q4_1 / Q5_1; HQQ's float
-  zero): the grid's offset is free, not a multiple of the step.
+The grid (`QuantSpec.grid`, a registered `mixq.grids.Grid`) says what level(q) is and what z is stored as:
+- "int" (asymmetric): level(q) = q, z stored `bits` wide.
+- "sym": level(q) = q, no zero stored: z is the constant 2^(bits-1), and the scale is signed so that the weight of
+  largest magnitude lands on code 0, the longer side of the grid (as llama.cpp's Q4_0: no level is wasted).
+- "min": level(q) = q, an fp16 minimum m instead of an integer zero, w ≈ q · s + m (llama.cpp's Q4_1 / Q5_1;
+  HQQ's float zero): the grid's offset is free, not a multiple of the step.
+- level grids ("nf": normal-float, NF4 at 4 bits; "iq4nl": llama.cpp's IQ4_NL levels): level(q) = L[q], a fixed
+  table of 2^bits non-uniform levels, z = 0 and nothing stored, the scale signed (`QuantSpec.levels`).
 
 A split row (`high` > 0, for ResQ's high-variance subspace, transforms.resq): the leading `high` columns of each
 row are stored apart as 8-bit asymmetric codes with one fp16 scale and zero a row (`HIGH`), the rest as above;
 group sizes then count in the rest (cols − high).
 
-Double quantization (`scale_bits` 4, 6 or 8; "sym" and "min" grids, as llama.cpp's k-quants): instead of fp16,
+Double quantization (`scale_bits` 4, 6 or 8; every grid but "int", as llama.cpp's k-quants): instead of fp16,
 each group's scale (and minimum) is stored as a `scale_bits`-wide code times an fp16 step per row:
-s = Δs · c (unsigned c ≥ 1, "min") or Δs · (c − 2^(scale_bits-1)) (signed, "sym"); m = Δm · (c − 2^(scale_bits-1)).
+s = Δs · c (unsigned c ≥ 1, "min") or Δs · (c − 2^(scale_bits-1)) (signed scales: "sym" and the level grids);
+m = Δm · (c − 2^(scale_bits-1)).
 Small groups then cost little: 4-bit group 32 with 6-bit scale and minimum codes is 4.375 bits + 32 bits a row.
 With `super_block` (256: llama.cpp's k-quant super-blocks) the steps are per `super_block` consecutive weights of a
 row instead of per row: sym 3 bits, groups of 16, 6-bit scale codes, super-blocks of 256 is ggml's Q3_K exactly
-(w = d · (sc − 32) · (q − 4)), and sym 6 bits with 8-bit codes is Q6_K.
+(w = d · (sc − 32) · (q − 4)), and sym 6 bits with 8-bit codes is Q6_K; "iq4nl" with groups of 32 and 6-bit codes is
+IQ4_XS.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from .grids import GRIDS as _REGISTRY, Grid, grid_of
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256)  # 0 means one group per whole row
 SUPER_BLOCKS = (256,)  # weights per double-quantization step; 0 means one step per row
 SCALE_BITS = 16  # scales are stored as fp16
 MIN_BITS = 16  # so are the minima of "min" grids
-GRIDS = ("int", "sym", "min")
+GRIDS = tuple(sorted(_REGISTRY, key=lambda n: not _REGISTRY[n].uniform))  # the uniform grids, then level grids
+BASE_GRIDS = ("int", "sym", "min")  # the grids QuantSpec's flags say (symmetric, minimum); others by grid_name
+
+
+def grids_for(bits: int, double: bool = False) -> tuple[str, ...]:
+    """The grids that take `bits`-wide codes with fp16 scales (`double`: with scale codes)."""
+    return tuple(n for n in GRIDS if bits in grid_of(n).bits and (double or not grid_of(n).double_only)
+                 and not (double and grid_of(n).zero == "int"))
 SCALE_CODE_BITS = (4, 6, 8)  # widths of double-quantized scale codes
 STEP_BITS = 16  # the per-row steps of double-quantized scales and minima are fp16
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """An integer grid: `bits` per code, one fp16 scale per group, and per group a `bits`-wide zero (asymmetric),
-    nothing (`symmetric`) or an fp16 minimum (`minimum`)."""
+    """A grid of `bits`-wide codes with one scale per group: uniform with a `bits`-wide zero (asymmetric), no zero
+    (`symmetric`) or an fp16 minimum (`minimum`); or another grid of mixq.grids by its `grid_name` (a level grid,
+    or llama.cpp's k-quant minimum)."""
 
     bits: int
     group_size: int = 0  # 0: whole row
@@ -52,8 +67,23 @@ class QuantSpec:
     scale_bits: int = SCALE_BITS  # 16: fp16 scales; 4, 6 or 8: double-quantized (codes + an fp16 step per row)
     super_block: int = 0  # double-quantized: weights per step (0: the whole row)
     high: int = 0  # leading columns of each row stored apart at 8 bits (a split row); 0: none
+    grid_name: str = ""  # a grid beyond int, sym and min, by its name in mixq.grids (nf, iq4nl, kmin); "": none
 
     def __post_init__(self):
+        if self.grid_name:
+            named = [n for n in GRIDS if n not in BASE_GRIDS]
+            if self.grid_name in BASE_GRIDS or self.grid_name not in GRIDS:
+                raise ValueError(f"grid_name names one of {named} (int, sym and min are flags), got "
+                                 f"{self.grid_name!r}")
+            g = grid_of(self.grid_name)
+            if self.symmetric or self.minimum != (g.zero == "float"):
+                raise ValueError(f"grid {self.grid_name}: symmetric and minimum follow from the grid (use "
+                                 "QuantSpec.of)")
+            if self.bits not in g.bits:
+                raise ValueError(f"grid {self.grid_name} takes bits {g.bits}, got {self.bits}")
+            if g.double_only and self.scale_bits == SCALE_BITS:
+                raise ValueError(f"grid {self.grid_name} stores its scales and minima as codes: give scale_bits "
+                                 f"(one of {SCALE_CODE_BITS})")
         if self.high < 0 or self.high % 8:
             raise ValueError(f"high (columns stored at 8 bits) must be a multiple of 8 ≥ 0, got {self.high}")
         if self.bits not in BITS:
@@ -65,8 +95,8 @@ class QuantSpec:
         if self.scale_bits != SCALE_BITS and self.scale_bits not in SCALE_CODE_BITS:
             raise ValueError(f"scale_bits must be {SCALE_BITS} (fp16) or one of {SCALE_CODE_BITS}, "
                              f"got {self.scale_bits}")
-        if self.double and not (self.symmetric or self.minimum):
-            raise ValueError("double-quantized scales need a symmetric or a minimum grid")
+        if self.double and self.grid_type.zero == "int":
+            raise ValueError("double-quantized scales need a grid without an integer zero (sym, min or levels)")
         if self.super_block:
             if self.super_block not in SUPER_BLOCKS or not self.double:
                 raise ValueError(f"super_block must be 0 or, with double-quantized scales, one of {SUPER_BLOCKS}")
@@ -79,7 +109,9 @@ class QuantSpec:
            super_block: int = 0) -> "QuantSpec":
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
-        return cls(bits, group_size, grid == "sym", grid == "min", scale_bits, super_block)
+        named = "" if grid in BASE_GRIDS else grid
+        return cls(bits, group_size, grid == "sym", grid_of(grid).zero == "float", scale_bits, super_block,
+                   grid_name=named)
 
     @property
     def double(self) -> bool:
@@ -88,7 +120,11 @@ class QuantSpec:
 
     @property
     def grid(self) -> str:
-        return "sym" if self.symmetric else "min" if self.minimum else "int"
+        return self.grid_name or ("sym" if self.symmetric else "min" if self.minimum else "int")
+
+    @property
+    def grid_type(self) -> Grid:
+        return grid_of(self.grid)
 
     @property
     def maxq(self) -> int:
@@ -112,7 +148,7 @@ class QuantSpec:
         return cols // self.super_block if self.super_block else 1
 
     def overhead_bits_per_group(self) -> int:
-        return SCALE_BITS + {"sym": 0, "int": self.bits, "min": MIN_BITS}[self.grid]
+        return SCALE_BITS + self.grid_type.zero_bits(self.bits)
 
     def storage_bits(self, rows: int, cols: int) -> int:
         """Exact stored bits for a rows × cols weight: codes + scales + zeros, as packed by `runtime.pack`."""
@@ -122,10 +158,10 @@ class QuantSpec:
             return HIGH.storage_bits(rows, self.high) + self.low.storage_bits(rows, cols - self.high)
         groups = rows * (cols // self.group(cols))
         if self.double:  # scale (and minimum) codes + one fp16 step per row (or super-block) for each
-            n = 2 if self.minimum else 1
+            n = 2 if self.minimum else 1  # (no grid with an integer zero is double-quantized)
             steps = rows * self.steps_per_row(cols) * STEP_BITS
             return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps)
-        zeros = {"sym": 0, "int": _packed_bits(groups, self.bits), "min": groups * MIN_BITS}[self.grid]
+        zeros = {"none": 0, "int": _packed_bits(groups, self.bits), "float": groups * MIN_BITS}[self.grid_type.zero]
         return _packed_bits(rows * cols, self.bits) + groups * SCALE_BITS + zeros
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
@@ -136,7 +172,36 @@ class QuantSpec:
         g = "row" if self.group_size == 0 else f"g{self.group_size}"
         dq = (f"-dq{self.scale_bits}" if self.double else "") + (f"-s{self.super_block}" if self.super_block else "")
         hi = f"-hi{self.high}" if self.high else ""
+        if not self.grid_type.uniform:
+            return f"{self.grid_type.label(self.bits)}-{g}{dq}{hi}"
         return f"int{self.bits}-{g}-{'asym' if self.grid == 'int' else self.grid}{dq}{hi}"
+
+    @classmethod
+    def from_name(cls, text: str) -> "QuantSpec":
+        """The spec `name` writes: int3-g64-min, int4-g32-min-dq6, int3-g16-sym-dq6-s256, nf4-g64, iq4nl-g32, …"""
+        example = "write e.g. int3-g64-min, int4-g32-min-dq6, int4-g32-kmin-dq6-s256, nf4-g64 or iq4nl-g32"
+        m = re.fullmatch(r"([a-z0-9]+?)-(row|g\d+)(?:-([a-z]+))?(?:-dq(\d+))?(?:-s(\d+))?(?:-hi(\d+))?",
+                         text.strip())
+        if not m:
+            raise ValueError(f"cannot read format {text!r}: {example}")
+        head, group, kind, dq, sb, hi = m.groups()
+        group_size = 0 if group == "row" else int(group[1:])
+        uniform = re.fullmatch(r"int(\d)", head)
+        if uniform and kind:
+            grid, bits = {"asym": "int"}.get(kind, kind), int(uniform.group(1))
+            if grid not in GRIDS or not grid_of(grid).uniform or kind == "int":
+                raise ValueError(f"cannot read format {text!r}: {example}")
+        else:
+            found = [(g, b) for g in GRIDS if not grid_of(g).uniform for b in grid_of(g).bits
+                     if grid_of(g).label(b) == head and not kind]
+            if not found:
+                raise ValueError(f"cannot read format {text!r}: {example}")
+            grid, bits = found[0]
+        spec = replace(cls.of(bits, group_size, grid, int(dq) if dq else SCALE_BITS, int(sb) if sb else 0),
+                       high=int(hi or 0))
+        if spec.name != text.strip():
+            raise ValueError(f"cannot read format {text!r}: {example}")
+        return spec
 
     def to_dict(self) -> dict:
         d = asdict(self)  # the newer fields only when they are set: plain specs read as before
@@ -148,18 +213,21 @@ class QuantSpec:
             del d["super_block"]
         if not self.high:
             del d["high"]
+        if not self.grid_name:
+            del d["grid_name"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits", "super_block", "high"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "minimum", "scale_bits", "super_block", "high",
+                            "grid_name"}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
         if "bits" not in d:
             raise ValueError(f"a format needs 'bits' (one of {BITS}); got {d}")
         return cls(int(d["bits"]), int(d.get("group_size", 0)), bool(d.get("symmetric", False)),
                    bool(d.get("minimum", False)), int(d.get("scale_bits", SCALE_BITS)), int(d.get("super_block", 0)),
-                   int(d.get("high", 0)))
+                   int(d.get("high", 0)), str(d.get("grid_name", "")))
 
 
 HIGH = QuantSpec(8)  # the leading columns of a split row: 8-bit asymmetric, one group a row
@@ -194,10 +262,16 @@ class QuantizedTensor:
         zeros or float minima."""
         if not self.spec.double:
             return self.scales, self.zeros
-        return decode_scales(self.scales, self.zeros, self.steps, self.spec)
+        return decode_scales(self.scales, self.zeros, self.steps, self.spec.grid, self.spec.scale_bits)
+
+    def levels(self) -> torch.Tensor | None:
+        """A level grid's 2^bits levels (float32), or None on a uniform grid (level(q) = q)."""
+        g = self.spec.grid_type
+        return None if g.uniform else g.table(self.spec.bits).float()
 
     def dequantize(self) -> torch.Tensor:
-        low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high))
+        low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high),
+                         self.levels())
         return low if self.high is None else torch.cat([self.high.dequantize(), low], 1)
 
     @staticmethod
@@ -216,44 +290,33 @@ class QuantizedTensor:
                                None if self.high is None else self.high.select(rows))
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+               levels: torch.Tensor | None = None) -> torch.Tensor:
     """The reference, in float32, one (s, z) per `group` consecutive columns: (q - z) · s for integer zeros,
-    q · s + m for fp16 minima (floating `zeros`)."""
+    q · s + m for fp16 minima (floating `zeros`); with a level grid's `levels`, L[q] in place of q (z = 0)."""
     rows, cols = codes.shape
-    q = codes.float().view(rows, cols // group, group)
+    q = (codes.float() if levels is None else levels[codes.long()]).view(rows, cols // group, group)
     s, z = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
     w = q * s + z if zeros.is_floating_point() else (q - z) * s
     return w.view(rows, cols)
 
 
 def fit_params(w: torch.Tensor, maxq: torch.Tensor, grid: str, shrink: float | torch.Tensor = 1.0):
-    """Min/max grid for each row of `w` (rows × g), its range shrunk by `shrink` (clipping).
+    """The `grid`'s (scale, zero) for each row of `w` (rows × g), its range shrunk by `shrink` (clipping): the
+    min/max grid of a uniform grid, the absmax of a level grid (Grid.fit).
 
     `maxq` is rows × 1 so that rows of different widths can be solved together. Returns (scale, zero), rows × 1:
     scale already rounded to fp16 (what is stored; negative for some symmetric rows), zero an integer in [0, maxq]
-    ("int", "sym") or, for "min", the real number −m/s of the fp16 minimum m (so (q − z)·s is the value).
+    ("int", "sym"), 0 (level grids) or, for "min", the real number −m/s of the fp16 minimum m (so (q − z)·s is the
+    value).
     """
-    if grid == "min":  # no need to include 0: shrink towards the middle of the range
-        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        mid, half = (lo + hi) / 2, (hi - lo) / 2 * shrink
-        scale = (2 * half / maxq).clamp(min=1e-6).half().float()
-        return scale, -(mid - half).half().float() / scale
-    if grid == "sym":
-        zero = torch.floor((maxq + 1) / 2)
-        extreme = w.gather(1, w.abs().argmax(1, keepdim=True))  # signed: it lands on code 0, the longer side
-        scale = -extreme * shrink / zero
-        scale = torch.where(scale.abs() < 1e-6, torch.full_like(scale, 1e-6), scale).half().float()
-        return scale, zero.expand_as(scale)
-    lo = w.amin(1, keepdim=True).clamp(max=0) * shrink
-    hi = w.amax(1, keepdim=True).clamp(min=0) * shrink
-    scale = ((hi - lo) / maxq).clamp(min=1e-6).half().float()
-    zero = torch.minimum(torch.round(-lo / scale).clamp(min=0), maxq)
-    return scale, zero
+    return grid_of(grid).fit(w, maxq, shrink)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    """Codes (float, integral values) for `w` on the grid (scale, zero); all broadcast against w."""
-    return torch.minimum((w / scale).add_(zero).round_().clamp_(min=0), maxq)
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                   grid: str) -> torch.Tensor:
+    """Codes (float, integral values) for `w` on the `grid` (scale, zero); all broadcast against w."""
+    return grid_of(grid).encode(w, scale, zero, maxq)
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> QuantizedTensor:
@@ -273,7 +336,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
     dq = DoubleQuant.of(w.float(), g, maxq[:rows], spec.grid, spec.scale_bits, spec.super_block)
     if dq is not None:
         scale, zero = dq.snap(scale, zero)
-    codes = quantize_codes(wg, scale, zero, maxq).to(torch.uint8).view(rows, cols)
+    codes = quantize_codes(wg, scale, zero, maxq, spec.grid).to(torch.uint8).view(rows, cols)
     if dq is not None:
         scales, zeros, steps = dq.encode(scale, zero)
         return QuantizedTensor(codes, scales, zeros, spec, steps)
@@ -282,8 +345,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
 
 
 def stored_zeros(scale: torch.Tensor, zero: torch.Tensor, grid: str) -> torch.Tensor:
-    """What is stored for fit_params' zeros: uint8 integer zeros, or the fp16 minima m = −z·s of "min" grids."""
-    return (-zero * scale).half() if grid == "min" else zero.to(torch.uint8)
+    """What is stored for fit_params' zeros: uint8 integer zeros (0 on level grids), or the fp16 minima m = −z·s of
+    "min" grids."""
+    return (-zero * scale).half() if grid_of(grid).zero == "float" else zero.to(torch.uint8)
 
 
 # --- double-quantized scales ----------------------------------------------------------------------------------
@@ -293,15 +357,22 @@ def _code_range(scale_bits: int, signed: bool) -> tuple[int, int]:
     return (-half, half - 1) if signed else (1, (1 << scale_bits) - 1)
 
 
+def _min_codes(grid: str, scale_bits: int) -> tuple[int, int, int]:
+    """(lowest code, highest code, sign) of a double-quantized minimum: m = sign · Δm · c."""
+    if grid_of(grid).negative_min:
+        return 0, (1 << scale_bits) - 1, -1
+    return (*_code_range(scale_bits, True), 1)
+
+
 def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int) -> torch.Tensor:
     """The fp16 steps (Δs, Δm) of each row (rows × 2, float32 holding fp16 values), from the min/max grids of the
     row's groups: the largest scale (minimum) of the row takes the largest code. `maxq` is rows × 1."""
     rows, cols = w.shape
     groups = cols // group
     s, z = fit_params(w.reshape(-1, group), maxq.repeat_interleave(groups, 0), grid)
-    ds = s.view(rows, groups).abs().amax(1) / _code_range(scale_bits, grid == "sym")[1]
-    if grid == "min":
-        dm = (-z * s).view(rows, groups).abs().amax(1) / _code_range(scale_bits, True)[1]
+    ds = s.view(rows, groups).abs().amax(1) / _code_range(scale_bits, grid_of(grid).signed_scale)[1]
+    if grid_of(grid).zero == "float":
+        dm = (-z * s).view(rows, groups).abs().amax(1) / _min_codes(grid, scale_bits)[1]
     else:
         dm = torch.zeros_like(ds)
     steps = torch.stack([ds, dm], 1).half().float()
@@ -311,12 +382,14 @@ def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_
 def snap(scale: torch.Tensor, zero: torch.Tensor, steps: torch.Tensor, grid: str, scale_bits: int):
     """The nearest representable (scale, zero) under a row's steps (steps rows × 2 against scale rows × 1)."""
     ds, dm = steps[:, :1], steps[:, 1:]
-    lo, hi = _code_range(scale_bits, grid == "sym")
+    signed = grid_of(grid).signed_scale
+    lo, hi = _code_range(scale_bits, signed)
     c = (scale / ds).round().clamp(lo, hi)
-    if grid == "sym":
+    if signed:
         return ds * torch.where(c == 0, torch.ones_like(c), c), zero
     s = ds * c
-    m = dm * (-zero * scale / dm).round().clamp(*_code_range(scale_bits, True))
+    lo, hi, sign = _min_codes(grid, scale_bits)
+    m = sign * dm * (sign * -zero * scale / dm).round().clamp(lo, hi)
     return s, -m / s
 
 
@@ -335,8 +408,8 @@ class DoubleQuant:
            super_block: int = 0) -> "DoubleQuant | None":
         if scale_bits == SCALE_BITS:
             return None
-        if grid not in ("sym", "min"):
-            raise ValueError("double-quantized scales need a symmetric or a minimum grid")
+        if grid_of(grid).zero == "int":
+            raise ValueError("double-quantized scales need a grid without an integer zero (sym, min or levels)")
         k = w.shape[1] // super_block if super_block else 1  # a super-block is a row of its own for the steps
         steps = row_steps(w.reshape(-1, w.shape[1] // k), group, maxq.repeat_interleave(k, 0), grid, scale_bits)
         return cls(steps, grid, scale_bits, k)
@@ -359,7 +432,7 @@ class DoubleQuant:
         blocks, rows = self.steps.shape[0], self.steps.shape[0] // self.per_row
         scale, zero = scale.reshape(blocks, -1), zero.reshape(blocks, -1)
         sc, zc = encode_scales(scale, zero, self.steps, self.grid, self.scale_bits)
-        steps = self.steps[:, :2 if self.grid == "min" else 1].half().reshape(rows, -1)
+        steps = self.steps[:, :2 if grid_of(self.grid).zero == "float" else 1].half().reshape(rows, -1)
         return sc.reshape(rows, -1), zc.reshape(rows, -1), steps
 
 
@@ -367,20 +440,25 @@ def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
     """Snapped (scale, zero) of every group (rows × groups) → the stored uint8 codes (scales, zeros)."""
     half = 1 << (scale_bits - 1)
     ds, dm = steps[:, :1], steps[:, 1:]
-    if grid == "sym":
+    if grid_of(grid).signed_scale:
         return ((scale / ds).round() + half).to(torch.uint8), zero.to(torch.uint8)
-    return (scale / ds).round().to(torch.uint8), ((-zero * scale / dm).round() + half).to(torch.uint8)
+    lo, _, sign = _min_codes(grid, scale_bits)
+    return (scale / ds).round().to(torch.uint8), ((sign * -zero * scale / dm).round() - lo).to(torch.uint8)
 
 
-def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor, spec: QuantSpec):
-    """The reference decoding of double-quantized scales: float32 (scale, zero-or-minimum) of every group."""
-    half = 1 << (spec.scale_bits - 1)
+def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor, grid: str, scale_bits: int):
+    """The reference decoding of double-quantized scales (`scale_bits`-wide codes on `grid`): float32 (scale,
+    zero-or-minimum) of every group."""
+    half = 1 << (scale_bits - 1)
     rows, groups = scales.shape
-    k = steps.shape[1] // (2 if spec.grid == "min" else 1)  # steps per row
+    minimum = grid_of(grid).zero == "float"
+    k = steps.shape[1] // (2 if minimum else 1)  # steps per row
     steps = steps.float().reshape(rows * k, -1)
     ds = steps[:, :1]
-    if spec.grid == "sym":
+    if not minimum:
         return (ds * (scales.float().reshape(rows * k, -1) - half)).reshape(rows, groups), zeros
     s = ds * scales.float().reshape(rows * k, -1)
-    m = steps[:, 1:] * (zeros.float().reshape(rows * k, -1) - half)
+    lo, _, sign = _min_codes(grid, scale_bits)
+    m = steps[:, 1:] * (zeros.float().reshape(rows * k, -1) + lo)
+    m = -m if sign < 0 else m
     return s.reshape(rows, groups), m.reshape(rows, groups)

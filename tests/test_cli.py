@@ -149,6 +149,9 @@ def _bad_cases(tiny_hf_dir: Path, text_file: Path, tmp: Path) -> dict[str, tuple
         "unknown solver": ([*m, "--bits", 3, "--solver", "awq", *c], "unknown solver 'awq'"),
         "unknown refiner": ([*m, "--bits", 3, "--solver", "gptq+nope", *c], "unknown refiner 'nope'"),
         "negative generated windows": ([*m, "--bits", 3, "--calib-generated", -1, *c], "--calib-generated"),
+        "unknown format": ([*m, "--bits", 3, "--formats", "default,nf5-g64", *c], "cannot read format 'nf5-g64'"),
+        "formats and compatible": ([*m, "--bits", 3, "--formats", "nf4-g32", "--compatible", "gguf", *c],
+                                   "give one of them"),
     }
 
 
@@ -156,7 +159,7 @@ CASES = ["missing model", "folder without config", "random .gguf", "truncated .g
          "missing calibration", "latin-1 calibration", "short calibration", "impossible budget", "impossible size",
          "unreadable size", "plan with unknown layer", "missing plan", "out holds another model",
          "neither bits nor size", "both bits and size", "plan and bits", "unknown solver", "unknown refiner",
-         "negative generated windows"]
+         "negative generated windows", "unknown format", "formats and compatible"]
 
 
 def _run_bad(case, tiny_hf_dir, text_file, tmp_path):

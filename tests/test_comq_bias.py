@@ -56,7 +56,7 @@ def test_coordinate_descent_never_raises_the_error(hessian):
     errs = []
     for sweeps in range(0, 4):
         q, s1, z1 = coordinate_descent(w, hessian, qt.codes.float(), s.float(), z.float(),
-                                       torch.full((16, 1), 7.0), True, sweeps)
+                                       torch.full((16, 1), 7.0), "min", sweeps)
         deq = (q.view(16, 8, 64) * s1.unsqueeze(-1) + z1.unsqueeze(-1)).view(16, 512)
         errs.append(float(output_error(w, deq, hessian).sum()))
     assert errs[1] < 0.8 * errs[0]
@@ -185,9 +185,9 @@ def test_double_quantized_grids_are_refitted_on_their_steps(hessian, spec):
     refined = solve("gptq-act+comq", w, hessian, spec)
     assert torch.equal(refined.steps, base.steps) and not torch.equal(refined.scales, base.scales)
     h = damped(hessian)  # as refine_stored
-    s, z = decode_scales(base.scales, base.zeros, base.steps, spec)
+    s, z = decode_scales(base.scales, base.zeros, base.steps, spec.grid, spec.scale_bits)
     q, _, _ = coordinate_descent(w, h, base.codes.float(), s.float(), z.float(),
-                                 torch.full((16, 1), float(spec.maxq)), spec.minimum, refit=False)
+                                 torch.full((16, 1), float(spec.maxq)), spec.grid, refit=False)
     codes_only = QuantizedTensor(q.to(torch.uint8), base.scales, base.zeros, spec, base.steps).dequantize()
     assert float(output_error(w, refined.dequantize(), hessian).sum()) < \
         0.99 * float(output_error(w, codes_only, hessian).sum())

@@ -46,6 +46,10 @@ def test_only_32_groups_with_fp16_scales_are_ggml_types():
     assert ggml_type(QuantSpec.of(4, 32, "int")) is None
     assert ggml_type(QuantSpec.of(3, 16, "sym", 6, 256)) == "Q3_K"
     assert ggml_type(QuantSpec.of(3, 16, "sym", 6)) is None  # one step per row is not Q3_K
+    assert ggml_type(QuantSpec.of(4, 32, "iq4nl")) == "IQ4_NL" and ggml_type(QuantSpec.of(4, 64, "nf")) is None
+    assert ggml_type(QuantSpec.of(4, 32, "iq4nl", 6, 256)) == "IQ4_XS"
+    assert ggml_type(QuantSpec.of(4, 32, "kmin", 6, 256)) == "Q4_K"
+    assert ggml_type(QuantSpec.of(4, 32, "min", 6, 256)) is None  # a signed minimum code is not Q4_K's
     with pytest.raises(ExportError, match="not a ggml type"):
         encode_blocks(quantize(torch.randn(2, 64), QuantSpec.of(3, 32, "sym")))
 
@@ -68,7 +72,8 @@ def _every_type_plan(model, bias: bool = False) -> Plan:
         specs = [s for s in gguf_specs() if s.fits(model.get_submodule(name).in_features)]
         k_quants = [s for s in specs if s.super_block]
         solver = "gptq+bias" if bias and i % 2 == 0 else "gptq"
-        plan.layers[name] = Candidate(k_quants[i // 7 % 2] if k_quants else specs[i % len(specs)], solver)
+        plan.layers[name] = Candidate(k_quants[i // 7 * 3 % len(k_quants)] if k_quants else specs[i % len(specs)],
+                                      solver)
     return plan
 
 
@@ -122,7 +127,7 @@ def test_exported_gguf_loads_back_as_the_saved_model(wide_gguf, text_file, tmp_p
     _quantize_with_plan(wide_gguf, _every_type_plan(float_model), text_file, out)
     res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "q.gguf")])
     assert res.exit_code == 0, res.output
-    assert all(k in res.output for k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q6_K"))
+    assert all(k in res.output for k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q5_K"))
     ours = mixq.load(out)
     theirs, _, _ = load_model(str(tmp_path / "q.gguf"))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

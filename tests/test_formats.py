@@ -9,12 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixq.formats import BITS, GRIDS, GROUP_SIZES, MIN_BITS, SCALE_BITS, QuantSpec, dequantize, quantize
+from mixq.formats import BITS, GROUP_SIZES, MIN_BITS, SCALE_BITS, QuantSpec, dequantize, grids_for, quantize
 from mixq.runtime.qlinear import QuantEmbedding, QuantLinear
 
-SPECS = [QuantSpec.of(b, g, k) for b, g, k in itertools.product((2, 3, 4, 5, 6, 8), (32, 64, 0), GRIDS)] + [
+SPECS = [QuantSpec.of(b, g, k) for b, g in itertools.product((2, 3, 4, 5, 6, 8), (32, 64, 0)) for k in grids_for(b)] + [
     QuantSpec.of(b, g, k, sb) for b, g, k, sb in itertools.product((2, 4, 8), (32, 0), ("sym", "min"), (4, 6, 8))] + [
-    QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(6, 16, "sym", 8, 256), QuantSpec.of(4, 32, "min", 6, 256)]
+    QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(6, 16, "sym", 8, 256), QuantSpec.of(4, 32, "min", 6, 256),
+    QuantSpec.of(3, 32, "nf", 6), QuantSpec.of(4, 32, "iq4nl", 6, 256), QuantSpec.of(4, 32, "kmin", 6, 256),
+    QuantSpec.of(2, 16, "kmin", 4, 256), QuantSpec.of(5, 32, "kmin", 6)]
 # float32 slack on top of the half-step bound: |w| · a few ulps
 REL_EPS = 1e-6
 
@@ -42,9 +44,13 @@ def _grid_bounds(qt):
     scales, zeros = qt.grid_values()
     s = scales.float().repeat_interleave(g, dim=1)
     z = zeros.float().repeat_interleave(g, dim=1)
-    if qt.spec.grid == "min":  # q·s + m
+    if qt.spec.minimum:  # q·s + m
         return z, z + qt.spec.maxq * s, s
-    a, b = -z * s, (qt.spec.maxq - z) * s
+    levels = qt.levels()
+    if levels is not None:  # L[q]·s
+        a, b = levels[0] * s, levels[-1] * s
+    else:
+        a, b = -z * s, (qt.spec.maxq - z) * s
     return torch.minimum(a, b), torch.maximum(a, b), s
 
 
@@ -67,25 +73,32 @@ def test_round_trip_error_is_at_most_half_a_step(spec, seed, rows, groups, magni
         assert qt.steps.dtype == torch.float16 and qt.steps.shape == (rows, per_row)
     else:
         assert qt.scales.dtype == torch.float16
-        assert qt.zeros.dtype == (torch.float16 if spec.grid == "min" else torch.uint8)
+        assert qt.zeros.dtype == (torch.float16 if spec.minimum else torch.uint8)
     assert int(qt.codes.max()) <= spec.maxq
     scales, zeros = qt.grid_values()
     if spec.grid == "int":
         assert int(qt.zeros.max()) <= spec.maxq
     if spec.symmetric:
         assert torch.all(zeros == 1 << (spec.bits - 1))
+    if qt.levels() is not None:
+        assert torch.all(zeros == 0)
     assert torch.all(scales != 0) and torch.all(torch.isfinite(scales))
-    if not spec.symmetric:
+    if not spec.grid_type.signed_scale:
         assert torch.all(scales > 0)
 
     deq = qt.dequantize()
     assert deq.dtype == torch.float32 and deq.shape == w.shape
-    # the dequantized values are exactly (q - z)·s, or q·s + m
+    # the dequantized values are exactly (q - z)·s, q·s + m, or L[q]·s
     lo, hi, scale = _grid_bounds(qt)
     z = zeros.float().repeat_interleave(spec.group(cols), 1)
-    expected = qt.codes.float() * scale + z if spec.grid == "min" else (qt.codes.float() - z) * scale
+    levels = qt.levels()
+    if levels is not None:
+        expected = levels[qt.codes.long()] * scale
+        step = scale.abs() * float((levels[1:] - levels[:-1]).max())  # the widest gap between two levels
+    else:
+        expected = qt.codes.float() * scale + z if spec.minimum else (qt.codes.float() - z) * scale
+        step = scale.abs()
     assert torch.equal(deq, expected)
-    step = scale.abs()
 
     err = (w - deq).abs()
     slack = REL_EPS * (w.abs() + lo.abs() + hi.abs()) + 1e-12
@@ -151,7 +164,7 @@ def test_storage_bits_formula(spec):
     """Large aligned layer (no padding): bits + (16 + zero bits) / group per weight, as the README states."""
     rows, cols = 64, 192
     group = spec.group(cols)
-    zero_bits = {"sym": 0, "int": spec.bits, "min": MIN_BITS}[spec.grid]
+    zero_bits = {"sym": 0, "int": spec.bits, "min": MIN_BITS}.get(spec.grid, 0)  # level grids store no zero
     assert spec.bits_per_weight(rows, cols) == pytest.approx(spec.bits + (SCALE_BITS + zero_bits) / group)
 
 
@@ -316,7 +329,7 @@ def test_double_quantized_spec():
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="scale_bits"):
         QuantSpec.of(4, 32, "min", 5)
-    with pytest.raises(ValueError, match="symmetric or a minimum"):
+    with pytest.raises(ValueError, match="without an integer zero"):
         QuantSpec.of(4, 32, "int", 6)
 
 

@@ -11,7 +11,8 @@ import torch
 from mixq.capture import LayerStats
 from mixq.chain import Chain
 from mixq.config import QuantizeConfig
-from mixq.formats import GRIDS, QuantSpec, fit_params, quantize_codes
+from mixq.formats import QuantSpec, fit_params, grids_for, quantize_codes
+from mixq.grids import grid_of
 from mixq.pipeline import check_plan, run
 from mixq.plan import Budget, Candidate, Plan
 from mixq.solvers import SOLVERS, solve
@@ -34,10 +35,10 @@ def hqq_offset_only(wg, maxq, iters=ITERS):
     scale, zero = fit_params(wg, maxq, "min")
     beta, best = BETA, float("inf")
     for _ in range(iters):
-        q = quantize_codes(wg, scale, zero, maxq)
+        q = quantize_codes(wg, scale, zero, maxq, "min")
         zero = (q - (wg - shrink(wg - (q - zero) * scale, beta)) / scale).mean(1, keepdim=True)
         beta *= KAPPA
-        err = float(((quantize_codes(wg, scale, zero, maxq) - zero) * scale - wg).abs().mean())
+        err = float(((quantize_codes(wg, scale, zero, maxq, "min") - zero) * scale - wg).abs().mean())
         if err >= best:
             break
         best = err
@@ -60,23 +61,23 @@ def test_shrink_keeps_large_errors_and_drops_small_ones():
     assert torch.equal(shrink(-x, BETA), -out)
 
 
-@pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("grid,bits", [(g, b) for b in (2, 3, 4) for g in grids_for(b)])
 def test_hqq_lowers_the_absolute_error_of_every_group_below_its_start(grid, bits):
     w = heavy_tailed(seed=bits)
     wg, maxq = grouped(w, 64), torch.full((w.numel() // 64, 1), float((1 << bits) - 1))
-    start = _error(wg, *fit_params(wg, maxq, grid), maxq)
+    start = _error(wg, *fit_params(wg, maxq, grid), maxq, grid)
     scale, zero = half_quadratic(wg, maxq, grid)
-    fitted = _error(wg, scale, zero, maxq)
+    fitted = _error(wg, scale, zero, maxq, grid)
     assert torch.all(fitted <= start)
     if grid == "int":  # HQQ's offset moves by less than a step: an integer zero stays where rtn puts it
         assert torch.equal(zero, fit_params(wg, maxq, grid)[1]) and torch.equal(fitted, start)
     else:
         assert fitted.sum() < 0.99 * start.sum()  # 4–18 % lower here
-    if grid != "sym":  # HQQ moves the offset alone: the scale stays the min/max one
+    if grid_of(grid).zero != "none":  # HQQ moves the offset alone: the scale stays the min/max one
         assert torch.equal(scale, fit_params(wg, maxq, grid)[0])
     deq = solve("hqq", w, EMPTY, QuantSpec.of(bits, 64, grid)).dequantize()
-    torch.testing.assert_close(deq, ((quantize_codes(wg, scale, zero, maxq) - zero) * scale).view_as(w))
+    value = grid_of(grid).value(quantize_codes(wg, scale, zero, maxq, grid), scale, zero, maxq)
+    torch.testing.assert_close(deq, value.view_as(w))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -87,11 +88,11 @@ def test_hqq_is_hqqs_step_with_a_stop_per_group(bits):
     wg, maxq = grouped(w, 64), torch.full((w.numel() // 64, 1), float((1 << bits) - 1))
     s1, z1 = half_quadratic(wg, maxq, "min", iters=1)
     hs, hz = hqq_offset_only(wg, maxq, iters=1)
-    moved = _error(wg, hs, hz, maxq) < _error(wg, *fit_params(wg, maxq, "min"), maxq)
+    moved = _error(wg, hs, hz, maxq, "min") < _error(wg, *fit_params(wg, maxq, "min"), maxq, "min")
     assert moved.any()
     torch.testing.assert_close(z1[moved], hz[moved])
-    ours = _error(wg, *half_quadratic(wg, maxq, "min"), maxq).sum()
-    theirs = _error(wg, *hqq_offset_only(wg, maxq), maxq).sum()
+    ours = _error(wg, *half_quadratic(wg, maxq, "min"), maxq, "min").sum()
+    theirs = _error(wg, *hqq_offset_only(wg, maxq), maxq, "min").sum()
     assert ours < theirs  # (a group may differ either way: mixq keeps each step's minimum at fp16, HQQ only the last)
 
 

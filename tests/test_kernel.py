@@ -18,6 +18,9 @@ pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler: Quan
 
 SPECS = [QuantSpec.of(b, g, grid, sb) for b in (2, 3, 4, 5, 6, 8) for g, grid, sb in
          ((32, "min", 6), (64, "min", 8), (32, "int", 16), (96, "sym", 16), (0, "min", 16), (64, "sym", 4))]
+LEVEL_SPECS = [QuantSpec.of(b, g, "nf", sb) for b in (2, 3, 4) for g, sb in ((32, 16), (64, 6))] + [
+    QuantSpec.of(4, 32, "iq4nl"), QuantSpec.of(4, 32, "iq4nl", 6, 256),  # level tables: looked up in registers
+    QuantSpec.of(4, 32, "kmin", 6, 256), QuantSpec.of(2, 16, "kmin", 4, 256)]  # k-quant minima: subtracted
 
 
 def _layer(spec: QuantSpec, rows: int, cols: int, seed: int):
@@ -31,16 +34,16 @@ def test_the_kernel_builds():
     assert kernel() is not None
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", SPECS + LEVEL_SPECS, ids=lambda s: s.name)
 def test_kernel_equals_the_reference(spec):
     k = kernel()
     for rows, seed in ((1, 0), (3, 1), (17, 2)):
-        cols = 192
+        cols = 512 if spec.super_block else 192
         layer, w = _layer(spec, rows, cols, seed)
         a, c = layer._group_params()
         for n in (1, 2, 3, 5, 8, 13):
             x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
-            y = k.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols), spec.grid == "min")
+            y = k.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols), spec.minimum, layer._levels())
             ref = x @ w.T
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
@@ -93,7 +96,7 @@ def test_kernel_on_k_quant_super_blocks():
         a, c = layer._group_params()
         x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
         ref = x @ w.T
-        y = k.qgemv(layer.qweight, a, c, x, spec.bits, 16, False)
+        y = k.qgemv(layer.qweight, a, c, x, spec.bits, 16, False, layer._levels())
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
@@ -110,16 +113,16 @@ def test_the_portable_branch_equals_the_reference(tmp_path):
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     portable = load(name="mixq_qgemv_portable", sources=[str(_SOURCE)], build_directory=str(tmp_path),
                     extra_cflags=["-O2", "-mno-avx2", "-mno-fma", "-ffp-contract=off"], verbose=False)
-    for spec in SPECS[::3] + [QuantSpec.of(3, 16, "sym", 6, 256)]:
+    for spec in SPECS[::3] + LEVEL_SPECS[::2] + [QuantSpec.of(3, 16, "sym", 6, 256)]:
         cols = 512 if spec.super_block else 192
         layer, w = _layer(spec, 5, cols, 7)
         a, c = layer._group_params()
         x = torch.randn(3, cols, generator=torch.Generator().manual_seed(1))
         ref = x @ w.T
-        y = portable.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols), spec.grid == "min")
+        y = portable.qgemv(layer.qweight, a, c, x, spec.bits, spec.group(cols), spec.minimum, layer._levels())
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
         assert torch.equal(portable.dequant(layer.qweight, a, c, cols, spec.bits, spec.group(cols),
-                                            spec.grid == "min"), w)
+                                            spec.minimum, layer._levels()), w)
 
 
 def test_fp16_rows_gemv_equals_the_float32_product():
@@ -131,7 +134,7 @@ def test_fp16_rows_gemv_equals_the_float32_product():
         torch.testing.assert_close(k.hgemv(w, x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("spec", SPECS + [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(5, 32, "sym")],
+@pytest.mark.parametrize("spec", SPECS + LEVEL_SPECS + [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(5, 32, "sym")],
                          ids=lambda s: s.name)
 def test_kernel_dequant_is_the_reference_bit_for_bit(spec):
     """Prompts multiply with the weight the kernel decodes: the very numbers of `dequantize` (no fused rounding)."""
@@ -140,5 +143,5 @@ def test_kernel_dequant_is_the_reference_bit_for_bit(spec):
         cols = 512 if spec.super_block else 192
         layer, w = _layer(spec, rows, cols, seed)
         s, zm = layer._group_params()
-        got = k.dequant(layer.qweight, s, zm, cols, spec.bits, spec.group(cols), spec.grid == "min")
+        got = k.dequant(layer.qweight, s, zm, cols, spec.bits, spec.group(cols), spec.minimum, layer._levels())
         assert torch.equal(got, w)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mixq.capture import LayerStats
-from mixq.formats import GRIDS, QuantizedTensor, QuantSpec, quantize
+from mixq.formats import QuantizedTensor, QuantSpec, grids_for, quantize
+from mixq.grids import grid_of
 from mixq.solvers import SOLVERS, Rows, Solver, output_error, register, solve
 
 STARTERS = sorted(n for n, s in SOLVERS.items() if s.starts)  # every solver that can start a chain
@@ -39,7 +40,8 @@ def _err(name: str, w, h, spec) -> float:
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(3, 64), QuantSpec(2, 0), QuantSpec(4, 32, True),
-                                  QuantSpec.of(3, 64, "min")], ids=lambda s: s.name)
+                                  QuantSpec.of(3, 64, "min"), QuantSpec.of(3, 64, "nf"), QuantSpec.of(4, 32, "iq4nl")],
+                         ids=lambda s: s.name)
 @pytest.mark.parametrize("name", ["gptq", "gptq-act"])
 def test_gptq_beats_rtn_on_output_error(hessian, spec, name):
     """GPTQ fits its grids as clip does, then spreads each column's error over the rest: it must beat both."""
@@ -83,7 +85,7 @@ def _diag_error_per_group(w, deq, h, group):
     return e.view(w.shape[0], -1, group).sum(-1)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec.of(b, g, k) for b in (2, 3, 4, 8) for g in (32, 0) for k in GRIDS],
+@pytest.mark.parametrize("spec", [QuantSpec.of(b, g, k) for b in (2, 3, 4, 8) for g in (32, 0) for k in grids_for(b)],
                          ids=lambda s: s.name)
 def test_clip_is_never_worse_than_rtn_under_diag_h(hessian, spec):
     w = weight(seed=2)
@@ -114,7 +116,7 @@ def _check(qt: QuantizedTensor, rows: int, cols: int, bits) -> None:
     if spec.double:
         assert qt.scales.dtype == torch.uint8 and qt.zeros.dtype == torch.uint8 and qt.steps.shape[0] == rows
     else:
-        assert qt.zeros.dtype == (torch.float16 if spec.grid == "min" else torch.uint8)
+        assert qt.zeros.dtype == (torch.float16 if spec.minimum else torch.uint8)
     maxq = ((1 << bits) - 1).view(-1, 1) if isinstance(bits, torch.Tensor) else (1 << bits) - 1
     assert torch.all(qt.codes.int() <= maxq)
     scales, zeros = qt.grid_values()
@@ -129,7 +131,8 @@ def _check(qt: QuantizedTensor, rows: int, cols: int, bits) -> None:
 @pytest.mark.parametrize("name", STARTERS)
 @pytest.mark.parametrize("spec", [QuantSpec(2, 32), QuantSpec(3, 64, True), QuantSpec(5, 0), QuantSpec(8, 0, True),
                                   QuantSpec.of(4, 64, "min"), QuantSpec.of(3, 32, "min", 6),
-                                  QuantSpec.of(4, 32, "sym", 4), QuantSpec(6, 32)], ids=lambda s: s.name)
+                                  QuantSpec.of(4, 32, "sym", 4), QuantSpec(6, 32), QuantSpec.of(2, 32, "nf"),
+                                  QuantSpec.of(3, 64, "nf", 6), QuantSpec.of(4, 32, "iq4nl")], ids=lambda s: s.name)
 def test_every_solver_returns_valid_codes(hessian, name, spec):
     w = weight(rows=10)
     qt = solve(name, w, hessian, spec)
@@ -144,14 +147,18 @@ def test_every_solver_returns_valid_codes(hessian, name, spec):
 def test_every_solver_handles_per_row_widths(hessian, name):
     """Profiling stacks rows of several widths in one call: each row respects its own width."""
     w = torch.cat([weight(rows=4, seed=s) for s in range(3)])
-    bits = torch.tensor([2] * 4 + [4] * 4 + [8] * 4)
-    for grid in GRIDS:
-        codes, scales, zeros, steps = SOLVERS[name]().solve_rows(w, LayerStats.of(hessian), Rows(32, bits, grid))
+    for grid in grids_for(4):
+        widths = [b for b in (2, 4, 8) if b in grid_of(grid).bits]
+        if len(widths) < 2:
+            continue  # a grid of one width (iq4nl)
+        bits = torch.tensor([b for b in widths for _ in range(4)])
+        codes, scales, zeros, steps = SOLVERS[name]().solve_rows(w[:4 * len(widths)], LayerStats.of(hessian),
+                                                                 Rows(32, bits, grid))
         assert steps is None
-        qt = QuantizedTensor(codes, scales, zeros, QuantSpec.of(8, 32, grid))
-        _check(qt, 12, COLS, bits)
+        qt = QuantizedTensor(codes, scales, zeros, QuantSpec.of(max(grid_of(grid).bits), 32, grid))
+        _check(qt, 4 * len(widths), COLS, bits)
         # each slice equals the single-width solve of the same rows
-        for i, b in enumerate((2, 4, 8)):
+        for i, b in enumerate(widths):
             alone = solve(name, w[4 * i:4 * i + 4], hessian, QuantSpec.of(b, 32, grid))
             assert torch.equal(codes[4 * i:4 * i + 4], alone.codes)
             assert torch.equal(scales[4 * i:4 * i + 4], alone.scales)
@@ -194,8 +201,7 @@ def test_solver_help_lists_every_registered_solver():
         assert (f"+{name} (" if s.refines and not s.starts else f"{name} (") in text
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("grid,bits", [(g, b) for b in (2, 3, 4) for g in grids_for(b)])
 def test_least_squares_refit_lowers_the_clip_search_error(bits, grid):
     """Refitting each shrink's scale by weighted least squares finds grids the shrink sweep alone misses."""
     from mixq.solvers.clip import search
@@ -208,7 +214,8 @@ def test_least_squares_refit_lowers_the_clip_search_error(bits, grid):
 
     def err(refit):
         s, z = search(wg, imp, maxq, grid, refit=refit)
-        return float((((quantize_codes(wg, s, z, maxq) - z) * s - wg) ** 2 * imp).sum())
+        value = grid_of(grid).value(quantize_codes(wg, s, z, maxq, grid), s, z, maxq)
+        return float(((value - wg) ** 2 * imp).sum())
 
     assert err(True) < 0.999 * err(False)  # a small, steady gain (0.3–1.5 % here)
 
@@ -231,7 +238,8 @@ def test_gptq_reuses_the_inverse_only_for_the_same_statistics(hessian):
     assert torch.equal(damped.codes, solve("gptq", w, LayerStats.of(hessian), spec, damp=1.0).codes)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(4, 32, "min", 6, 256)],
+@pytest.mark.parametrize("spec", [QuantSpec.of(3, 16, "sym", 6, 256), QuantSpec.of(4, 32, "min", 6, 256),
+                                  QuantSpec.of(4, 32, "iq4nl", 6, 256), QuantSpec.of(2, 16, "kmin", 4, 256)],
                          ids=lambda s: s.name)
 @pytest.mark.parametrize("name", STARTERS)
 def test_super_block_steps_in_every_solver(name, spec):

@@ -5,9 +5,13 @@ mixq formats that are ggml types (`GGML_TYPES`, `K_QUANTS`):
     32-weight groups with an fp16 scale,
         sym 4 / 5 / 8 bits → Q4_0 / Q5_0 / Q8_0   (w = d · (q − 2^(bits−1)), d signed: ggml's convention too)
         min 4 / 5 bits     → Q4_1 / Q5_1          (w = d · q + m, m an fp16 minimum)
-    16-weight groups with scale codes and one fp16 step per 256 weights (rows of a multiple of 256),
-        sym 3 bits, 6-bit codes → Q3_K           (w = d · (sc − 32) · (q − 4))
-        sym 6 bits, 8-bit codes → Q6_K           (w = d · (sc − 128) · (q − 32))
+        iq4nl (4 bits)     → IQ4_NL               (w = d · L[q], L ggml's 16 non-uniform levels)
+    16- or 32-weight groups with scale codes and one fp16 step per 256 weights (rows of a multiple of 256),
+        sym 3 bits, 6-bit codes, groups of 16 → Q3_K     (w = d · (sc − 32) · (q − 4))
+        sym 6 bits, 8-bit codes, groups of 16 → Q6_K     (w = d · (sc − 128) · (q − 32))
+        iq4nl, 6-bit codes, groups of 32      → IQ4_XS   (w = d · (sc − 32) · L[q])
+        kmin 2 bits, 4-bit codes, groups of 16 → Q2_K    (w = d · sc · q − dmin · m)
+        kmin 4 / 5 bits, 6-bit codes, groups of 32 → Q4_K / Q5_K
 `mixq quantize --compatible gguf` allocates among these only. Every other tensor is written as mixq stores it:
 norms in F32 (Gemma's as 1 + γ, as its GGUF files store them), other float matrices in F16.
 
@@ -34,9 +38,12 @@ from . import Exporter, ExportError, register
 BLOCK = 32
 
 # (bits, grid) of the 32-group fp16-scale formats → ggml type name
-GGML_TYPES = {(4, "sym"): "Q4_0", (4, "min"): "Q4_1", (5, "sym"): "Q5_0", (5, "min"): "Q5_1", (8, "sym"): "Q8_0"}
+GGML_TYPES = {(4, "sym"): "Q4_0", (4, "min"): "Q4_1", (5, "sym"): "Q5_0", (5, "min"): "Q5_1", (8, "sym"): "Q8_0",
+              (4, "iq4nl"): "IQ4_NL"}
 SUPER = 256
-K_QUANTS = {QuantSpec.of(3, 16, "sym", 6, SUPER): "Q3_K", QuantSpec.of(6, 16, "sym", 8, SUPER): "Q6_K"}
+K_QUANTS = {QuantSpec.of(2, 16, "kmin", 4, SUPER): "Q2_K", QuantSpec.of(3, 16, "sym", 6, SUPER): "Q3_K",
+            QuantSpec.of(4, 32, "kmin", 6, SUPER): "Q4_K", QuantSpec.of(5, 32, "kmin", 6, SUPER): "Q5_K",
+            QuantSpec.of(6, 16, "sym", 8, SUPER): "Q6_K", QuantSpec.of(4, 32, "iq4nl", 6, SUPER): "IQ4_XS"}
 
 
 def ggml_type(spec: QuantSpec) -> str | None:
@@ -75,6 +82,10 @@ def encode_blocks(qt: QuantizedTensor) -> np.ndarray:
     rows, cols = qt.codes.shape
     if name in ("Q3_K", "Q6_K"):
         return _encode_k(qt, name).reshape(rows, -1)
+    if name == "IQ4_XS":
+        return _encode_iq4_xs(qt).reshape(rows, -1)
+    if name in ("Q2_K", "Q4_K", "Q5_K"):
+        return _encode_k_min(qt, name).reshape(rows, -1)
     q = qt.codes.numpy().reshape(-1, BLOCK)
     d = qt.scales.numpy().astype(np.float16).reshape(-1, 1).view(np.uint8)
     parts = [d]
@@ -112,6 +123,48 @@ def _encode_k(qt: QuantizedTensor, name: str) -> np.ndarray:
     qh = (((q >> 4) & 3).reshape(n, 2, 4, 32) << (2 * shifts[:4])[:, None]).sum(2, dtype=np.uint8).reshape(n, 64)
     signed = (sc.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
     return np.concatenate([ql, qh, signed, d], axis=1)
+
+
+def _encode_k_min(qt: QuantizedTensor, name: str) -> np.ndarray:
+    """Q2_K / Q4_K / Q5_K super-blocks: fp16 d and dmin (the steps of the scale and minimum codes), the codes of each
+    group's scale and minimum, then the weights' codes (block_q2_K, block_q4_K, block_q5_K of ggml-common.h)."""
+    q = qt.codes.numpy().reshape(-1, SUPER)
+    n = len(q)
+    sc, mn = qt.scales.numpy().reshape(n, -1), qt.zeros.numpy().reshape(n, -1)  # unsigned codes, m = −dmin · mn
+    steps = qt.steps.numpy().astype(np.float16).reshape(n, 2)
+    d, dmin = steps[:, :1].copy().view(np.uint8), steps[:, 1:].copy().view(np.uint8)
+    if name == "Q2_K":  # scale code in a byte's low nibble, minimum code in its high one; weight c·128 + j·32 + l
+        # at bits 2j of qs[c·32 + l]; d and dmin last
+        qs = (q.reshape(n, 2, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(2, dtype=np.uint8)
+        return np.concatenate([(sc & 15) | (mn << 4), qs.reshape(n, 64), d, dmin], axis=1)
+    # eight 6-bit scale and minimum codes in 12 bytes: codes 0-3 in the low six bits of bytes 0-3 (scales) and 4-7
+    # (minima); codes 4-7 with their low nibbles in bytes 8-11 (scale low, minimum high) and top two bits in the
+    # top two bits of bytes 0-3 and 4-7
+    scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=1).astype(np.uint8)
+    # the low nibbles: each 64 weights as 32 bytes, weight l in byte l's low half, weight 32 + l in its high half
+    chunks = q.reshape(n, 4, 2, 32)
+    ql = ((chunks[:, :, 0] & 15) | ((chunks[:, :, 1] & 15) << 4)).reshape(n, 128)
+    if name == "Q4_K":
+        return np.concatenate([d, dmin, scales, ql], axis=1)
+    # Q5_K: the fifth bits, weight j·32 + l at bit j of qh[l]
+    qh = (((q.reshape(n, 8, 32) >> 4) & 1) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)
+    return np.concatenate([d, dmin, scales, qh, ql], axis=1)
+
+
+def _encode_iq4_xs(qt: QuantizedTensor) -> np.ndarray:
+    """IQ4_XS super-blocks (block_iq4_xs of ggml-common.h): d, then the eight 6-bit scale codes of its blocks of 32
+    (high pairs: bits 2b of a uint16; low nibbles: block b in byte b/2, odd blocks in the high half), then the
+    codes, each block's 32 as 16 bytes (weight j in byte j's low half, weight j + 16 in its high half)."""
+    q = qt.codes.numpy().reshape(-1, SUPER)
+    n = len(q)
+    sc = qt.scales.numpy().reshape(n, 8).astype(np.uint16)  # codes c: the scale is d · (c − 32)
+    d = qt.steps.numpy().astype(np.float16).reshape(n, 1).view(np.uint8)
+    high = (((sc >> 4) & 3) << (2 * np.arange(8, dtype=np.uint16))).sum(1, dtype=np.uint16)
+    low = (sc[:, 0::2] & 15) | ((sc[:, 1::2] & 15) << 4)
+    blocks = q.reshape(n, 8, 32)
+    qs = (blocks[:, :, :16] | (blocks[:, :, 16:] << 4)).reshape(n, 128)
+    return np.concatenate([d, high.reshape(n, 1).view(np.uint8), low.astype(np.uint8), qs], axis=1)
 
 
 def export_gguf(model: torch.nn.Module, source: Path, out: Path, folder: Path | None = None) -> dict[str, int]:

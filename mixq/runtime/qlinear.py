@@ -26,18 +26,19 @@ class QuantLinear(nn.Module):
         self.groups = groups
         u8 = dict(dtype=torch.uint8)
         self.register_buffer("qweight", torch.zeros(-(-out_features * self._cols // 8) * spec.bits, **u8))
+        zero = spec.grid_type.zero  # what each group stores beside its scale
         if spec.double:  # packed scale (and minimum) codes, fp16 steps per row
             packed = -(-groups // 8) * spec.scale_bits
             self.register_buffer("scales", torch.zeros(packed, **u8))
-            if spec.grid == "min":
+            if zero == "float":
                 self.register_buffer("qzeros", torch.zeros(packed, **u8))
-            steps = (2 if spec.grid == "min" else 1) * spec.steps_per_row(self._cols)
+            steps = (2 if zero == "float" else 1) * spec.steps_per_row(self._cols)
             self.register_buffer("steps", torch.zeros(out_features, steps, dtype=torch.float16))
         else:
             self.register_buffer("scales", torch.zeros(out_features, groups // out_features, dtype=torch.float16))
-            if spec.grid == "int":
+            if zero == "int":
                 self.register_buffer("qzeros", torch.zeros(-(-groups // 8) * spec.bits, **u8))
-            elif spec.grid == "min":
+            elif zero == "float":
                 self.register_buffer("mins", torch.zeros_like(self.scales))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._ac = None  # the kernel's per-group (s, z or m), float32: decoded on first use, never saved
@@ -45,19 +46,19 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
         rows, cols = qt.codes.shape[0], qt.codes.shape[1] + qt.spec.high
-        spec = qt.spec
+        spec, zero = qt.spec, qt.spec.grid_type.zero
         m = cls(cols, rows, spec, bias is not None)
         m.qweight.copy_(pack(qt.codes, spec.bits))
         if spec.double:
             m.scales.copy_(pack(qt.scales, spec.scale_bits))
-            if spec.grid == "min":
+            if zero == "float":
                 m.qzeros.copy_(pack(qt.zeros, spec.scale_bits))
             m.steps.copy_(qt.steps)
         else:
             m.scales.copy_(qt.scales)
-            if spec.grid == "int":
+            if zero == "int":
                 m.qzeros.copy_(pack(qt.zeros, spec.bits))
-            elif spec.grid == "min":
+            elif zero == "float":
                 m.mins.copy_(qt.zeros)
         if spec.high:
             m.high = QuantLinear.from_quantized(qt.high)
@@ -77,14 +78,15 @@ class QuantLinear(nn.Module):
 
         codes = read(self.qweight, spec.bits, cols)
         high = None if self.high is None else self.high.quantized(rows)
-        sym_zeros = torch.full((n, per_row), 1 << (spec.bits - 1), dtype=torch.uint8)
+        zero = spec.grid_type.zero
+        fixed = torch.full((n, per_row), spec.grid_type.fixed_zero(spec.bits), dtype=torch.uint8)  # none stored
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         if spec.double:
             scales = read(self.scales, spec.scale_bits, per_row)
-            zeros = read(self.qzeros, spec.scale_bits, per_row) if spec.grid == "min" else sym_zeros
+            zeros = read(self.qzeros, spec.scale_bits, per_row) if zero == "float" else fixed
             return QuantizedTensor(codes, scales, zeros, spec, pick(self.steps), high)
-        zeros = {"min": lambda: pick(self.mins), "sym": lambda: sym_zeros,
-                 "int": lambda: read(self.qzeros, spec.bits, per_row)}[spec.grid]()
+        zeros = {"float": lambda: pick(self.mins), "none": lambda: fixed,
+                 "int": lambda: read(self.qzeros, spec.bits, per_row)}[zero]()
         return QuantizedTensor(codes, pick(self.scales), zeros, spec, high=high)
 
     def weight_float(self) -> torch.Tensor:
@@ -105,17 +107,23 @@ class QuantLinear(nn.Module):
             w = self.quantized().dequantize()
             return F.linear(x, (w if self.high is None else w[:, self.spec.high:]).to(x.dtype), bias)
         s, zm = self._group_params()
-        rows, minimum = x.numel() // self._cols, self.spec.grid == "min"
+        rows, minimum = x.numel() // self._cols, self.spec.grid_type.zero == "float"
+        lut = self._levels()
         if rows > KERNEL_MAX_ROWS:
-            w = k.dequant(self.qweight, s, zm, self._cols, self.spec.bits, self._group, minimum)
+            w = k.dequant(self.qweight, s, zm, self._cols, self.spec.bits, self._group, minimum, lut)
             return F.linear(x, w, bias)
-        y = k.qgemv(self.qweight, s, zm, x.reshape(rows, self._cols), self.spec.bits, self._group, minimum)
+        y = k.qgemv(self.qweight, s, zm, x.reshape(rows, self._cols), self.spec.bits, self._group, minimum, lut)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
     def _kernel_fits(self) -> bool:
         """The kernel reads runs of 8 codes: rows and groups must be multiples of 8 columns."""
         return self._group % 8 == 0 and self._cols % 8 == 0 and self.qweight.device.type == "cpu"
+
+    def _levels(self) -> torch.Tensor:
+        """The kernel's level table: a level grid's 2^bits levels, or empty (uniform grids)."""
+        g = self.spec.grid_type
+        return torch.empty(0) if g.uniform else g.table(self.spec.bits).float().contiguous()
 
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, z) of w = (q − z)·s, or (s, m) of w = q·s + m ("min" grids), float32 rows × groups."""

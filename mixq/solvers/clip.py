@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import DoubleQuant, fit_params, quantize_codes
+from ..grids import grid_of
 from . import Solver, register
 from .rtn import finish, grouped, row_maxq
 
@@ -25,7 +26,7 @@ def search(wg: torch.Tensor, importance: torch.Tensor, maxq: torch.Tensor, grid:
         for scale, zero in (fitted, _refit(wg, importance, *fitted, maxq, grid)) if refit else (fitted,):
             if snap is not None:
                 scale, zero = snap(scale, zero)
-            q = (quantize_codes(wg, scale, zero, maxq) - zero) * scale
+            q = grid_of(grid).value(quantize_codes(wg, scale, zero, maxq, grid), scale, zero, maxq)
             err = ((q - wg) ** 2 * importance).sum(1, keepdim=True)
             if best_err is None:
                 best_err, best_scale, best_zero = err, scale, zero
@@ -39,11 +40,11 @@ def search(wg: torch.Tensor, importance: torch.Tensor, maxq: torch.Tensor, grid:
 
 def _refit(wg, importance, scale, zero, maxq, grid):
     """The weighted least-squares grid for the codes that (scale, zero) gives, as llama.cpp's make_qkx quantizers
-    refit theirs: min Σ imp·(w − (q − z)·s)² over s with the integer zero kept, or over s and m = −z·s jointly
+    refit theirs: min Σ imp·(w − (level(q) − z)·s)² over s with the zero kept, or over s and m = −z·s jointly
     for "min" grids."""
-    q = quantize_codes(wg, scale, zero, maxq)
+    q = quantize_codes(wg, scale, zero, maxq, grid)
     a = importance
-    if grid == "min":
+    if grid_of(grid).zero == "float":
         sa, sq, sqq = a.sum(1, keepdim=True), (a * q).sum(1, keepdim=True), (a * q * q).sum(1, keepdim=True)
         sw, swq = (a * wg).sum(1, keepdim=True), (a * wg * q).sum(1, keepdim=True)
         det = sqq * sa - sq * sq
@@ -52,7 +53,7 @@ def _refit(wg, importance, scale, zero, maxq, grid):
         m = torch.where(ok, (sqq * sw - sq * swq) / det.where(ok, 1.0), -zero * scale)
         s = torch.where(s.abs() < 1e-6, scale, s).half().float()
         return s, -m.half().float() / s
-    q = q - zero
+    q = grid_of(grid).level(q, maxq) - zero
     num, den = (a * wg * q).sum(1, keepdim=True), (a * q * q).sum(1, keepdim=True)
     s = torch.where(den > 0, num / den.clamp(min=1e-30), scale)
     return torch.where(s.abs() < 1e-6, scale, s).half().float(), zero
@@ -72,7 +73,7 @@ def clip(weight, hessian, group, bits, grid, scale_bits=16, super_block=0):
     wg = grouped(weight, group)
     dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits, super_block)
     scale, zero = search(wg, column_importance(hessian, rows, group), maxq, grid, snap=dq and dq.snap)
-    return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)
+    return finish(quantize_codes(wg, scale, zero, maxq, grid), scale, zero, rows, grid, dq)
 
 
 @register

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import QuantSpec, decode_scales
+from ..formats import _min_codes, decode_scales
+from ..grids import grid_of
 from . import DAMP, Solver, register
 from .clip import clip
 from . import gptq
@@ -28,11 +29,13 @@ def fp16(_gi, s, z):
     return s.half().float(), z.half().float()
 
 
-def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: int = SWEEPS, refit: bool = True,
+def coordinate_descent(w, h, codes, scale, zero, maxq, grid: str, sweeps: int = SWEEPS, refit: bool = True,
                        store=fp16):
     """Lower tr(ΔW H ΔWᵀ) over `codes` (rows × cols, float) and, with `refit`, the grids: `scale` and `zero`
-    (rows × groups, float: integer zeros, or the minima of `minimum` grids), each refitted grid made storable by
+    (rows × groups, float: the zeros, or the minima of "min" grids), each refitted grid made storable by
     `store(group index, scale, zero)` (fp16 values by default). Returns (codes, scale, zero)."""
+    g = grid_of(grid)
+    minimum = g.zero == "float"
     rows, cols = w.shape
     group = cols // scale.shape[1]
     codes, scale, zero = codes.clone(), scale.clone(), zero.clone()
@@ -41,7 +44,7 @@ def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: in
     order = order[d[order] > 0]  # dead inputs: nothing to gain
 
     def values(q, s, z):
-        return q * s + z if minimum else (q - z) * s
+        return q * s + z if minimum else g.value(q, s, z, maxq)
 
     for _ in range(sweeps):
         s, z = scale.repeat_interleave(group, 1), zero.repeat_interleave(group, 1)
@@ -52,26 +55,30 @@ def coordinate_descent(w, h, codes, scale, zero, maxq, minimum: bool, sweeps: in
             hb, rhb = h[idx][:, idx], rh[:, idx].clone()
             deltas = torch.zeros(rows, len(idx))
             for i, j in enumerate(idx.tolist()):
-                target = wq[:, j] + rhb[:, i] / d[j]
-                q = (target - z[:, j]) / s[:, j] if minimum else target / s[:, j] + z[:, j]
-                q = torch.minimum(q.round().clamp(min=0), maxq[:, 0])
-                new = values(q, s[:, j], z[:, j])
-                delta = new - wq[:, j]
-                codes[:, j], wq[:, j], deltas[:, i] = q, new, delta
+                target = wq[:, j:j + 1] + rhb[:, i:i + 1] / d[j]
+                sj, zj = s[:, j:j + 1], z[:, j:j + 1]
+                if minimum:
+                    q = torch.minimum(((target - zj) / sj).round().clamp(min=0), maxq)
+                else:
+                    q = g.encode(target, sj, zj, maxq)
+                new = values(q, sj, zj)
+                delta = (new - wq[:, j:j + 1])[:, 0]
+                codes[:, j], wq[:, j], deltas[:, i] = q[:, 0], new[:, 0], delta
                 rhb -= delta[:, None] * hb[i][None, :]
             rh -= deltas @ h[idx]
         if refit:
-            _refit_grids(codes, scale, zero, rh, h, group, minimum, store)
+            _refit_grids(codes, scale, zero, rh, h, group, minimum, store, lambda q: g.level(q, maxq))
     return codes, scale, zero
 
 
-def _refit_grids(codes, scale, zero, rh, h, group: int, minimum: bool, store) -> None:
-    """Each group's scale (and minimum) in turn to its least-squares value given the codes, in place, keeping
-    rh = ΔW H current; values made storable by `store`, and a step that would not lower the error is not taken."""
+def _refit_grids(codes, scale, zero, rh, h, group: int, minimum: bool, store, level) -> None:
+    """Each group's scale (and minimum) in turn to its least-squares value given the codes (their `level`s), in
+    place, keeping rh = ΔW H current; values made storable by `store`, and a step that would not lower the error is
+    not taken."""
     for gi in range(scale.shape[1]):
         sl = slice(gi * group, (gi + 1) * group)
         hg = h[sl, sl]
-        u = codes[:, sl] if minimum else codes[:, sl] - zero[:, gi:gi + 1]  # the weights' change per unit of s
+        u = codes[:, sl] if minimum else level(codes[:, sl]) - zero[:, gi:gi + 1]  # the change per unit of s
         uh = u @ hg
         a11, b1 = (uh * u).sum(1), (rh[:, sl] * u).sum(1)
         if minimum:  # s and m jointly: directions u and 1
@@ -100,20 +107,20 @@ def refine_stored(weight, hessian, bits, grid: str, scale_bits: int, out, sweeps
     codes, scales, zeros, steps = out
     rows, cols = weight.shape
     h = gptq.damped(hessian.float(), damp)  # as GPTQ: damping against over-fitting
-    minimum = grid == "min"
+    minimum = grid_of(grid).zero == "float"
     maxq = row_maxq(bits)
     if steps is not None:  # scale (and minimum) codes on the row's (or super-block's) fixed steps
-        s, z = decode_scales(scales, zeros, steps, QuantSpec.of(8, 0, grid, scale_bits))  # grid and widths only
+        s, z = decode_scales(scales, zeros, steps, grid, scale_bits)
         store, encode = _double_quantized(steps, scales.shape[1], grid, scale_bits)
-        q, s, z = coordinate_descent(weight, h, codes.float(), s.float(), z.float(), maxq, minimum, sweeps,
+        q, s, z = coordinate_descent(weight, h, codes.float(), s.float(), z.float(), maxq, grid, sweeps,
                                      store=store)
         sc, zc = encode(s, z)
         return q.to(torch.uint8), sc, zc if minimum else zeros, steps
     s, z = scales.float(), zeros.float()
     if minimum:
-        q, s, z = coordinate_descent(weight, h, codes.float(), s, z, maxq, True, sweeps)
+        q, s, z = coordinate_descent(weight, h, codes.float(), s, z, maxq, grid, sweeps)
         return q.to(torch.uint8), s.half(), z.half(), None
-    q, s, _ = coordinate_descent(weight, h, codes.float(), s, z, maxq, False, sweeps)
+    q, s, _ = coordinate_descent(weight, h, codes.float(), s, z, maxq, grid, sweeps)
     return q.to(torch.uint8), s.half(), zeros, None
 
 
@@ -121,7 +128,8 @@ def _double_quantized(steps, groups: int, grid: str, scale_bits: int):
     """(store, encode) for double-quantized grids: `store` snaps a group's scale (and minimum) to the nearest code
     of its row's step, `encode` turns every group's values into the stored codes (formats.decode_scales'
     inverse)."""
-    minimum, half = grid == "min", 1 << (scale_bits - 1)
+    minimum, half = grid_of(grid).zero == "float", 1 << (scale_bits - 1)
+    m_lo, m_hi, sign = _min_codes(grid, scale_bits)
     k = steps.shape[1] // (2 if minimum else 1)  # steps per row
     st = steps.float().view(steps.shape[0], k, -1).repeat_interleave(groups // k, 1)  # rows × groups × (1 or 2)
     ds, dm = st[..., 0], st[..., -1]
@@ -130,12 +138,12 @@ def _double_quantized(steps, groups: int, grid: str, scale_bits: int):
     def store(gi, s, z):
         c = (s / ds[:, gi]).round().clamp(s_lo, s_hi)
         c = torch.where(c == 0, torch.ones_like(c), c)
-        m = dm[:, gi] * (z / dm[:, gi]).round().clamp(-half, half - 1) if minimum else z
+        m = sign * dm[:, gi] * (sign * z / dm[:, gi]).round().clamp(m_lo, m_hi) if minimum else z
         return ds[:, gi] * c, m
 
     def encode(s, z):
         if minimum:
-            return (s / ds).round().to(torch.uint8), ((z / dm).round() + half).to(torch.uint8)
+            return (s / ds).round().to(torch.uint8), ((sign * z / dm).round() - m_lo).to(torch.uint8)
         return ((s / ds).round() + half).to(torch.uint8), None
     return store, encode
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import DoubleQuant, fit_params, quantize_codes
+from ..grids import grid_of
 from . import DAMP, Solver, register
 from .clip import column_importance, search
 from .rtn import finish, row_maxq
@@ -43,6 +44,7 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
     h[dead, dead] = 1
     w[:, dead] = 0
     maxq = row_maxq(bits)  # rows × 1
+    g = grid_of(grid)
     dq = DoubleQuant.of(w, group, maxq, grid, scale_bits, super_block)  # steps from the original weights
     ngroups = cols // group
     scales = torch.empty(rows, ngroups)
@@ -91,9 +93,9 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
             gi = int(col_group[j])
             s, z = scales[:, gi:gi + 1], zeros[:, gi:gi + 1]
             col = w1[:, i:i + 1]
-            q = quantize_codes(col, s, z, maxq)
+            q = quantize_codes(col, s, z, maxq, grid)
             codes[:, j] = q[:, 0]
-            e = (col - (q - z) * s) / u[j, j]
+            e = (col - g.value(q, s, z, maxq)) / u[j, j]
             w1[:, i:] -= e @ u[j:j + 1, j:b1]
             err[:, i] = e[:, 0]
         w[:, b0:b1] = w1

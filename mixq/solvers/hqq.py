@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import DoubleQuant, fit_params, quantize_codes
+from ..grids import grid_of
 from . import Rows, Solver, register
 from .rtn import finish, grouped, row_maxq
 
@@ -32,33 +33,35 @@ def shrink(x: torch.Tensor, beta: float, p: float = P) -> torch.Tensor:
     return torch.sign(x) * torch.relu(a - a.clamp(min=1e-12).pow(p - 1) / beta)
 
 
-def _error(wg, scale, zero, maxq) -> torch.Tensor:
+def _error(wg, scale, zero, maxq, grid: str) -> torch.Tensor:
     """Σ |W − Ŵ| of each group (a row of `wg`) on the grid (scale, zero)."""
-    return ((quantize_codes(wg, scale, zero, maxq) - zero) * scale - wg).abs().sum(1, keepdim=True)
+    q = quantize_codes(wg, scale, zero, maxq, grid)
+    return (grid_of(grid).value(q, scale, zero, maxq) - wg).abs().sum(1, keepdim=True)
 
 
 def half_quadratic(wg: torch.Tensor, maxq: torch.Tensor, grid: str, iters: int = ITERS):
     """(scale, zero) of each group of wg ((rows · groups) × group; maxq (rows · groups) × 1), value (q − z) · s:
     the half-quadratic alternation from the min/max grid, the best grid of each group kept."""
     scale, zero = fit_params(wg, maxq, grid)
-    best_s, best_z, best = scale, zero, _error(wg, scale, zero, maxq)
+    best_s, best_z, best = scale, zero, _error(wg, scale, zero, maxq, grid)
+    g = grid_of(grid)
     beta = BETA
     for _ in range(iters):
-        q = quantize_codes(wg, scale, zero, maxq)
-        target = wg - shrink(wg - (q - zero) * scale, beta)
-        if grid == "sym":
-            u = q - zero
+        q = quantize_codes(wg, scale, zero, maxq, grid)
+        target = wg - shrink(wg - g.value(q, scale, zero, maxq), beta)
+        if g.zero == "none":  # the scale alone
+            u = g.level(q, maxq) - zero
             num, den = (u * target).sum(1, keepdim=True), (u * u).sum(1, keepdim=True)
             fitted = torch.where(den > 0, num / den.clamp(min=1e-30), scale)
             scale = torch.where(fitted.abs() < 1e-6, scale, fitted).half().float()  # stored in fp16
         else:
             zero = (q - target / scale).mean(1, keepdim=True)
-            if grid == "int":
+            if g.zero == "int":
                 zero = torch.minimum(zero.round().clamp(min=0), maxq)
             else:  # the stored minimum m = −z·s is fp16
                 zero = -(-zero * scale).half().float() / scale
         beta *= KAPPA
-        error = _error(wg, scale, zero, maxq)
+        error = _error(wg, scale, zero, maxq, grid)
         better = error < best
         best_s, best_z, best = (torch.where(better, scale, best_s), torch.where(better, zero, best_z),
                                 torch.where(better, error, best))
@@ -79,4 +82,4 @@ class HQQ(Solver):
         dq = DoubleQuant.of(weight, fmt.group, row_maxq(fmt.bits), fmt.grid, fmt.scale_bits, fmt.super_block)
         if dq is not None:
             scale, zero = dq.snap(scale, zero)
-        return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, fmt.grid, dq)
+        return finish(quantize_codes(wg, scale, zero, maxq, fmt.grid), scale, zero, rows, fmt.grid, dq)

@@ -34,7 +34,7 @@ def rtn(weight, group, bits, grid, scale_bits=16, super_block=0):
     dq = DoubleQuant.of(weight, group, row_maxq(bits), grid, scale_bits, super_block)
     if dq is not None:
         scale, zero = dq.snap(scale, zero)
-    return finish(quantize_codes(wg, scale, zero, maxq), scale, zero, rows, grid, dq)
+    return finish(quantize_codes(wg, scale, zero, maxq, grid), scale, zero, rows, grid, dq)
 
 
 @register

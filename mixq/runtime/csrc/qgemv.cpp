@@ -8,6 +8,8 @@
 //     y[n, r] = Σ_g s[r, g] · Σ_{j∈g} q[r, j] · x[n, j]  +  c[r, g] · Σ_{j∈g} x[n, j]
 // with the per-group sums of x computed once per call. `dequant` writes the weights themselves, computed exactly
 // as the reference does (no fused multiply-add: built with -ffp-contract=off), for longer inputs.
+// Level grids (mixq.grids: NF, IQ4_NL) pass their table of 2^BITS levels as `lut`: q stands for lut[q] (looked up
+// in registers), and their zero is 0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,16 +30,16 @@ constexpr int64_t MAX_N = 8;  // rows of x handled in one pass over the weights
 // WIDE: read whole words (the bytes past the run belong to later codes and are masked off), allowed everywhere
 // but at the end of the buffer.
 template <int BITS, bool WIDE>
-inline __m256 decode8(const uint8_t* p) {
+inline __m256i decode8i(const uint8_t* p) {
   if constexpr (BITS == 8) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   } else {
     const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
     if constexpr (BITS * 8 <= 32) {
       uint32_t word = 0;
       std::memcpy(&word, p, WIDE ? 4 : BITS);
       const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask));
+      return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask);
     } else {
       uint64_t word = 0;
       std::memcpy(&word, p, WIDE ? 8 : BITS);
@@ -48,8 +50,26 @@ inline __m256 decode8(const uint8_t* p) {
                                               static_cast<uint32_t>(word >> (4 * BITS)),
                                               static_cast<uint32_t>(word >> (4 * BITS)));
       const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
-      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), mask));
+      return _mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), mask);
     }
+  }
+}
+
+// Eight codes as eight floats: the codes themselves, or (LUT) their levels lut[q]. Up to 16 levels stay in two
+// registers (a permute each, the fourth bit of q picks between them); more are gathered from memory.
+template <int BITS, bool WIDE, bool LUT>
+inline __m256 decode8(const uint8_t* p, const float* lut) {
+  const __m256i q = decode8i<BITS, WIDE>(p);
+  if constexpr (!LUT) {
+    return _mm256_cvtepi32_ps(q);
+  } else if constexpr (BITS <= 3) {
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut), q);
+  } else if constexpr (BITS == 4) {
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut), q);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut + 8), q);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+  } else {
+    return _mm256_i32gather_ps(lut, q, 4);
   }
 }
 
@@ -62,9 +82,9 @@ inline float hsum(__m256 v) {
 
 // RB rows of W (from row r) against NB rows of x, compile-time counts so that every accumulator stays in a
 // register: RB × NB independent FMA chains, each x load shared by the RB rows.
-template <int BITS, int NB, int RB, bool WIDE>
+template <int BITS, int NB, int RB, bool WIDE, bool LUT>
 inline void rows_dot(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
-                     float* y, int64_t rows, int64_t cols, int64_t group, int64_t r, bool minimum) {
+                     float* y, int64_t rows, int64_t cols, int64_t group, int64_t r, bool minimum, const float* lut) {
   const int64_t groups = cols / group;
   const uint8_t* p[RB];
   for (int i = 0; i < RB; ++i) p[i] = packed + (r + i) * (cols / 8 * BITS);
@@ -80,7 +100,7 @@ inline void rows_dot(const uint8_t* packed, const float* a, const float* c, cons
       __m256 xv[NB];
       for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(x + b * cols + j);
       for (int i = 0; i < RB; ++i) {
-        const __m256 q = decode8<BITS, WIDE>(p[i]);
+        const __m256 q = decode8<BITS, WIDE, LUT>(p[i], lut);
         p[i] += BITS;
         for (int b = 0; b < NB; ++b) d[i][b] = _mm256_fmadd_ps(q, xv[b], d[i][b]);
       }
@@ -100,49 +120,49 @@ inline void rows_dot(const uint8_t* packed, const float* a, const float* c, cons
 }
 
 // rows r0..r1 in blocks of RB (then one at a time); the block that holds the last row reads no word past it
-template <int BITS, int NB, int RB>
+template <int BITS, int NB, int RB, bool LUT>
 void rows_nb(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum, float* y,
-             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1, bool minimum) {
+             int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1, bool minimum, const float* lut) {
   int64_t r = r0;
   for (; r + RB <= r1; r += RB) {
     if (r + RB == rows)
-      rows_dot<BITS, NB, RB, false>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
+      rows_dot<BITS, NB, RB, false, LUT>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum, lut);
     else
-      rows_dot<BITS, NB, RB, true>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
+      rows_dot<BITS, NB, RB, true, LUT>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum, lut);
   }
   for (; r < r1; ++r) {
     if (r + 1 == rows)
-      rows_dot<BITS, NB, 1, false>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
+      rows_dot<BITS, NB, 1, false, LUT>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum, lut);
     else
-      rows_dot<BITS, NB, 1, true>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum);
+      rows_dot<BITS, NB, 1, true, LUT>(packed, a, c, x, xsum, y, rows, cols, group, r, minimum, lut);
   }
 }
 
-template <int BITS>
+template <int BITS, bool LUT>
 void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
                float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1,
-               bool minimum) {
+               bool minimum, const float* lut) {
   // n ≤ MAX_N rows of x, taken 4, 2 and 1 at a time, with 1, 2 and 4 rows of W per pass
   const int64_t groups = cols / group;
   for (int64_t b = 0; b < n;) {
     const float *xb = x + b * cols, *sb = xsum + b * groups;
     float* yb = y + b * rows;
     if (n - b >= 4) {
-      rows_nb<BITS, 4, 1>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
+      rows_nb<BITS, 4, 1, LUT>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum, lut);
       b += 4;
     } else if (n - b >= 2) {
-      rows_nb<BITS, 2, 2>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
+      rows_nb<BITS, 2, 2, LUT>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum, lut);
       b += 2;
     } else {
-      rows_nb<BITS, 1, 4>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum);
+      rows_nb<BITS, 1, 4, LUT>(packed, a, c, xb, sb, yb, rows, cols, group, r0, r1, minimum, lut);
       b += 1;
     }
   }
 }
-// The weights of rows r0..r1, as the reference computes them: (q − z)·s, or q·s + m.
-template <int BITS>
+// The weights of rows r0..r1, as the reference computes them: (q − z)·s, or q·s + m (q: lut[q] with LUT).
+template <int BITS, bool LUT>
 void dequant_rows(const uint8_t* packed, const float* s, const float* zm, float* out, int64_t rows, int64_t cols,
-                  int64_t group, int64_t r0, int64_t r1, bool minimum) {
+                  int64_t group, int64_t r0, int64_t r1, bool minimum, const float* lut) {
   const int64_t groups = cols / group;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* p = packed + r * (cols / 8 * BITS);
@@ -151,7 +171,7 @@ void dequant_rows(const uint8_t* packed, const float* s, const float* zm, float*
     for (int64_t g = 0; g < groups; ++g) {
       const __m256 sg = _mm256_set1_ps(s[r * groups + g]), zg = _mm256_set1_ps(zm[r * groups + g]);
       for (int64_t j = g * group; j < (g + 1) * group; j += 8, p += BITS) {
-        const __m256 q = last ? decode8<BITS, false>(p) : decode8<BITS, true>(p);
+        const __m256 q = last ? decode8<BITS, false, LUT>(p, lut) : decode8<BITS, true, LUT>(p, lut);
         _mm256_storeu_ps(o + j, minimum ? _mm256_add_ps(_mm256_mul_ps(q, sg), zg)
                                         : _mm256_mul_ps(_mm256_sub_ps(q, zg), sg));
       }
@@ -191,10 +211,10 @@ void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t r
   for (; r < r1; ++r) half_rows<1>(w, x, y, n, rows, cols, r);
 }
 #else
-template <int BITS>
+template <int BITS, bool LUT>
 void gemv_rows(const uint8_t* packed, const float* a, const float* c, const float* x, const float* xsum,
                float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1,
-               bool minimum) {
+               bool minimum, const float* lut) {
   constexpr uint64_t MASK = (1u << BITS) - 1;
   const int64_t groups = cols / group;
   const int64_t row_bytes = cols / 8 * BITS;
@@ -207,8 +227,10 @@ void gemv_rows(const uint8_t* packed, const float* a, const float* c, const floa
         uint64_t word = 0;
         std::memcpy(&word, p, BITS);
         for (int64_t b = 0; b < n; ++b)
-          for (int k = 0; k < 8; ++k)
-            dot[b] += static_cast<float>((word >> (k * BITS)) & MASK) * x[b * cols + j + k];
+          for (int k = 0; k < 8; ++k) {
+            const uint64_t q = (word >> (k * BITS)) & MASK;
+            dot[b] += (LUT ? lut[q] : static_cast<float>(q)) * x[b * cols + j + k];
+          }
       }
       const float sg = a[r * groups + g], cg = minimum ? c[r * groups + g] : -c[r * groups + g] * sg;
       for (int64_t b = 0; b < n; ++b) out[b] += sg * dot[b] + cg * xsum[b * groups + g];
@@ -216,9 +238,9 @@ void gemv_rows(const uint8_t* packed, const float* a, const float* c, const floa
     for (int64_t b = 0; b < n; ++b) y[b * rows + r] = out[b];
   }
 }
-template <int BITS>
+template <int BITS, bool LUT>
 void dequant_rows(const uint8_t* packed, const float* s, const float* zm, float* out, int64_t rows, int64_t cols,
-                  int64_t group, int64_t r0, int64_t r1, bool minimum) {
+                  int64_t group, int64_t r0, int64_t r1, bool minimum, const float* lut) {
   constexpr uint64_t MASK = (1u << BITS) - 1;
   const int64_t groups = cols / group;
   for (int64_t r = r0; r < r1; ++r) {
@@ -228,7 +250,8 @@ void dequant_rows(const uint8_t* packed, const float* s, const float* zm, float*
       std::memcpy(&word, p, BITS);
       const float sg = s[r * groups + j / group], zg = zm[r * groups + j / group];
       for (int k = 0; k < 8; ++k) {
-        const float q = static_cast<float>((word >> (k * BITS)) & MASK);
+        const uint64_t code = (word >> (k * BITS)) & MASK;
+        const float q = LUT ? lut[code] : static_cast<float>(code);
         out[r * cols + j + k] = minimum ? q * sg + zg : (q - zg) * sg;
       }
     }
@@ -248,26 +271,39 @@ void half_gemv(const uint16_t* w, const float* x, float* y, int64_t n, int64_t r
 #endif
 
 using Kernel = void (*)(const uint8_t*, const float*, const float*, const float*, const float*, float*, int64_t,
-                        int64_t, int64_t, int64_t, int64_t, int64_t, bool);
+                        int64_t, int64_t, int64_t, int64_t, int64_t, bool, const float*);
 using Dequant = void (*)(const uint8_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                         int64_t, bool);
+                         int64_t, bool, const float*);
 
-template <template <int> class F, typename T>
+template <template <int, bool> class F, typename T, bool LUT>
 T for_bits(int64_t bits) {
   switch (bits) {
-    case 2: return F<2>::fn;
-    case 3: return F<3>::fn;
-    case 4: return F<4>::fn;
-    case 5: return F<5>::fn;
-    case 6: return F<6>::fn;
-    case 7: return F<7>::fn;
-    case 8: return F<8>::fn;
+    case 2: return F<2, LUT>::fn;
+    case 3: return F<3, LUT>::fn;
+    case 4: return F<4, LUT>::fn;
+    case 5: return F<5, LUT>::fn;
+    case 6: return F<6, LUT>::fn;
+    case 7: return F<7, LUT>::fn;
+    case 8: return F<8, LUT>::fn;
   }
   TORCH_CHECK(false, "codes of ", bits, " bits are not supported (2 to 8)");
 }
 
-template <int B> struct GemvOf { static constexpr Kernel fn = gemv_rows<B>; };
-template <int B> struct DequantOf { static constexpr Dequant fn = dequant_rows<B>; };
+template <template <int, bool> class F, typename T>
+T for_bits(int64_t bits, bool lut) {
+  return lut ? for_bits<F, T, true>(bits) : for_bits<F, T, false>(bits);
+}
+
+template <int B, bool L> struct GemvOf { static constexpr Kernel fn = gemv_rows<B, L>; };
+template <int B, bool L> struct DequantOf { static constexpr Dequant fn = dequant_rows<B, L>; };
+
+// The level table: empty (uniform grids, q itself), or 2^bits float32 levels.
+const float* levels(const torch::Tensor& lut, int64_t bits) {
+  if (lut.numel() == 0) return nullptr;
+  TORCH_CHECK(lut.dtype() == torch::kFloat && lut.is_contiguous() && lut.numel() == (int64_t{1} << bits),
+              "a level table is 2^bits contiguous float32 levels");
+  return lut.data_ptr<float>();
+}
 
 void check(const torch::Tensor& packed, const torch::Tensor& s, const torch::Tensor& zm, int64_t cols,
            int64_t bits, int64_t group) {
@@ -281,7 +317,7 @@ void check(const torch::Tensor& packed, const torch::Tensor& s, const torch::Ten
 }  // namespace
 
 torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torch::Tensor x, int64_t bits,
-                    int64_t group, bool minimum) {
+                    int64_t group, bool minimum, torch::Tensor lut) {
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2, "x must be float32 n × cols");
   a = a.contiguous();
   c = c.contiguous();
@@ -289,7 +325,8 @@ torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torc
   const int64_t rows = a.size(0), groups = a.size(1), n = x.size(0), cols = x.size(1);
   check(packed, a, c, cols, bits, group);
   auto y = torch::empty({n, rows}, x.options());
-  Kernel k = for_bits<GemvOf, Kernel>(bits);
+  const float* pl = levels(lut, bits);
+  Kernel k = for_bits<GemvOf, Kernel>(bits, pl != nullptr);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *pa = a.data_ptr<float>(), *pc = c.data_ptr<float>(), *px = x.data_ptr<float>();
   float* py = y.data_ptr<float>();
@@ -300,25 +337,26 @@ torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torc
     const int64_t nb = std::min(MAX_N, n - b0);
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       k(pp, pa, pc, px + b0 * cols, xsum.data() + b0 * groups, py + b0 * rows, nb, rows, cols, group, r0, r1,
-        minimum);
+        minimum, pl);
     });
   }
   return y;
 }
 
 torch::Tensor dequant(torch::Tensor packed, torch::Tensor s, torch::Tensor zm, int64_t cols, int64_t bits,
-                      int64_t group, bool minimum) {
+                      int64_t group, bool minimum, torch::Tensor lut) {
   s = s.contiguous();
   zm = zm.contiguous();
   check(packed, s, zm, cols, bits, group);
   const int64_t rows = s.size(0);
   auto out = torch::empty({rows, cols}, s.options());
-  Dequant k = for_bits<DequantOf, Dequant>(bits);
+  const float* pl = levels(lut, bits);
+  Dequant k = for_bits<DequantOf, Dequant>(bits, pl != nullptr);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float *ps = s.data_ptr<float>(), *pz = zm.data_ptr<float>();
   float* po = out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    k(pp, ps, pz, po, rows, cols, group, r0, r1, minimum);
+    k(pp, ps, pz, po, rows, cols, group, r0, r1, minimum, pl);
   });
   return out;
 }
@@ -337,7 +375,9 @@ torch::Tensor hgemv(torch::Tensor w, torch::Tensor x) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qgemv", &qgemv, "x · Wᵀ from packed codes and per-group (s, z or m): w = (q − z)·s or q·s + m");
-  m.def("dequant", &dequant, "the rows × cols weights from packed codes and per-group (s, z or m), exactly");
+  m.def("qgemv", &qgemv, "x · Wᵀ from packed codes and per-group (s, z or m): w = (q − z)·s or q·s + m; with a "
+        "level table lut, q stands for lut[q]");
+  m.def("dequant", &dequant, "the rows × cols weights from packed codes, per-group (s, z or m) and a level table "
+        "(or none), exactly");
   m.def("hgemv", &hgemv, "x · Wᵀ for fp16 W, float32 x and result");
 }

@@ -1,0 +1,143 @@
+"""Grids, registered by name: how a group's weights map to codes and back, given its scale and zero.
+
+Every grid has the value (level(q) − z) · s of code q, with s the group's scale and z its zero:
+- uniform grids (`uniform.py`: "int", "sym", "min") have level(q) = q, the integer code itself;
+- level grids (`normal.py`'s "nf", `iq4nl.py`'s "iq4nl") have a fixed table of 2^bits levels, level(q) = L[q],
+  no zero (z = 0) and a signed scale: w ≈ s · L[q], as bitsandbytes' NF4 and llama.cpp's IQ4_NL.
+
+A grid declares what is stored beside each group's scale (`zero`: nothing, an integer code or an fp16 minimum),
+whether its scale is signed (double-quantized scale codes are then signed), and the widths it takes; it fits a
+group's (scale, zero), encodes weights to their nearest codes and gives each code's level. `maxq` (2^bits − 1) is
+a column of one width per row, so that rows of several widths are solved together (solvers.Rows).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..registry import Registry, import_all
+
+GRIDS = Registry("grid")
+
+ZEROS = ("none", "int", "float")  # what a group stores beside its scale: nothing, a `bits`-wide code, an fp16 value
+
+
+def register(cls: type["Grid"]) -> type["Grid"]:
+    """Class decorator: register one instance of a Grid subclass under its `name`."""
+    if cls.zero not in ZEROS:
+        raise ValueError(f"grid {cls.name!r}: zero must be one of {ZEROS}")
+    GRIDS.register(cls.name)(cls())
+    return cls
+
+
+def grid_of(name: str) -> "Grid":
+    return GRIDS.lookup(name)
+
+
+class Grid:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    zero: ClassVar[str] = "none"  # stored beside each scale: "none", "int" (bits wide) or "float" (fp16)
+    signed_scale: ClassVar[bool] = False  # a scale of either sign (double-quantized: signed codes)
+    negative_min: ClassVar[bool] = False  # a float zero that is a minimum ≤ 0 (double-quantized: unsigned codes of −m)
+    bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)  # the widths it takes
+    uniform: ClassVar[bool] = True  # level(q) = q
+    double_only: ClassVar[bool] = False  # its scales (and minima) are stored only as codes (scale_bits < 16)
+
+    def fit(self, w: torch.Tensor, maxq: torch.Tensor, shrink: float | torch.Tensor = 1.0):
+        """(scale, zero) of each row of `w` (rows × g; maxq rows × 1), its range shrunk by `shrink`: scale rounded to
+        fp16 (what is stored), zero a float column (integral for integer zeros; −m/s for an fp16 minimum m)."""
+        raise NotImplementedError
+
+    def encode(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+        """The nearest code (float, integral) of each weight; scale, zero and maxq broadcast against w."""
+        raise NotImplementedError
+
+    def level(self, q: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+        """level(q), float: the code itself on a uniform grid."""
+        return q
+
+    def value(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+        """(level(q) − z) · s, the weight a code stands for."""
+        return (self.level(q, maxq) - zero) * scale
+
+    def fixed_zero(self, bits: int) -> int:
+        """z where none is stored (zero "none")."""
+        return 0
+
+    def zero_bits(self, bits: int) -> int:
+        """Stored bits of one group's zero."""
+        return {"none": 0, "int": bits, "float": 16}[self.zero]
+
+    def label(self, bits: int) -> str:
+        """The start of a format's name: int4, nf4, …"""
+        return f"{self.name}{bits}"
+
+
+class Levels(Grid):
+    """A grid of fixed levels: w ≈ s · L[q], no zero (z = 0), one signed fp16 scale a group that puts the group's
+    largest weight on the level of largest magnitude (`fit`); codes are the nearest level's (ties: the lower).
+    A subclass gives `table(bits)`, its 2^bits levels in increasing order."""
+
+    zero = "none"
+    signed_scale = True
+    uniform = False
+
+    def table(self, bits: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tables(self):
+        """(levels, midpoints, end, row) of every width, padded to the widest: levels w × 2^b, midpoints
+        w × (2^b − 1) (+inf past a width's last), end w × 1 (the level of largest magnitude, signed; of two, the
+        positive); and the row of each maxq (−1: a width the grid does not take)."""
+        if not hasattr(self, "_cache"):
+            n = 1 << max(self.bits)
+            levels = torch.zeros(len(self.bits), n)
+            mids = torch.full((len(self.bits), n - 1), float("inf"))
+            for i, b in enumerate(self.bits):
+                t = self.table(b).float()
+                if t.shape != (1 << b,) or not bool((t[1:] > t[:-1]).all()):
+                    raise ValueError(f"grid {self.name}: table({b}) must be 2^{b} increasing levels")
+                levels[i, :len(t)], levels[i, len(t):] = t, t[-1]
+                mids[i, :len(t) - 1] = (t[1:] + t[:-1]) / 2
+            last = n - 1 - levels.abs().flip(1).argmax(1, keepdim=True)  # ties (NF's ±1): the positive one
+            end = levels.gather(1, last)
+            row = torch.full((256,), -1, dtype=torch.long)
+            row[[(1 << b) - 1 for b in self.bits]] = torch.arange(len(self.bits))
+            self._cache = levels, mids, end, row
+        return self._cache
+
+    def _rows(self, maxq: torch.Tensor) -> torch.Tensor:
+        """The table row of each maxq (a column of 2^bits − 1 values)."""
+        rows = self._tables()[3][maxq.reshape(-1).long().clamp(0, 255)]
+        if bool((rows < 0).any()):
+            raise ValueError(f"grid {self.name} takes {self.bits} bits")
+        return rows
+
+    def fit(self, w, maxq, shrink=1.0):
+        extreme = w.gather(1, w.abs().argmax(1, keepdim=True))
+        scale = extreme * shrink / self._tables()[2][self._rows(maxq)]
+        scale = torch.where(scale.abs() < 1e-6, torch.full_like(scale, 1e-6), scale).half().float()
+        return scale, torch.zeros_like(scale)
+
+    def encode(self, w, scale, zero, maxq):
+        x = (w / scale).contiguous()
+        rows = self._rows(maxq)
+        mids = self._tables()[1][rows]
+        if rows.numel() == 1 or bool((rows == rows[0]).all()):
+            return torch.bucketize(x, mids[0].contiguous()).float()
+        return torch.searchsorted(mids.reshape(*x.shape[:-1], -1).contiguous(), x).float()
+
+    def level(self, q, maxq):
+        rows = self._rows(maxq)
+        levels = self._tables()[0][rows]
+        if rows.numel() == 1 or bool((rows == rows[0]).all()):
+            return levels[0][q.long()]
+        return levels.reshape(*q.shape[:-1], -1).gather(-1, q.long())
+
+    def label(self, bits: int) -> str:
+        return f"{self.name}{bits}"
+
+
+import_all(__name__, __path__)  # every module of the package registers its grids

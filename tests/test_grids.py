@@ -1,0 +1,126 @@
+"""Level grids (mixq.grids): the tables are the published ones, codes are the nearest level's for rows of several
+widths, specs name and serialise them, and NF beats the uniform grid where it should (normal weights)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixq.formats import GRIDS, QuantSpec, quantize
+from mixq.grids import grid_of
+from mixq.grids.iq4nl import KVALUES
+from mixq.grids.normal import normal_levels
+
+# bitsandbytes' NF4 (QLoRA, arXiv 2305.14314, appendix E)
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def test_nf4_is_bitsandbytes_table():
+    torch.testing.assert_close(normal_levels(4), torch.tensor(NF4), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_normal_levels_span_minus_one_to_one_with_an_exact_zero(bits):
+    t = normal_levels(bits)
+    assert t.shape == (1 << bits,) and bool((t[1:] > t[:-1]).all())
+    assert t[0] == -1 and t[-1] == 1 and bool((t == 0).any())
+    assert int((t > 0).sum()) == int((t < 0).sum()) + 1  # the extra level on the positive side, as NF4's
+
+
+def test_iq4nl_is_ggmls_table():
+    assert grid_of("iq4nl").table(4).tolist() == list(KVALUES) and grid_of("iq4nl").bits == (4,)
+
+
+@pytest.mark.parametrize("grid", [g for g in GRIDS if not grid_of(g).uniform])
+def test_codes_are_the_nearest_level_for_rows_of_several_widths(grid):
+    g = grid_of(grid)
+    widths = [b for b in g.bits for _ in range(3)]
+    maxq = torch.tensor([[float((1 << b) - 1)] for b in widths])
+    w = torch.randn(len(widths), 64, generator=torch.Generator().manual_seed(0))
+    scale, zero = g.fit(w, maxq)
+    assert torch.all(zero == 0)
+    q = g.encode(w, scale, zero, maxq)
+    for i, b in enumerate(widths):
+        levels = g.table(b) * scale[i]
+        nearest = (w[i, :, None] - levels).abs().argmin(1)  # brute force (ties: the lower level, as encode)
+        assert torch.equal(q[i].long(), nearest), (grid, b)
+        assert torch.equal(g.value(q[i:i + 1], scale[i:i + 1], zero[i:i + 1], maxq[i:i + 1]), levels[nearest][None])
+    # the largest weight of each row lands on the level of largest magnitude: nothing is clipped
+    top = w.abs().argmax(1, keepdim=True)
+    assert torch.allclose(g.value(q, scale, zero, maxq).gather(1, top), w.gather(1, top), rtol=2e-3)
+
+
+def test_level_specs_name_serialise_and_count_no_zero():
+    nf = QuantSpec.of(4, 64, "nf")
+    assert nf.name == "nf4-g64" and nf.grid == "nf" and QuantSpec.from_dict(nf.to_dict()) == nf
+    assert nf.bits_per_weight(8, 128) == 4 + 16 / 64  # codes and an fp16 scale a group: no zero
+    xs = QuantSpec.of(4, 32, "iq4nl", 6, 256)  # llama.cpp's IQ4_XS layout
+    assert xs.name == "iq4nl-g32-dq6-s256" and QuantSpec.from_dict(xs.to_dict()) == xs
+    assert xs.bits_per_weight(4, 512) == 4 + 6 / 32 + 16 / 256
+    assert "grid_name" not in QuantSpec.of(4, 64, "min").to_dict()  # uniform specs read and write as before
+
+
+def test_bad_level_specs_fail_in_one_line():
+    with pytest.raises(ValueError, match=r"grid nf takes bits \(2, 3, 4\), got 5"):
+        QuantSpec.of(5, 32, "nf")
+    with pytest.raises(ValueError, match="iq4nl takes bits"):
+        QuantSpec.of(3, 32, "iq4nl")
+    with pytest.raises(ValueError, match="follow from the grid"):
+        QuantSpec(4, 32, True, grid_name="nf")
+    with pytest.raises(ValueError, match="grid_name names one of"):
+        QuantSpec(4, 32, grid_name="sym")
+    with pytest.raises(ValueError, match="stores its scales and minima as codes"):
+        QuantSpec.of(4, 32, "kmin")
+    with pytest.raises(ValueError, match="grid must be one of"):
+        QuantSpec.of(4, 32, "nf9")
+    with pytest.raises(ValueError, match="got 'lattice'"):
+        QuantSpec.from_dict({"bits": 4, "group_size": 32, "grid_name": "lattice"})
+
+
+def test_nf4_beats_the_uniform_grid_on_normal_weights_at_equal_bits():
+    """NF's levels are the normal's quantiles: on normal weights they lose less than evenly spaced ones at the same
+    stored bits (codes + one fp16 scale a group, no zero), and on uniform weights they lose more."""
+    g = torch.Generator().manual_seed(1)
+    normal, flat = torch.randn(256, 256, generator=g), torch.rand(256, 256, generator=g) * 2 - 1
+    nf, sym = QuantSpec.of(4, 64, "nf"), QuantSpec.of(4, 64, "sym")
+    assert nf.bits_per_weight(256, 256) == sym.bits_per_weight(256, 256)
+
+    def mse(w, spec):
+        return float(((quantize(w, spec).dequantize() - w) ** 2).mean())
+
+    assert mse(normal, nf) < 0.95 * mse(normal, sym)  # 7 % less here
+    assert mse(flat, nf) > mse(flat, sym)
+
+
+def test_formats_by_name_with_the_default_menu():
+    from mixq.config import default_specs, parse_formats
+
+    specs = parse_formats("nf3-g64, default ,int4-g32-min-dq6,nf3-g64")
+    assert specs[0] == QuantSpec.of(3, 64, "nf") and list(specs[1:]) == default_specs()  # no duplicates
+    for spec in default_specs() + [QuantSpec.of(4, 32, "iq4nl", 6, 256), QuantSpec.of(3, 0, "nf")]:
+        assert QuantSpec.from_name(spec.name) == spec
+    with pytest.raises(ValueError, match="cannot read format 'int3-g64'"):
+        QuantSpec.from_name("int3-g64")  # a uniform grid needs its kind
+
+
+def test_a_run_allocates_among_level_grids(tiny_hf_dir, text_file, tmp_path):
+    """--formats reaches the profile and the allocation; the packed model computes what the plan's specs say."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import mixq
+    from mixq.cli import app
+    from mixq.runtime.qlinear import QuantLinear
+
+    res = CliRunner().invoke(app, ["quantize", "--model", tiny_hf_dir, "--calib", text_file, "--eval-windows", "0",
+                                   "--calib-windows", "2", "--bits", "3.5", "--formats", "nf3-g32,nf4-g32,iq4nl-g32",
+                                   "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "q" / "plan.json").read_text())["layers"]
+    grids = {layer.get("grid_name") for layer in plan.values()}
+    assert grids <= {"nf", "iq4nl"} and "nf" in grids
+    model = mixq.load(tmp_path / "q")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.spec.grid_name for m in layers)
