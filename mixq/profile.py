@@ -103,7 +103,12 @@ def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate], ha
     formats with one group per row."""
     fitting = [c for c in candidates if c.spec.fits(cols)]
     if not fitting:
-        fitting = list(dict.fromkeys(Candidate(replace(c.spec, group_size=0), c.solver) for c in candidates))
+        fitting = list(dict.fromkeys(Candidate(replace(c.spec, group_size=0), c.solver) for c in candidates
+                                     if not c.spec.super_block))
+    if not fitting:
+        names = ", ".join(sorted({c.spec.name for c in candidates}))
+        raise ValueError(f"{name}: its rows of {cols} weights hold none of the candidate formats ({names}): "
+                         f"super-blocks of {candidates[0].spec.super_block} weights need rows of a multiple of it")
     return LayerProfile(name, rows, cols, fitting, [c.storage_bits(rows, cols, has_bias) for c in fitting],
                         [0.0] * len(fitting))
 

@@ -152,6 +152,8 @@ def _bad_cases(tiny_hf_dir: Path, text_file: Path, tmp: Path) -> dict[str, tuple
         "unknown format": ([*m, "--bits", 3, "--formats", "default,nf5-g64", *c], "cannot read format 'nf5-g64'"),
         "formats and compatible": ([*m, "--bits", 3, "--formats", "nf4-g32", "--compatible", "gguf", *c],
                                    "give one of them"),
+        "format no row holds": ([*m, "--bits", 4.5, "--formats", "int4-g32-kmin-dq6-s256", *c],
+                                "rows of 64 weights hold none of the candidate formats (int4-g32-kmin-dq6-s256)"),
     }
 
 
@@ -159,7 +161,8 @@ CASES = ["missing model", "folder without config", "random .gguf", "truncated .g
          "missing calibration", "latin-1 calibration", "short calibration", "impossible budget", "impossible size",
          "unreadable size", "plan with unknown layer", "missing plan", "out holds another model",
          "neither bits nor size", "both bits and size", "plan and bits", "unknown solver", "unknown refiner",
-         "negative generated windows", "unknown format", "formats and compatible"]
+         "negative generated windows", "unknown format", "formats and compatible",
+         "format no row holds"]
 
 
 def _run_bad(case, tiny_hf_dir, text_file, tmp_path):

@@ -121,20 +121,35 @@ class Levels(Grid):
         scale = torch.where(scale.abs() < 1e-6, torch.full_like(scale, 1e-6), scale).half().float()
         return scale, torch.zeros_like(scale)
 
-    def encode(self, w, scale, zero, maxq):
-        x = (w / scale).contiguous()
+    def _one_width(self, maxq: torch.Tensor) -> int | None:
+        """The table row when every maxq is the same, else None."""
         rows = self._rows(maxq)
-        mids = self._tables()[1][rows]
-        if rows.numel() == 1 or bool((rows == rows[0]).all()):
-            return torch.bucketize(x, mids[0].contiguous()).float()
-        return torch.searchsorted(mids.reshape(*x.shape[:-1], -1).contiguous(), x).float()
+        return int(rows[0]) if rows.numel() == 1 or bool((rows == rows[0]).all()) else None
+
+    def encode(self, w, scale, zero, maxq):
+        """The number of midpoints below w / s: the nearest level's code (ties: the lower), one comparison pass a
+        midpoint (faster than a binary search per weight for 16 levels or fewer)."""
+        x = w / scale
+        row = self._one_width(maxq)
+        mids = self._tables()[1]
+        codes = torch.zeros_like(x)
+        if row is not None:
+            for m in mids[row].tolist():
+                if m == float("inf"):
+                    break
+                codes += x > m
+            return codes
+        per_row = mids[self._rows(maxq)].reshape(*x.shape[:-1], -1)  # +inf past a row's own last midpoint
+        for k in range(per_row.shape[-1]):
+            codes += x > per_row[..., k:k + 1]
+        return codes
 
     def level(self, q, maxq):
-        rows = self._rows(maxq)
-        levels = self._tables()[0][rows]
-        if rows.numel() == 1 or bool((rows == rows[0]).all()):
-            return levels[0][q.long()]
-        return levels.reshape(*q.shape[:-1], -1).gather(-1, q.long())
+        levels = self._tables()[0]
+        row = self._one_width(maxq)
+        if row is not None:
+            return levels[row][q.long()]
+        return levels[self._rows(maxq)].reshape(*q.shape[:-1], -1).gather(-1, q.long())
 
     def label(self, bits: int) -> str:
         return f"{self.name}{bits}"
