@@ -155,7 +155,8 @@ def quantize(
             next(iter(aliases), None), plan=Plan.from_json(read_file(plan, "plan file")) if plan else None,
             tables=include_embeddings, estimator=sensitivity, damp=damp, refine=refine, eval_windows=eval_windows,
             calibration=Calibration(str(calib) if calib else None, calib_windows, calib_generated),
-            cost_table=str(cost_table) if cost_table else None, formats=parse_formats(formats) if formats else ())
+            cost_table=str(cost_table) if cost_table else None,
+            formats=parse_formats(formats) if formats is not None else ())
         if workers > 1 and not distributed.launched():
             if distributed.launch(workers, _without_workers(sys.argv[1:])):
                 raise typer.Exit(2)

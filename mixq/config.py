@@ -22,10 +22,10 @@ VERSION = 1
 # (group, grid, scale bits[, widths]) of the default candidates, each at every width (or those given): "min" grids
 # (free fp16 offset) beat integer zeros and symmetric grids at every width on SmolLM2, and double-quantized 6-bit
 # scale codes make groups of 32 and 64 cheap. Normal-float levels at 3 (and 4) bits store no minimum: at 3.0 bpw
-# the allocation gives them 98 of SmolLM2's 210 layers for 5.7 % less predicted damage (benchmarks/results/
-# grids.md); at 2 bits and in groups of 192 they are seldom chosen. Each entry costs one solver call per layer
-# group (a level grid's about twice a uniform one's): whole rows (as costly as the three others together on
-# 576-wide rows) come in only where no group divides a layer's rows (`layer_costs`).
+# the allocation gives them 98 of SmolLM2's 210 layers, pydoc 15.61 -> 15.37 and botchan 59.9 -> 58.3
+# (benchmarks/results/grids.md); at 2 bits and in groups of 192 they are seldom chosen. Each entry costs one solver
+# call per layer group (a level grid's more than a uniform one's: a comparison per level): whole rows (as costly as
+# the three others together on 576-wide rows) come in only where no group divides a layer's rows (`layer_costs`).
 DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16), (32, "nf", 6, (3,)), (64, "nf", 6, (3, 4)))
 
 
@@ -66,8 +66,7 @@ TABLE_BITS = (4, 6, 8)  # the embedding table and the output head (--include-emb
 
 def table_candidates(bits=TABLE_BITS, formats=DEFAULT_FORMATS) -> list[Candidate]:
     """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
-    return [Candidate(QuantSpec.of(b, f[0], f[1], f[2]), "rtn") for b in bits for f in formats
-            if b in (f[3] if len(f) > 3 else bits)]
+    return [Candidate(spec, "rtn") for spec in default_specs(bits, formats=formats)]
 
 
 @dataclass(frozen=True)

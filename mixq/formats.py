@@ -11,8 +11,10 @@ The grid (`QuantSpec.grid`, a registered `mixq.grids.Grid`) says what level(q) i
   largest magnitude lands on code 0, the longer side of the grid (as llama.cpp's Q4_0: no level is wasted).
 - "min": level(q) = q, an fp16 minimum m instead of an integer zero, w ≈ q · s + m (llama.cpp's Q4_1 / Q5_1;
   HQQ's float zero): the grid's offset is free, not a multiple of the step.
+- "kmin": as "min" with the minimum never above 0 (llama.cpp's Q2_K / Q4_K / Q5_K); double-quantized only.
 - level grids ("nf": normal-float, NF4 at 4 bits; "iq4nl": llama.cpp's IQ4_NL levels): level(q) = L[q], a fixed
-  table of 2^bits non-uniform levels, z = 0 and nothing stored, the scale signed (`QuantSpec.levels`).
+  table of 2^bits non-uniform levels, z = 0 and nothing stored, the scale signed.
+Grids other than int, sym and min are named by `QuantSpec.grid_name`.
 
 A split row (`high` > 0, for ResQ's high-variance subspace, transforms.resq): the leading `high` columns of each
 row are stored apart as 8-bit asymmetric codes with one fp16 scale and zero a row (`HIGH`), the rest as above;
@@ -21,7 +23,7 @@ group sizes then count in the rest (cols − high).
 Double quantization (`scale_bits` 4, 6 or 8; every grid but "int", as llama.cpp's k-quants): instead of fp16,
 each group's scale (and minimum) is stored as a `scale_bits`-wide code times an fp16 step per row:
 s = Δs · c (unsigned c ≥ 1, "min") or Δs · (c − 2^(scale_bits-1)) (signed scales: "sym" and the level grids);
-m = Δm · (c − 2^(scale_bits-1)).
+m = Δm · (c − 2^(scale_bits-1)) ("min"), or −Δm · c with an unsigned c ("kmin").
 Small groups then cost little: 4-bit group 32 with 6-bit scale and minimum codes is 4.375 bits + 32 bits a row.
 With `super_block` (256: llama.cpp's k-quant super-blocks) the steps are per `super_block` consecutive weights of a
 row instead of per row: sym 3 bits, groups of 16, 6-bit scale codes, super-blocks of 256 is ggml's Q3_K exactly
@@ -44,14 +46,14 @@ SCALE_BITS = 16  # scales are stored as fp16
 MIN_BITS = 16  # so are the minima of "min" grids
 GRIDS = tuple(sorted(_REGISTRY, key=lambda n: not _REGISTRY[n].uniform))  # the uniform grids, then level grids
 BASE_GRIDS = ("int", "sym", "min")  # the grids QuantSpec's flags say (symmetric, minimum); others by grid_name
+SCALE_CODE_BITS = (4, 6, 8)  # widths of double-quantized scale codes
+STEP_BITS = 16  # the per-row steps of double-quantized scales and minima are fp16
 
 
 def grids_for(bits: int, double: bool = False) -> tuple[str, ...]:
     """The grids that take `bits`-wide codes with fp16 scales (`double`: with scale codes)."""
     return tuple(n for n in GRIDS if bits in grid_of(n).bits and (double or not grid_of(n).double_only)
                  and not (double and grid_of(n).zero == "int"))
-SCALE_CODE_BITS = (4, 6, 8)  # widths of double-quantized scale codes
-STEP_BITS = 16  # the per-row steps of double-quantized scales and minima are fp16
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,11 @@ class QuantSpec:
     @property
     def grid_type(self) -> Grid:
         return grid_of(self.grid)
+
+    def levels(self) -> torch.Tensor | None:
+        """A level grid's 2^bits levels (float32), or None on a uniform grid (level(q) = q)."""
+        g = self.grid_type
+        return None if g.uniform else g.table(self.bits).float()
 
     @property
     def maxq(self) -> int:
@@ -265,9 +272,7 @@ class QuantizedTensor:
         return decode_scales(self.scales, self.zeros, self.steps, self.spec.grid, self.spec.scale_bits)
 
     def levels(self) -> torch.Tensor | None:
-        """A level grid's 2^bits levels (float32), or None on a uniform grid (level(q) = q)."""
-        g = self.spec.grid_type
-        return None if g.uniform else g.table(self.spec.bits).float()
+        return self.spec.levels()
 
     def dequantize(self) -> torch.Tensor:
         low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high),
@@ -357,7 +362,7 @@ def _code_range(scale_bits: int, signed: bool) -> tuple[int, int]:
     return (-half, half - 1) if signed else (1, (1 << scale_bits) - 1)
 
 
-def _min_codes(grid: str, scale_bits: int) -> tuple[int, int, int]:
+def min_codes(grid: str, scale_bits: int) -> tuple[int, int, int]:
     """(lowest code, highest code, sign) of a double-quantized minimum: m = sign · Δm · c."""
     if grid_of(grid).negative_min:
         return 0, (1 << scale_bits) - 1, -1
@@ -372,7 +377,7 @@ def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_
     s, z = fit_params(w.reshape(-1, group), maxq.repeat_interleave(groups, 0), grid)
     ds = s.view(rows, groups).abs().amax(1) / _code_range(scale_bits, grid_of(grid).signed_scale)[1]
     if grid_of(grid).zero == "float":
-        dm = (-z * s).view(rows, groups).abs().amax(1) / _min_codes(grid, scale_bits)[1]
+        dm = (-z * s).view(rows, groups).abs().amax(1) / min_codes(grid, scale_bits)[1]
     else:
         dm = torch.zeros_like(ds)
     steps = torch.stack([ds, dm], 1).half().float()
@@ -388,7 +393,7 @@ def snap(scale: torch.Tensor, zero: torch.Tensor, steps: torch.Tensor, grid: str
     if signed:
         return ds * torch.where(c == 0, torch.ones_like(c), c), zero
     s = ds * c
-    lo, hi, sign = _min_codes(grid, scale_bits)
+    lo, hi, sign = min_codes(grid, scale_bits)
     m = sign * dm * (sign * -zero * scale / dm).round().clamp(lo, hi)
     return s, -m / s
 
@@ -442,7 +447,7 @@ def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
     ds, dm = steps[:, :1], steps[:, 1:]
     if grid_of(grid).signed_scale:
         return ((scale / ds).round() + half).to(torch.uint8), zero.to(torch.uint8)
-    lo, _, sign = _min_codes(grid, scale_bits)
+    lo, _, sign = min_codes(grid, scale_bits)
     return (scale / ds).round().to(torch.uint8), ((sign * -zero * scale / dm).round() - lo).to(torch.uint8)
 
 
@@ -458,7 +463,6 @@ def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor
     if not minimum:
         return (ds * (scales.float().reshape(rows * k, -1) - half)).reshape(rows, groups), zeros
     s = ds * scales.float().reshape(rows * k, -1)
-    lo, _, sign = _min_codes(grid, scale_bits)
-    m = steps[:, 1:] * (zeros.float().reshape(rows * k, -1) + lo)
-    m = -m if sign < 0 else m
+    lo, _, sign = min_codes(grid, scale_bits)
+    m = sign * steps[:, 1:] * (zeros.float().reshape(rows * k, -1) + lo)
     return s.reshape(rows, groups), m.reshape(rows, groups)

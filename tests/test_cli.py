@@ -150,6 +150,7 @@ def _bad_cases(tiny_hf_dir: Path, text_file: Path, tmp: Path) -> dict[str, tuple
         "unknown refiner": ([*m, "--bits", 3, "--solver", "gptq+nope", *c], "unknown refiner 'nope'"),
         "negative generated windows": ([*m, "--bits", 3, "--calib-generated", -1, *c], "--calib-generated"),
         "unknown format": ([*m, "--bits", 3, "--formats", "default,nf5-g64", *c], "cannot read format 'nf5-g64'"),
+        "empty formats": ([*m, "--bits", 3, "--formats", "", *c], "give one or more format names"),
         "formats and compatible": ([*m, "--bits", 3, "--formats", "nf4-g32", "--compatible", "gguf", *c],
                                    "give one of them"),
         "format no row holds": ([*m, "--bits", 4.5, "--formats", "int4-g32-kmin-dq6-s256", *c],
@@ -161,7 +162,7 @@ CASES = ["missing model", "folder without config", "random .gguf", "truncated .g
          "missing calibration", "latin-1 calibration", "short calibration", "impossible budget", "impossible size",
          "unreadable size", "plan with unknown layer", "missing plan", "out holds another model",
          "neither bits nor size", "both bits and size", "plan and bits", "unknown solver", "unknown refiner",
-         "negative generated windows", "unknown format", "formats and compatible",
+         "negative generated windows", "unknown format", "empty formats", "formats and compatible",
          "format no row holds"]
 
 

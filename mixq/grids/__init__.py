@@ -121,16 +121,17 @@ class Levels(Grid):
         scale = torch.where(scale.abs() < 1e-6, torch.full_like(scale, 1e-6), scale).half().float()
         return scale, torch.zeros_like(scale)
 
-    def _one_width(self, maxq: torch.Tensor) -> int | None:
-        """The table row when every maxq is the same, else None."""
-        rows = self._rows(maxq)
+    @staticmethod
+    def _one(rows: torch.Tensor) -> int | None:
+        """The table row when every row is the same, else None."""
         return int(rows[0]) if rows.numel() == 1 or bool((rows == rows[0]).all()) else None
 
     def encode(self, w, scale, zero, maxq):
         """The number of midpoints below w / s: the nearest level's code (ties: the lower), one comparison pass a
         midpoint (faster than a binary search per weight for 16 levels or fewer)."""
         x = w / scale
-        row = self._one_width(maxq)
+        rows = self._rows(maxq)
+        row = self._one(rows)
         mids = self._tables()[1]
         codes = torch.zeros_like(x)
         if row is not None:
@@ -139,17 +140,17 @@ class Levels(Grid):
                     break
                 codes += x > m
             return codes
-        per_row = mids[self._rows(maxq)].reshape(*x.shape[:-1], -1)  # +inf past a row's own last midpoint
+        per_row = mids[rows].reshape(*x.shape[:-1], -1)  # +inf past a row's own last midpoint
         for k in range(per_row.shape[-1]):
             codes += x > per_row[..., k:k + 1]
         return codes
 
     def level(self, q, maxq):
-        levels = self._tables()[0]
-        row = self._one_width(maxq)
+        levels, rows = self._tables()[0], self._rows(maxq)
+        row = self._one(rows)
         if row is not None:
             return levels[row][q.long()]
-        return levels[self._rows(maxq)].reshape(*q.shape[:-1], -1).gather(-1, q.long())
+        return levels[rows].reshape(*q.shape[:-1], -1).gather(-1, q.long())
 
     def label(self, bits: int) -> str:
         return f"{self.name}{bits}"

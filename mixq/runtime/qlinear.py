@@ -122,8 +122,8 @@ class QuantLinear(nn.Module):
 
     def _levels(self) -> torch.Tensor:
         """The kernel's level table: a level grid's 2^bits levels, or empty (uniform grids)."""
-        g = self.spec.grid_type
-        return torch.empty(0) if g.uniform else g.table(self.spec.bits).float().contiguous()
+        levels = self.spec.levels()
+        return torch.empty(0) if levels is None else levels.contiguous()
 
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, z) of w = (q − z)·s, or (s, m) of w = q·s + m ("min" grids), float32 rows × groups."""

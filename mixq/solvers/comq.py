@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import _min_codes, decode_scales
+from ..formats import decode_scales, min_codes
 from ..grids import grid_of
 from . import DAMP, Solver, register
 from .clip import clip
@@ -129,7 +129,7 @@ def _double_quantized(steps, groups: int, grid: str, scale_bits: int):
     of its row's step, `encode` turns every group's values into the stored codes (formats.decode_scales'
     inverse)."""
     minimum, half = grid_of(grid).zero == "float", 1 << (scale_bits - 1)
-    m_lo, m_hi, sign = _min_codes(grid, scale_bits)
+    m_lo, m_hi, sign = min_codes(grid, scale_bits)
     k = steps.shape[1] // (2 if minimum else 1)  # steps per row
     st = steps.float().view(steps.shape[0], k, -1).repeat_interleave(groups // k, 1)  # rows × groups × (1 or 2)
     ds, dm = st[..., 0], st[..., -1]
