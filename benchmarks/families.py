@@ -88,8 +88,8 @@ class Family:
         cli(*args)
         return "✓"
 
-    def tables(self) -> str:
-        self.quantize(self.root / "qt", tables=True)
+    def float_tables(self) -> str:
+        self.quantize(self.root / "qt", tables=False)
         return "✓"
 
     def latency(self) -> str:
@@ -166,7 +166,7 @@ def main() -> None:
         "eval": lambda f: f.command("eval", f.root / "q", "--text", f.text, "--windows", 1),
         "generate": lambda f: f.command("generate", f.root / "q", "--prompt", "the model", "--max-new-tokens", 4),
         "report": lambda f: f.command("report", f.root / "q"),
-        "--include-embeddings": lambda f: f.tables(),
+        "--float-tables": lambda f: f.float_tables(),
         "--latency (cost table)": lambda f: f.latency(),
         **{n: (lambda f, n=n: f.transform(n)) for n in TRANSFORMS},
         "GGUF export (from a GGUF)": lambda f: f.export_gguf(True),

@@ -188,3 +188,20 @@ def block_linear_bits(model: nn.Module) -> tuple[int, int]:
         if m.bias is not None:
             bits += m.bias.numel() * torch.finfo(FLOAT_DTYPE).bits
     return bits, weights
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Weights of the model as its float form has them, a tied tensor once: each QuantLinear's rows × columns
+    (and bias) and every other parameter. What bits per parameter of the whole file divide by."""
+    count, seen, inside = 0, set(), []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, QuantLinear):
+            inside.append(name)
+            if id(m.qweight) not in seen:
+                seen.add(id(m.qweight))
+                count += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+            continue
+        count += sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in seen and not seen.add(id(p)))
+    return count

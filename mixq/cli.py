@@ -84,17 +84,21 @@ def quantize(
     calib: Optional[Path] = typer.Option(None, "--calib", help="A UTF-8 text file to calibrate on. Default: the "
                                          "first 60 % of the pydoc tokens (the project's protocol)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Budget: average stored bits per weight (codes + "
-                                         "scales + zeros) of the block linears (and of joining tables), e.g. 3.0"),
-    size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored weight, "
-                                       "embeddings included: fp16 unless --include-embeddings), e.g. 95MB."),
+                                         "scales + zeros) of the block linears, e.g. 3.0; the embedding table and "
+                                         "the head get --table-bits."),
+    size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored "
+                                       "weight, the tables included), e.g. 60MB: blocks and tables share it."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Budget: time per decoded token (batch 1) on this "
                                           "machine, as a fraction of the float model's (0.6x) or in ms (25ms), "
                                           "predicted from a measured cost table."),
     cost_table: Optional[Path] = typer.Option(None, "--cost-table", help="The cost table of --latency (`mixq "
                                               "calibrate-cost`). Default: measured now, saved as cost.json."),
-    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="The embedding table and the head "
-                                            "join the allocation (4, 6 or 8 bits, round to nearest) instead of "
-                                            "staying fp16."),
+    table_bits: Optional[float] = typer.Option(None, "--table-bits", help="With --bits: the average stored bits "
+                                               "per weight of the embedding table and the head, whose formats (4 to "
+                                               "8 bits, round to nearest) the same exact allocation chooses. "
+                                               "Default 6.5 (llama.cpp gives an output table Q6_K)."),
+    float_tables: bool = typer.Option(False, "--float-tables", help="Keep the embedding table and the head fp16 as "
+                                      "stored, outside the budget (as with --latency and --compatible)."),
     compatible: Optional[str] = typer.Option(None, "--compatible", help="Allocate among the formats an export "
                                              "stores exactly, so that `mixq export --to NAME` writes the very codes "
                                              f"mixq chose: {export.help_text()}."),
@@ -151,9 +155,10 @@ def quantize(
         _fail("choose one of --compatible, --gguf-compatible and --compressed-tensors-compatible")
     with _failing():
         config = QuantizeConfig.from_solver(
-            solver, budget=None if plan else Budget.parse(bits, size, latency), compatible=compatible or
+            solver, budget=None if plan else Budget.parse(bits, size, latency, table_bits), compatible=compatible or
             next(iter(aliases), None), plan=Plan.from_json(read_file(plan, "plan file")) if plan else None,
-            tables=include_embeddings, estimator=sensitivity, damp=damp, refine=refine, eval_windows=eval_windows,
+            tables=False if float_tables else None, estimator=sensitivity, damp=damp, refine=refine,
+            eval_windows=eval_windows,
             calibration=Calibration(str(calib) if calib else None, calib_windows, calib_generated),
             cost_table=str(cost_table) if cost_table else None,
             formats=parse_formats(formats) if formats is not None else ())
@@ -291,12 +296,14 @@ def bench(
     import torch
 
     from .eval.speed import bench as measure
+    from .io import folder_file_bits
 
     with _failing():
         rows, bpw = measure(folder, prompt_tokens, new_tokens)
+    whole = "" if (b := folder_file_bits(folder)) is None else f", whole file {b:.3f} bits/param"
     _print_table(f"{folder}: {prompt_tokens}-token prompt, {new_tokens} decoded tokens, {torch.get_num_threads()} "
                  "threads", ("model", "prompt tok/s", "decode tok/s", "decode speed-up", "resident MB"),
-                 [(f"mixq ({bpw:.3f} bpw)" if name == "mixq" else "float (fp32)", f"{s.prompt_tps:.1f}",
+                 [(f"mixq ({bpw:.3f} bpw{whole})" if name == "mixq" else "float (fp32)", f"{s.prompt_tps:.1f}",
                    f"{s.decode_tps:.2f}", f"{s.decode_tps / rows['float'].decode_tps:.2f} ×", f"{s.resident_mb:.1f}")
                   for name, s in rows.items()])
 
@@ -315,6 +322,8 @@ def allocate(
     profile: Path = typer.Argument(..., help="A profile.json (from a quantize run's folder)."),
     out: Path = typer.Option(..., "--out", help="Where to write the plan (JSON)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Average stored bits per weight of block linears."),
+    table_bits: Optional[float] = typer.Option(None, "--table-bits", help="With --bits, where the profile has the "
+                                               "embedding table and the head: their average (default 6.5)."),
     size: Optional[str] = typer.Option(None, "--size", help="Size of the whole saved model, e.g. 60MB."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Time per decoded token: 0.6x or 25ms (needs "
                                           "--cost-table)."),
@@ -335,7 +344,7 @@ def allocate(
     with _failing():
         prof = Profile.from_json(read_file(profile, "profile"))
         costs = CostTable.from_json(read_file(cost_table, "cost table")) if cost_table else None
-        alloc = solve_budget(prof, Budget.parse(bits, size, latency), costs)
+        alloc = solve_budget(prof, Budget.parse(bits, size, latency, table_bits), costs)
         atomic_write_text(out, alloc.plan.to_json())
     print(json.dumps({"plan": str(out), "bpw": round(alloc.bits_per_weight(prof), 4), "damage": alloc.damage}))
 

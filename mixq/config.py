@@ -61,10 +61,10 @@ def parse_formats(text: str) -> tuple[QuantSpec, ...]:
     return tuple(specs)
 
 
-TABLE_BITS = (4, 6, 8)  # the embedding table and the output head (--include-embeddings)
+TABLE_WIDTHS = (4, 5, 6, 8)  # of the embedding table and the output head's candidates
 
 
-def table_candidates(bits=TABLE_BITS, formats=DEFAULT_FORMATS) -> list[Candidate]:
+def table_candidates(bits=TABLE_WIDTHS, formats=DEFAULT_FORMATS) -> list[Candidate]:
     """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
     return [Candidate(spec, "rtn") for spec in default_specs(bits, formats=formats)]
 
@@ -95,7 +95,9 @@ class QuantizeConfig:
                  allocation picks per layer); `transforms`, the whole-model transforms applied first
     formats      the candidate formats; empty: the default menu, or the exporter's with `compatible`
     compatible   an exporter's name (mixq.export): allocate among the formats it stores exactly
-    tables       the embedding table and the head join the allocation (else they stay fp16)
+    tables       the embedding table and the head join the allocation (else they stay fp16 as stored); None: they
+                 do unless the budget is a latency (the cost table times the block linears) or the exporter of
+                 `compatible` stores no quantized table
     estimator    the damage estimator of the profile (mixq.sensitivity; None: the model's own, models.tasks:
                  oac for a decoder, kl for an encoder)
     damp         the solvers' damping, a fraction of mean(diag H)
@@ -110,7 +112,7 @@ class QuantizeConfig:
     transforms: tuple[str, ...] = ()
     formats: tuple[QuantSpec, ...] = ()
     compatible: str | None = None
-    tables: bool = False
+    tables: bool | None = None
     estimator: str | None = None
     calibration: Calibration = Calibration()
     damp: float = DAMP
@@ -135,6 +137,9 @@ class QuantizeConfig:
         if self.eval_windows < 0:
             raise ValueError(f"--eval-windows takes a number ≥ 0 (0: no evaluation), got {self.eval_windows}")
         latency = self.budget is not None and self.budget.latency
+        if self.tables is None:
+            object.__setattr__(self, "tables", not latency and (self.compatible is None or bool(
+                EXPORTERS.lookup(self.compatible)().table_specs())))
         if self.cost_table is not None and not latency:
             raise ValueError("--cost-table goes with --latency (a latency budget)")
         if self.plan is not None:
@@ -146,14 +151,14 @@ class QuantizeConfig:
         if self.refine and latency:
             raise ValueError("--refine trades bits, not time: it does not go with a latency budget yet")
         if latency and self.tables:
-            raise ValueError("a latency budget does not take --include-embeddings yet: the cost table times the "
-                             "block linears only")
+            raise ValueError("a latency budget keeps the embedding table and the head float (the cost table times "
+                             "the block linears only)")
         if self.compatible is not None and self.formats:
             raise ValueError(f"--formats and --compatible {self.compatible} both give the candidate formats: "
                              "give one of them")
         if self.compatible is not None:
             EXPORTERS.lookup(self.compatible)
-            if self.plan is not None or self.tables or latency:
+            if self.plan is not None or latency or self.tables and not EXPORTERS[self.compatible]().table_specs():
                 raise ValueError(f"--compatible {self.compatible} chooses the block linears' candidates: it goes "
                                  "with --bits or --size only")
         splitting = [t for t in self.applied_transforms if TRANSFORMS[t].splits_rows]
@@ -179,6 +184,14 @@ class QuantizeConfig:
         if self.compatible is not None:
             return EXPORTERS[self.compatible]().specs()
         return default_specs()
+
+    def table_candidates(self) -> list[Candidate]:
+        """The tables' candidates: none where they stay float; the exporter's (`compatible`), or table_candidates()."""
+        if not self.tables:
+            return []
+        if self.compatible is not None:
+            return [Candidate(s, "rtn") for s in EXPORTERS[self.compatible]().table_specs()]
+        return table_candidates()
 
     def candidates(self) -> list[Candidate]:
         """Every format filled by every solver, solver after solver."""

@@ -324,6 +324,20 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return out is not None and key.startswith(next(n for n, m in model.named_modules() if m is out))
 
 
+def file_bits(meta: dict) -> float | None:
+    """Bits per parameter of a saved run's whole weights file (its safetensors: tables, norms, headers, everything,
+    over every parameter, a tied table once), from its mixq.json; None where it was saved before mixq recorded it."""
+    if not meta.get("weight_bytes") or not meta.get("parameters"):
+        return None
+    return meta["weight_bytes"] * 8 / meta["parameters"]
+
+
+def folder_file_bits(target) -> float | None:
+    """file_bits of a mixq folder; None for anything else."""
+    marker = Path(target) / MARKER
+    return file_bits(json.loads(marker.read_text())) if marker.is_file() else None
+
+
 def open_model(target: str):
     """(model, tokenizer, block-linear bpw) of a mixq folder, a .gguf file, a Hugging Face folder or 'smollm2'
     (the last three in float: 32 bits a weight)."""

@@ -20,14 +20,13 @@ from torch import nn
 from . import data, distributed
 from . import device as devices
 from .allocate import Allocation, allocate, check_budget
-from .apply import apply_plan, block_linear_bits, pack_model
+from .apply import apply_plan, block_linear_bits, pack_model, parameter_count
 from .capture import IN_MEMORY, Activations, no_step
 from .config import QuantizeConfig
 from .cost import CostTable
 from .models import adapter_for
 from .models.stream import streamer_of
 from .plan import Candidate, Plan
-from .config import table_candidates
 from .profile import Profile, biased_layers, cost_profile, fixed_bytes, profile_model
 from .refine import Refinement, refine
 from .runtime.qlinear import QuantLinear
@@ -166,7 +165,8 @@ def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], c
     if plan is None:
         with _timed(seconds, "profile"):
             prof = profile_model(model, calib, candidates, estimator_of(model, config), damp=config.damp, step=step,
-                                 checkpoint=checkpoint, tables=config.tables, transforms=config.transforms,
+                                 checkpoint=checkpoint, tables=config.table_candidates(),
+                                 transforms=config.transforms,
                                  store=store)
         with _timed(seconds, "allocate"):
             alloc = allocate(prof, config.budget, costs)
@@ -279,8 +279,9 @@ def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs:
     for n, shape in shapes(names).items():
         cands = layer_candidates(adapter, config.applied_transforms, n, shape[1], candidates)
         sizes.layers += cost_profile({n: shape}, cands, 0, estimator, biased_layers(model, [n])).layers
-    sizes.layers += cost_profile(shapes(extra), table_candidates(), 0, estimator,
+    sizes.layers += cost_profile(shapes(extra), config.table_candidates(), 0, estimator,
                                  biased_layers(model, extra)).layers
+    sizes.tables = tuple(extra)
     check_budget(sizes, config.budget, costs)
 
 
@@ -338,7 +339,8 @@ def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, c
 
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     key = run_key(source, calib, candidates, estimator, fisher_windows=FISHER_WINDOWS,
-                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=config.tables, transforms=list(config.transforms),
+                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=[c.name for c in config.table_candidates()],
+                  transforms=list(config.transforms),
                   damp=config.damp)
     return Checkpoint(beside(out, "profile-partial.json"), key)
 
@@ -382,7 +384,8 @@ def _describe(model, result: Result, config: QuantizeConfig, source: str, calib:
     meta = {"version": 1, "source": source, "budget": str(config.budget) if config.budget else "hand-written plan",
             "calibration": {"file": cal.text or "pydoc calibration split", "windows": int(calib.shape[0]),
                             "generated_windows": cal.generated, "length": int(calib.shape[1])},
-            "bpw": qbits / weights, "block_linear_weights": weights, "seconds": result.seconds,
+            "bpw": qbits / weights, "block_linear_weights": weights, "parameters": parameter_count(model),
+            "seconds": result.seconds,
             "shapes": {n: [m.out_features, m.in_features] for n, m in model.named_modules()
                        if isinstance(m, QuantLinear)}, "config": config.to_dict()}
     adapter = adapter_for(model)
@@ -409,7 +412,9 @@ def _save(model, tokenizer, result: Result, out: Path, config: QuantizeConfig, c
     if costs is not None:
         extra["cost.json"] = costs.to_json()
     save_quantized(model, tokenizer, result.plan, out, result.meta, extra, result.shards)
-    result.meta["file_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "mixq.json")
+    files = [f for f in out.iterdir() if f.is_file() and f.name != "mixq.json"]
+    result.meta["file_bytes"] = sum(f.stat().st_size for f in files)
+    result.meta["weight_bytes"] = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
 
 
 def _finish_folder(out: Path, meta: dict) -> None:

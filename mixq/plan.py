@@ -10,6 +10,9 @@ from .formats import QuantSpec
 
 VERSION = 1
 BIAS_BITS = 16  # biases are stored as fp16 (io.FLOAT_DTYPE)
+TABLE_BITS = 6.5  # the embedding table and the head under a bits budget: their own average, about llama.cpp's
+# Q6_K (6.56 bits) for an output table; on SmolLM2 at 3.0 bpw the tied table at 6.24 bits takes pydoc 15.37 -> 15.45
+# and the file 96.6 -> 62.1 MB (benchmarks/results/embeddings.md)
 
 
 @dataclass(frozen=True)
@@ -51,18 +54,23 @@ class Candidate:
         d = dict(d)
         solver = d.pop("solver", "gptq")
         return cls(QuantSpec.from_dict(d), solver)
+TABLE_BITS_ALONE = ("--table-bits goes with --bits: under --size the tables share the bytes with the block linears, "
+                    "and a latency budget keeps them float")
 
 
 @dataclass(frozen=True)
 class Budget:
     """Exactly one of: average bits per weight of the block linears (`bits`), bytes of the whole saved model
     (`bytes`), seconds per decoded token (`seconds`), or a fraction of the float model's time per token
-    (`of_float`); the last two through a measured cost table (cost.py)."""
+    (`of_float`); the last two through a measured cost table (cost.py). With `bits`, `table_bits` is the average of
+    the embedding table and the head where they are quantized, a budget of their own (under `bytes` they share the
+    bytes with the block linears)."""
 
     bits: float | None = None
     bytes: int | None = None
     seconds: float | None = None
     of_float: float | None = None
+    table_bits: float | None = None
 
     def __post_init__(self):
         given = [v for v in (self.bits, self.bytes, self.seconds, self.of_float) if v is not None]
@@ -70,6 +78,12 @@ class Budget:
             raise ValueError("a budget is bits per weight, a size or a latency: exactly one of them")
         if self.bits is not None and not 0 < self.bits <= 32:
             raise ValueError(f"bits per weight must be in (0, 32], got {self.bits}")
+        if self.bits is None and self.table_bits is not None:
+            raise ValueError(TABLE_BITS_ALONE)
+        if self.bits is not None and self.table_bits is None:
+            object.__setattr__(self, "table_bits", TABLE_BITS)
+        if self.table_bits is not None and not 0 < self.table_bits <= 32:
+            raise ValueError(f"--table-bits must be in (0, 32], got {self.table_bits:g}")
         if self.bytes is not None and self.bytes <= 0:
             raise ValueError(f"size must be positive, got {self.bytes}")
         if (self.seconds is not None and self.seconds <= 0) or (self.of_float is not None and self.of_float <= 0):
@@ -80,7 +94,10 @@ class Budget:
         return self.seconds is not None or self.of_float is not None
 
     @classmethod
-    def parse(cls, bits: float | None = None, size: str | None = None, latency: str | None = None) -> "Budget":
+    def parse(cls, bits: float | None = None, size: str | None = None, latency: str | None = None,
+              table_bits: float | None = None) -> "Budget":
+        if table_bits is not None and bits is None:
+            raise ValueError(TABLE_BITS_ALONE)
         if latency is not None:
             m = re.fullmatch(r"\s*([0-9.]+)\s*(x|×|ms|s)\s*", latency, re.IGNORECASE)
             if not m:
@@ -91,7 +108,7 @@ class Budget:
                 return cls(of_float=value)
             return cls(seconds=value / 1000 if unit == "ms" else value)
         if size is None:
-            return cls(bits=bits)
+            return cls(bits=bits, table_bits=table_bits)
         m = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", size, re.IGNORECASE)
         if not m:
             raise ValueError(f"cannot read size {size!r}: write e.g. 60MB or 58MiB")
@@ -104,7 +121,7 @@ class Budget:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Budget":
-        unknown = set(d) - {"bits", "bytes", "seconds", "of_float"}
+        unknown = set(d) - {"bits", "bytes", "seconds", "of_float", "table_bits"}
         if unknown:
             raise ValueError(f"unknown budget keys: {sorted(unknown)}")
         return cls(**d)

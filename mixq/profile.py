@@ -55,14 +55,21 @@ class Profile:
     fixed_bytes: int  # bytes of everything saved besides the block linears (embeddings, norms, head)
     layers: list[LayerProfile] = field(default_factory=list)
     transforms: tuple[str, ...] = ()  # the whole-model transforms of the model profiled (its plans apply them)
+    tables: tuple[str, ...] = ()  # those of `layers` that are the embedding table and the head (not block linears)
 
     @property
     def weights(self) -> int:
-        return sum(lp.rows * lp.cols for lp in self.layers)
+        """Weights of the block linears (what bits per weight divide by)."""
+        return sum(lp.rows * lp.cols for lp in self.layers if lp.name not in self.tables)
+
+    @property
+    def table_weights(self) -> int:
+        return sum(lp.rows * lp.cols for lp in self.layers if lp.name in self.tables)
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, "estimator": self.estimator, "fixed_bytes": self.fixed_bytes,
                            **({"transforms": list(self.transforms)} if self.transforms else {}),
+                           **({"tables": list(self.tables)} if self.tables else {}),
                            "layers": [lp.to_dict() for lp in self.layers]})
 
     @classmethod
@@ -75,7 +82,7 @@ class Profile:
 
         try:
             return cls(d["estimator"], int(d["fixed_bytes"]), [LayerProfile.from_dict(x) for x in d["layers"]],
-                       parse_names(d.get("transforms", [])))
+                       parse_names(d.get("transforms", [])), tuple(d.get("tables", ())))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a mixq profile: {type(e).__name__} {e}") from None
 
@@ -86,7 +93,8 @@ def merge_profiles(parts: list[Profile]) -> Profile:
     simply gets the candidates of every part, in order."""
     first = parts[0]
     for p in parts[1:]:
-        if (p.estimator, p.fixed_bytes, p.transforms) != (first.estimator, first.fixed_bytes, first.transforms):
+        if (p.estimator, p.fixed_bytes, p.transforms, p.tables) != (first.estimator, first.fixed_bytes,
+                                                                   first.transforms, first.tables):
             raise ValueError(f"profiles of other settings cannot merge: estimator {p.estimator} against "
                              f"{first.estimator}, transforms {p.transforms} against {first.transforms}")
         if [lp.name for lp in p.layers] != [lp.name for lp in first.layers]:
@@ -94,7 +102,7 @@ def merge_profiles(parts: list[Profile]) -> Profile:
     layers = [LayerProfile(lps[0].name, lps[0].rows, lps[0].cols, [c for lp in lps for c in lp.candidates],
                            [b for lp in lps for b in lp.bits], [d for lp in lps for d in lp.damage])
               for lps in zip(*(p.layers for p in parts))]
-    return Profile(first.estimator, first.fixed_bytes, layers, first.transforms)
+    return Profile(first.estimator, first.fixed_bytes, layers, first.transforms, first.tables)
 
 
 def layer_costs(name: str, rows: int, cols: int, candidates: list[Candidate], has_bias: bool = False) -> LayerProfile:
@@ -231,11 +239,12 @@ def biased_layers(model: nn.Module, names) -> frozenset:
 
 
 def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estimator: str = DEFAULT_ESTIMATOR, *,
-                  damp: float = DAMP, step: Callable = no_step, checkpoint=None, tables: bool = False,
+                  damp: float = DAMP, step: Callable = no_step, checkpoint=None, tables: bool | list = False,
                   transforms: tuple[str, ...] = (), store: Activations = IN_MEMORY) -> Profile:
-    """Every layer × candidate, block by block; with `tables`, then the embedding table and the head
-    (profile_tables). With a checkpoint (checkpoint.Checkpoint), the profile is saved after each block and the
-    blocks an earlier run with the same key finished are taken from it (only run forward, to feed the next).
+    """Every layer × candidate, block by block; with `tables` (True: config.table_candidates(); or a list of
+    candidates), then the embedding table and the head (profile_tables). With a checkpoint
+    (checkpoint.Checkpoint), the profile is saved after each block and the blocks an earlier run with the same key
+    finished are taken from it (only run forward, to feed the next).
     `transforms`: those applied to the model, which may change a layer's candidates. `store`: where the hidden
     states between blocks live (capture.Activations)."""
     adapter = adapter_for(model)
@@ -272,10 +281,12 @@ def profile_model(model, calib: torch.Tensor, candidates: list[Candidate], estim
                 checkpoint.save(prof)
         step("profile", i + 1, len(blocks))
     names = adapter.tables(model) if tables else []
+    prof.tables = tuple(names)
     if all(n in done for n in names):
         prof.layers += [done[n] for n in names]
     else:
-        prof.layers += profile_tables(model, calib, x, reads.table_estimator(), reads.table_fisher(), reads.probe)
+        prof.layers += profile_tables(model, calib, x, reads.table_estimator(), reads.table_fisher(), reads.probe,
+                                      None if tables is True else tables)
         if checkpoint:
             checkpoint.save(prof)
     return prof
@@ -288,7 +299,7 @@ class _Reads:
 
     def __init__(self, model, adapter, calib, estimator, step, tables: bool):
         self.model, self.adapter, self.calib, self.estimator, self.step = model, adapter, calib, estimator, step
-        self.tables = tables
+        self.tables = bool(tables)
         self.fisher = self.energy = None
         self.probe = KLProbe(model, adapter, calib) if estimator.measured else None
         self.keep = fisher_windows(adapter, calib).numel() if OUTPUT_ENERGY in estimator.needs else 0
@@ -332,13 +343,14 @@ class _Reads:
 
 
 def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: str,
-                   fisher: dict[str, torch.Tensor] | None, probe: KLProbe | None) -> list[LayerProfile]:
-    """The embedding table and the head × table_candidates. The head's damage is that of a linear on the final
-    hidden states (`last`: the last block's outputs, normalised); the table's that of its rows the calibration
-    reads, each weighted by how often it is read (and, for fisher, each column by the embedding output's Fisher);
-    a tied table gets the sum of both. A measured estimator runs the whole model with the table quantized."""
+                   fisher: dict[str, torch.Tensor] | None, probe: KLProbe | None,
+                   candidates: list[Candidate] | None = None) -> list[LayerProfile]:
+    """The embedding table and the head × `candidates` (None: table_candidates()). The head's damage is that of a
+    linear on the final hidden states (`last`: the last block's outputs, normalised); the table's that of its rows
+    the calibration reads, each weighted by how often it is read (and, for fisher, each column by the embedding
+    output's Fisher); a tied table gets the sum of both. A measured estimator runs the whole model with the table quantized."""
     adapter = adapter_for(model)
-    candidates = table_candidates()
+    candidates = table_candidates() if candidates is None else candidates
     names = adapter.tables(model)
     out = []
     for name in names:

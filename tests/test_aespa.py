@@ -100,5 +100,6 @@ def test_aespa_plans_apply_pack_and_allocate(tiny_model, calib_ids):
     torch.testing.assert_close(solve_heads("aespa", w, eye, double).dequantize(),
                                solve("aespa", w, torch.eye(64), double).dequantize())
     result = run(copy.deepcopy(tiny_model), calib_ids, QuantizeConfig(
-        budget=Budget(bits=3.0), solvers=("aespa+comq",), formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4))))
+        budget=Budget(bits=3.0), solvers=("aespa+comq",), formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4)),
+        tables=False))
     assert {str(c.solver) for c in result.plan.layers.values()} == {"aespa+comq"}

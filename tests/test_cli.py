@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import mixq
@@ -53,7 +54,7 @@ def test_quantize_writes_the_folder(quantized_dir, tiny_hf_dir):
     assert meta["source"] == str(Path(tiny_hf_dir))
     assert meta["calibration"]["windows"] >= 1
     model = mixq.load(quantized_dir)
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 16  # 14 block linears, the table, its head
     assert "bits per layer" in (quantized_dir / "report.md").read_text().lower()
 
 
@@ -61,7 +62,7 @@ def test_eval_prints_one_json_line(quantized_dir, text_file):
     res = invoke("eval", quantized_dir, "--text", text_file)
     assert res.exit_code == 0, res.output
     line = _json_line(res.stdout)
-    assert set(line) == {"ppl", "bpw", "windows"}
+    assert set(line) == {"ppl", "bpw", "file_bits_per_param", "windows"}
     assert line["windows"] == 1  # the ~650-token file is one (short) window
     assert line["bpw"] == pytest.approx(json.loads((quantized_dir / MARKER).read_text())["bpw"], abs=1e-4)
     assert 1 < line["ppl"] < 10_000  # random weights over a 256-token vocabulary: near 256, finite
@@ -81,7 +82,15 @@ def test_allocate_from_the_saved_profile_then_apply(quantized_dir, tiny_hf_dir, 
     line = _json_line(res.stdout)
     assert line["bpw"] <= 3.0 and line["plan"] == str(plan_path)
     plan = json.loads(plan_path.read_text())
-    assert plan["version"] == 1 and len(plan["layers"]) == 14
+    assert plan["version"] == 1 and len(plan["layers"]) == 15  # the table beside the 14 block linears
+    assert plan["layers"]["model.embed_tokens"]["bits"] >= 5  # --table-bits 6.5 by default
+    res = invoke("allocate", quantized_dir / "profile.json", "--bits", 3.0, "--table-bits", 4.5, "--out", plan_path)
+    assert res.exit_code == 0, res.output
+    assert json.loads(plan_path.read_text())["layers"]["model.embed_tokens"]["bits"] == 4
+    res = invoke("allocate", quantized_dir / "profile.json", "--bits", 3.0, "--table-bits", 3, "--out", plan_path)
+    assert res.exit_code == 2 and "--table-bits 3 is below the tables' smallest formats" in _error(res.stderr)
+    res = invoke("allocate", quantized_dir / "profile.json", "--bits", 3.0, "--out", plan_path)
+    plan = json.loads(plan_path.read_text())
 
     out = tmp_path / "q3"
     res = invoke("quantize", "--model", tiny_hf_dir, "--plan", plan_path, "--eval-windows", 0, "--calib", text_file,
@@ -196,6 +205,7 @@ def test_solver_option_fills_every_candidate(tiny_hf_dir, text_file, tmp_path):
                  "--eval-windows", 0, "--solver", "gptq+bias", "--out", tmp_path / "q")
     assert res.exit_code == 0, res.output
     plan = json.loads((tmp_path / "q" / "plan.json").read_text())["layers"]
+    assert plan.pop("model.embed_tokens")["solver"] == "rtn"  # the table: no statistics to solve on
     assert {c["solver"] for c in plan.values()} == {"gptq+bias"}
 
 
@@ -319,22 +329,27 @@ def test_quantize_with_refinement_records_the_measured_kl(tiny_hf_dir, text_file
 def test_quantize_with_embeddings_and_refinement(tiny_hf_dir, text_file, tmp_path):
     out = tmp_path / "e"
     res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 4.0, "--eval-windows", 0, "--calib-windows", 4,
-                 "--calib", text_file, "--include-embeddings", "--refine", 1, "--out", out)
+                 "--calib", text_file, "--refine", 1, "--out", out)
     assert res.exit_code == 0, res.output
     meta = json.loads((out / MARKER).read_text())
     assert set(meta["tables"]) == {"model.embed_tokens"}  # tied: the head is the table's second use
-    assert "embeddings: model.embed_tokens" in res.stdout
+    assert "tables: model.embed_tokens" in res.stdout
+    float_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_hf_dir).parameters())
+    assert meta["parameters"] == float_params  # the tied table once
+    assert meta["weight_bytes"] == (out / "model.safetensors").stat().st_size
+    assert f"{meta['weight_bytes'] * 8 / float_params:.3f}" in res.stdout  # the whole file's bits per parameter
     assert "model.embed_tokens" in json.loads((out / "plan.json").read_text())["layers"]
     assert "`model.embed_tokens` int" in (out / "report.md").read_text()
     res = invoke("eval", out, "--text", text_file)
     assert res.exit_code == 0, res.output
     assert 1 < _json_line(res.stdout)["ppl"] < 10_000
+    assert _json_line(res.stdout)["file_bits_per_param"] == round(meta["weight_bytes"] * 8 / float_params, 4)
 
 
 def test_bench_compares_with_the_float_source(quantized_dir, tmp_path):
     res = invoke("bench", quantized_dir, "--prompt-tokens", 16, "--new-tokens", 4)
     assert res.exit_code == 0, res.output
-    assert "decode tok/s" in res.stdout and "float (fp32)" in res.stdout and "bpw)" in res.stdout
+    assert "decode tok/s" in res.stdout and "float (fp32)" in res.stdout and "bits/param)" in res.stdout
     res = invoke("bench", tmp_path)
     assert res.exit_code == 2 and "not a mixq model folder" in _error(res.stderr)
 
@@ -368,8 +383,8 @@ def test_quantize_under_a_latency_budget(tiny_hf_dir, text_file, tmp_path):
     res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "0.01x", "--cost-table", out / "cost.json",
                  "--calib", text_file, "--out", tmp_path / "x")
     assert res.exit_code == 2 and "fastest possible model" in _error(res.stderr)
-    res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "1x", "--include-embeddings", "--out", tmp_path / "x")
-    assert res.exit_code == 2 and "--include-embeddings" in _error(res.stderr)
+    res = invoke("quantize", "--model", tiny_hf_dir, "--latency", "1x", "--table-bits", 6, "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "--table-bits goes with --bits" in _error(res.stderr)
     res = invoke("quantize", "--model", tiny_hf_dir, "--bits", 3, "--cost-table", out / "cost.json",
                  "--out", tmp_path / "x")
     assert res.exit_code == 2 and "goes with --latency" in _error(res.stderr)
@@ -403,6 +418,7 @@ def test_quantize_with_several_solvers_as_candidates(tiny_hf_dir, text_file, tmp
     damage = prof["layers"][0]["damage"]  # the bias-compensated candidates are judged apart: another damage
     assert damage[solvers.index("gptq-act")] != damage[solvers.index("gptq-act+bias")]
     plan = json.loads((tmp_path / "q" / "plan.json").read_text())
+    assert plan["layers"].pop("model.embed_tokens")["solver"] == "rtn"
     assert {c["solver"] for c in plan["layers"].values()} <= {"gptq-act", "gptq-act+bias"}
     res = runner.invoke(app, [str(a) for a in (
         "quantize", "--model", tiny_hf_dir, "--bits", 3, "--solver", "rotate+gptq-act,gptq-act", "--calib", text_file,

@@ -139,7 +139,7 @@ def test_allocation_takes_bias_candidates_and_stays_within_budget(tiny_model, ca
     model = copy.deepcopy(tiny_model)
     result = run(model, calib_ids, QuantizeConfig(budget=Budget(bits=3.0), solvers=("gptq", "gptq+bias"),
                                                   formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4)),
-                                                  estimator=estimator))
+                                                  estimator=estimator, tables=False))
     bits, weights = block_linear_bits(model)
     assert bits / weights <= 3.0 + 1e-9
     for lp in result.profile.layers:  # the bias candidates are profiled, on the error they leave, and cost more

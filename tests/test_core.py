@@ -100,7 +100,7 @@ def test_the_config_round_trips_through_json_with_a_version():
     config = _config()
     d = json.loads(config.to_json())
     assert d["version"] == 1 and d["solvers"] == ["gptq-act+comq", "gptq-act+comq+bias"]
-    assert d["transforms"] == ["rotate"] and d["budget"] == {"bits": 2.75}
+    assert d["transforms"] == ["rotate"] and d["budget"] == {"bits": 2.75, "table_bits": 6.5}
     assert QuantizeConfig.from_json(config.to_json()) == config
     planned = QuantizeConfig(plan=Plan.from_json((BEFORE / "plan.json").read_text()))
     assert QuantizeConfig.from_dict(planned.to_dict()) == planned
@@ -127,8 +127,8 @@ def test_the_config_makes_its_candidates_once_solver_after_solver():
     ({"budget": Budget(bits=3), "refine": -1}, "rounds ≥ 0"),
     ({"budget": Budget(bits=3), "estimator": "nope"}, "unknown sensitivity estimator 'nope'"),
     ({"budget": Budget(bits=3), "compatible": "onnx"}, "unknown export format 'onnx'"),
-    ({"budget": Budget(bits=3), "compatible": "gguf", "tables": True}, "--bits or --size only"),
-    ({"budget": Budget(of_float=0.5), "tables": True}, "--include-embeddings"),
+    ({"budget": Budget(bits=3), "compatible": "compressed-tensors", "tables": True}, "--bits or --size only"),
+    ({"budget": Budget(of_float=0.5), "tables": True}, "keeps the embedding table and the head float"),
     ({"budget": Budget(bits=3), "transforms": ("resq",), "compatible": "gguf"}, "splits rows"),
     ({"budget": Budget(bits=3), "cost_table": "c.json"}, "goes with --latency"),
     ({"budget": Budget(bits=3), "solvers": ("rotate+gptq",)}, "per-layer chains"),

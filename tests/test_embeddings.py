@@ -1,4 +1,4 @@
-"""--include-embeddings: the embedding table and the output head join the allocation (tied: one table, two uses),
+"""Tables: the embedding table and the output head join the allocation (tied: one table, two uses),
 are stored packed once, and load back bit for bit."""
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import torch
 from safetensors import safe_open
 
 import mixq
-from mixq.allocate import BudgetError
+from mixq.allocate import BudgetError, allocate
 from mixq.config import QuantizeConfig
+from mixq.export import EXPORTERS
 from mixq.formats import QuantSpec
 from mixq.io import save_quantized
 from mixq.models import adapter_for
-from mixq.apply import apply_plan, pack_model
+from mixq.apply import apply_plan, block_linear_bits, pack_model
 from mixq.pipeline import check_plan, preflight, run
 from mixq.profile import fixed_bytes
-from mixq.plan import Budget, Candidate, Plan
+from mixq.plan import TABLE_BITS, Budget, Candidate, Plan
 from mixq.config import default_candidates, default_specs
 from mixq.runtime.qlinear import QuantEmbedding, QuantLinear
 
@@ -55,6 +56,44 @@ def tied():
     calib = random_ids(8, 32, seed=1)
     result = run(model, calib, QuantizeConfig(budget=Budget(bits=4.0), formats=FORMATS, tables=True))
     return float_model, model, result, calib
+
+
+def test_tables_join_by_default_but_under_a_latency_or_an_exporter():
+    assert QuantizeConfig(budget=Budget(bits=3)).tables and QuantizeConfig(budget=Budget(bytes=10**6)).tables
+    assert not QuantizeConfig(budget=Budget(of_float=0.5)).tables
+    assert not QuantizeConfig(budget=Budget(bits=3), compatible="compressed-tensors").tables  # stores no table
+    gguf = QuantizeConfig(budget=Budget(bits=3), compatible="gguf")  # llama.cpp's types hold tables
+    assert gguf.tables and {c.spec for c in gguf.table_candidates()} <= set(EXPORTERS["gguf"]().specs())
+    assert not QuantizeConfig(budget=Budget(bits=3), tables=False).tables
+    assert Budget(bits=3).table_bits == TABLE_BITS and Budget(bits=3, table_bits=8).table_bits == 8
+    assert Budget.from_dict(Budget(bits=3, table_bits=5).to_dict()) == Budget(bits=3, table_bits=5)
+    for bad in ({"bytes": 10**6, "table_bits": 6}, {"of_float": 0.5, "table_bits": 6}):
+        with pytest.raises(ValueError, match="--table-bits goes with --bits"):
+            Budget(**bad)
+    with pytest.raises(ValueError, match="--table-bits must be in"):
+        Budget(bits=3, table_bits=0)
+
+
+def test_under_bits_the_tables_have_a_budget_of_their_own(tied):
+    """--bits counts the block linears only (as packed); the table takes the least damage its own budget
+    (--table-bits) allows."""
+    float_model, model, result, _ = tied
+    prof, alloc = result.profile, result.allocation
+    assert prof.tables == (EMBED,) and prof.table_weights == float_model.model.embed_tokens.weight.numel()
+    bits, weights = block_linear_bits(model)
+    assert (alloc.bits, prof.weights) == (bits, weights) and bits <= 4.0 * weights
+    lp = next(lp for lp in prof.layers if lp.name == EMBED)
+    k = lp.candidates.index(result.plan.layers[EMBED])
+    assert alloc.table_bits == lp.bits[k] <= TABLE_BITS * prof.table_weights
+    fits = [d for b, d in zip(lp.bits, lp.damage) if b <= TABLE_BITS * prof.table_weights]
+    assert lp.damage[k] == min(fits) and len(fits) < len(lp.bits)  # the budget binds: 8 bits would be better
+    for table_bits, want in ((8.5, max), (4.5, min)):  # the blocks' plan does not move with the tables' budget
+        a = allocate(prof, Budget(bits=4.0, table_bits=table_bits))
+        assert {n: c for n, c in a.plan.layers.items() if n != EMBED} == \
+            {n: c for n, c in alloc.plan.layers.items() if n != EMBED}
+        assert a.table_bits == want(b for b in lp.bits if b <= table_bits * prof.table_weights)
+    with pytest.raises(BudgetError, match="--table-bits 3 is below the tables' smallest formats"):
+        allocate(prof, Budget(bits=4.0, table_bits=3))
 
 
 def test_tables_are_the_embedding_and_an_untied_head(tiny_model):
@@ -109,12 +148,12 @@ def test_untied_head_and_table_are_separate_layers(tmp_path, tiny_tokenizer):
 
 
 def test_untied_float_head_loads_as_its_own_fp16_table(tmp_path, tiny_tokenizer):
-    """Without --include-embeddings an untied model keeps a table and a head of its own, both fp16 as stored."""
+    """With --float-tables an untied model keeps a table and a head of its own, both fp16 as stored."""
     from mixq.runtime.half import HalfEmbedding, HalfLinear
 
     model = untied_model()
     calib = random_ids(8, 32, seed=1)
-    result = run(model, calib, QuantizeConfig(budget=Budget(bits=4.0), formats=FORMATS))
+    result = run(model, calib, QuantizeConfig(budget=Budget(bits=4.0), formats=FORMATS, tables=False))
     save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})
     loaded = mixq.load(tmp_path / "q")
     assert isinstance(loaded.model.embed_tokens, HalfEmbedding) and isinstance(loaded.lm_head, HalfLinear)
@@ -139,8 +178,8 @@ def test_table_damage_falls_with_bits(estimator):
 
 
 def test_size_budget_that_only_a_quantized_table_meets(tiny_model, calib_ids, tiny_tokenizer, tmp_path):
-    """A size below what fp16 embeddings allow fails in preflight without the flag, is met with it, and the file
-    written stays within it."""
+    """A size below what fp16 embeddings allow fails in preflight with --float-tables, is met without, and the
+    file written stays within it."""
     adapter = adapter_for(tiny_model)
     names = adapter.layer_names(tiny_model)
     weights = sum(tiny_model.get_submodule(n).weight.numel() for n in names)
@@ -148,7 +187,7 @@ def test_size_budget_that_only_a_quantized_table_meets(tiny_model, calib_ids, ti
     size = fixed_bytes(tiny_model, names + [EMBED]) + int((3.0 * weights + 6 * table) / 8)
     assert size < fixed_bytes(tiny_model, names) + int(2.5 * weights / 8)  # below the smallest fp16-table model
     with pytest.raises(BudgetError, match="below the smallest possible model"):
-        config = QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS)
+        config = QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS, tables=False)
         preflight(tiny_model, config, config.candidates())
     result = run(tiny_model, calib_ids, QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS, tables=True))
     save_quantized(tiny_model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": "tiny"}, {})

@@ -68,7 +68,7 @@ def test_quantize_evaluates_embedding_fidelity_and_eval_prints_it(bert_dir, text
     res = runner.invoke(app, [str(a) for a in ("quantize", "--model", bert_dir, "--bits", 4, "--out", tmp_path / "q",
                                                "--calib", text_file, "--calib-windows", 2, "--eval-windows", 1)])
     assert res.exit_code == 0, res.output
-    assert "cosine / similarity Spearman" in res.output
+    assert "cosine" in res.output and "Spearman" in res.output and "bits/param" in res.output
     ev = json.loads((tmp_path / "q" / "mixq.json").read_text())["eval"]
     assert 0 < ev["cosine"] <= 1 and ev["pairs"] == 1000  # (pydoc's sentences: mostly [UNK] to the tiny vocabulary)
     res = runner.invoke(app, ["eval", str(tmp_path / "q"), "--text", str(text_file)])
@@ -103,6 +103,7 @@ def test_aespa_takes_the_bidirectional_attention(bert_dir, text_file):
     from mixq.chain import Chain
 
     result = mixq.quantize(str(bert_dir), None, _config(text_file, solvers=(Chain.parse("aespa+comq"),)))
+    assert str(result.plan.layers.pop("embeddings.word_embeddings").solver) == "rtn"  # the table joins by default
     assert {str(c.solver) for c in result.plan.layers.values()} == {"aespa+comq"}
 
 

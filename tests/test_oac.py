@@ -94,5 +94,6 @@ def test_oac_plans_apply_pack_and_allocate(tiny_model, calib_ids):
     applied = {s: apply_uniform(tiny_model, calib_ids, s, spec)[names[0]].codes for s in ("oac", "gptq-act")}
     assert not torch.equal(applied["oac"], applied["gptq-act"])  # the apply really used the other Hessian
     result = run(copy.deepcopy(tiny_model), calib_ids, QuantizeConfig(
-        budget=Budget(bits=3.0), solvers=("oac+comq",), formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4))))
+        budget=Budget(bits=3.0), solvers=("oac+comq",), formats=tuple(QuantSpec.of(b, 32) for b in (2, 3, 4)),
+        tables=False))
     assert {str(c.solver) for c in result.plan.layers.values()} == {"oac+comq"}

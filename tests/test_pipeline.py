@@ -49,7 +49,7 @@ def quantized():
     float_model = make_tiny_model()
     model = copy.deepcopy(float_model)
     calib = random_ids(8, 32, seed=1)
-    result = run(model, calib, QuantizeConfig(budget=BUDGET, formats=FORMATS))
+    result = run(model, calib, QuantizeConfig(budget=BUDGET, formats=FORMATS, tables=False))  # (test_embeddings)
     return float_model, model, result, calib
 
 
@@ -234,7 +234,8 @@ def test_size_budget_bounds_the_safetensors_file(tiny_model, calib_ids, tiny_tok
     weights = sum(tiny_model.get_submodule(n).weight.numel() for n in names)
     size = fixed_bytes(tiny_model, names) + int(3.0 * weights / 8)
     model = copy.deepcopy(tiny_model)
-    result = run(model, calib_ids, QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS, estimator="hessian"))
+    result = run(model, calib_ids, QuantizeConfig(budget=Budget(bytes=size), formats=FORMATS, estimator="hessian",
+                                                  tables=False))
     save_quantized(model, tiny_tokenizer, result.plan, tmp_path / "q", {"source": SOURCE}, {})
     assert (tmp_path / "q" / "model.safetensors").stat().st_size <= size
     bits, w = block_linear_bits(model)
@@ -402,12 +403,12 @@ def test_save_creates_missing_parent_folders(quantized, tiny_tokenizer, tmp_path
 
 
 def test_loaded_float_table_stays_fp16_and_shared(tmp_path, tiny_model, calib_ids):
-    """The table mixq did not quantize is kept as stored (fp16, half the memory), the tied head computes from the
-    very same tensor, and the logits are those of float32 copies of it, for one token (kernel) and for many."""
+    """The table mixq did not quantize (--float-tables) is kept as stored (fp16, half the memory), the tied head
+    computes from the very same tensor, and the logits are those of float32 copies of it, for one token (kernel) and for many."""
     from mixq.runtime.half import HalfEmbedding, HalfLinear
     from conftest import make_tokenizer
 
-    result = run(tiny_model, calib_ids, QuantizeConfig(budget=Budget(bits=4.0)))
+    result = run(tiny_model, calib_ids, QuantizeConfig(budget=Budget(bits=4.0), tables=False))
     save_quantized(tiny_model, make_tokenizer(), result.plan, tmp_path / "q", {"source": "x", "bpw": 4.0}, {})
     model = mixq.load(tmp_path / "q")
     table, head = model.get_input_embeddings(), model.get_output_embeddings()

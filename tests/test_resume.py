@@ -119,7 +119,7 @@ def test_quantize_killed_with_sigkill_resumes_to_the_same_plan(tiny_hf_dir, text
     profiled = _count_profiled(monkeypatch)
     res = invoke(*args, "--out", out)
     assert res.exit_code == 0, res.output
-    assert profiled and all(n.startswith("model.layers.1.") for n in profiled)
+    assert profiled and all(n.startswith("model.layers.1.") or n == "model.embed_tokens" for n in profiled)
     assert not partial.exists()  # a finished run leaves no checkpoint behind
 
     fresh = tmp_path / "fresh"

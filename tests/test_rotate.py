@@ -133,10 +133,12 @@ def rotated_dir(tmp_path_factory, text_file):
 def test_rotated_model_saves_loads_and_exports(rotated_dir):
     out, source = rotated_dir / "q", rotated_dir / "m.gguf"
     plan = json.loads((out / "plan.json").read_text())
+    tables = {n: plan["layers"].pop(n)["solver"] for n in ("model.embed_tokens", "lm_head")}  # untied by rotate
+    assert tables == {"model.embed_tokens": "rtn", "lm_head": "rtn"}
     assert plan["transforms"] == ["rotate"] and {c["solver"] for c in plan["layers"].values()} == {"gptq-act"}
     ours = mixq.load(out)
     assert not ours.config.tie_word_embeddings
-    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+    assert ours.lm_head.qweight.data_ptr() != ours.model.embed_tokens.qweight.data_ptr()  # (quantized, ggml types)
     float_model, _, _ = load_model(str(source))
     ids = random_ids(2, 24, seed=5)
     with torch.no_grad():

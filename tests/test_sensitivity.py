@@ -152,7 +152,7 @@ def test_oac_profile_pairs_each_token_with_its_own_gradient(tiny_model):
 
 
 def test_oac_judges_the_tables_as_fisher_does(tiny_model, calib_ids):
-    """With --include-embeddings, oac's profile gives the blocks its own damages and the tables fisher's (a lookup
+    """With the tables joining, oac's profile gives the blocks its own damages and the tables fisher's (a lookup
     has no output error to weigh token by token): both in loss units, so one allocation compares them."""
     from mixq.profile import profile_model
     from mixq.config import default_candidates

@@ -15,12 +15,13 @@ def evaluate(target: str, text: str | None = None, windows: int = 64, step=_no_s
     from pathlib import Path
 
     from .. import data
-    from ..io import MARKER, open_model
+    from ..io import MARKER, folder_file_bits, open_model
     from ..models import adapter_for, load_model
 
     if text is not None:
         data.read_text(text)
     net, tok, bpw = open_model(target)
+    whole = {"file_bits_per_param": round(b, 4)} if (b := folder_file_bits(target)) is not None else {}
     if adapter_for(net).task == "embedding":
         from .fidelity import encode, fidelity
 
@@ -32,12 +33,12 @@ def evaluate(target: str, text: str | None = None, windows: int = 64, step=_no_s
         got = ref if ref_model is net else encode(net, tok, sentences,
                                                   progress=progress_counter(step, "mixq", len(sentences)))
         return {**{k: round(v, 5) for k, v in fidelity(ref, got, data.EVAL_PAIRS).items()}, "bpw": round(bpw, 4),
-                "sentences": len(sentences), "pairs": data.EVAL_PAIRS}
+                **whole, "sentences": len(sentences), "pairs": data.EVAL_PAIRS}
     from .perplexity import perplexity
 
     ids = data.evaluation_windows(tok, text, windows)
     ppl = perplexity(net, ids, progress_counter(step, "ppl", len(ids)))
-    return {"ppl": round(ppl, 4), "bpw": round(bpw, 4), "windows": int(ids.shape[0])}
+    return {"ppl": round(ppl, 4), "bpw": round(bpw, 4), **whole, "windows": int(ids.shape[0])}
 
 
 def progress_counter(step, stage: str, total: int):

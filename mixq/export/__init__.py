@@ -1,7 +1,7 @@
 """Exports of a saved mixq folder to the formats other runtimes read, registered by name (`mixq export --to
 NAME`, `mixq quantize --compatible NAME`). An exporter is an `Exporter` subclass in a file of its own: the formats
-it stores exactly (`specs`: what `--compatible` allocates among), a check of the model before any work, and its
-writer."""
+it stores exactly (`specs`: what `--compatible` allocates among; `table_specs`, those of the tables), a check of
+the model before any work, and its writer."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +23,10 @@ class Exporter:
     def specs(self) -> list:
         """The formats it stores exactly: `--compatible` allocates among these."""
         raise NotImplementedError
+
+    def table_specs(self) -> list:
+        """The formats it stores the embedding table and the head in (none: they stay float under --compatible)."""
+        return []
 
     def check_model(self, model, source=None) -> None:
         """Refuse, before any work, a model this format cannot hold (ExportError naming the layer); `source` is the

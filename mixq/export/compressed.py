@@ -56,7 +56,8 @@ def export_compressed(model: torch.nn.Module, tokenizer, out: Path) -> dict[str,
         seen.add(id(m.qweight))
         if isinstance(m, QuantEmbedding):
             raise ExportError(f"{name} is a quantized embedding table, which compressed-tensors does not store; "
-                              "quantize without --include-embeddings")
+                              "quantize with --compatible compressed-tensors (it keeps the tables float) or "
+                              "--float-tables")
         args = ct_args(m.spec)
         if args is None:
             raise ExportError(f"{name} is {m.spec.name}, which compressed-tensors does not store exactly; quantize "

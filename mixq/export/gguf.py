@@ -361,6 +361,10 @@ class GGUF(Exporter):
     def specs(self) -> list[QuantSpec]:
         return gguf_specs()
 
+    def table_specs(self) -> list[QuantSpec]:
+        """llama.cpp quantizes its tables too (a tied output table: Q6_K, or Q8_0 where rows are no multiple of 256)."""
+        return [s for s in gguf_specs() if s.bits >= 4]
+
     def check_model(self, model, source=None) -> None:
         from ..models import adapter_for
 

@@ -108,13 +108,17 @@ class Adapter:
 
     def tables(self, model: nn.Module) -> list[str]:
         """The embedding table, and the output head unless the model has none (an encoder) or it is tied to the
-        table (then the table's second use): what joins the allocation with --include-embeddings."""
+        table (then the table's second use): what joins the allocation unless --float-tables."""
         return [self.embed] + ([self.head] if self.head is not None and not self.tied(model) else [])
 
     def tied(self, model: nn.Module) -> bool:
-        """Whether the head is the embedding table's second use."""
-        return (self.head is not None
-                and model.get_submodule(self.head).weight is model.get_submodule(self.embed).weight)
+        """Whether the head is the embedding table's second use (packed: the same buffers)."""
+        if self.head is None:
+            return False
+        head, table = model.get_submodule(self.head), model.get_submodule(self.embed)
+        if hasattr(head, "qweight"):
+            return getattr(table, "qweight", None) is head.qweight
+        return getattr(head, "weight", None) is getattr(table, "weight", None)
 
     def layer_names(self, model: nn.Module) -> list[str]:
         """Full names of every quantizable linear, block after block."""

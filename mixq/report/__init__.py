@@ -5,31 +5,33 @@ import json
 from pathlib import Path
 
 from ..allocate import pareto
-from ..io import MARKER, SavedModelError, atomic_write_text
+from ..io import MARKER, SavedModelError, atomic_write_text, file_bits
 from ..plan import Plan
 from ..profile import Profile
 
 
-SUMMARY_COLUMNS = ("model", "perplexity", "block-linear bpw", "folder MB")
-ENCODER_COLUMNS = ("model", "cosine / similarity Spearman", "block-linear bpw", "folder MB")
+SUMMARY_COLUMNS = ("model", "perplexity", "block-linear bpw", "whole-file bits/param", "weights MB")
+ENCODER_COLUMNS = ("model", "cosine / similarity Spearman", "block-linear bpw", "whole-file bits/param",
+                   "weights MB")
 
 
 def summary(meta: dict) -> tuple[tuple[str, ...], list[list[str]], list[str]]:
     """A run's mixq.json as the columns and rows of the before/after table and the notes beside it: what
     `mixq quantize` prints and report.md opens with (a decoder's perplexity, an encoder's embedding fidelity)."""
     ev = meta.get("eval", {})
-    size = f"{meta['file_bytes'] / 1e6:.2f}" if "file_bytes" in meta else ""
+    size = f"{meta['weight_bytes'] / 1e6:.2f}" if "weight_bytes" in meta else ""
+    whole = "" if (b := file_bits(meta)) is None else f"{b:.3f}"
     notes = []
     if "cosine" in ev:
-        rows = [["float (before)", "1 / 1", "float", ""],
-                ["mixq (after)", f"{ev['cosine']:.4f} / {ev['spearman']:.4f}", f"{meta['bpw']:.3f}", size]]
+        rows = [["float (before)", "1 / 1", "float", "", ""],
+                ["mixq (after)", f"{ev['cosine']:.4f} / {ev['spearman']:.4f}", f"{meta['bpw']:.3f}", whole, size]]
         notes.append(f"Mean cosine to the float embeddings of {ev.get('sentences')} {ev.get('text')}; Spearman of "
                      f"{ev.get('pairs')} pair similarities.")
         columns = ENCODER_COLUMNS
     else:
-        rows = [["float (before)", f"{ev['ppl_before']:.3f}", "float", ""]] if "ppl_before" in ev else []
+        rows = [["float (before)", f"{ev['ppl_before']:.3f}", "float", "", ""]] if "ppl_before" in ev else []
         rows.append(["mixq (after)", f"{ev['ppl_after']:.3f}" if "ppl_after" in ev else "-", f"{meta['bpw']:.3f}",
-                     size])
+                     whole, size])
         columns = SUMMARY_COLUMNS
         if ev:
             notes.append(f"Perplexity over {ev.get('windows')} windows of {ev.get('text')}.")
@@ -38,7 +40,7 @@ def summary(meta: dict) -> tuple[tuple[str, ...], list[list[str]], list[str]]:
         notes.append(f"ms per token: predicted {lat['predicted_ms']:.2f}, measured {lat['measured_ms']:.2f} "
                      f"(float {lat['float_ms']:.2f}, {lat['threads']} threads)")
     if meta.get("tables"):
-        notes.append("embeddings: " + ", ".join(f"`{n}` {spec}" for n, spec in meta["tables"].items()))
+        notes.append("tables: " + ", ".join(f"`{n}` {spec}" for n, spec in meta["tables"].items()))
     if meta.get("seconds"):
         notes.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items()))
     return columns, rows, notes
@@ -76,17 +78,18 @@ def write_report(folder: str | Path) -> Path:
 
     columns, rows, notes = summary(meta)
     lines = ["# mixq report", "", f"Model: `{meta.get('source')}`  ", f"Budget: {meta.get('budget')}", "",
-             "| " + " | ".join(columns) + " |", "|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""] + [f"{n}  " for n in notes]
     lines += ["", "![bits per layer](bits_per_layer.png)", ""]
     if prof is not None:
         curve = pareto(prof)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label="exact optimum (Pareto)")
-        here = sum(lp.bits[lp.candidates.index(plan.layers[lp.name])] for lp in prof.layers) / prof.weights
+        here = sum(lp.bits[lp.candidates.index(plan.layers[lp.name])] for lp in prof.layers
+                   if lp.name not in prof.tables) / prof.weights
         ax.axvline(here, color="gray", ls="--", label="this model")
         ax.set_yscale("log")
-        ax.set_xlabel("bits per weight of the allocated layers")
+        ax.set_xlabel("bits per weight of the block linears")
         ax.set_ylabel(f"estimated damage ({prof.estimator})")
         ax.legend()
         ax.grid(alpha=0.3)

@@ -166,6 +166,14 @@ class QuantEmbedding(QuantLinear):
             rows = rows * torch.tensor(self.scale, dtype=rows.dtype)
         return rows[where].view(*ids.shape, self.in_features)
 
+    @property
+    def num_embeddings(self) -> int:  # (nn.Embedding's names, which the exporters and transformers read)
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
     def tied_head(self) -> QuantLinear:
         head = QuantLinear(self.in_features, self.out_features, self.spec)
         for name, buf in self.named_buffers(recurse=False):
