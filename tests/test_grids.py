@@ -51,6 +51,27 @@ def test_codes_are_the_nearest_level_for_rows_of_several_widths(grid):
     assert torch.allclose(g.value(q, scale, zero, maxq).gather(1, top), w.gather(1, top), rtol=2e-3)
 
 
+@pytest.mark.parametrize("grid", [g for g in GRIDS if not grid_of(g).uniform])
+def test_small_and_large_inputs_encode_alike_ties_to_the_lower_level(grid):
+    """One width: a binary search on small inputs (GPTQ's columns), comparison passes on large ones; both give the
+    nearest level, a weight on a midpoint the lower one."""
+    from mixq.grids import BUCKETIZE_MAX
+
+    g = grid_of(grid)
+    for b in g.bits:
+        t = g.table(b)
+        mids = (t[1:] + t[:-1]) / 2
+        x = torch.cat([mids, torch.randn(200, generator=torch.Generator().manual_seed(b))])
+        small = x[:, None]
+        large = x.repeat(BUCKETIZE_MAX // len(x) + 1)[:, None]
+        one, maxq = torch.ones(1, 1), torch.full((1, 1), float((1 << b) - 1))
+        q_small, q_large = g.encode(small, one, 0 * one, maxq), g.encode(large, one, 0 * one, maxq)
+        assert small.numel() <= BUCKETIZE_MAX < large.numel()
+        assert torch.equal(q_large[:len(x)], q_small)
+        assert torch.equal(q_small[:len(mids), 0].long(), torch.arange(len(mids)))  # a midpoint: the lower level
+        assert torch.equal(q_small[len(mids):, 0].long(), (x[len(mids):, None] - t).abs().argmin(1))
+
+
 def test_level_specs_name_serialise_and_count_no_zero():
     nf = QuantSpec.of(4, 64, "nf")
     assert nf.name == "nf4-g64" and nf.grid == "nf" and QuantSpec.from_dict(nf.to_dict()) == nf
