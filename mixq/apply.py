@@ -36,8 +36,8 @@ def apply_plan(model, calib: torch.Tensor, plan: Plan, step: Callable = no_step,
     out: dict[str, QuantizedTensor] = {}
     for name in [n for n in adapter.tables(model) if n in plan.layers]:
         with hold(model, name):
-            out[name] = _quantize_layer(model.get_submodule(name), plan.layers[name].solver,
-                                        LayerStats(torch.empty(0, 0), 0), plan.layers[name].spec, damp)
+            out[name] = _quantize_table(model.get_submodule(name), plan.layers[name].solver,
+                                        plan.layers[name].spec, damp)
             keep(model, name)  # (streamed: its quantized values stay until it is packed)
     needs = {n: c.solver.needs for n, c in plan.layers.items()}
     extra = model_statistics(model, adapter, calib, needs, step)
@@ -133,6 +133,24 @@ def _quantize_layer(module: nn.Module, chain, stats: LayerStats, spec, damp: flo
     """Solve one layer by `chain` and set its weight to the dequantized result (and its bias, where the chain adds
     one)."""
     return _install(module, *solve_layer(chain, module.weight.detach(), stats, spec, damp))
+
+
+TABLE_ROWS = 8192  # a table is solved (and profiled) this many rows at a time: Llama-3's 128256 × 4096 would
+# otherwise hold several float copies of itself, each larger than a block
+
+
+def _quantize_table(module: nn.Module, chain, spec, damp: float) -> QuantizedTensor:
+    """The embedding table or the head, TABLE_ROWS rows at a time (its chain needs no statistics and solves rows
+    independently, so the parts stack to the whole solve), each part's rows set to their dequantized values."""
+    if module.weight.dtype != torch.float32:  # (the dequantized values are float32, as a packed model computes)
+        module.weight.data = module.weight.data.float()
+    weight, parts = module.weight.data, []
+    for start in range(0, weight.shape[0], TABLE_ROWS):
+        rows = slice(start, start + TABLE_ROWS)
+        qt, _ = solve_layer(chain, weight[rows], LayerStats(torch.empty(0, 0), 0), spec, damp)
+        weight[rows] = qt.dequantize()
+        parts.append(qt)
+    return QuantizedTensor.stack(parts)
 
 
 def _install(module: nn.Module, qt: QuantizedTensor, delta: torch.Tensor | None) -> QuantizedTensor:

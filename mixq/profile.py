@@ -371,14 +371,34 @@ def _profile_table(model, adapter, name: str, calib, last, estimator: str, fishe
     if name == adapter.head or adapter.tied(model):  # the head, or a table tied to it
         with torch.no_grad():
             h = model.get_submodule(adapter.norm)(last).reshape(-1, w.shape[1]).float()
-        head = {name: fisher[adapter.head]} if fisher is not None else None
-        parts += profile_group({name: w}, LayerStats(h.T @ h / len(h), len(h)), candidates, estimator, head,
-                               sample=False)  # every row: the logits' Fisher sits on a few tokens
+        head = fisher[adapter.head] if fisher is not None else None
+        parts.append(_profile_rows(name, w, LayerStats(h.T @ h / len(h), len(h)), candidates, estimator, head))
+        # (every row: the logits' Fisher sits on a few tokens)
     if name == adapter.embed:
         counts = torch.bincount(calib.reshape(-1), minlength=w.shape[0]).float()
         seen = counts.nonzero().squeeze(1)
         cols = fisher[adapter.embed] if fisher is not None else torch.ones(w.shape[1])
-        parts += profile_group({name: w[seen]}, LayerStats(torch.diag(cols), int(counts.sum())), candidates,
-                               estimator, {name: counts[seen] / counts.sum()}, sample=False)
-    lp.damage = [sum(p.damage[k] for p in parts) for k in range(len(lp.candidates))]
+        parts.append(_profile_rows(name, w[seen], LayerStats(torch.diag(cols), int(counts.sum())), candidates,
+                                   estimator, counts[seen] / counts.sum()))
+    lp.damage = [sum(p[k] for p in parts) for k in range(len(lp.candidates))]
     return lp
+
+
+def _profile_rows(name: str, w: torch.Tensor, stats: LayerStats, candidates: list[Candidate], estimator: str,
+                  row_weight: torch.Tensor | None) -> list[float]:
+    """Each candidate's damage of every row of `w` (with `row_weight`: the estimator's weight of each row),
+    profiled apply.TABLE_ROWS rows at a time, so that a vocabulary of 128k rows is never copied whole once per
+    candidate; damages are sums over rows, a relative estimator's weighted by each part's energy."""
+    from .apply import TABLE_ROWS
+
+    energy = get_estimator(estimator).energy
+    parts = []
+    for start in range(0, w.shape[0], TABLE_ROWS):
+        part = w[start:start + TABLE_ROWS]
+        weights = None if row_weight is None else {name: row_weight[start:start + TABLE_ROWS]}
+        [lp] = profile_group({name: part}, stats, candidates, estimator, weights, sample=False)
+        parts.append((lp.damage, float(energy(part, stats)) if energy else 1.0))
+    if len(parts) == 1:
+        return parts[0][0]
+    norm = sum(e for _, e in parts) if energy else 1.0
+    return [sum(d[k] * e for d, e in parts) / norm for k in range(len(parts[0][0]))]

@@ -235,3 +235,32 @@ def test_blocks_calibrate_on_the_quantized_embeddings(tiny_model, calib_ids, mon
     plan = Plan({EMBED: Candidate(spec, "rtn"), "model.layers.0.mlp.up_proj": Candidate(QuantSpec(3, 32), "gptq")})
     qt = apply_plan(tiny_model, calib_ids, plan)
     assert torch.equal(seen[0], qt[EMBED].dequantize()) and not torch.equal(seen[0], float_table)
+
+
+@pytest.mark.parametrize("estimator", ["fisher", "hessian", "roundoff", "sqnr"])
+def test_a_table_profiled_and_solved_in_row_blocks_is_the_table_whole(tiny_model, calib_ids, monkeypatch, estimator):
+    """Llama-3's 128k-row table is profiled and solved apply.TABLE_ROWS rows at a time: the damages (sums over rows;
+    relative ones weighted by each block's energy) and the stored tensors are those of the whole table."""
+    import mixq.apply as apply_module
+    from mixq.capture import block_inputs, output_fisher, run_block
+    from mixq.profile import profile_tables
+
+    adapter = adapter_for(tiny_model)
+    x, calls = block_inputs(tiny_model, adapter, calib_ids)
+    for block, call in zip(adapter.block_list(tiny_model), calls):
+        x = run_block(block, x, call)
+    fisher = output_fisher(tiny_model, adapter, calib_ids, tables=True) if estimator == "fisher" else None
+    spec = QuantSpec.of(4, 32, "min", 6)
+    results = {}
+    for rows in (10**6, 100):  # the tiny table has 256 rows: whole, then in blocks of 100, 100 and 56
+        monkeypatch.setattr(apply_module, "TABLE_ROWS", rows)
+        [lp] = profile_tables(tiny_model, calib_ids, x, estimator, fisher, None)
+        model = copy.deepcopy(tiny_model)
+        qt = apply_plan(model, calib_ids, Plan({EMBED: Candidate(spec, "rtn")}))[EMBED]
+        results[rows] = lp.damage, qt, model.model.embed_tokens.weight.detach()
+    (whole, qt_whole, w_whole), (parts, qt_parts, w_parts) = results.values()
+    assert all(d > 0 for d in whole)
+    assert parts == pytest.approx(whole, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip((qt_whole.codes, qt_whole.scales, qt_whole.zeros, qt_whole.steps),
+                                                 (qt_parts.codes, qt_parts.scales, qt_parts.zeros, qt_parts.steps)))
+    assert torch.equal(w_whole, w_parts)

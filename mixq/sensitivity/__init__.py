@@ -31,15 +31,18 @@ class Estimator:
     # with OUTPUT_ENERGY: judged(first inputs, their energy, input mean) → {bias compensated?: the LayerStats its
     # candidates are judged on}
     judged: Callable | None = None
+    # a relative estimator's normaliser: damage = (a sum over rows) / energy(weight, stats); None: a plain sum over
+    # rows. What combines damages of a layer's row blocks (profile._profile_rows: Σ dᵢ eᵢ / Σ eᵢ)
+    energy: Callable | None = None
 
     def __call__(self, weight, deq, stats, row_weight=None) -> float:
         return self.damage(weight, deq, stats, row_weight)
 
 
 def register_estimator(name: str, needs=(), measured: bool = False, tables_as: str | None = None,
-                       judged: Callable | None = None):
+                       judged: Callable | None = None, energy: Callable | None = None):
     def deco(fn: Callable) -> Callable:
-        ESTIMATORS.register(name)(Estimator(name, fn, frozenset(needs), measured, tables_as, judged))
+        ESTIMATORS.register(name)(Estimator(name, fn, frozenset(needs), measured, tables_as, judged, energy))
         return fn
     return deco
 

@@ -14,7 +14,11 @@ from ..solvers import output_error
 from . import register_estimator
 
 
-@register_estimator("hessian")
+def output_energy(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """tr(W H Wᵀ), at least 1e-12."""
+    return ((weight.float() @ stats.hessian) * weight.float()).sum().clamp(min=1e-12)
+
+
+@register_estimator("hessian", energy=output_energy)
 def hessian_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, fisher=None) -> float:
-    energy = ((weight.float() @ stats.hessian) * weight.float()).sum()
-    return float(output_error(weight, deq, stats.hessian).sum() / energy.clamp(min=1e-12))
+    return float(output_error(weight, deq, stats.hessian).sum() / output_energy(weight, stats))

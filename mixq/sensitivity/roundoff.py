@@ -22,6 +22,11 @@ def roundoff_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, 
     return float(err.sum() if row_weight is None else (row_weight * err).sum())
 
 
-@register_estimator("sqnr")
+def weight_energy(weight: torch.Tensor, stats: LayerStats | None = None) -> torch.Tensor:
+    """‖W‖², at least 1e-12."""
+    return (weight.float() ** 2).sum().clamp(min=1e-12)
+
+
+@register_estimator("sqnr", energy=weight_energy)
 def sqnr_damage(weight: torch.Tensor, deq: torch.Tensor, stats: LayerStats, row_weight=None) -> float:
-    return float(_row_errors(weight, deq).sum() / (weight.float() ** 2).sum().clamp(min=1e-12))
+    return float(_row_errors(weight, deq).sum() / weight_energy(weight))
