@@ -348,7 +348,8 @@ def profile_tables(model, calib: torch.Tensor, last: torch.Tensor, estimator: st
     """The embedding table and the head × `candidates` (None: table_candidates()). The head's damage is that of a
     linear on the final hidden states (`last`: the last block's outputs, normalised); the table's that of its rows
     the calibration reads, each weighted by how often it is read (and, for fisher, each column by the embedding
-    output's Fisher); a tied table gets the sum of both. A measured estimator runs the whole model with the table quantized."""
+    output's Fisher); a tied table gets the sum of both. A measured estimator runs the whole model with the table
+    quantized."""
     adapter = adapter_for(model)
     candidates = table_candidates() if candidates is None else candidates
     names = adapter.tables(model)
