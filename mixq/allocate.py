@@ -34,14 +34,6 @@ class Allocation:
         return self.bits / profile.weights
 
 
-@dataclass(frozen=True)
-class Pool:
-    """Layers (indices into a profile's) that share one limit: stored bits, or seconds per token."""
-
-    layers: tuple[int, ...]
-    limit: float
-
-
 def bit_limits(profile: Profile) -> tuple[int, int]:
     """Smallest and largest possible stored bits of the block linears."""
     blocks = [lp for lp in profile.layers if lp.name not in profile.tables]
@@ -49,42 +41,32 @@ def bit_limits(profile: Profile) -> tuple[int, int]:
 
 
 def budget_bits(profile: Profile, budget: Budget) -> int:
-    """The budget as stored bits available to the block linears (and, under a size, the tables)."""
+    """The budget as stored bits of the allocated layers: under `bits`, those of a model whose block linears
+    average `bits` and whose tables (where the profile has them) average `table_bits`, which the allocation then
+    spends over all of them together; under a size, what the float rest leaves."""
     if budget.bits is not None:
-        return int(np.floor(budget.bits * profile.weights))
+        return int(np.floor(budget.bits * profile.weights + budget.table_bits * profile.table_weights))
     return (budget.bytes - profile.fixed_bytes) * 8
 
 
-def check_budget(profile: Profile, budget: Budget, costs: CostTable | None = None) -> list[Pool]:
-    """The budget as pools, each a set of layers and its limit in stored bits (or, for a latency, seconds per
-    token of the block linears): under `bits`, the block linears, then the tables (at `budget.table_bits`) where
-    the profile has them; else one pool of every layer. Or a BudgetError naming the smallest and largest possible
-    models. Needs only the costs, so it runs before any profiling (see profile.cost_profile)."""
-    every = tuple(range(len(profile.layers)))
+def check_budget(profile: Profile, budget: Budget, costs: CostTable | None = None) -> float:
+    """The budget in stored bits (or, for a latency, seconds per token of the block linears), or a BudgetError
+    naming the smallest and largest possible models. Needs only the costs, so it runs before any profiling (see
+    profile.cost_profile)."""
     if budget.latency:
         if profile.tables:
             raise BudgetError("a latency budget keeps the embedding table and the head float, but this profile "
                               "has them as layers: profile with --float-tables")
-        return [Pool(every, _check_latency(profile, budget, costs))]
+        return _check_latency(profile, budget, costs)
     limit = budget_bits(profile, budget)
-    split = budget.bits is not None and profile.tables
-    blocks = tuple(i for i in every if profile.layers[i].name not in profile.tables) if split else every
-    lo, hi = (sum(f(profile.layers[i].bits) for i in blocks) for f in (min, max))
+    lo, hi = sum(min(lp.bits) for lp in profile.layers), sum(max(lp.bits) for lp in profile.layers)
     if limit < lo:
-        n = sum(profile.layers[i].rows * profile.layers[i].cols for i in blocks)
+        n = profile.weights + profile.table_weights
         raise BudgetError(
             f"budget {budget} is below the smallest possible model: {lo / n:.3f} bits per weight "
             f"({(lo // 8 + profile.fixed_bytes) / 1e6:.2f} MB); the largest is {hi / n:.3f} "
             f"({(hi // 8 + profile.fixed_bytes) / 1e6:.2f} MB)")
-    if not split:
-        return [Pool(blocks, limit)]
-    tables = tuple(i for i in every if i not in blocks)
-    table_limit = int(np.floor(budget.table_bits * profile.table_weights))
-    least = sum(min(profile.layers[i].bits) for i in tables)
-    if table_limit < least:
-        raise BudgetError(f"--table-bits {budget.table_bits:g} is below the tables' smallest formats: "
-                          f"{least / profile.table_weights:.3f} bits per weight")
-    return [Pool(blocks, limit), Pool(tables, table_limit)]
+    return limit
 
 
 def _check_latency(profile: Profile, budget: Budget, costs: CostTable | None) -> float:
@@ -105,22 +87,18 @@ def allocate(profile: Profile, budget: Budget, costs: CostTable | None = None, g
              seconds: float | None = None) -> Allocation:
     """`costs`: the measured cost table a latency budget is allocated under (unused for bits and sizes). `gap`:
     HiGHS's relative optimality gap; `seconds`: a time limit, after which the best allocation found is taken."""
-    pools = check_budget(profile, budget, costs)
+    limit = check_budget(profile, budget, costs)
     cost = np.concatenate([layer_seconds(costs, lp) if budget.latency else lp.bits
                            for lp in profile.layers]).astype(float)
+    if budget.latency:  # seconds are ~1e-5: in units of the limit, HiGHS's absolute tolerances mean something
+        cost, limit = cost / limit, 1.0
+    dmg = np.concatenate([lp.damage for lp in profile.layers]).astype(float)
     sizes = [len(lp.bits) for lp in profile.layers]
     owner = np.repeat(np.arange(len(sizes)), sizes)
-    rows = np.zeros((len(pools), len(cost)))
-    limits = np.array([p.limit for p in pools], dtype=float)
-    for k, p in enumerate(pools):
-        rows[k, np.isin(owner, p.layers)] = cost[np.isin(owner, p.layers)]
-    if budget.latency:  # seconds are ~1e-5: in units of the limit, HiGHS's absolute tolerances mean something
-        rows, limits = rows / limits[:, None], np.ones_like(limits)
-    dmg = np.concatenate([lp.damage for lp in profile.layers]).astype(float)
     one_each = csr_matrix((np.ones(len(owner)), (owner, np.arange(len(owner)))), shape=(len(sizes), len(owner)))
     with _silent_stdout():  # HiGHS may print debug lines straight to fd 1, which would corrupt JSON output
         res = milp(dmg, integrality=np.ones_like(dmg), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(rows, -np.inf, limits)],
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit)],
                    options={"mip_rel_gap": gap, **({"time_limit": seconds} if seconds else {})})
     if res.x is None:
         raise BudgetError(f"no allocation meets budget {budget}: {res.message}")

@@ -84,8 +84,9 @@ def quantize(
     calib: Optional[Path] = typer.Option(None, "--calib", help="A UTF-8 text file to calibrate on. Default: the "
                                          "first 60 % of the pydoc tokens (the project's protocol)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Budget: average stored bits per weight (codes + "
-                                         "scales + zeros) of the block linears, e.g. 3.0; the embedding table and "
-                                         "the head get --table-bits."),
+                                         "scales + zeros) of the block linears, e.g. 3.0, plus --table-bits per "
+                                         "weight of the embedding table and the head; the allocation spends the "
+                                         "whole over both, so the tables may take fewer bits and the blocks more."),
     size: Optional[str] = typer.Option(None, "--size", help="Budget: size of model.safetensors (every stored "
                                        "weight, the tables included), e.g. 60MB: blocks and tables share it."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Budget: time per decoded token (batch 1) on this "
@@ -93,21 +94,23 @@ def quantize(
                                           "predicted from a measured cost table."),
     cost_table: Optional[Path] = typer.Option(None, "--cost-table", help="The cost table of --latency (`mixq "
                                               "calibrate-cost`). Default: measured now, saved as cost.json."),
-    table_bits: Optional[float] = typer.Option(None, "--table-bits", help="With --bits: the average stored bits "
-                                               "per weight of the embedding table and the head, whose formats (4 to "
-                                               "8 bits, round to nearest) the same exact allocation chooses. "
+    table_bits: Optional[float] = typer.Option(None, "--table-bits", help="With --bits: the stored bits per "
+                                               "weight the embedding table and the head add to the budget (their "
+                                               "formats, 4 to 8 bits, round to nearest, are chosen with the blocks'). "
                                                "Default 6.5 (llama.cpp gives an output table Q6_K)."),
     float_tables: bool = typer.Option(False, "--float-tables", help="Keep the embedding table and the head fp16 as "
-                                      "stored, outside the budget (as with --latency and --compatible)."),
+                                      "stored, outside the budget (as a latency budget and --compatible compressed-tensors do)."),
     compatible: Optional[str] = typer.Option(None, "--compatible", help="Allocate among the formats an export "
                                              "stores exactly, so that `mixq export --to NAME` writes the very codes "
                                              f"mixq chose: {export.help_text()}."),
     gguf_compatible: bool = typer.Option(False, "--gguf-compatible", help="The same as --compatible gguf."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="The candidate formats, comma-separated, named as "
+    formats: Optional[str] = typer.Option(None, "--formats", help="The block linears' candidate formats, "
+                                          "comma-separated, named as "
                                           "mixq prints them: int3-g64-min (uniform, fp16 minimum), "
                                           "int4-g32-min-dq6 (6-bit scale codes), int4-g32-sym, nf3-g64 (normal-float "
                                           "levels), iq4nl-g32 (llama.cpp's IQ4_NL levels); `default` stands for the "
-                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min)."),
+                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min; nf3 at g32-dq6 and g64-dq6, nf4 at "
+                                          "g64-dq6)."),
     ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="The same as --compatible "
                                        "compressed-tensors."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) as "
@@ -323,7 +326,8 @@ def allocate(
     out: Path = typer.Option(..., "--out", help="Where to write the plan (JSON)."),
     bits: Optional[float] = typer.Option(None, "--bits", help="Average stored bits per weight of block linears."),
     table_bits: Optional[float] = typer.Option(None, "--table-bits", help="With --bits, where the profile has the "
-                                               "embedding table and the head: their average (default 6.5)."),
+                                               "embedding table and the head: what they add to the budget per weight "
+                                               "(default 6.5)."),
     size: Optional[str] = typer.Option(None, "--size", help="Size of the whole saved model, e.g. 60MB."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Time per decoded token: 0.6x or 25ms (needs "
                                           "--cost-table)."),

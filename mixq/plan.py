@@ -10,9 +10,9 @@ from .formats import QuantSpec
 
 VERSION = 1
 BIAS_BITS = 16  # biases are stored as fp16 (io.FLOAT_DTYPE)
-TABLE_BITS = 6.5  # the embedding table and the head under a bits budget: their own average, about llama.cpp's
-# Q6_K (6.56 bits) for an output table; on SmolLM2 at 3.0 bpw the tied table at 6.24 bits takes pydoc 15.37 -> 15.45
-# and the file 96.6 -> 62.1 MB (benchmarks/results/embeddings.md)
+TABLE_BITS = 6.5  # what the embedding table and the head add to a bits budget, per weight: about llama.cpp's Q6_K
+# (6.56 bits) for an output table. The allocation spends the whole over blocks and tables: on SmolLM2 at 3.0 bpw
+# that beats the table held at 6.24 bits on both texts at a smaller file (benchmarks/results/embeddings.md)
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,10 @@ TABLE_BITS_ALONE = ("--table-bits goes with --bits: under --size the tables shar
 class Budget:
     """Exactly one of: average bits per weight of the block linears (`bits`), bytes of the whole saved model
     (`bytes`), seconds per decoded token (`seconds`), or a fraction of the float model's time per token
-    (`of_float`); the last two through a measured cost table (cost.py). With `bits`, `table_bits` is the average of
-    the embedding table and the head where they are quantized, a budget of their own (under `bytes` they share the
-    bytes with the block linears)."""
+    (`of_float`); the last two through a measured cost table (cost.py). With `bits`, where the embedding table and
+    the head are quantized, `table_bits` is what they add per weight: the budget is the stored bits of a model
+    whose block linears average `bits` and whose tables average `table_bits`, which the exact allocation spends
+    over all of them together (as it spends `bytes`)."""
 
     bits: float | None = None
     bytes: int | None = None

@@ -4,8 +4,7 @@ KL divergence from the float model is measured and a bounded local search trades
 Each round takes, for every layer, its move up its own Pareto frontier (the next candidate with more bits and
 less estimated damage) and pairs it with the move down of another layer that pays for it within the budget,
 cheapest predicted loss first (the exact solve is optimal for the estimate, so every trade costs something on
-paper), within the first budget pool (allocate.check_budget: the block linears, or under a size every layer).
-The `pairs` cheapest trades are measured; the one that lowers the measured KL most is kept. The search
+paper). The `pairs` cheapest trades are measured; the one that lowers the measured KL most is kept. The search
 stops after `rounds` rounds or when no measured trade helps. Every weight is solved once on the float model's
 inputs and cached, so a measurement is one forward pass over the refinement windows.
 """
@@ -84,8 +83,7 @@ class _Weights:
 def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Allocation, budget: Budget,
            rounds: int = 4, pairs: int = 8, step=None, damp: float = DAMP) -> Refinement:
     """A plan at least as good as `alloc` by the measured KL, within the same budget. The model is left float."""
-    pool = check_budget(profile, budget)[0]  # the block linears (under a size, every layer): tables keep theirs
-    traded = {profile.layers[i].name for i in pool.layers}
+    limit = check_budget(profile, budget)
     probe = KLProbe(model, adapter_for(model), calib, REFINE_WINDOWS, REFINE_LENGTH)
     weights = _Weights(model, calib, damp)
     layers = {lp.name: lp for lp in profile.layers}
@@ -98,8 +96,8 @@ def refine(model: nn.Module, calib: torch.Tensor, profile: Profile, alloc: Alloc
         best = before = probe.kl(whole)
         measured, trades = 1, []
         for r in range(rounds):
-            used = sum(layers[n].bits[k] for n, k in chosen.items() if n in traded)
-            options = _trades({n: layers[n] for n in traded}, hulls, chosen, pool.limit - used)[:pairs]
+            used = sum(layers[n].bits[k] for n, k in chosen.items())  # (the tables' too: one budget)
+            options = _trades(layers, hulls, chosen, limit - used)[:pairs]
             results = []
             for moves in options:
                 for name, k in moves:

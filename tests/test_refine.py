@@ -45,7 +45,7 @@ def test_refine_never_worsens_keeps_the_budget_and_leaves_the_model_float(settin
     before = _floats(model)
     r = refine(model, calib, prof, alloc, budget, rounds=3, pairs=4)
     assert r.kl_after <= r.kl_before
-    assert r.allocation.bits <= check_budget(prof, budget)[0].limit
+    assert r.allocation.bits <= check_budget(prof, budget)
     assert r.measured >= 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -63,4 +63,4 @@ def test_refine_repairs_a_misleading_profile(setting):
     r = refine(model, calib, wrong, allocate(wrong, budget), budget, rounds=4, pairs=6)
     assert r.trades
     assert r.kl_after < 0.9 * r.kl_before
-    assert r.allocation.bits <= check_budget(wrong, budget)[0].limit
+    assert r.allocation.bits <= check_budget(wrong, budget)

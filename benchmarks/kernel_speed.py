@@ -1,0 +1,73 @@
+"""The CPU kernel's matrix-vector product (batch 1, what decoding runs) per format, against the integer kernel at the
+same bits in the same process: level grids (normal-float, IQ4_NL: a look-up of each code's level) and the uniform
+grids, on SmolLM2's shapes (576 → 1536, 1536 → 576) and a Llama-3-8B one (4096 → 14336). Median of repeated
+calls after a warm-up; one thread and two. Random weights: the time does not depend on their values.
+
+`python benchmarks/kernel_speed.py` writes benchmarks/results/kernel_speed.{md,json} (not "kernels.py": a
+script's folder comes first on sys.path, and transformers imports a package of that name).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from mixq.formats import QuantSpec, quantize
+from mixq.runtime.cpu import kernel
+from mixq.runtime.qlinear import QuantLinear
+
+from common import HERE, provenance
+
+SHAPES = [(1536, 576), (576, 1536), (14336, 4096)]  # (out, in)
+PAIRS = [("int3-g64-min-dq6", "nf3-g64-dq6"), ("int4-g64-min-dq6", "nf4-g64-dq6"), ("int4-g32-min", "iq4nl-g32")]
+
+
+def seconds(layer: QuantLinear, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    if kernel() is None:
+        raise SystemExit("the CPU kernel did not build: nothing to time")
+    torch.manual_seed(0)
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for out_f, in_f in SHAPES:
+            w = torch.randn(out_f, in_f) * 0.02
+            x = torch.randn(1, in_f)
+            repeats = 200 if out_f * in_f < 10**7 else 30
+            for base, other in PAIRS:
+                t = {}
+                for name in (base, other):
+                    layer = QuantLinear.from_quantized(quantize(w, QuantSpec.from_name(name)))
+                    t[name] = seconds(layer, x, repeats)
+                rows.append({"threads": threads, "shape": [out_f, in_f], "integer": base, "levels": other,
+                             "integer_us": t[base] * 1e6, "levels_us": t[other] * 1e6})
+                print(rows[-1], flush=True)
+    out = HERE / "results" / "kernel_speed"
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "provenance": provenance()}, indent=1))
+    lines = ["# The CPU kernel's matrix-vector product: level grids against the integer grid at the same bits", "",
+             "Batch 1 (decoding), random weights, median of repeated calls after a warm-up, both formats timed in one "
+             "process. A level grid looks each code's level up in registers (two permutes and a blend for 16 levels) "
+             "where the integer grid converts the code. " + provenance(), "",
+             "| threads | out × in | integer format | µs | level format | µs | levels / integer |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['shape'][0]} × {r['shape'][1]} | {r['integer']} | {r['integer_us']:.1f} | "
+                     f"{r['levels']} | {r['levels_us']:.1f} | {r['levels_us'] / r['integer_us']:.2f} × |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
