@@ -19,7 +19,7 @@ from torch import nn
 
 from . import data, distributed
 from . import device as devices
-from .allocate import Allocation, allocate, check_budget
+from .allocate import Allocation, allocate, budget_bits, check_budget
 from .apply import apply_plan, block_linear_bits, pack_model, parameter_count
 from .capture import IN_MEMORY, Activations, no_step
 from .config import QuantizeConfig
@@ -381,7 +381,7 @@ def _describe(model, result: Result, config: QuantizeConfig, source: str, calib:
     """What mixq.json says of a run: its config, source, budget, calibration, real bpw, seconds, shapes."""
     qbits, weights = block_linear_bits(model)
     cal = config.calibration
-    meta = {"version": 1, "source": source, "budget": str(config.budget) if config.budget else "hand-written plan",
+    meta = {"version": 1, "source": source, "budget": _budget_text(config, result.profile),
             "calibration": {"file": cal.text or "pydoc calibration split", "windows": int(calib.shape[0]),
                             "generated_windows": cal.generated, "length": int(calib.shape[1])},
             "bpw": qbits / weights, "block_linear_weights": weights, "parameters": parameter_count(model),
@@ -403,6 +403,18 @@ def _describe(model, result: Result, config: QuantizeConfig, source: str, calib:
                            "measured_ms": token_seconds(model) * 1000, "float_ms": costs.float_token * 1000,
                            "threads": costs.threads}
     return meta
+
+
+def _budget_text(config: QuantizeConfig, profile) -> str:
+    """The budget as mixq.json and the printed title say it; a bits budget with tables says their share and the
+    size the whole comes to."""
+    budget = config.budget
+    if budget is None:
+        return "hand-written plan"
+    if budget.bits is None or profile is None or not profile.tables:
+        return str(budget)
+    size = budget_bits(profile, budget) // 8 + profile.fixed_bytes
+    return f"{budget}, the tables {budget.table_bits:g}, spent over both: {size / 1e6:.2f} MB"
 
 
 def _save(model, tokenizer, result: Result, out: Path, config: QuantizeConfig, costs) -> None:

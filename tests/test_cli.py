@@ -339,6 +339,7 @@ def test_quantize_with_embeddings_and_refinement(tiny_hf_dir, text_file, tmp_pat
     meta = json.loads((out / MARKER).read_text())
     assert set(meta["tables"]) == {"model.embed_tokens"}  # tied: the head is the table's second use
     assert "tables: model.embed_tokens" in res.stdout
+    assert meta["budget"].startswith("4 bits per weight, the tables 6.5, spent over both: ")
     float_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_hf_dir).parameters())
     assert meta["parameters"] == float_params  # the tied table once
     assert meta["weight_bytes"] == (out / "model.safetensors").stat().st_size
