@@ -132,7 +132,7 @@ def quantize(
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
     stream: bool = typer.Option(False, "--stream", help="Read the float weights from disk block by block instead "
                                 "of loading the model: memory bounded by about one block, for models larger than "
-                                "memory (not with kl, --refine, --calib-generated or a latency budget; transforms "
+                                "memory (the tables stay fp16; not with kl, --refine, --calib-generated or a latency budget; transforms "
                                 "write a float32 scratch copy beside the output)."),
     device: Optional[str] = typer.Option(None, "--device", help="Where capture, profile and apply compute: cpu, "
                                          "cuda or cuda:N (default: cuda where torch sees a GPU, else cpu)."),

@@ -96,8 +96,8 @@ class QuantizeConfig:
     formats      the candidate formats; empty: the default menu, or the exporter's with `compatible`
     compatible   an exporter's name (mixq.export): allocate among the formats it stores exactly
     tables       the embedding table and the head join the allocation (else they stay fp16 as stored); None: they
-                 do unless the budget is a latency (the cost table times the block linears) or the exporter of
-                 `compatible` stores no quantized table
+                 do unless the budget is a latency (the cost table times the block linears), the exporter of
+                 `compatible` stores no quantized table, or the model is streamed (`quantizes_tables`)
     estimator    the damage estimator of the profile (mixq.sensitivity; None: the model's own, models.tasks:
                  oac for a decoder, kl for an encoder)
     damp         the solvers' damping, a fraction of mean(diag H)
@@ -137,9 +137,6 @@ class QuantizeConfig:
         if self.eval_windows < 0:
             raise ValueError(f"--eval-windows takes a number ≥ 0 (0: no evaluation), got {self.eval_windows}")
         latency = self.budget is not None and self.budget.latency
-        if self.tables is None:
-            object.__setattr__(self, "tables", not latency and (self.compatible is None or bool(
-                EXPORTERS.lookup(self.compatible)().table_specs())))
         if self.cost_table is not None and not latency:
             raise ValueError("--cost-table goes with --latency (a latency budget)")
         if self.plan is not None:
@@ -185,9 +182,19 @@ class QuantizeConfig:
             return EXPORTERS[self.compatible]().specs()
         return default_specs()
 
-    def table_candidates(self) -> list[Candidate]:
+    def quantizes_tables(self, streamed: bool = False) -> bool:
+        """Whether the embedding table and the head join the allocation: `tables` where given, else unless the
+        budget is a latency, the exporter stores no table, or the model is `streamed` (a 128k-token vocabulary's
+        profile does not stay within one block's memory yet: benchmarks/results/scale.md)."""
+        if self.tables is not None:
+            return self.tables
+        latency = self.budget is not None and self.budget.latency
+        exporter = EXPORTERS[self.compatible]() if self.compatible is not None else None
+        return not streamed and not latency and (exporter is None or bool(exporter.table_specs()))
+
+    def table_candidates(self, streamed: bool = False) -> list[Candidate]:
         """The tables' candidates: none where they stay float; the exporter's (`compatible`), or table_candidates()."""
-        if not self.tables:
+        if not self.quantizes_tables(streamed):
             return []
         if self.compatible is not None:
             return [Candidate(s, "rtn") for s in EXPORTERS[self.compatible]().table_specs()]

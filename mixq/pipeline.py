@@ -121,7 +121,8 @@ def _quantize_loaded(model, tokenizer, config: QuantizeConfig, out, step: Step, 
     preflight(model, config, candidates, costs, source)
     calib = _with_generated(model, tokenizer, calib, config, step)
     before = task.evaluate(model, tokenizer, config.eval_windows, step) if config.eval_windows else None
-    checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config))
+    checkpoint = _checkpoint(out, source, calib, config, candidates, estimator_of(model, config),
+                             streamer_of(model) is not None)
     shards = _block_shards(out, source, calib, config) if streamer_of(model) is not None else None
     result = _stages(model, calib, config, candidates, costs, step, checkpoint, shards, out, store)
     result.seconds["total"] = time.perf_counter() - t0
@@ -165,7 +166,8 @@ def _stages(model, calib, config: QuantizeConfig, candidates: list[Candidate], c
     if plan is None:
         with _timed(seconds, "profile"):
             prof = profile_model(model, calib, candidates, estimator_of(model, config), damp=config.damp, step=step,
-                                 checkpoint=checkpoint, tables=config.table_candidates(),
+                                 checkpoint=checkpoint,
+                                 tables=config.table_candidates(streamer_of(model) is not None),
                                  transforms=config.transforms,
                                  store=store)
         with _timed(seconds, "allocate"):
@@ -269,7 +271,8 @@ def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs:
 
         EXPORTERS[config.compatible]().check_model(model, Path(source) if source else None)
     adapter = adapter_for(model)
-    names, extra = adapter.layer_names(model), adapter.tables(model) if config.tables else []
+    streamed = streamer_of(model) is not None
+    names, extra = adapter.layer_names(model), adapter.tables(model) if config.quantizes_tables(streamed) else []
 
     def shapes(ns):
         return {n: tuple(model.get_submodule(n).weight.shape) for n in ns}
@@ -279,7 +282,7 @@ def preflight(model, config: QuantizeConfig, candidates: list[Candidate], costs:
     for n, shape in shapes(names).items():
         cands = layer_candidates(adapter, config.applied_transforms, n, shape[1], candidates)
         sizes.layers += cost_profile({n: shape}, cands, 0, estimator, biased_layers(model, [n])).layers
-    sizes.layers += cost_profile(shapes(extra), config.table_candidates(), 0, estimator,
+    sizes.layers += cost_profile(shapes(extra), config.table_candidates(streamed), 0, estimator,
                                  biased_layers(model, extra)).layers
     sizes.tables = tuple(extra)
     check_budget(sizes, config.budget, costs)
@@ -328,7 +331,8 @@ def _with_generated(model, tokenizer, calib: torch.Tensor, config: QuantizeConfi
     return data.mixed(calib, gen)
 
 
-def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, candidates, estimator: str):
+def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, candidates, estimator: str,
+                streamed: bool):
     """Where the profile is kept while it grows: beside `out`, keyed by everything that decides it, so that the
     same run started again after a crash resumes from the blocks already profiled."""
     if out is None or config.plan is not None:
@@ -339,7 +343,7 @@ def _checkpoint(out, source: str, calib: torch.Tensor, config: QuantizeConfig, c
 
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     key = run_key(source, calib, candidates, estimator, fisher_windows=FISHER_WINDOWS,
-                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=[c.name for c in config.table_candidates()],
+                  kl_tokens=[KL_WINDOWS, KL_LENGTH], tables=[c.name for c in config.table_candidates(streamed)],
                   transforms=list(config.transforms),
                   damp=config.damp)
     return Checkpoint(beside(out, "profile-partial.json"), key)

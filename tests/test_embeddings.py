@@ -58,13 +58,16 @@ def tied():
     return float_model, model, result, calib
 
 
-def test_tables_join_by_default_but_under_a_latency_or_an_exporter():
-    assert QuantizeConfig(budget=Budget(bits=3)).tables and QuantizeConfig(budget=Budget(bytes=10**6)).tables
-    assert not QuantizeConfig(budget=Budget(of_float=0.5)).tables
-    assert not QuantizeConfig(budget=Budget(bits=3), compatible="compressed-tensors").tables  # stores no table
+def test_tables_join_by_default_but_under_a_latency_an_exporter_or_a_stream():
+    default = QuantizeConfig(budget=Budget(bits=3))
+    assert default.quantizes_tables() and QuantizeConfig(budget=Budget(bytes=10**6)).quantizes_tables()
+    assert not default.quantizes_tables(streamed=True) and not default.table_candidates(streamed=True)
+    assert QuantizeConfig(budget=Budget(bits=3), tables=True).quantizes_tables(streamed=True)  # asked for
+    assert not QuantizeConfig(budget=Budget(of_float=0.5)).quantizes_tables()
+    assert not QuantizeConfig(budget=Budget(bits=3), compatible="compressed-tensors").quantizes_tables()
     gguf = QuantizeConfig(budget=Budget(bits=3), compatible="gguf")  # llama.cpp's types hold tables
-    assert gguf.tables and {c.spec for c in gguf.table_candidates()} <= set(EXPORTERS["gguf"]().specs())
-    assert not QuantizeConfig(budget=Budget(bits=3), tables=False).tables
+    assert gguf.quantizes_tables() and {c.spec for c in gguf.table_candidates()} <= set(EXPORTERS["gguf"]().specs())
+    assert not QuantizeConfig(budget=Budget(bits=3), tables=False).table_candidates()
     assert Budget(bits=3).table_bits == TABLE_BITS and Budget(bits=3, table_bits=8).table_bits == 8
     assert Budget.from_dict(Budget(bits=3, table_bits=5).to_dict()) == Budget(bits=3, table_bits=5)
     for bad in ({"bytes": 10**6, "table_bits": 6}, {"of_float": 0.5, "table_bits": 6}):

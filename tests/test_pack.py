@@ -83,3 +83,18 @@ def test_unpack_at_reads_any_positions(case, data):
     where = data.draw(st.lists(st.integers(0, len(values) - 1), min_size=1, max_size=20))
     got = unpack_at(packed, bits, torch.tensor(where))
     assert got.tolist() == [values[i] for i in where]
+
+
+@pytest.mark.parametrize("name", ["int4-g32-min-dq6", "int3-g64-min", "nf3-g64-dq6", "int4-g32-asym"])
+def test_group_values_read_without_unpacking_the_codes(name):
+    """What the kernel reads of a layer (its groups' scales and zeros) comes without the codes, which for a
+    128k-row head would take gigabytes unpacked, and equals what the whole read gives."""
+    from mixq.formats import QuantSpec, quantize
+    from mixq.runtime.qlinear import QuantLinear
+
+    w = torch.randn(48, 192, generator=torch.Generator().manual_seed(0))
+    layer = QuantLinear.from_quantized(quantize(w, QuantSpec.from_name(name)))
+    scales_only, whole = layer.quantized(codes=False), layer.quantized()
+    assert scales_only.codes.numel() == 0 and whole.codes.shape == (48, 192)
+    for a, b in zip(scales_only.grid_values(), whole.grid_values()):
+        assert torch.equal(a, b)

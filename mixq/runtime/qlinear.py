@@ -66,8 +66,10 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(bias)
         return m
 
-    def quantized(self, rows: torch.Tensor | None = None) -> QuantizedTensor:
-        """The stored tensors, unpacked: every row, or only `rows` (indices), read in place from the packing."""
+    def quantized(self, rows: torch.Tensor | None = None, codes: bool = True) -> QuantizedTensor:
+        """The stored tensors, unpacked: every row, or only `rows` (indices), read in place from the packing;
+        without `codes`, the groups' scales and zeros only (codes of no column: a 128k-row head's codes unpacked
+        whole would take gigabytes)."""
         spec, cols, per_row = self.spec, self._cols, self.groups // self.out_features
         n = self.out_features if rows is None else len(rows)
 
@@ -76,8 +78,8 @@ class QuantLinear(nn.Module):
                 return unpack(packed, bits, n * width).view(n, width)
             return unpack_at(packed, bits, rows[:, None] * width + torch.arange(width))
 
-        codes = read(self.qweight, spec.bits, cols)
-        high = None if self.high is None else self.high.quantized(rows)
+        codes = read(self.qweight, spec.bits, cols) if codes else torch.empty(n, 0, dtype=torch.uint8)
+        high = None if self.high is None else self.high.quantized(rows, codes)
         zero = spec.grid_type.zero
         fixed = torch.full((n, per_row), spec.grid_type.fixed_zero(spec.bits), dtype=torch.uint8)  # none stored
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -128,7 +130,7 @@ class QuantLinear(nn.Module):
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, z) of w = (q − z)·s, or (s, m) of w = q·s + m ("min" grids), float32 rows × groups."""
         if self._ac is None:
-            s, z = self.quantized().grid_values()
+            s, z = self.quantized(codes=False).grid_values()
             self._ac = (s.float().contiguous(), z.float().contiguous())
         return self._ac
 
