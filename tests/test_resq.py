@@ -125,7 +125,7 @@ def resq_dir(tmp_path_factory, tiny_tokenizer, text_file):
     tiny_tokenizer.save_pretrained(root / "m")
     res = runner.invoke(app, [str(a) for a in (
         "quantize", "--model", root / "m", "--bits", 3, "--solver", "resq+gptq-act", "--calib", text_file,
-        "--calib-windows", 4, "--eval-windows", 0, "--out", root / "q")])
+        "--calib-windows", 4, "--eval-windows", 0, "--float-tables", "--out", root / "q")])
     assert res.exit_code == 0, res.output
     return root
 

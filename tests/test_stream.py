@@ -34,8 +34,8 @@ def _sharded_folder(family: str, path, shard: str = "40KB"):
 
 
 def _config(text_file, **kw) -> QuantizeConfig:
-    return QuantizeConfig.from_solver("gptq+comq", **{
-        "budget": Budget(bits=4.5), "estimator": "hessian", "eval_windows": 0,
+    return QuantizeConfig.from_solver("gptq+comq", **{  # the tables as a streamed run keeps them (fp16)
+        "budget": Budget(bits=4.5), "estimator": "hessian", "eval_windows": 0, "tables": False,
         "calibration": Calibration(str(text_file), 4), **kw})
 
 
@@ -172,7 +172,7 @@ def test_transforms_stream_and_give_the_in_memory_plan_and_model(family, solver,
     to the table untied as in memory: llama), with one float block in memory at a time."""
     folder = _sharded_folder(family, tmp_path / "m")
     config = QuantizeConfig.from_solver(solver, budget=Budget(bits=4.5), estimator="hessian", eval_windows=0,
-                                        calibration=Calibration(str(text_file), 4))
+                                        tables=False, calibration=Calibration(str(text_file), 4))
     a = mixq.quantize(str(folder), None, config, out=tmp_path / "a")
     b = mixq.quantize(str(folder), None, config, out=tmp_path / "b", stream=True)
     assert a.plan.transforms == b.plan.transforms == (solver.split("+")[0],)
@@ -214,7 +214,7 @@ def test_solvers_that_judge_the_block_stream_too(tmp_path, text_file):
     """taskclip judges each layer by its block's output (the JUDGE statistic): block-local, so it streams."""
     folder = _sharded_folder("llama", tmp_path / "m")
     config = QuantizeConfig.from_solver("taskclip", budget=Budget(bits=4.5), estimator="roundoff", eval_windows=0,
-                                        calibration=Calibration(str(text_file), 4))
+                                        tables=False, calibration=Calibration(str(text_file), 4))
     a = mixq.quantize(str(folder), None, config, out=tmp_path / "a")
     b = mixq.quantize(str(folder), None, config, out=tmp_path / "b", stream=True)
     assert a.plan == b.plan

@@ -78,8 +78,8 @@ class QuantLinear(nn.Module):
                 return unpack(packed, bits, n * width).view(n, width)
             return unpack_at(packed, bits, rows[:, None] * width + torch.arange(width))
 
-        codes = read(self.qweight, spec.bits, cols) if codes else torch.empty(n, 0, dtype=torch.uint8)
         high = None if self.high is None else self.high.quantized(rows, codes)
+        codes = read(self.qweight, spec.bits, cols) if codes else torch.empty(n, 0, dtype=torch.uint8)
         zero = spec.grid_type.zero
         fixed = torch.full((n, per_row), spec.grid_type.fixed_zero(spec.bits), dtype=torch.uint8)  # none stored
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
