@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def run(bits: float, options: list[str]) -> None:
     finally:
         shutil.rmtree(work)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
+                            cwd=HERE).stdout.strip() or os.environ.get("MIXQ_COMMIT", "")  # (a copy outside git)
     row = {"options": " ".join(options) or "(defaults)", "bits": bits, "commit": commit, "bpw": meta["bpw"],
            "file_mb": meta["weight_bytes"] / 1e6, "file_bpp": meta["weight_bytes"] * 8 / meta["parameters"],
            "tables": meta.get("tables", {}), "pydoc": pydoc["ppl"], "unlike": unlike["ppl"],
@@ -88,6 +89,7 @@ def write(rows) -> None:
                      f"| {tables} | {r['pydoc']:.3f} ({r['pydoc'] / ref['pydoc']:.3f} ×) | {r['unlike']:.2f} "
                      f"({r['unlike'] / ref['unlike']:.3f} ×) | {r['work_seconds']:.0f} | {r['command_seconds']:.0f} | "
                      f"{r['commit']} |")
+    lines += [""] + [f"`{r['options']}` at {r['bits']:g}: {r['note']}  " for r in rows if r.get("note")]
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
