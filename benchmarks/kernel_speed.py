@@ -9,11 +9,10 @@ script's folder comes first on sys.path, and transformers imports a package of t
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import torch
 
+from mixq.cost import median_seconds
 from mixq.formats import QuantSpec, quantize
 from mixq.runtime.cpu import kernel
 from mixq.runtime.qlinear import QuantLinear
@@ -22,18 +21,6 @@ from common import HERE, provenance
 
 SHAPES = [(1536, 576), (576, 1536), (14336, 4096)]  # (out, in)
 PAIRS = [("int3-g64-min-dq6", "nf3-g64-dq6"), ("int4-g64-min-dq6", "nf4-g64-dq6"), ("int4-g32-min", "iq4nl-g32")]
-
-
-def seconds(layer: QuantLinear, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            layer(x)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            layer(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
@@ -51,7 +38,7 @@ def main():
                 t = {}
                 for name in (base, other):
                     layer = QuantLinear.from_quantized(quantize(w, QuantSpec.from_name(name)))
-                    t[name] = seconds(layer, x, repeats)
+                    t[name] = median_seconds(layer, x, repeats, warmup=3)
                 rows.append({"threads": threads, "shape": [out_f, in_f], "integer": base, "levels": other,
                              "integer_us": t[base] * 1e6, "levels_us": t[other] * 1e6})
                 print(rows[-1], flush=True)
@@ -64,7 +51,8 @@ def main():
              "| threads | out × in | integer format | µs | level format | µs | levels / integer |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['threads']} | {r['shape'][0]} × {r['shape'][1]} | {r['integer']} | {r['integer_us']:.1f} | "
+        lines.append(f"| {r['threads']} | {r['shape'][0]} × {r['shape'][1]} | {r['integer']} | "
+                     f"{r['integer_us']:.1f} | "
                      f"{r['levels']} | {r['levels_us']:.1f} | {r['levels_us'] / r['integer_us']:.2f} × |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -34,10 +34,10 @@ class Allocation:
         return self.bits / profile.weights
 
 
-def bit_limits(profile: Profile) -> tuple[int, int]:
-    """Smallest and largest possible stored bits of the block linears."""
-    blocks = [lp for lp in profile.layers if lp.name not in profile.tables]
-    return sum(min(lp.bits) for lp in blocks), sum(max(lp.bits) for lp in blocks)
+def bit_limits(profile: Profile, tables: bool = False) -> tuple[int, int]:
+    """Smallest and largest possible stored bits of the block linears (with `tables`, and of the tables)."""
+    layers = [lp for lp in profile.layers if tables or lp.name not in profile.tables]
+    return sum(min(lp.bits) for lp in layers), sum(max(lp.bits) for lp in layers)
 
 
 def budget_bits(profile: Profile, budget: Budget) -> int:
@@ -59,13 +59,17 @@ def check_budget(profile: Profile, budget: Budget, costs: CostTable | None = Non
                               "has them as layers: profile with --float-tables")
         return _check_latency(profile, budget, costs)
     limit = budget_bits(profile, budget)
-    lo, hi = sum(min(lp.bits) for lp in profile.layers), sum(max(lp.bits) for lp in profile.layers)
+    lo, hi = bit_limits(profile, tables=True)
     if limit < lo:
         n = profile.weights + profile.table_weights
+
+        def mb(bits: int) -> float:
+            return (bits // 8 + profile.fixed_bytes) / 1e6
+        asked = f" (the tables {budget.table_bits:g}: {mb(limit):.2f} MB)" if budget.bits and profile.tables else ""
+        of = " of the blocks and tables" if profile.tables else ""
         raise BudgetError(
-            f"budget {budget} is below the smallest possible model: {lo / n:.3f} bits per weight "
-            f"({(lo // 8 + profile.fixed_bytes) / 1e6:.2f} MB); the largest is {hi / n:.3f} "
-            f"({(hi // 8 + profile.fixed_bytes) / 1e6:.2f} MB)")
+            f"budget {budget}{asked} is below the smallest possible model: {lo / n:.3f} bits per weight{of} "
+            f"({mb(lo):.2f} MB); the largest is {hi / n:.3f} ({mb(hi):.2f} MB)")
     return limit
 
 

@@ -99,7 +99,8 @@ def quantize(
                                                "formats, 4 to 8 bits, round to nearest, are chosen with the blocks'). "
                                                "Default 6.5 (llama.cpp gives an output table Q6_K)."),
     float_tables: bool = typer.Option(False, "--float-tables", help="Keep the embedding table and the head fp16 as "
-                                      "stored, outside the budget (as a latency budget and --compatible compressed-tensors do)."),
+                                      "stored, outside the budget (as a latency budget, --stream and --compatible "
+                                      "compressed-tensors do)."),
     compatible: Optional[str] = typer.Option(None, "--compatible", help="Allocate among the formats an export "
                                              "stores exactly, so that `mixq export --to NAME` writes the very codes "
                                              f"mixq chose: {export.help_text()}."),
@@ -109,8 +110,8 @@ def quantize(
                                           "mixq prints them: int3-g64-min (uniform, fp16 minimum), "
                                           "int4-g32-min-dq6 (6-bit scale codes), int4-g32-sym, nf3-g64 (normal-float "
                                           "levels), iq4nl-g32 (llama.cpp's IQ4_NL levels); `default` stands for the "
-                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min; nf3 at g32-dq6 and g64-dq6, nf4 at "
-                                          "g64-dq6)."),
+                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min; nf3 at "
+                                          "g32-dq6 and g64-dq6, nf4 at g64-dq6)."),
     ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="The same as --compatible "
                                        "compressed-tensors."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) as "
@@ -132,8 +133,8 @@ def quantize(
     eval_windows: int = typer.Option(64, help="Perplexity windows before/after (0: skip the evaluation)."),
     stream: bool = typer.Option(False, "--stream", help="Read the float weights from disk block by block instead "
                                 "of loading the model: memory bounded by about one block, for models larger than "
-                                "memory (the tables stay fp16; not with kl, --refine, --calib-generated or a latency budget; transforms "
-                                "write a float32 scratch copy beside the output)."),
+                                "memory (the tables stay fp16; not with kl, --refine, --calib-generated or a "
+                                "latency budget; transforms write a float32 scratch copy beside the output)."),
     device: Optional[str] = typer.Option(None, "--device", help="Where capture, profile and apply compute: cpu, "
                                          "cuda or cuda:N (default: cuda where torch sees a GPU, else cpu)."),
     activations_on_disk: bool = typer.Option(False, "--activations-on-disk", help="Keep the hidden states between "

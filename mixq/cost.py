@@ -65,11 +65,13 @@ class CostTable:
             raise ValueError(f"not a mixq cost table (version {VERSION}): run `mixq calibrate-cost`") from None
 
 
-def _time(fn, x) -> float:
+def median_seconds(fn, x, repeats: int = REPEATS, warmup: int = 1) -> float:
+    """The median time of `fn(x)` over `repeats` calls after `warmup` untimed ones, without autograd."""
     with torch.no_grad():
-        fn(x)
+        for _ in range(warmup):
+            fn(x)
         times = []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             t = time.perf_counter()
             fn(x)
             times.append(time.perf_counter() - t)
@@ -120,7 +122,7 @@ def measure(model: nn.Module, candidates, step=None) -> CostTable:
         x = torch.randn(1, cols, generator=gen)
         for spec in {c.spec for c in layer_costs("", rows, cols, candidates).candidates}:
             layer = QuantLinear.from_quantized(quantize(w, spec))
-            table.formats.setdefault(spec.name, {})[_key(rows, cols)] = _time(layer, x)
+            table.formats.setdefault(spec.name, {})[_key(rows, cols)] = median_seconds(layer, x)
         if step:
             step("cost", k + 1, len(shapes))
     return table

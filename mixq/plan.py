@@ -13,6 +13,8 @@ BIAS_BITS = 16  # biases are stored as fp16 (io.FLOAT_DTYPE)
 TABLE_BITS = 6.5  # what the embedding table and the head add to a bits budget, per weight: about llama.cpp's Q6_K
 # (6.56 bits) for an output table. The allocation spends the whole over blocks and tables: on SmolLM2 at 3.0 bpw
 # that beats the table held at 6.24 bits on both texts at a smaller file (benchmarks/results/embeddings.md)
+TABLE_BITS_ALONE = ("--table-bits goes with --bits: under --size the tables share the bytes with the block linears, "
+                    "and a latency budget keeps them float")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,6 @@ class Candidate:
         d = dict(d)
         solver = d.pop("solver", "gptq")
         return cls(QuantSpec.from_dict(d), solver)
-TABLE_BITS_ALONE = ("--table-bits goes with --bits: under --size the tables share the bytes with the block linears, "
-                    "and a latency budget keeps them float")
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,6 @@ class Budget:
     @classmethod
     def parse(cls, bits: float | None = None, size: str | None = None, latency: str | None = None,
               table_bits: float | None = None) -> "Budget":
-        if table_bits is not None and bits is None:
-            raise ValueError(TABLE_BITS_ALONE)
         if latency is not None:
             m = re.fullmatch(r"\s*([0-9.]+)\s*(x|×|ms|s)\s*", latency, re.IGNORECASE)
             if not m:
@@ -106,8 +104,8 @@ class Budget:
                                  "token) or 25ms (per token)")
             value, unit = float(m.group(1)), m.group(2).lower()
             if unit in ("x", "×"):
-                return cls(of_float=value)
-            return cls(seconds=value / 1000 if unit == "ms" else value)
+                return cls(of_float=value, table_bits=table_bits)
+            return cls(seconds=value / 1000 if unit == "ms" else value, table_bits=table_bits)
         if size is None:
             return cls(bits=bits, table_bits=table_bits)
         m = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", size, re.IGNORECASE)
@@ -115,7 +113,7 @@ class Budget:
             raise ValueError(f"cannot read size {size!r}: write e.g. 60MB or 58MiB")
         unit = (m.group(2) or "B").lower()
         mult = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}[unit]
-        return cls(bytes=int(float(m.group(1)) * mult))
+        return cls(bytes=int(float(m.group(1)) * mult), table_bits=table_bits)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

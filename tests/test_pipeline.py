@@ -404,7 +404,8 @@ def test_save_creates_missing_parent_folders(quantized, tiny_tokenizer, tmp_path
 
 def test_loaded_float_table_stays_fp16_and_shared(tmp_path, tiny_model, calib_ids):
     """The table mixq did not quantize (--float-tables) is kept as stored (fp16, half the memory), the tied head
-    computes from the very same tensor, and the logits are those of float32 copies of it, for one token (kernel) and for many."""
+    computes from the very same tensor, and the logits are those of float32 copies of it, for one token (kernel)
+    and for many."""
     from mixq.runtime.half import HalfEmbedding, HalfLinear
     from conftest import make_tokenizer
 

@@ -20,8 +20,8 @@ from ..registry import Registry, import_all
 
 GRIDS = Registry("grid")
 
-ZEROS = ("none", "int", "float")
-BUCKETIZE_MAX = 8192  # Levels.encode: inputs up to this many weights take a binary search, larger ones the passes  # what a group stores beside its scale: nothing, a `bits`-wide code, an fp16 value
+ZEROS = ("none", "int", "float")  # what a group stores beside its scale: nothing, a `bits`-wide code, an fp16 value
+BUCKETIZE_MAX = 8192  # Levels.encode: inputs up to this many weights take a binary search, larger ones the passes
 
 
 def register(cls: type["Grid"]) -> type["Grid"]:
