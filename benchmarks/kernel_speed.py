@@ -1,5 +1,6 @@
 """The CPU kernel's matrix-vector product (batch 1, what decoding runs) per format, against the integer kernel at the
-same bits in the same process: level grids (normal-float, IQ4_NL: a look-up of each code's level) and the uniform
+same bits in the same process: level grids (normal-float, IQ4_NL: a look-up of each code's level) and binary coding
+(BiQGEMM's look-up tables of the signed sums of every 8 inputs, at the integer format's bpw) against the uniform
 grids, on SmolLM2's shapes (576 → 1536, 1536 → 576) and a Llama-3-8B one (4096 → 14336). Median of repeated
 calls after a warm-up; one thread and two. Random weights: the time does not depend on their values.
 
@@ -13,14 +14,28 @@ import json
 import torch
 
 from mixq.cost import median_seconds
-from mixq.formats import QuantSpec, quantize
+from mixq.formats import QuantizedTensor, QuantSpec, quantize
 from mixq.runtime.cpu import kernel
 from mixq.runtime.qlinear import QuantLinear
 
 from common import HERE, provenance
 
 SHAPES = [(1536, 576), (576, 1536), (14336, 4096)]  # (out, in)
-PAIRS = [("int3-g64-min-dq6", "nf3-g64-dq6"), ("int4-g64-min-dq6", "nf4-g64-dq6"), ("int4-g32-min", "iq4nl-g32")]
+PAIRS = [("int3-g64-min-dq6", "nf3-g64-dq6"), ("int4-g64-min-dq6", "nf4-g64-dq6"), ("int4-g32-min", "iq4nl-g32"),
+         ("int2-g64-min", "bcq2-g64"), ("int3-g64-min", "bcq3-g96"), ("int4-g64-min", "bcq4-g128")]  # (same bpw)
+
+
+def layer(w: torch.Tensor, name: str) -> QuantLinear:
+    """A packed layer of that format (binary coding: random signs and α, as its fit of a 14336-row layer takes
+    minutes and the time does not depend on the values)."""
+    spec = QuantSpec.from_name(name)
+    if spec.grid_type.solver is None:
+        return QuantLinear.from_quantized(quantize(w, spec))
+    rows, cols = w.shape
+    groups = cols // spec.group(cols)
+    codes = torch.randint(0, 1 << spec.bits, (rows, cols), dtype=torch.uint8)
+    return QuantLinear.from_quantized(QuantizedTensor(codes, torch.rand(rows, groups * spec.bits).half() * 0.01,
+                                                      torch.zeros(rows, groups, dtype=torch.uint8), spec))
 
 
 def main():
@@ -37,18 +52,19 @@ def main():
             for base, other in PAIRS:
                 t = {}
                 for name in (base, other):
-                    layer = QuantLinear.from_quantized(quantize(w, QuantSpec.from_name(name)))
-                    t[name] = median_seconds(layer, x, repeats, warmup=3)
+                    t[name] = median_seconds(layer(w, name), x, repeats, warmup=3)
                 rows.append({"threads": threads, "shape": [out_f, in_f], "integer": base, "levels": other,
                              "integer_us": t[base] * 1e6, "levels_us": t[other] * 1e6})
                 print(rows[-1], flush=True)
     out = HERE / "results" / "kernel_speed"
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "provenance": provenance()}, indent=1))
-    lines = ["# The CPU kernel's matrix-vector product: level grids against the integer grid at the same bits", "",
+    lines = ["# The CPU kernel's matrix-vector product: look-up formats against the integer grid at the same bits", "",
              "Batch 1 (decoding), random weights, median of repeated calls after a warm-up, both formats timed in one "
              "process. A level grid looks each code's level up in registers (two permutes and a blend for 16 levels) "
-             "where the integer grid converts the code. " + provenance(), "",
-             "| threads | out × in | integer format | µs | level format | µs | levels / integer |",
+             "where the integer grid converts the code. Binary coding (bcq, at the integer format's bpw) forms the 256 "
+             "signed sums of every 8 inputs once per call and gathers one per plane byte of 8 rows (BiQGEMM). "
+             + provenance(), "",
+             "| threads | out × in | integer format | µs | look-up format | µs | look-up / integer |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['threads']} | {r['shape'][0]} × {r['shape'][1]} | {r['integer']} | "

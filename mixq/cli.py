@@ -109,9 +109,11 @@ def quantize(
                                           "comma-separated, named as "
                                           "mixq prints them: int3-g64-min (uniform, fp16 minimum), "
                                           "int4-g32-min-dq6 (6-bit scale codes), int4-g32-sym, nf3-g64 (normal-float "
-                                          "levels), iq4nl-g32 (llama.cpp's IQ4_NL levels); `default` stands for the "
-                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min; nf3 at "
-                                          "g32-dq6 and g64-dq6, nf4 at g64-dq6)."),
+                                          "levels), lk3-g64-dq6 (levels learned per layer), iq4nl-g32 (llama.cpp's "
+                                          "IQ4_NL levels), bcq2-g64 (binary codes, fitted by the bcq solver); "
+                                          "`default` stands for the "
+                                          "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min; lk3 at "
+                                          "g32-dq6 and g64-dq6, lk4 at g64-dq6)."),
     ct_compatible: bool = typer.Option(False, "--compressed-tensors-compatible", help="The same as --compatible "
                                        "compressed-tensors."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan (JSON, written or edited by hand) as "

@@ -21,12 +21,13 @@ VERSION = 1
 
 # (group, grid, scale bits[, widths]) of the default candidates, each at every width (or those given): "min" grids
 # (free fp16 offset) beat integer zeros and symmetric grids at every width on SmolLM2, and double-quantized 6-bit
-# scale codes make groups of 32 and 64 cheap. Normal-float levels at 3 (and 4) bits store no minimum: at 3.0 bpw
-# the allocation gives them 98 of SmolLM2's 210 layers, pydoc 15.61 -> 15.37 and botchan 59.9 -> 58.3
-# (benchmarks/results/grids.md); at 2 bits and in groups of 192 they are seldom chosen. Each entry costs one solver
+# scale codes make groups of 32 and 64 cheap. Level grids at 3 (and 4) bits store no minimum: normal-float levels
+# took 98 of SmolLM2's 210 layers at 3.0 bpw, pydoc 15.61 -> 15.37 and botchan 59.9 -> 58.3 (grids.md); levels
+# learned per layer (lk, weighted k-means) in their place, one `mixq quantize --bits 3.0`: 14.637 -> 14.544 and
+# 44.87 -> 44.18 (default_runs.md). At 2 bits and in groups of 192 they are seldom chosen. Each entry costs one solver
 # call per layer group (a level grid's more than a uniform one's: a comparison per level): whole rows (as costly as
 # the three others together on 576-wide rows) come in only where no group divides a layer's rows (`layer_costs`).
-DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16), (32, "nf", 6, (3,)), (64, "nf", 6, (3, 4)))
+DEFAULT_FORMATS = ((32, "min", 6), (64, "min", 6), (192, "min", 16), (32, "lk", 6, (3,)), (64, "lk", 6, (3, 4)))
 
 
 DEFAULT_SOLVER = Chain("gptq-act", ("comq",))  # GPTQ in act order, then coordinate descent: 8.6 % lower pydoc ppl
@@ -44,7 +45,12 @@ def default_specs(bits=(2, 3, 4, 5, 6, 8), groups=None, grid: str = "min", forma
 def default_candidates(solver=DEFAULT_SOLVER, bits=(2, 3, 4, 5, 6, 8), groups=None, grid: str = "min",
                        formats=DEFAULT_FORMATS) -> list[Candidate]:
     """`default_specs`, each filled by `solver`."""
-    return [Candidate(spec, solver) for spec in default_specs(bits, groups, grid, formats)]
+    return [filled(spec, solver) for spec in default_specs(bits, groups, grid, formats)]
+
+
+def filled(spec: QuantSpec, chain) -> Candidate:
+    """`spec` filled by `chain`, or by its grid's own solver where it has one (binary coding)."""
+    return Candidate(spec, spec.grid_type.solver or chain)
 
 
 def parse_formats(text: str) -> tuple[QuantSpec, ...]:
@@ -65,8 +71,9 @@ TABLE_WIDTHS = (4, 5, 6, 8)  # of the embedding table and the output head's cand
 
 
 def table_candidates(bits=TABLE_WIDTHS, formats=DEFAULT_FORMATS) -> list[Candidate]:
-    """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian)."""
-    return [Candidate(spec, "rtn") for spec in default_specs(bits, formats=formats)]
+    """Candidates of the embedding table and the head: round-to-nearest (a lookup table has no input Hessian, so no
+    learned grid either)."""
+    return [Candidate(spec, "rtn") for spec in default_specs(bits, formats=formats) if not spec.grid_type.learned]
 
 
 @dataclass(frozen=True)
@@ -201,9 +208,10 @@ class QuantizeConfig:
         return table_candidates()
 
     def candidates(self) -> list[Candidate]:
-        """Every format filled by every solver, solver after solver."""
+        """Every format filled by every solver, solver after solver (a grid with a solver of its own: by that one,
+        once)."""
         specs = self.specs()
-        return [Candidate(spec, chain) for chain in self.solvers for spec in specs]
+        return list(dict.fromkeys(filled(spec, chain) for chain in self.solvers for spec in specs))
 
     def to_dict(self) -> dict:
         d = {"version": VERSION}

@@ -14,6 +14,11 @@ The grid (`QuantSpec.grid`, a registered `mixq.grids.Grid`) says what level(q) i
 - "kmin": as "min" with the minimum never above 0 (llama.cpp's Q2_K / Q4_K / Q5_K); double-quantized only.
 - level grids ("nf": normal-float, NF4 at 4 bits; "iq4nl": llama.cpp's IQ4_NL levels): level(q) = L[q], a fixed
   table of 2^bits non-uniform levels, z = 0 and nothing stored, the scale signed.
+- "lk", a learned level grid: as a level grid, with a table of each layer's own (fitted by weighted k-means, see
+  grids.learned), stored beside the layer as 2^bits fp16 levels that count in its bits (QuantizedTensor's
+  `learned_levels`).
+- "bcq", binary coding: `bits` fp16 scales α a group and w = Σ_i α_i · (2 · bit_i(q) − 1) (grids.bcq), fitted by
+  its own solver (solvers.bcq) and decoded by its grid (`Grid.decode`).
 Grids other than int, sym and min are named by `QuantSpec.grid_name`.
 
 A split row (`high` > 0, for ResQ's high-variance subspace, transforms.resq): the leading `high` columns of each
@@ -38,6 +43,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .grids import GRIDS as _REGISTRY, Grid, grid_of
+from .grids.learned import LEVEL_BITS
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256)  # 0 means one group per whole row
@@ -51,9 +57,10 @@ STEP_BITS = 16  # the per-row steps of double-quantized scales and minima are fp
 
 
 def grids_for(bits: int, double: bool = False) -> tuple[str, ...]:
-    """The grids that take `bits`-wide codes with fp16 scales (`double`: with scale codes)."""
+    """The grids of one scale a group that take `bits`-wide codes with fp16 scales (`double`: with scale codes):
+    those every solver fits (not binary coding's, which has a solver of its own)."""
     return tuple(n for n in GRIDS if bits in grid_of(n).bits and (double or not grid_of(n).double_only)
-                 and not (double and grid_of(n).zero == "int"))
+                 and not (double and grid_of(n).zero == "int") and grid_of(n).solver is None)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,9 @@ class QuantSpec:
             if g.double_only and self.scale_bits == SCALE_BITS:
                 raise ValueError(f"grid {self.grid_name} stores its scales and minima as codes: give scale_bits "
                                  f"(one of {SCALE_CODE_BITS})")
+            if g.scales_per_group(self.bits) > 1 and (self.scale_bits != SCALE_BITS or self.high):
+                raise ValueError(f"grid {self.grid_name} stores fp16 scales of its own (no scale codes, no split "
+                                 "rows)")
         if self.high < 0 or self.high % 8:
             raise ValueError(f"high (columns stored at 8 bits) must be a multiple of 8 ≥ 0, got {self.high}")
         if self.bits not in BITS:
@@ -129,9 +139,16 @@ class QuantSpec:
         return grid_of(self.grid)
 
     def levels(self) -> torch.Tensor | None:
-        """A level grid's 2^bits levels (float32), or None on a uniform grid (level(q) = q)."""
+        """A level grid's 2^bits levels (float32), or None on a uniform grid (level(q) = q); a learned grid's are
+        each layer's own (QuantizedTensor.levels)."""
         g = self.grid_type
+        if g.learned:
+            raise ValueError(f"{self.name}: a learned grid's levels are each layer's own (QuantizedTensor.levels)")
         return None if g.uniform else g.table(self.bits).float()
+
+    def table_bits(self) -> int:
+        """Stored bits of the levels a layer keeps of its own (a learned grid's 2^bits fp16 levels), else 0."""
+        return (1 << self.bits) * LEVEL_BITS if self.grid_type.learned else 0
 
     @property
     def maxq(self) -> int:
@@ -155,7 +172,7 @@ class QuantSpec:
         return cols // self.super_block if self.super_block else 1
 
     def overhead_bits_per_group(self) -> int:
-        return SCALE_BITS + self.grid_type.zero_bits(self.bits)
+        return SCALE_BITS * self.grid_type.scales_per_group(self.bits) + self.grid_type.zero_bits(self.bits)
 
     def storage_bits(self, rows: int, cols: int) -> int:
         """Exact stored bits for a rows × cols weight: codes + scales + zeros, as packed by `runtime.pack`."""
@@ -167,9 +184,11 @@ class QuantSpec:
         if self.double:  # scale (and minimum) codes + one fp16 step per row (or super-block) for each
             n = 2 if self.minimum else 1  # (no grid with an integer zero is double-quantized)
             steps = rows * self.steps_per_row(cols) * STEP_BITS
-            return _packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps)
+            return (_packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps)
+                    + self.table_bits())
         zeros = {"none": 0, "int": _packed_bits(groups, self.bits), "float": groups * MIN_BITS}[self.grid_type.zero]
-        return _packed_bits(rows * cols, self.bits) + groups * SCALE_BITS + zeros
+        scales = groups * SCALE_BITS * self.grid_type.scales_per_group(self.bits)
+        return _packed_bits(rows * cols, self.bits) + scales + zeros + self.table_bits()
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         return self.storage_bits(rows, cols) / (rows * cols)
@@ -251,7 +270,9 @@ class QuantizedTensor:
     uint8 integer zeros or fp16 minima ("min"); with double quantization, uint8 scale (and minimum) codes instead,
     and `steps` (rows × k or 2k, fp16, k steps per row): Δs (and Δm) of each row, or of each super-block of a row
     (Δs₀, Δm₀, Δs₁, Δm₁, …). A split spec's (`spec.high`) codes, scales and zeros are those of the columns after
-    the high ones; `high` holds those (in format HIGH)."""
+    the high ones; `high` holds those (in format HIGH). A learned grid's levels (2^bits, float32 holding fp16 values)
+    are `learned_levels`. Binary coding's scales are its α, rows × groups · bits (plane i of group g at g · bits + i),
+    and its zeros 0."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -259,10 +280,13 @@ class QuantizedTensor:
     spec: QuantSpec
     steps: torch.Tensor | None = None
     high: "QuantizedTensor | None" = None
+    learned_levels: torch.Tensor | None = None
 
     def __post_init__(self):
         if (self.high is not None) != bool(self.spec.high):
             raise ValueError(f"{self.spec.name}: a split format holds its high columns, and only it does")
+        if (self.learned_levels is not None) != self.spec.grid_type.learned:
+            raise ValueError(f"{self.spec.name}: a learned grid holds its levels, and only it does")
 
     def grid_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) of every group as the reference `dequantize` takes them: float32 scales, and integer
@@ -272,9 +296,12 @@ class QuantizedTensor:
         return decode_scales(self.scales, self.zeros, self.steps, self.spec.grid, self.spec.scale_bits)
 
     def levels(self) -> torch.Tensor | None:
-        return self.spec.levels()
+        """The level table of a level grid (the layer's own on a learned grid), None on a uniform grid."""
+        return self.learned_levels if self.learned_levels is not None else self.spec.levels()
 
     def dequantize(self) -> torch.Tensor:
+        if self.spec.grid_type.solver is not None:  # a grid of several scales a group decodes itself
+            return self.spec.grid_type.decode(self.codes, self.scales, self.spec.group(self.codes.shape[1]))
         low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high),
                          self.levels())
         return low if self.high is None else torch.cat([self.high.dequantize(), low], 1)
@@ -284,15 +311,19 @@ class QuantizedTensor:
         """Row blocks of one format, stacked in order."""
         def cat(ts):
             return None if ts[0] is None else torch.cat(ts)
+        if any(p.learned_levels is not None and not torch.equal(p.learned_levels, parts[0].learned_levels)
+               for p in parts):
+            raise ValueError(f"{parts[0].spec.name}: row blocks with levels of their own do not stack into one layer")
         return QuantizedTensor(cat([p.codes for p in parts]), cat([p.scales for p in parts]),
                                cat([p.zeros for p in parts]), parts[0].spec, cat([p.steps for p in parts]),
-                               None if parts[0].high is None else QuantizedTensor.stack([p.high for p in parts]))
+                               None if parts[0].high is None else QuantizedTensor.stack([p.high for p in parts]),
+                               parts[0].learned_levels)
 
     def select(self, rows) -> "QuantizedTensor":
         """The same rows (a slice or indices) of every stored tensor."""
         return QuantizedTensor(self.codes[rows], self.scales[rows], self.zeros[rows], self.spec,
                                None if self.steps is None else self.steps[rows],
-                               None if self.high is None else self.high.select(rows))
+                               None if self.high is None else self.high.select(rows), self.learned_levels)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
@@ -306,7 +337,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     return w.view(rows, cols)
 
 
-def fit_params(w: torch.Tensor, maxq: torch.Tensor, grid: str, shrink: float | torch.Tensor = 1.0):
+def fit_params(w: torch.Tensor, maxq: torch.Tensor, grid: "str | Grid", shrink: float | torch.Tensor = 1.0):
     """The `grid`'s (scale, zero) for each row of `w` (rows × g), its range shrunk by `shrink` (clipping): the
     min/max grid of a uniform grid, the absmax of a level grid (Grid.fit).
 
@@ -319,7 +350,7 @@ def fit_params(w: torch.Tensor, maxq: torch.Tensor, grid: str, shrink: float | t
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
-                   grid: str) -> torch.Tensor:
+                   grid: "str | Grid") -> torch.Tensor:
     """Codes (float, integral values) for `w` on the `grid` (scale, zero); all broadcast against w."""
     return grid_of(grid).encode(w, scale, zero, maxq)
 
@@ -331,25 +362,32 @@ def quantize(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.
         raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
     if spec.high:
         low = quantize(w[:, spec.high:], spec.low, shrink)
-        return QuantizedTensor(low.codes, low.scales, low.zeros, spec, low.steps, quantize(w[:, :spec.high], HIGH))
+        return QuantizedTensor(low.codes, low.scales, low.zeros, spec, low.steps, quantize(w[:, :spec.high], HIGH),
+                               low.learned_levels)
     g = spec.group(cols)
     wg = w.float().reshape(rows * (cols // g), g)
+    if spec.grid_type.solver is not None:  # a grid of several scales a group: its own fit, every weight alike
+        from .solvers import SOLVERS
+
+        return SOLVERS.lookup(spec.grid_type.solver).reference(w.float(), spec)
     maxq = torch.full((wg.shape[0], 1), float(spec.maxq))
     if isinstance(shrink, torch.Tensor):
         shrink = shrink.reshape(-1, 1)
-    scale, zero = fit_params(wg, maxq, spec.grid, shrink)
-    dq = DoubleQuant.of(w.float(), g, maxq[:rows], spec.grid, spec.scale_bits, spec.super_block)
+    grid = spec.grid_type.for_layer(w, torch.ones(cols), g, [spec.bits])  # (a learned grid: every column alike)
+    learned = grid.table(spec.bits).float() if grid.learned else None
+    scale, zero = fit_params(wg, maxq, grid, shrink)
+    dq = DoubleQuant.of(w.float(), g, maxq[:rows], grid, spec.scale_bits, spec.super_block)
     if dq is not None:
         scale, zero = dq.snap(scale, zero)
-    codes = quantize_codes(wg, scale, zero, maxq, spec.grid).to(torch.uint8).view(rows, cols)
+    codes = quantize_codes(wg, scale, zero, maxq, grid).to(torch.uint8).view(rows, cols)
     if dq is not None:
         scales, zeros, steps = dq.encode(scale, zero)
-        return QuantizedTensor(codes, scales, zeros, spec, steps)
-    return QuantizedTensor(codes, scale.half().view(rows, -1), stored_zeros(scale, zero, spec.grid).view(rows, -1),
-                           spec)
+        return QuantizedTensor(codes, scales, zeros, spec, steps, learned_levels=learned)
+    return QuantizedTensor(codes, scale.half().view(rows, -1), stored_zeros(scale, zero, grid).view(rows, -1),
+                           spec, learned_levels=learned)
 
 
-def stored_zeros(scale: torch.Tensor, zero: torch.Tensor, grid: str) -> torch.Tensor:
+def stored_zeros(scale: torch.Tensor, zero: torch.Tensor, grid: "str | Grid") -> torch.Tensor:
     """What is stored for fit_params' zeros: uint8 integer zeros (0 on level grids), or the fp16 minima m = −z·s of
     "min" grids."""
     return (-zero * scale).half() if grid_of(grid).zero == "float" else zero.to(torch.uint8)
@@ -362,14 +400,14 @@ def _code_range(scale_bits: int, signed: bool) -> tuple[int, int]:
     return (-half, half - 1) if signed else (1, (1 << scale_bits) - 1)
 
 
-def min_codes(grid: str, scale_bits: int) -> tuple[int, int, int]:
+def min_codes(grid: "str | Grid", scale_bits: int) -> tuple[int, int, int]:
     """(lowest code, highest code, sign) of a double-quantized minimum: m = sign · Δm · c."""
     if grid_of(grid).negative_min:
         return 0, (1 << scale_bits) - 1, -1
     return (*_code_range(scale_bits, True), 1)
 
 
-def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int) -> torch.Tensor:
+def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: "str | Grid", scale_bits: int) -> torch.Tensor:
     """The fp16 steps (Δs, Δm) of each row (rows × 2, float32 holding fp16 values), from the min/max grids of the
     row's groups: the largest scale (minimum) of the row takes the largest code. `maxq` is rows × 1."""
     rows, cols = w.shape
@@ -384,7 +422,7 @@ def row_steps(w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_
     return torch.where(steps > 0, steps, torch.full_like(steps, 2.0 ** -24))  # fp16's smallest step, never 0
 
 
-def snap(scale: torch.Tensor, zero: torch.Tensor, steps: torch.Tensor, grid: str, scale_bits: int):
+def snap(scale: torch.Tensor, zero: torch.Tensor, steps: torch.Tensor, grid: "str | Grid", scale_bits: int):
     """The nearest representable (scale, zero) under a row's steps (steps rows × 2 against scale rows × 1)."""
     ds, dm = steps[:, :1], steps[:, 1:]
     signed = grid_of(grid).signed_scale
@@ -404,12 +442,12 @@ class DoubleQuant:
     every grid they fit to them."""
 
     steps: torch.Tensor  # (rows · k) × 2: k steps per row, one per super-block
-    grid: str
+    grid: "str | Grid"
     scale_bits: int
     per_row: int = 1  # k
 
     @classmethod
-    def of(cls, w: torch.Tensor, group: int, maxq: torch.Tensor, grid: str, scale_bits: int,
+    def of(cls, w: torch.Tensor, group: int, maxq: torch.Tensor, grid: "str | Grid", scale_bits: int,
            super_block: int = 0) -> "DoubleQuant | None":
         if scale_bits == SCALE_BITS:
             return None
@@ -441,7 +479,7 @@ class DoubleQuant:
         return sc.reshape(rows, -1), zc.reshape(rows, -1), steps
 
 
-def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
+def encode_scales(scale, zero, steps, grid: "str | Grid", scale_bits: int):
     """Snapped (scale, zero) of every group (rows × groups) → the stored uint8 codes (scales, zeros)."""
     half = 1 << (scale_bits - 1)
     ds, dm = steps[:, :1], steps[:, 1:]
@@ -451,7 +489,7 @@ def encode_scales(scale, zero, steps, grid: str, scale_bits: int):
     return (scale / ds).round().to(torch.uint8), ((sign * -zero * scale / dm).round() - lo).to(torch.uint8)
 
 
-def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor, grid: str, scale_bits: int):
+def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor, grid: "str | Grid", scale_bits: int):
     """The reference decoding of double-quantized scales (`scale_bits`-wide codes on `grid`): float32 (scale,
     zero-or-minimum) of every group."""
     half = 1 << (scale_bits - 1)

@@ -196,7 +196,7 @@ def _timed(seconds: dict, stage: str):
 
 def check_plan(model, plan: Plan) -> None:
     """Fail before any calibration: unknown layers, layers that are not linear, formats that do not fit, tables
-    given a solver that needs calibration statistics."""
+    given a solver that needs calibration statistics or a learned grid."""
     adapter = adapter_for(model)
     known, tables = set(adapter.layer_names(model)), set(adapter.tables(model))
     for name, cand in plan.layers.items():
@@ -209,6 +209,9 @@ def check_plan(model, plan: Plan) -> None:
             free = ", ".join(n for n, s in SOLVERS.items() if s.starts and not s.needs)
             raise ValueError(f"plan gives {name} solver {cand.solver}: the embedding table and the head take a "
                              f"solver that needs no calibration statistics ({free})")
+        if name in tables and cand.spec.grid_type.learned:
+            raise ValueError(f"plan gives {name} {cand.spec.name}: a learned grid fits its levels to a layer's input "
+                             "statistics, which the embedding table and the head do not have")
         cols = model.get_submodule(name).weight.shape[1]
         if not cand.spec.fits(cols):
             raise ValueError(f"plan gives {name} {cand.spec.name}, whose groups do not divide its rows of {cols}")

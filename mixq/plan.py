@@ -33,6 +33,13 @@ class Candidate:
         if self.solver.transforms:
             raise ValueError(f"{self.solver}: transforms change the whole model, not one layer; a plan names them "
                              'in its "transforms"')
+        own = self.spec.grid_type.solver
+        if own is not None and str(self.solver) != own:
+            raise ValueError(f"{self.spec.name} is fitted by its own solver, {own}, not {self.solver}")
+        from .grids import GRIDS
+
+        if own is None and any(g.solver == self.solver.solver for g in GRIDS.values()):
+            raise ValueError(f"{self.solver.solver} fits only its own grid's formats, not {self.spec.name}")
 
     @property
     def name(self) -> str:

@@ -200,3 +200,15 @@ def word_text(n_words: int, seed: int) -> str:
     for _ in range(0, n_words, 12):
         lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + " .")
     return "\n".join(lines) + "\n"
+
+
+def quantize_tiny(model_dir, text_file, out, bits: float, formats: str):
+    """`mixq quantize` of a tiny model among `formats` alone (tables float, two calibration windows, no
+    evaluation): the CLI's result, for a test to check."""
+    from typer.testing import CliRunner
+
+    from .cli import app
+
+    return CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--calib", str(text_file), "--eval-windows",
+                                    "0", "--calib-windows", "2", "--bits", str(bits), "--formats", formats,
+                                    "--float-tables", "--out", str(out)])

@@ -61,8 +61,8 @@ def test_shrink_keeps_large_errors_and_drops_small_ones():
     assert torch.equal(shrink(-x, BETA), -out)
 
 
-@pytest.mark.parametrize("grid,bits", [(g, b) for b in (2, 3, 4) for g in grids_for(b)])
-def test_hqq_lowers_the_absolute_error_of_every_group_below_its_start(grid, bits):
+@pytest.mark.parametrize("grid,bits", [(g, b) for b in (2, 3, 4) for g in grids_for(b) if not grid_of(g).learned])
+def test_hqq_lowers_the_absolute_error_of_every_group_below_its_start(grid, bits):  # (lk: the layer's own levels)
     w = heavy_tailed(seed=bits)
     wg, maxq = grouped(w, 64), torch.full((w.numel() // 64, 1), float((1 << bits) - 1))
     start = _error(wg, *fit_params(wg, maxq, grid), maxq, grid)

@@ -3,7 +3,10 @@
 Every grid has the value (level(q) − z) · s of code q, with s the group's scale and z its zero:
 - uniform grids (`uniform.py`: "int", "sym", "min") have level(q) = q, the integer code itself;
 - level grids (`normal.py`'s "nf", `iq4nl.py`'s "iq4nl") have a fixed table of 2^bits levels, level(q) = L[q],
-  no zero (z = 0) and a signed scale: w ≈ s · L[q], as bitsandbytes' NF4 and llama.cpp's IQ4_NL.
+  no zero (z = 0) and a signed scale: w ≈ s · L[q], as bitsandbytes' NF4 and llama.cpp's IQ4_NL; a learned grid
+  (`learned.py`'s "lk") has a table of each layer's own, stored with it (`for_layer` gives the layer's grid).
+- binary coding (`bcq.py`) stores `bits` scales a group, w = Σ α_i · (±1); it is fitted and decoded by its own
+  solver and `decode` (`solver`, `scales_per_group`), not through fit / encode / level.
 
 A grid declares what is stored beside each group's scale (`zero`: nothing, an integer code or an fp16 minimum),
 whether its scale is signed (double-quantized scale codes are then signed), and the widths it takes; it fits a
@@ -32,8 +35,9 @@ def register(cls: type["Grid"]) -> type["Grid"]:
     return cls
 
 
-def grid_of(name: str) -> "Grid":
-    return GRIDS.lookup(name)
+def grid_of(name: "str | Grid") -> "Grid":
+    """The registered grid of that name; a grid itself (a layer's own, as a learned grid's) as it is."""
+    return name if isinstance(name, Grid) else GRIDS.lookup(name)
 
 
 class Grid:
@@ -45,6 +49,12 @@ class Grid:
     bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)  # the widths it takes
     uniform: ClassVar[bool] = True  # level(q) = q
     double_only: ClassVar[bool] = False  # its scales (and minima) are stored only as codes (scale_bits < 16)
+    learned: ClassVar[bool] = False  # its levels are fitted per layer and stored beside it (`for_layer`)
+    solver: ClassVar[str | None] = None  # the one solver that fits it (a grid of several scales a group), or None
+
+    def scales_per_group(self, bits: int) -> int:
+        """fp16 scales stored a group (a binary-coding grid: one a bit)."""
+        return 1
 
     def fit(self, w: torch.Tensor, maxq: torch.Tensor, shrink: float | torch.Tensor = 1.0):
         """(scale, zero) of each row of `w` (rows × g; maxq rows × 1), its range shrunk by `shrink`: scale rounded to
@@ -62,6 +72,15 @@ class Grid:
     def value(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
         """(level(q) − z) · s, the weight a code stands for."""
         return (self.level(q, maxq) - zero) * scale
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+        """A grid of several scales a group (`solver`): the reference float32 weights of its codes and scales."""
+        raise NotImplementedError(f"grid {self.name} has one scale a group: formats.dequantize decodes it")
+
+    def for_layer(self, weight: torch.Tensor, importance: torch.Tensor, group: int, bits) -> "Grid":
+        """The grid a layer is solved on (rows × cols `weight`, `importance` of each column, groups of `group`, the
+        widths `bits`): itself, unless its levels are learned per layer."""
+        return self
 
     def fixed_zero(self, bits: int) -> int:
         """z where none is stored (zero "none")."""

@@ -1,5 +1,6 @@
 """`QuantLinear`: a linear layer that holds packed codes, fp16 scales and packed zeros (or fp16 minima), and computes
-from them."""
+from them. A binary-coding format's is a `BCQLinear` (runtime.bcq: bit planes), which `QuantLinear(...)` and
+`QuantLinear.from_quantized` give for its specs."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,13 @@ KERNEL_MAX_ROWS = 8  # rows of x (decoding, small batches) that qgemv takes; lon
 
 
 class QuantLinear(nn.Module):
+    def __new__(cls, in_features: int = 0, out_features: int = 0, spec: QuantSpec | None = None, bias: bool = False):
+        if cls is QuantLinear and spec is not None and spec.grid_type.solver is not None:
+            from .bcq import BCQLinear  # binary coding: bit planes (its own layout and kernel)
+
+            return super().__new__(BCQLinear)
+        return super().__new__(cls)
+
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
         super().__init__()
         if not spec.fits(in_features):
@@ -40,11 +48,17 @@ class QuantLinear(nn.Module):
                 self.register_buffer("qzeros", torch.zeros(-(-groups // 8) * spec.bits, **u8))
             elif zero == "float":
                 self.register_buffer("mins", torch.zeros_like(self.scales))
+        if spec.grid_type.learned:  # the layer's own levels
+            self.register_buffer("levels", torch.zeros(1 << spec.bits, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._ac = None  # the kernel's per-group (s, z or m), float32: decoded on first use, never saved
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
+        if cls is QuantLinear and qt.spec.grid_type.solver is not None:
+            from .bcq import BCQLinear
+
+            return BCQLinear.from_quantized(qt, bias)
         rows, cols = qt.codes.shape[0], qt.codes.shape[1] + qt.spec.high
         spec, zero = qt.spec, qt.spec.grid_type.zero
         m = cls(cols, rows, spec, bias is not None)
@@ -60,6 +74,8 @@ class QuantLinear(nn.Module):
                 m.qzeros.copy_(pack(qt.zeros, spec.bits))
             elif zero == "float":
                 m.mins.copy_(qt.zeros)
+        if spec.grid_type.learned:
+            m.levels.copy_(qt.learned_levels)
         if spec.high:
             m.high = QuantLinear.from_quantized(qt.high)
         if bias is not None:
@@ -83,13 +99,14 @@ class QuantLinear(nn.Module):
         zero = spec.grid_type.zero
         fixed = torch.full((n, per_row), spec.grid_type.fixed_zero(spec.bits), dtype=torch.uint8)  # none stored
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        levels = self.levels.float() if spec.grid_type.learned else None
         if spec.double:
             scales = read(self.scales, spec.scale_bits, per_row)
             zeros = read(self.qzeros, spec.scale_bits, per_row) if zero == "float" else fixed
-            return QuantizedTensor(codes, scales, zeros, spec, pick(self.steps), high)
+            return QuantizedTensor(codes, scales, zeros, spec, pick(self.steps), high, levels)
         zeros = {"float": lambda: pick(self.mins), "none": lambda: fixed,
                  "int": lambda: read(self.qzeros, spec.bits, per_row)}[zero]()
-        return QuantizedTensor(codes, pick(self.scales), zeros, spec, high=high)
+        return QuantizedTensor(codes, pick(self.scales), zeros, spec, high=high, learned_levels=levels)
 
     def weight_float(self) -> torch.Tensor:
         return self.quantized().dequantize()
@@ -123,8 +140,9 @@ class QuantLinear(nn.Module):
         return self._group % 8 == 0 and self._cols % 8 == 0 and self.qweight.device.type == "cpu"
 
     def _levels(self) -> torch.Tensor:
-        """The kernel's level table: a level grid's 2^bits levels, or empty (uniform grids)."""
-        levels = self.spec.levels()
+        """The kernel's level table: a level grid's 2^bits levels (a learned grid's: the layer's own), or empty
+        (uniform grids)."""
+        levels = self.levels.float() if self.spec.grid_type.learned else self.spec.levels()
         return torch.empty(0) if levels is None else levels.contiguous()
 
     def _group_params(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 
 from ..capture import INPUT, LayerStats
 from ..formats import HIGH, QuantizedTensor, QuantSpec, quantize
+from ..grids import Grid, grid_of
 from ..registry import Registry, import_all
 
 DAMP = 0.1  # the default damping (QuantizeConfig.damp): a fraction of mean(diag H) added to H's diagonal. GPTQ's
@@ -42,13 +43,14 @@ def register(cls: type["Solver"]) -> type["Solver"]:
 
 @dataclass(eq=False)
 class Rows:
-    """The format of a batched solve: `group`-wide groups on `grid` ("int", "sym" or "min"), each row `bits` wide
-    (a tensor, one width per row), scales fp16 or `scale_bits`-wide codes with steps per row or per `super_block`
-    weights, and the leading `high` columns of every row apart at 8 bits (a split row)."""
+    """The format of a batched solve: `group`-wide groups on `grid` (a grid's name, or a layer's own grid: a learned
+    grid's levels, `Grid.for_layer`), each row `bits` wide (a tensor, one width per row), scales fp16 or
+    `scale_bits`-wide codes with steps per row or per `super_block` weights, and the leading `high` columns of every
+    row apart at 8 bits (a split row)."""
 
     group: int
     bits: torch.Tensor
-    grid: str
+    grid: "str | Grid"
     scale_bits: int = 16
     super_block: int = 0
     high: int = 0
@@ -59,8 +61,26 @@ class Rows:
                    spec.high)
 
     def stored(self, out: tuple, spec: QuantSpec) -> QuantizedTensor:
-        """A batch's output as the QuantizedTensor of `spec` (its split rows' high columns included)."""
-        return QuantizedTensor(*out[:3], spec, out[3], out[4] if self.high else None)
+        """A batch's output as the QuantizedTensor of `spec` (its split rows' high columns included; a learned grid's
+        levels of `spec`'s width)."""
+        grid = grid_of(self.grid)
+        scales = out[1]
+        if grid.solver is not None:  # `bits` scales a group, padded to the batch's widest: spec's own
+            scales = scales.view(scales.shape[0], out[2].shape[1], -1)[..., :spec.bits].reshape(scales.shape[0], -1)
+        return QuantizedTensor(out[0], scales, out[2], spec, out[3], out[4] if self.high else None,
+                               grid.table(spec.bits).float() if grid.learned else None)
+
+    def for_layer(self, weight: torch.Tensor, stats: LayerStats) -> "Rows":
+        """This format on the grid the layer of `weight` (its rows all one layer's) is solved on: a learned grid's
+        levels fitted to it, weighed by diag H (its columns after the `high` ones)."""
+        grid = grid_of(self.grid)
+        if not grid.learned:
+            return self
+        k = self.high
+        h = stats.hessian  # (none where the solver needs no statistics: every column alike)
+        importance = h.diagonal()[k:] if h.numel() else torch.ones(weight.shape[1] - k)
+        own = grid.for_layer(weight[:, k:], importance, self.group, self.bits.unique().tolist())
+        return replace(self, grid=own)
 
 
 class Solver:
@@ -111,12 +131,14 @@ class Solver:
             out = step.refine(weight, stats, fmt, out)
         return out
 
-    def solve(self, weight: torch.Tensor, stats: LayerStats, spec: QuantSpec, then=()) -> QuantizedTensor:
-        """One layer in `spec` (then each refiner of `then`)."""
+    def solve(self, weight: torch.Tensor, stats: LayerStats, spec: QuantSpec, then=(), grid=None) -> QuantizedTensor:
+        """One layer in `spec` (then each refiner of `then`); `grid`: the grid it is solved on where the layer's
+        rows are solved in parts (a learned grid fitted to the whole layer), else the layer's own (Rows.for_layer)."""
         rows, cols = weight.shape
         if not spec.fits(cols):
             raise ValueError(f"{spec.name} does not fit rows of {cols} weights")
         fmt = Rows.of(spec, rows, cols)
+        fmt = fmt.for_layer(weight, stats) if grid is None else replace(fmt, grid=grid)
         return fmt.stored(self.solve_rows(weight.float(), stats, fmt, then), spec)
 
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from ..capture import ATTENTION, INPUT
 from ..formats import QuantizedTensor
-from . import register
+from . import Rows, register
 from .gptq import GPTQAct
 
 
@@ -38,6 +38,7 @@ class Aespa(GPTQAct):
         heads = stats.attention.shape[0]
         if weight.shape[0] % heads:
             raise ValueError(f"{weight.shape[0]} rows do not split into {heads} heads")
+        grid = Rows.of(spec, *weight.shape).for_layer(weight, stats).grid  # (a learned grid: the whole layer's)
         return QuantizedTensor.stack([super(Aespa, self).solve(w, replace(stats, hessian=h, attention=None), spec,
-                                                               then)
+                                                               then, grid)
                                       for w, h in zip(weight.chunk(heads), stats.attention)])

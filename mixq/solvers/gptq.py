@@ -33,16 +33,62 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
+def live_columns(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies of (W, H) with dead inputs (H_jj = 0) made harmless: their weights 0, their H_jj 1."""
+    w, h = weight.clone().float(), hessian.clone().float()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+def factor(h: torch.Tensor, damp: float, act_order: bool, memo: dict | None) -> torch.Tensor:
+    """`inverse_cholesky` of (the permuted) H, kept in `memo` (LayerStats.memo) for the next solve on it: H
+    follows from the layer's Hessian and the order alone."""
+    key = ("gptq inverse cholesky", damp, act_order)
+    u = memo.get(key) if memo is not None else None
+    if u is None:
+        u = inverse_cholesky(h, damp)
+        if memo is not None:
+            memo[key] = u
+    return u
+
+
+def error_feedback(w: torch.Tensor, u: torch.Tensor, column) -> torch.Tensor:
+    """GPTQ's pass over the columns of `w` (rows × cols, updated in place) in their order: `column(j, col, synced)`
+    gives column j's codes and their values (rows × 1 each), its error is spread over the columns after it through
+    `u` (the upper Cholesky factor of H⁻¹), lazily in blocks of BLOCK columns; `synced()` writes the block's updates
+    so far into `w` and returns it (for a grid fitted on the weights updated so far). The codes, float rows × cols."""
+    rows, cols = w.shape
+    codes = torch.zeros(rows, cols)
+    for b0 in range(0, cols, BLOCK):
+        b1 = min(b0 + BLOCK, cols)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+
+        def synced():
+            w[:, b0:b1] = w1
+            return w
+
+        for i in range(b1 - b0):
+            j = b0 + i
+            col = w1[:, i:i + 1]
+            q, value = column(j, col, synced)
+            codes[:, j] = q[:, 0]
+            e = (col - value) / u[j, j]
+            w1[:, i:] -= e @ u[j:j + 1, j:b1]
+            err[:, i] = e[:, 0]
+        w[:, b0:b1] = w1
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes
+
+
 def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP, scale_bits=16, super_block=0,
                   minmax=False, shrinks=None, memo: dict | None = None):
     """GPTQ on rows × cols `weight` (`bits` per row) against `hessian`; `memo`, a dict kept with the Hessian
     (LayerStats.memo), keeps the factor of H⁻¹ for the next solve on it (profiling solves every format on one H)."""
     rows, cols = weight.shape
-    w = weight.clone().float()
-    h = hessian.clone().float()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    w, h = live_columns(weight, hessian)
     maxq = row_maxq(bits)  # rows × 1
     g = grid_of(grid)
     dq = DoubleQuant.of(w, group, maxq, grid, scale_bits, super_block)  # steps from the original weights
@@ -73,33 +119,17 @@ def gptq_quantize(weight, hessian, group, bits, grid, act_order=False, damp=DAMP
             scales[:], zeros[:] = s.view(rows, ngroups), z.view(rows, ngroups)
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    key = ("gptq inverse cholesky", damp, act_order)  # h follows from `hessian` and the order alone
-    u = memo.get(key) if memo is not None else None
-    if u is None:
-        u = inverse_cholesky(h, damp)
-        if memo is not None:
-            memo[key] = u
-    codes = torch.zeros(rows, cols)
     col_group = perm // group  # group of each (permuted) column in the stored layout
-    for b0 in range(0, cols, BLOCK):
-        b1 = min(b0 + BLOCK, cols)
-        w1 = w[:, b0:b1].clone()
-        err = torch.zeros_like(w1)
-        for i in range(b1 - b0):
-            j = b0 + i
-            if not act_order and j % group == 0:
-                w[:, b0:b1] = w1  # the grid is fitted on the weights updated so far
-                fit_group(j // group, w)
-            gi = int(col_group[j])
-            s, z = scales[:, gi:gi + 1], zeros[:, gi:gi + 1]
-            col = w1[:, i:i + 1]
-            q = quantize_codes(col, s, z, maxq, grid)
-            codes[:, j] = q[:, 0]
-            e = (col - g.value(q, s, z, maxq)) / u[j, j]
-            w1[:, i:] -= e @ u[j:j + 1, j:b1]
-            err[:, i] = e[:, 0]
-        w[:, b0:b1] = w1
-        w[:, b1:] -= err @ u[b0:b1, b1:]
+
+    def column(j, col, synced):
+        if not act_order and j % group == 0:
+            fit_group(j // group, synced())  # the grid is fitted on the weights updated so far
+        gi = int(col_group[j])
+        s, z = scales[:, gi:gi + 1], zeros[:, gi:gi + 1]
+        q = quantize_codes(col, s, z, maxq, grid)
+        return q, g.value(q, s, z, maxq)
+
+    codes = error_feedback(w, factor(h, damp, act_order, memo), column)
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     return finish(codes.reshape(-1, group), scales.reshape(-1, 1), zeros.reshape(-1, 1), rows, grid, dq)

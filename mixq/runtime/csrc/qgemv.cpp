@@ -314,7 +314,77 @@ void check(const torch::Tensor& packed, const torch::Tensor& s, const torch::Ten
   TORCH_CHECK(packed.numel() >= s.size(0) * cols / 8 * bits, "too few packed bytes for ", s.size(0), " × ", cols);
 }
 
+// Binary coding (mixq.grids.bcq, runtime/bcq.py): planes[i, jb, r] holds plane i's signs of row r's columns
+// 8·jb … 8·jb + 7 (bit t: column 8·jb + t, set: +1) and alpha[g, i, r] its α. For a row of x, lut[jb · 256 + p] =
+// Σ_t ±x[8·jb + t] (+ where bit t of p is set) is formed once; then
+//     y[r] = Σ_g Σ_i alpha[g, i, r] · Σ_{jb∈g} lut[jb · 256 + planes[i, jb, r]]
+// (BiQGEMM, Jeon et al. 2020): a look-up per 8 weights of a plane, no weight decoded.
+void bcq_lut(const float* x, float* lut, int64_t blocks) {
+  for (int64_t jb = 0; jb < blocks; ++jb) {
+    const float* xs = x + 8 * jb;
+    float* t = lut + 256 * jb;
+    t[0] = -(xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]);
+    for (int p = 1; p < 256; ++p) t[p] = t[p & (p - 1)] + 2 * xs[__builtin_ctz(p)];  // one sign flipped to +
+  }
+}
+
+void bcq_rows(const uint8_t* planes, const float* alpha, const float* lut, float* y, int64_t rows, int64_t blocks,
+              int64_t bits, int64_t group, int64_t r0, int64_t r1) {
+  const int64_t per = group / 8, groups = blocks / per;
+  int64_t r = r0;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  for (; r + 8 <= r1; r += 8) {  // 8 rows at once: each plane's 8 bytes index 8 look-ups (a gather)
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < bits; ++i) {
+        __m256 acc = _mm256_setzero_ps();
+        const uint8_t* p = planes + (i * blocks + g * per) * rows + r;
+        for (int64_t jb = g * per; jb < (g + 1) * per; ++jb, p += rows) {
+          const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+          acc = _mm256_add_ps(acc, _mm256_i32gather_ps(lut + jb * 256, idx, 4));
+        }
+        total = _mm256_fmadd_ps(acc, _mm256_loadu_ps(alpha + (g * bits + i) * rows + r), total);
+      }
+    _mm256_storeu_ps(y + r, total);
+  }
+#endif
+  for (; r < r1; ++r) {
+    float total = 0;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < bits; ++i) {
+        float acc = 0;
+        for (int64_t jb = g * per; jb < (g + 1) * per; ++jb)
+          acc += lut[jb * 256 + planes[(i * blocks + jb) * rows + r]];
+        total += acc * alpha[(g * bits + i) * rows + r];
+      }
+    y[r] = total;
+  }
+}
+
 }  // namespace
+
+torch::Tensor bcq_gemv(torch::Tensor planes, torch::Tensor alpha, torch::Tensor x, int64_t group) {
+  TORCH_CHECK(planes.dtype() == torch::kUInt8 && planes.is_contiguous() && planes.dim() == 3,
+              "planes must be contiguous uint8 bits × cols/8 × rows");
+  const int64_t bits = planes.size(0), blocks = planes.size(1), rows = planes.size(2);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.size(1) == blocks * 8, "x must be float32 n × cols");
+  TORCH_CHECK(group % 8 == 0 && (blocks * 8) % group == 0, "groups must be multiples of 8 that tile the row");
+  TORCH_CHECK(alpha.dtype() == torch::kFloat && alpha.is_contiguous() && alpha.numel() == blocks * 8 / group * bits
+              * rows, "alpha must be contiguous float32 groups × bits × rows");
+  x = x.contiguous();
+  const int64_t n = x.size(0);
+  auto y = torch::empty({n, rows}, x.options());
+  std::vector<float> lut(blocks * 256);
+  for (int64_t b = 0; b < n; ++b) {
+    bcq_lut(x.data_ptr<float>() + b * blocks * 8, lut.data(), blocks);
+    float* py = y.data_ptr<float>() + b * rows;
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      bcq_rows(planes.data_ptr<uint8_t>(), alpha.data_ptr<float>(), lut.data(), py, rows, blocks, bits, group, r0,
+               r1);
+    });
+  }
+  return y;
+}
 
 torch::Tensor qgemv(torch::Tensor packed, torch::Tensor a, torch::Tensor c, torch::Tensor x, int64_t bits,
                     int64_t group, bool minimum, torch::Tensor lut) {
@@ -380,4 +450,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "the rows × cols weights from packed codes, per-group (s, z or m) and a level table "
         "(or none), exactly");
   m.def("hgemv", &hgemv, "x · Wᵀ for fp16 W, float32 x and result");
+  m.def("bcq_gemv", &bcq_gemv, "x · Wᵀ for binary-coded W (bit planes, α groups × bits × rows) by look-up tables of "
+        "the signed sums of every 8 inputs");
 }
