@@ -56,11 +56,11 @@ def table_type(path: Path) -> str:
     return next((t.tensor_type.name for t in GGUFReader(path).tensors if t.name == "token_embd.weight"), "")
 
 
-def judged(path: Path, evals: dict, method: str, seconds: float) -> dict:
+def judged(path: Path, evals: dict, method: str, seconds: float, threads: int = 2) -> dict:
     bpp, mb = file_bits(path)
     bpw, types = gguf_block_bits(path)
     row = {"method": method, "bpp": bpp, "tensor_mb": mb, "bpw": bpw, "types": types, "table": table_type(path),
-           "seconds": seconds, **{name: llama_cpp_perplexity(path, w) for name, w in evals.items()}}
+           "seconds": seconds, **{name: llama_cpp_perplexity(path, w, threads) for name, w in evals.items()}}
     print(row, flush=True)
     return row
 
@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--types", nargs="*", default=list(LLAMA_TYPES), help="llama.cpp's types to make")
     ap.add_argument("--sizes", type=float, nargs="*", default=[], help="mixq's whole-file budgets, MB")
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (perplexity does not depend on them)")
     args = ap.parse_args()
     _, tok, _ = load_model(None)
     evals = {"pydoc": data.evaluation_windows(tok, count=args.windows),
@@ -90,8 +91,9 @@ def main():
             out = work / f"llama-{kind}.gguf"
             t = time.perf_counter()
             subprocess.run([str(args.llama_cpp / "llama-quantize"), "--allow-requantize", "--imatrix", str(imatrix),
-                            str(default_model_path()), str(out), kind, "2"], check=True, capture_output=True)
-            rows.append(judged(out, evals, f"llama.cpp {kind} (imatrix)", time.perf_counter() - t))
+                            str(default_model_path()), str(out), kind, str(args.threads)], check=True,
+                           capture_output=True)
+            rows.append(judged(out, evals, f"llama.cpp {kind} (imatrix)", time.perf_counter() - t, args.threads))
             out.unlink()
             write(rows)  # (each row kept as it comes)
         first = None
@@ -108,7 +110,7 @@ def main():
                 seconds += mixq(["quantize", "--plan", str(plan), "--eval-windows", "0", "--out", str(folder)])
             path = work / f"mixq-{size:g}.gguf"
             mixq(["export", str(folder), str(path), "--to", "gguf"])
-            rows.append(judged(path, evals, f"mixq --compatible gguf --size {size:g}MB", seconds))
+            rows.append(judged(path, evals, f"mixq --compatible gguf --size {size:g}MB", seconds, args.threads))
             write(rows)
 
 
