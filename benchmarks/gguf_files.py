@@ -141,7 +141,7 @@ def write(new: list[dict]) -> None:
                 cell = " / ".join(f"**{a:.3f}**" if a < b else f"{a:.3f}" for a, b in ((p, r["pydoc"]),
                                                                                     (u, r["unlike"])))
             else:
-                cell = "(below mixq's smallest)"
+                cell = "(below mixq's smallest)" if ours else "(no mixq file measured yet)"
         lines.append(f"| {r['method']} | {r['bpp']:.3f} | {r['tensor_mb']:.2f} | {r['bpw']:.3f} | {r['table']} | "
                      f"{types} | {r['pydoc']:.3f} | {r['unlike']:.2f} | {cell} |")
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
