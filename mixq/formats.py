@@ -160,7 +160,8 @@ class QuantSpec:
 
     def fits(self, cols: int) -> bool:
         low = cols - self.high
-        return low > 0 and low % self.group(cols) == 0 and low % (self.super_block or low) == 0
+        return (low > 0 and low % self.group(cols) == 0 and low % (self.super_block or low) == 0
+                and low % self.grid_type.row_multiple == 0)
 
     @property
     def low(self) -> "QuantSpec":

@@ -76,6 +76,7 @@ def test_bad_binary_coding_specs_and_candidates_fail_in_one_line():
     with pytest.raises(ValueError, match="the bcq solver fits them"):
         solve("gptq", torch.randn(4, 64), torch.eye(64), QuantSpec.of(2, 64, "bcq"))
     assert QuantSpec.from_name("bcq2-g64") == QuantSpec.of(2, 64, "bcq")
+    assert not QuantSpec.of(2, 0, "bcq").fits(100) and QuantSpec.of(2, 0, "bcq").fits(104)  # planes: 8 columns a byte
 
 
 @pytest.mark.parametrize("rows,cols,name", [(64, 256, "bcq2-g64"), (61, 192, "bcq3-g32"), (13, 128, "bcq4-g128"),

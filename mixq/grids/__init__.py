@@ -51,6 +51,7 @@ class Grid:
     double_only: ClassVar[bool] = False  # its scales (and minima) are stored only as codes (scale_bits < 16)
     learned: ClassVar[bool] = False  # its levels are fitted per layer and stored beside it (`for_layer`)
     solver: ClassVar[str | None] = None  # the one solver that fits it (a grid of several scales a group), or None
+    row_multiple: ClassVar[int] = 1  # rows it stores are a multiple of this many weights (bit planes: 8)
 
     def scales_per_group(self, bits: int) -> int:
         """fp16 scales stored a group (a binary-coding grid: one a bit)."""

@@ -31,6 +31,7 @@ class BinaryCoding(Grid):
     zero = "none"
     uniform = False
     solver = "bcq"
+    row_multiple = 8  # BCQLinear's planes: a byte holds 8 columns
 
     def scales_per_group(self, bits: int) -> int:
         return bits
