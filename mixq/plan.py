@@ -36,9 +36,9 @@ class Candidate:
         own = self.spec.grid_type.solver
         if own is not None and str(self.solver) != own:
             raise ValueError(f"{self.spec.name} is fitted by its own solver, {own}, not {self.solver}")
-        from .grids import GRIDS
+        from .grids import OWN_SOLVERS
 
-        if own is None and any(g.solver == self.solver.solver for g in GRIDS.values()):
+        if own is None and self.solver.solver in OWN_SOLVERS:
             raise ValueError(f"{self.solver.solver} fits only its own grid's formats, not {self.spec.name}")
 
     @property

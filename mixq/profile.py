@@ -183,8 +183,9 @@ def _damages(calls: list[tuple], stats: LayerStats, sampled: dict, row_weight: d
         # a learned grid: one set of levels fitted to the judged rows of every layer that shares the input, so that
         # they are solved in one call as the others are (the apply fits each layer its own: the profile judges a
         # little pessimistically)
-        fmt = Rows(group, bits, grid, scale_bits, super_block, high).for_layer(torch.cat(list(sampled.values())),
-                                                                               solved)
+        # (the first candidate's rows of `stacked` are every layer's sampled rows once: a view, not a copy)
+        once = stacked[:sum(w.shape[0] for w in sampled.values())]
+        fmt = Rows(group, bits, grid, scale_bits, super_block, high).for_layer(once, solved)
         solution = first.solve_rows(stacked.float(), solved, fmt, then)
         r0, per_cand = 0, []
         for c in cands:

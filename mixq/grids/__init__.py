@@ -22,6 +22,7 @@ import torch
 from ..registry import Registry, import_all
 
 GRIDS = Registry("grid")
+OWN_SOLVERS: dict[str, str] = {}  # solver → the grid it alone fits (a grid of several scales a group), kept by register
 
 ZEROS = ("none", "int", "float")  # what a group stores beside its scale: nothing, a `bits`-wide code, an fp16 value
 BUCKETIZE_MAX = 8192  # Levels.encode: inputs up to this many weights take a binary search, larger ones the passes
@@ -32,6 +33,8 @@ def register(cls: type["Grid"]) -> type["Grid"]:
     if cls.zero not in ZEROS:
         raise ValueError(f"grid {cls.name!r}: zero must be one of {ZEROS}")
     GRIDS.register(cls.name)(cls())
+    if cls.solver is not None:
+        OWN_SOLVERS[cls.solver] = cls.name
     return cls
 
 

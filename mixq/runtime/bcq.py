@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import QuantizedTensor, QuantSpec
-from .cpu import kernel
 from .qlinear import KERNEL_MAX_ROWS, QuantLinear
 
 
@@ -57,6 +56,9 @@ class BCQLinear(QuantLinear):
             m.bias.data.copy_(bias)
         return m
 
+    def _kernel_fits(self) -> bool:
+        return self.qweight.device.type == "cpu"  # (rows and groups are multiples of 8: __init__ checks)
+
     def quantized(self, rows: torch.Tensor | None = None, codes: bool = True) -> QuantizedTensor:
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         n = self.out_features if rows is None else len(rows)
@@ -67,8 +69,7 @@ class BCQLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self._cols
-        k = kernel() if x.dtype == torch.float32 and not x.requires_grad and self.qweight.device.type == "cpu" \
-            else None
+        k = self._kernel_for(x)
         if k is None or rows > KERNEL_MAX_ROWS:
             w = self.quantized().dequantize()
             return F.linear(x, w.to(x.dtype), self.bias)

@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
         return self._forward(x[..., k:].contiguous(), self.bias) + self.high(x[..., :k].contiguous())
 
     def _forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        k = kernel() if x.dtype == torch.float32 and not x.requires_grad and self._kernel_fits() else None
+        k = self._kernel_for(x)
         if k is None:
             w = self.quantized().dequantize()
             return F.linear(x, (w if self.high is None else w[:, self.spec.high:]).to(x.dtype), bias)
@@ -134,6 +134,11 @@ class QuantLinear(nn.Module):
         y = k.qgemv(self.qweight, s, zm, x.reshape(rows, self._cols), self.spec.bits, self._group, minimum, lut)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+    def _kernel_for(self, x: torch.Tensor):
+        """The compiled kernel where it serves `x` (float32 without gradient, weights it can read), else None: the
+        reference."""
+        return kernel() if x.dtype == torch.float32 and not x.requires_grad and self._kernel_fits() else None
 
     def _kernel_fits(self) -> bool:
         """The kernel reads runs of 8 codes: rows and groups must be multiples of 8 columns."""
