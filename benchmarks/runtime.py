@@ -10,11 +10,16 @@ fresh process that loads the model and runs that prompt and decode, and the same
 memory before loading (the interpreter, torch and transformers: the same for every model).
 
     LLAMA_CPP_LIB_PATH=build/llama.cpp/bin PYTHONPATH=llama_cpp_python-0.3.36 python benchmarks/runtime.py
-(without the llama.cpp bindings the GGUF row is left out). Writes benchmarks/results/runtime.{md,json}.
+(without the llama.cpp bindings the GGUF row is left out). `--uniform F …`: a model of one format F on every block
+linear (round-to-nearest, or the grid's own solver: binary coding's), its tables at the default table format, to
+set one format's kernel against another's at the same bits (binary coding's look-up-table product against the
+integer kernel). Writes benchmarks/results/runtime.{md,json}; a run replaces the rows it makes and keeps the others,
+each with its decode speed against the fp32 model of its own run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -26,11 +31,16 @@ import numpy as np
 import torch
 
 from mixq import data
+from mixq.apply import apply_plan, block_linear_bits, pack_model
+from mixq.chain import Chain
+from mixq.config import filled, table_candidates
 from mixq.eval.speed import speed
+from mixq.formats import QuantSpec
 from mixq.export.gguf import export_gguf
 from mixq.io import load
-from mixq.models import load_model
+from mixq.models import adapter_for, load_model
 from mixq.models.load import default_model_path
+from mixq.plan import Plan
 from mixq.profile import Profile
 
 from common import HERE, packed_at, provenance, save_packed
@@ -42,6 +52,19 @@ def quantized(model, tok, calib, profile: Profile, bpw: float, out: Path) -> flo
     m, plan, real = packed_at(model, calib, profile, bpw)
     save_packed(m, tok, plan, real, out)
     return real
+
+
+def uniform(model, calib, name: str):
+    """A packed copy of `model` with format `name` on every block linear and the default table format on the
+    tables: (model, plan, real block bpw)."""
+    adapter = adapter_for(model)
+    table = table_candidates()[0]
+    layers = {n: filled(QuantSpec.from_name(name), Chain("rtn")) for n in adapter.layer_names(model)}
+    plan = Plan({**{n: table for n in adapter.tables(model)}, **layers})
+    m = copy.deepcopy(model)
+    pack_model(m, apply_plan(m, calib, plan))
+    bits, weights = block_linear_bits(m)
+    return m, plan, bits / weights
 
 
 def llama_cpp_speed(path: Path, prompt: list[int], new: int, threads: int = 2) -> tuple[float, float]:
@@ -102,6 +125,8 @@ def main():
     ap.add_argument("--profile", type=Path, default=HERE / "results" / "smollm2_bits_profile.json")
     ap.add_argument("--gguf-profile", type=Path, default=HERE / "results" / "gguf_profile.json")
     ap.add_argument("--gguf-bits", type=float, default=4.2344)
+    ap.add_argument("--uniform", nargs="*", default=[], metavar="FORMAT",
+                    help="also models of one format everywhere, e.g. bcq2-g64 int2-g64-min")
     ap.add_argument("--out", default=str(HERE / "results" / "runtime"))
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,6 +144,12 @@ def main():
             folders[bpw] = work / f"mixq-{bpw:g}"
             real = quantized(model, tok, calib, Profile.from_json(args.profile.read_text()), bpw, folders[bpw])
             print(f"quantized {bpw} → {real:.3f} bpw", flush=True)
+        uniforms = {}
+        for name in args.uniform:
+            uniforms[name] = work / f"uniform-{name}"
+            m, plan, real = uniform(model, calib, name)
+            save_packed(m, tok, plan, real, uniforms[name])
+            print(f"quantized {name} → {real:.3f} bpw", flush=True)
         gguf = None
         try:
             import llama_cpp  # noqa: F401  (only: is it there?)
@@ -132,6 +163,8 @@ def main():
         targets = [("fp32", work / "fp32", "float (fp32)", 32.0)] + \
             [("mixq", f, f"mixq {bpw:g} bpw", json.loads((f / "mixq.json").read_text())["bpw"])
              for bpw, f in folders.items()] + \
+            [("mixq", f, f"{name} on every block linear, tables {table_candidates()[0].spec.name}",
+              json.loads((f / "mixq.json").read_text())["bpw"]) for name, f in uniforms.items()] + \
             ([("llama.cpp", gguf, f"mixq --gguf-compatible {args.gguf_bits:g} bpw, GGUF in llama.cpp",
                args.gguf_bits)] if gguf else [])
         for kind, target, _, _ in targets:
@@ -149,22 +182,33 @@ def main():
     write(rows, args)
 
 
-def write(rows, args):
+def write(new: list[dict], args):
+    """The rows of this run (the first: its fp32 model), each with its decode speed and peak over baseline against
+    that fp32 row, in place of the saved rows of the same name; the other saved rows kept with their own run's."""
     out = Path(args.out)
+    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"rows": []}
+    for rows, commit in ((saved["rows"], saved.get("provenance", "")), (new, provenance())):
+        base = rows[0] if rows else None  # (a run's first row is its fp32 model)
+        for r in rows:
+            r.setdefault("vs_fp32", r["decode_tps"] / base["decode_tps"])
+            r.setdefault("memory_vs_fp32", (r["peak_mb"] - r["base_mb"]) / (base["peak_mb"] - base["base_mb"]))
+            r.setdefault("provenance", commit)
+    made = {r["model"] for r in new}
+    rows = new[:1] + [r for r in saved["rows"] if r["model"] not in made] + new[1:]
     out.with_suffix(".json").write_text(json.dumps({"provenance": provenance(), "rows": rows}, indent=1))
-    base = rows[0]
     lines = ["# Runtime on this machine: SmolLM2-135M", "",
              f"{PROMPT}-token prompt (pydoc evaluation split), then {NEW} tokens decoded greedily (batch 1, KV cache); "
-             "speeds of every model measured in one process, 2 threads; peak memory (VmHWM) of a fresh process per "
-             "model that loads it and runs the same prompt and decode, and that peak less the process's resident "
-             f"memory before loading. {provenance()}", "",
+             "speeds of one run's models measured in one process, 2 threads; peak memory (VmHWM) of a fresh process "
+             "per model that loads it and runs the same prompt and decode, and that peak less the process's resident "
+             "memory before loading. Ratios: against the fp32 model of the row's own run (its commit in the last "
+             "column; absolute speeds of different runs are not comparable).", "",
              "| model | block bpw | prompt tok/s | decode tok/s | decode vs fp32 | peak MB | peak over baseline MB "
-             "(vs fp32) |", "|---|---|---|---|---|---|---|"]
+             "(vs fp32) | run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         over = r["peak_mb"] - r["base_mb"]
-        ratio = over / (base["peak_mb"] - base["base_mb"])
         lines.append(f"| {r['model']} | {r['bpw']:.3f} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
-                     f"{r['decode_tps'] / base['decode_tps']:.2f} × | {r['peak_mb']:.0f} | {over:.0f} ({ratio:.0%}) |")
+                     f"{r['vs_fp32']:.2f} × | {r['peak_mb']:.0f} | {over:.0f} ({r['memory_vs_fp32']:.0%}) | "
+                     f"{r['provenance'].split(',')[0].removeprefix('Commit ')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
