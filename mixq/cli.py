@@ -110,7 +110,9 @@ def quantize(
                                           "mixq prints them: int3-g64-min (uniform, fp16 minimum), "
                                           "int4-g32-min-dq6 (6-bit scale codes), int4-g32-sym, nf3-g64 (normal-float "
                                           "levels), lk3-g64-dq6 (levels learned per layer), iq4nl-g32 (llama.cpp's "
-                                          "IQ4_NL levels), bcq2-g64 (binary codes, fitted by the bcq solver); "
+                                          "IQ4_NL levels), bcq2-g64 (binary codes, fitted by the bcq solver), "
+                                          "iq2-g64 (runs of 8 weights on IQ2_S's E8 codebook, iq3: runs of 4 "
+                                          "on IQ3_S's, fitted by the ldlq solver); "
                                           "`default` stands for the "
                                           "default menu (int2…int8 at g32-min-dq6, g64-min-dq6, g192-min; lk3 at "
                                           "g32-dq6 and g64-dq6, lk4 at g64-dq6)."),

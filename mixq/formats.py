@@ -93,7 +93,7 @@ class QuantSpec:
             if g.double_only and self.scale_bits == SCALE_BITS:
                 raise ValueError(f"grid {self.grid_name} stores its scales and minima as codes: give scale_bits "
                                  f"(one of {SCALE_CODE_BITS})")
-            if g.scales_per_group(self.bits) > 1 and (self.scale_bits != SCALE_BITS or self.high):
+            if g.solver is not None and (self.scale_bits != SCALE_BITS or self.high):
                 raise ValueError(f"grid {self.grid_name} stores fp16 scales of its own (no scale codes, no split "
                                  "rows)")
         if self.high < 0 or self.high % 8:
@@ -185,11 +185,11 @@ class QuantSpec:
         if self.double:  # scale (and minimum) codes + one fp16 step per row (or super-block) for each
             n = 2 if self.minimum else 1  # (no grid with an integer zero is double-quantized)
             steps = rows * self.steps_per_row(cols) * STEP_BITS
-            return (_packed_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits) + steps)
-                    + self.table_bits())
+            return (self.grid_type.code_bits(rows * cols, self.bits) + n * (_packed_bits(groups, self.scale_bits)
+                                                                               + steps) + self.table_bits())
         zeros = {"none": 0, "int": _packed_bits(groups, self.bits), "float": groups * MIN_BITS}[self.grid_type.zero]
         scales = groups * SCALE_BITS * self.grid_type.scales_per_group(self.bits)
-        return _packed_bits(rows * cols, self.bits) + scales + zeros + self.table_bits()
+        return self.grid_type.code_bits(rows * cols, self.bits) + scales + zeros + self.table_bits()
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         return self.storage_bits(rows, cols) / (rows * cols)
@@ -302,7 +302,8 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         if self.spec.grid_type.solver is not None:  # a grid of several scales a group decodes itself
-            return self.spec.grid_type.decode(self.codes, self.scales, self.spec.group(self.codes.shape[1]))
+            return self.spec.grid_type.decode(self.codes, self.scales, self.spec.group(self.codes.shape[1]),
+                                              self.spec.bits)
         low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high),
                          self.levels())
         return low if self.high is None else torch.cat([self.high.dequantize(), low], 1)

@@ -212,3 +212,43 @@ def quantize_tiny(model_dir, text_file, out, bits: float, formats: str):
     return CliRunner().invoke(app, ["quantize", "--model", str(model_dir), "--calib", str(text_file), "--eval-windows",
                                     "0", "--calib-windows", "2", "--bits", str(bits), "--formats", formats,
                                     "--float-tables", "--out", str(out)])
+
+
+def check_packed_layer(layer, deq, tmp_path, inputs=(1, 3, 20)) -> None:
+    """A packed layer of `deq`'s reference weights (rows × cols): its products with `inputs` rows of x are x · Ŵᵀ
+    (plus its bias), its state dict read back into a new layer of its spec is the same class and weights, and a
+    subset of its rows dequantizes to the reference's rows (a test's check of a QuantLinear layout)."""
+    import torch
+
+    from .runtime.qlinear import QuantLinear
+
+    rows, cols = deq.shape
+    bias = 0 if layer.bias is None else layer.bias
+    for n in inputs:
+        x = torch.randn(n, cols)
+        torch.testing.assert_close(layer(x), x @ deq.T + bias, rtol=1e-4, atol=1e-4)
+    torch.save(layer.state_dict(), tmp_path / "layer.pt")
+    back = QuantLinear(cols, rows, layer.spec, bias=layer.bias is not None)
+    back.load_state_dict(torch.load(tmp_path / "layer.pt"))
+    assert type(back) is type(layer) and torch.equal(back.weight_float(), deq)
+    sub = torch.tensor([0, rows - 1])
+    assert torch.equal(layer.quantized(sub).dequantize(), deq[sub])
+
+
+def tiny_run_layers(model_dir, text_file, out, formats: str, layout: type):
+    """`quantize_tiny` at 3.0 bits among `formats`: (its plan's layers, the loaded model's `layout` layers), each
+    of those checked to compute x · Ŵᵀ."""
+    import torch
+
+    import json
+
+    from .io import load
+
+    res = quantize_tiny(model_dir, text_file, out, 3.0, formats)
+    assert res.exit_code == 0, res.output
+    layers = json.loads((out / "plan.json").read_text())["layers"]
+    linears = [m for m in load(out).modules() if isinstance(m, layout)]
+    for m in linears:
+        x = torch.randn(2, m.in_features)
+        torch.testing.assert_close(m(x), x @ m.weight_float().T, rtol=1e-4, atol=1e-4)
+    return layers, linears

@@ -3,8 +3,6 @@ solver's error feedback, exact bits, the bit planes and the look-up-table kernel
 that allocates among them."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from mixq.plan import Candidate
 from mixq.runtime.bcq import BCQLinear, from_planes, to_planes
 from mixq.runtime.qlinear import QuantLinear
 from mixq.solvers import output_error, solve
+from mixq.testing import check_packed_layer, tiny_run_layers
 
 
 def test_codes_hold_the_signs_and_decode_is_the_signed_sum_of_alphas():
@@ -81,6 +80,8 @@ def test_bad_binary_coding_specs_and_candidates_fail_in_one_line():
 
 @pytest.mark.parametrize("rows,cols,name", [(64, 256, "bcq2-g64"), (61, 192, "bcq3-g32"), (13, 128, "bcq4-g128"),
                                             (9, 64, "bcq2-row")])
+
+
 def test_bit_planes_and_the_lookup_kernel_compute_the_reference(rows, cols, name, tmp_path):
     """Planes round-trip; the kernel (8 rows at a time, then one by one) equals x · Ŵᵀ for one and several rows of
     x; longer inputs dequantize; the buffers count the format's bits and read back."""
@@ -92,29 +93,10 @@ def test_bit_planes_and_the_lookup_kernel_compute_the_reference(rows, cols, name
     layer = QuantLinear.from_quantized(qt, torch.randn(rows, generator=g))
     assert isinstance(layer, BCQLinear)
     assert sum(b.numel() * b.element_size() * 8 for b in layer.buffers()) == spec.storage_bits(rows, cols)
-    deq = qt.dequantize()
-    for n in (1, 3, 20):
-        x = torch.randn(n, cols, generator=g)
-        torch.testing.assert_close(layer(x), x @ deq.T + layer.bias, rtol=1e-4, atol=1e-4)
-    torch.save(layer.state_dict(), tmp_path / "l.pt")
-    back = QuantLinear(cols, rows, spec, bias=True)
-    back.load_state_dict(torch.load(tmp_path / "l.pt"))
-    assert isinstance(back, BCQLinear) and torch.equal(back.weight_float(), deq)
-    sub = torch.tensor([0, rows - 1])
-    assert torch.equal(layer.quantized(sub).dequantize(), deq[sub])
+    check_packed_layer(layer, qt.dequantize(), tmp_path)
 
 
 def test_a_run_allocates_binary_coding_with_its_own_solver(tiny_hf_dir, text_file, tmp_path):
-    import mixq
-    from mixq.testing import quantize_tiny
-
-    out = tmp_path / "q"
-    res = quantize_tiny(tiny_hf_dir, text_file, out, 3.0, "bcq2-g32,bcq3-g32,bcq4-g32")
-    assert res.exit_code == 0, res.output
-    layers = json.loads((out / "plan.json").read_text())["layers"]
+    layers, linears = tiny_run_layers(tiny_hf_dir, text_file, tmp_path / "q", "bcq2-g32,bcq3-g32,bcq4-g32", BCQLinear)
     assert {(v["grid_name"], v["solver"]) for v in layers.values()} == {("bcq", "bcq")}
-    model = mixq.load(out)
-    linears = [m for m in model.modules() if isinstance(m, BCQLinear)]
     assert len(linears) == len(layers)
-    x = torch.randn(2, linears[0].in_features)
-    torch.testing.assert_close(linears[0](x), x @ linears[0].weight_float().T, rtol=1e-4, atol=1e-4)

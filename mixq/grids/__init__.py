@@ -5,8 +5,10 @@ Every grid has the value (level(q) − z) · s of code q, with s the group's sca
 - level grids (`normal.py`'s "nf", `iq4nl.py`'s "iq4nl") have a fixed table of 2^bits levels, level(q) = L[q],
   no zero (z = 0) and a signed scale: w ≈ s · L[q], as bitsandbytes' NF4 and llama.cpp's IQ4_NL; a learned grid
   (`learned.py`'s "lk") has a table of each layer's own, stored with it (`for_layer` gives the layer's grid).
-- binary coding (`bcq.py`) stores `bits` scales a group, w = Σ α_i · (±1); it is fitted and decoded by its own
-  solver and `decode` (`solver`, `scales_per_group`), not through fit / encode / level.
+- binary coding (`bcq.py`) stores `bits` scales a group, w = Σ α_i · (±1); the lattice codebooks (`lattice.py`,
+  "iq") code 8 or 4 weights at once, w = s · (±c_k) with c a point of llama.cpp's IQ2_S or IQ3_S grid. Each is
+  fitted and decoded by its own solver and `decode` (`solver`, `scales_per_group`, `code_bits`), not through fit /
+  encode / level.
 
 A grid declares what is stored beside each group's scale (`zero`: nothing, an integer code or an fp16 minimum),
 whether its scale is signed (double-quantized scale codes are then signed), and the widths it takes; it fits a
@@ -60,6 +62,11 @@ class Grid:
         """fp16 scales stored a group (a binary-coding grid: one a bit)."""
         return 1
 
+    def code_bits(self, weights: int, bits: int) -> int:
+        """Stored bits of the codes of `weights` weights: packed 8 at a time into `bits` bytes (runtime.pack),
+        padded to a multiple of 8 codes (a codebook of several weights a code: its own)."""
+        return -(-weights // 8) * 8 * bits
+
     def fit(self, w: torch.Tensor, maxq: torch.Tensor, shrink: float | torch.Tensor = 1.0):
         """(scale, zero) of each row of `w` (rows × g; maxq rows × 1), its range shrunk by `shrink`: scale rounded to
         fp16 (what is stored), zero a float column (integral for integer zeros; −m/s for an fp16 minimum m)."""
@@ -77,7 +84,7 @@ class Grid:
         """(level(q) − z) · s, the weight a code stands for."""
         return (self.level(q, maxq) - zero) * scale
 
-    def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         """A grid of several scales a group (`solver`): the reference float32 weights of its codes and scales."""
         raise NotImplementedError(f"grid {self.name} has one scale a group: formats.dequantize decodes it")
 

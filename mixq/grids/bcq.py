@@ -45,11 +45,10 @@ class BinaryCoding(Grid):
 
     encode = level = fit
 
-    def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         """The reference: rows × cols codes and rows × (groups · bits) α (plane i of group g at g · bits + i) →
         float32 weights."""
         rows, cols = codes.shape
-        bits = scales.shape[1] * group // cols
         alpha = scales.float().view(rows, cols // group, 1, bits)
         return (signs(codes, bits).view(rows, cols // group, group, bits) * alpha).sum(-1).view(rows, cols)
 

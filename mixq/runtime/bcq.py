@@ -32,7 +32,7 @@ def from_planes(planes: torch.Tensor) -> torch.Tensor:
     return (b.reshape(bits, rows, blocks * 8) << torch.arange(bits).view(-1, 1, 1)).sum(0).to(torch.uint8)
 
 
-class BCQLinear(QuantLinear):
+class BCQLinear(QuantLinear, grid="bcq"):
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
         nn.Module.__init__(self)
         if not spec.fits(in_features) or in_features % 8 or spec.group(in_features) % 8:

@@ -1,26 +1,51 @@
 """`QuantLinear`: a linear layer that holds packed codes, fp16 scales and packed zeros (or fp16 minima), and computes
-from them. A binary-coding format's is a `BCQLinear` (runtime.bcq: bit planes), which `QuantLinear(...)` and
+from them. A grid with a layout of its own has a subclass that names it (`class BCQLinear(QuantLinear,
+grid="bcq")`: runtime.bcq's bit planes, runtime.lattice's codebook indices), which `QuantLinear(...)` and
 `QuantLinear.from_quantized` give for its specs."""
 from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..formats import HIGH, QuantizedTensor, QuantSpec
+from ..registry import import_all
 from .cpu import kernel
 from .pack import pack, unpack, unpack_at
 
 KERNEL_MAX_ROWS = 8  # rows of x (decoding, small batches) that qgemv takes; longer inputs: dequant + matmul
 
 
-class QuantLinear(nn.Module):
-    def __new__(cls, in_features: int = 0, out_features: int = 0, spec: QuantSpec | None = None, bias: bool = False):
-        if cls is QuantLinear and spec is not None and spec.grid_type.solver is not None:
-            from .bcq import BCQLinear  # binary coding: bit planes (its own layout and kernel)
+LAYOUTS: dict[str, type] = {}  # grid name → the QuantLinear subclass of its own layout (kept by __init_subclass__)
 
-            return super().__new__(BCQLinear)
-        return super().__new__(cls)
+
+def layout(spec: QuantSpec) -> type:
+    """The class that stores `spec`: QuantLinear, or its grid's own subclass."""
+    if spec.grid_type.solver is None:
+        return QuantLinear
+    _import_layouts()
+    if spec.grid not in LAYOUTS:
+        raise ValueError(f"{spec.name}: no layout stores grid {spec.grid}")
+    return LAYOUTS[spec.grid]
+
+
+@cache
+def _import_layouts() -> None:
+    """Import the package's modules once, so that every layout has registered."""
+    import_all(__package__, [str(Path(__file__).parent)])
+
+
+class QuantLinear(nn.Module):
+    def __init_subclass__(cls, grid: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if grid is not None:
+            LAYOUTS[grid] = cls
+
+    def __new__(cls, in_features: int = 0, out_features: int = 0, spec: QuantSpec | None = None, bias: bool = False):
+        return super().__new__(layout(spec) if cls is QuantLinear and spec is not None else cls)
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
         super().__init__()
@@ -55,10 +80,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
-        if cls is QuantLinear and qt.spec.grid_type.solver is not None:
-            from .bcq import BCQLinear
-
-            return BCQLinear.from_quantized(qt, bias)
+        if cls is QuantLinear and layout(qt.spec) is not QuantLinear:
+            return layout(qt.spec).from_quantized(qt, bias)
         rows, cols = qt.codes.shape[0], qt.codes.shape[1] + qt.spec.high
         spec, zero = qt.spec, qt.spec.grid_type.zero
         m = cls(cols, rows, spec, bias is not None)

@@ -65,8 +65,9 @@ class Rows:
         levels of `spec`'s width)."""
         grid = grid_of(self.grid)
         scales = out[1]
-        if grid.solver is not None:  # `bits` scales a group, padded to the batch's widest: spec's own
-            scales = scales.view(scales.shape[0], out[2].shape[1], -1)[..., :spec.bits].reshape(scales.shape[0], -1)
+        if grid.solver is not None:  # scales_per_group scales a group, padded to the batch's widest: spec's own
+            n = grid.scales_per_group(spec.bits)
+            scales = scales.view(scales.shape[0], out[2].shape[1], -1)[..., :n].reshape(scales.shape[0], -1)
         return QuantizedTensor(out[0], scales, out[2], spec, out[3], out[4] if self.high else None,
                                grid.table(spec.bits).float() if grid.learned else None)
 

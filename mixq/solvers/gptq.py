@@ -54,12 +54,16 @@ def factor(h: torch.Tensor, damp: float, act_order: bool, memo: dict | None) -> 
     return u
 
 
-def error_feedback(w: torch.Tensor, u: torch.Tensor, column) -> torch.Tensor:
-    """GPTQ's pass over the columns of `w` (rows × cols, updated in place) in their order: `column(j, col, synced)`
-    gives column j's codes and their values (rows × 1 each), its error is spread over the columns after it through
-    `u` (the upper Cholesky factor of H⁻¹), lazily in blocks of BLOCK columns; `synced()` writes the block's updates
-    so far into `w` and returns it (for a grid fitted on the weights updated so far). The codes, float rows × cols."""
+def error_feedback(w: torch.Tensor, u: torch.Tensor, column, width: int = 1) -> torch.Tensor:
+    """GPTQ's pass over the columns of `w` (rows × cols, updated in place) in their order, `width` at a time (a
+    vector codebook's: LDLQ, QuIP#): `column(j, cols, synced)` gives the codes and values (rows × width each) of
+    columns j … j + width − 1, their error is spread over the columns after them through `u` (the upper Cholesky
+    factor of H⁻¹: e = (w − value) · U_FF⁻¹, then w_rest −= e · U_F,rest), lazily in blocks of BLOCK columns;
+    `synced()` writes the block's updates so far into `w` and returns it (for a grid fitted on the weights updated so
+    far). The codes, float rows × cols."""
     rows, cols = w.shape
+    if BLOCK % width or cols % width:
+        raise ValueError(f"columns of {cols} do not split into runs of {width}")
     codes = torch.zeros(rows, cols)
     for b0 in range(0, cols, BLOCK):
         b1 = min(b0 + BLOCK, cols)
@@ -70,14 +74,17 @@ def error_feedback(w: torch.Tensor, u: torch.Tensor, column) -> torch.Tensor:
             w[:, b0:b1] = w1
             return w
 
-        for i in range(b1 - b0):
+        for i in range(0, b1 - b0, width):
             j = b0 + i
-            col = w1[:, i:i + 1]
+            col = w1[:, i:i + width]
             q, value = column(j, col, synced)
-            codes[:, j] = q[:, 0]
-            e = (col - value) / u[j, j]
-            w1[:, i:] -= e @ u[j:j + 1, j:b1]
-            err[:, i] = e[:, 0]
+            codes[:, j:j + width] = q
+            if width == 1:
+                e = (col - value) / u[j, j]
+            else:
+                e = torch.linalg.solve_triangular(u[j:j + width, j:j + width], col - value, upper=True, left=False)
+            w1[:, i:] -= e @ u[j:j + width, j:b1]
+            err[:, i:i + width] = e
         w[:, b0:b1] = w1
         w[:, b1:] -= err @ u[b0:b1, b1:]
     return codes

@@ -1,0 +1,142 @@
+"""Lattice codebooks ("iq": vector quantization over runs of weights): llama.cpp's i-quant grids as codebooks.
+
+- 2 bits: IQ2_S's 1024 points of 8 magnitudes in {8, 25, 43} (points of the E8 lattice's half-integer coset,
+  (1, 3, 5)/2 scaled), each weight its own sign: a run of 8 weights is a 10-bit index and 8 signs, 2.25 bits a
+  weight;
+- 3 bits: IQ3_S's 512 points of 4 magnitudes in {1, 3, …, 15} (D4 lattice points), a 9-bit index and 4 signs a run
+  of 4, 3.25 bits a weight.
+
+w = s · (±c_k) with s one fp16 scale a group (a multiple of 32 weights: the packing's, runtime.lattice), so that at
+group 64 iq2 costs 2.5 bits a weight, as int2-g64-min and bcq2-g64 do. The codebooks are the gguf package's (the
+same tables llama.cpp reads), so the codes are IQ2_S's and IQ3_S's own.
+
+A weight's code (QuantizedTensor.codes, one a weight) holds its magnitude's place in the codebook's magnitudes and
+its sign: q = 2 · m + (w < 0). A run's magnitudes are always one codebook point's; packing turns them into the
+point's index (`index_of`). Runs are coded to the nearest point (`nearest`: signs free, so the magnitudes' nearest
+point); the solver (solvers.ldlq) spreads each run's error over the columns after it (LDLQ, QuIP#).
+"""
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import torch
+
+from . import Grid, register
+
+CHUNK = 1 << 22  # runs × codebook points scored at a time (4 bytes each)
+SCALE_STEPS = torch.exp(torch.linspace(np.log(0.5), np.log(1.7), 12))  # candidate scales around the rms fit
+RUN = {2: 8, 3: 4}  # weights a codebook point covers
+INDEX_BITS = {2: 10, 3: 9}
+
+
+@cache
+def codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(points K × run float32 magnitudes, their magnitudes' places K × run int64, the distinct magnitudes)."""
+    from gguf.quants import IQ2_S, IQ3_S
+
+    kind = {2: IQ2_S, 3: IQ3_S}[bits]
+    kind.init_grid()
+    points = torch.from_numpy(np.array(kind.grid, dtype=np.float32).reshape(kind.grid_shape))
+    mags = torch.tensor(kind.grid_map, dtype=torch.float32)
+    places = (points.unsqueeze(-1) == mags).float().argmax(-1)
+    return points, places, mags
+
+
+@cache
+def _index_table(bits: int) -> torch.Tensor:
+    """Point index of every run of magnitude places (base-len(mags) number, place 0 first), −1 where none is."""
+    points, places, mags = codebook(bits)
+    n = len(mags)
+    keys = (places * n ** torch.arange(RUN[bits])).sum(1)
+    table = torch.full((n ** RUN[bits],), -1, dtype=torch.int64)
+    table[keys] = torch.arange(len(points))
+    return table
+
+
+def index_of(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """rows × cols codes → rows × cols/run point indices (int64); a run whose magnitudes are no point: ValueError."""
+    rows, cols = codes.shape
+    run, n = RUN[bits], len(codebook(bits)[2])
+    places = (codes.long() >> 1).view(rows, cols // run, run)
+    idx = _index_table(bits)[(places * n ** torch.arange(run)).sum(-1)]
+    if (idx < 0).any():
+        raise ValueError(f"iq{bits} codes whose runs are no codebook point")
+    return idx
+
+
+def nearest(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Index of the nearest point to each run of `t` (n × run, in units of the scale), signs free: the point nearest
+    its magnitudes."""
+    points = codebook(bits)[0]
+    a = t.abs()
+    norms = points.square().sum(1)
+    step = max(1, CHUNK // len(points))
+    return torch.cat([(norms - 2 * a[i:i + step] @ points.T).argmin(1) for i in range(0, a.shape[0], step)])
+
+
+def coded(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes n × run, values n × run in units of the scale) of the runs `t`."""
+    points, places, _ = codebook(bits)
+    k = nearest(t, bits)
+    negative = t < 0
+    return places[k] * 2 + negative, torch.where(negative, -points[k], points[k])
+
+
+def fit_scale(w: torch.Tensor, importance: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp16 scale (as float32, n × 1) of each group of `w` (n × g) of least importance-weighted error (n × g
+    weights) over SCALE_STEPS around the rms fit, then one weighted least-squares step on its codes."""
+    n, g = w.shape
+    run = RUN[bits]
+    points = codebook(bits)[0]
+    base = w.square().mean(1, keepdim=True).sqrt() / points.square().mean().sqrt()
+    base = torch.where(base > 0, base, torch.ones_like(base))
+    best, best_err = base, torch.full((n, 1), float("inf"))
+    tries = [base * f for f in SCALE_STEPS]
+    for i in range(len(tries) + 1):
+        if i == len(tries):  # least squares on the best one's points
+            _, v = coded(w.reshape(-1, run) / best.repeat_interleave(g // run, 0), bits)
+            v = v.view(n, g)
+            s = (importance * w * v).sum(1, keepdim=True) / (importance * v * v).sum(1, keepdim=True).clamp_min(1e-30)
+            s = torch.where(s > 0, s, best)
+        else:
+            s = tries[i]
+        s = s.half().float()
+        s = torch.where(s > 0, s, torch.full_like(s, 2 ** -24))  # (an fp16 scale never rounds to 0)
+        _, v = coded(w.reshape(-1, run) / s.repeat_interleave(g // run, 0), bits)
+        err = (importance * (w - s * v.view(n, g)).square()).sum(1, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+@register
+class Lattice(Grid):
+    name = "iq"
+    summary = ("lattice codebooks: runs of 8 weights on IQ2_S's 1024 E8 points (2 bits), of 4 on IQ3_S's 512 D4 "
+               "points (3 bits), a sign a weight, one fp16 scale a group")
+    bits = (2, 3)
+    zero = "none"
+    uniform = False
+    solver = "ldlq"
+    row_multiple = 32  # runtime.lattice packs the indices' high bits of 32 weights in a byte
+
+    def label(self, bits: int) -> str:
+        return f"iq{bits}"
+
+    def code_bits(self, weights: int, bits: int) -> int:
+        return weights // RUN[bits] * (INDEX_BITS[bits] + RUN[bits])
+
+    def fit(self, *args, **kwargs):
+        raise ValueError("iq formats code runs of weights on a codebook: the ldlq solver fits them "
+                         "(grids.lattice), not the solvers of one weight at a time")
+
+    encode = level = fit
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+        """The reference: rows × cols codes and rows × groups fp16 scales → float32 weights."""
+        rows, cols = codes.shape
+        mags = codebook(bits)[2]
+        c = codes.long()
+        v = torch.where(c & 1 == 1, -mags[c >> 1], mags[c >> 1])
+        return (v.view(rows, cols // group, group) * scales.float().unsqueeze(-1)).view(rows, cols)

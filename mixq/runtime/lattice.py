@@ -1,0 +1,83 @@
+"""`LatticeLinear`: QuantLinear of a lattice-codebook format (grids.lattice, "iq"), stored as llama.cpp's IQ2_S
+and IQ3_S store their runs: for each run of 8 (iq2) or 4 (iq3) weights of a row, the low 8 bits of its point's
+index (`qweight`, rows × cols/run bytes), the index's high bits (`qh`, rows × cols/32 bytes: 2 bits a run of iq2, 4 runs
+a byte; 1 bit a run of iq3, 8 runs a byte, run r of a byte at bit `INDEX_BITS − 8` · r), and a sign a weight
+(`signs`, rows × cols/8 bytes, bit t of byte b for column 8b + t: set where negative); fp16 `scales` rows ×
+groups. These are exactly the bits QuantSpec.storage_bits counts. Products decode the weight (points × signs ×
+scales) and multiply: no kernel of its own yet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import QuantizedTensor, QuantSpec
+from ..grids.lattice import INDEX_BITS, RUN, codebook, index_of
+from .qlinear import QuantLinear
+
+
+class LatticeLinear(QuantLinear, grid="iq"):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
+        nn.Module.__init__(self)
+        if not spec.fits(in_features):
+            raise ValueError(f"{spec.name} does not fit rows of {in_features} weights (runs packed 32 weights a "
+                             "byte of high bits: multiples of 32)")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.high, self._cols, self._group = None, in_features, spec.group(in_features)
+        self.groups = out_features * (in_features // self._group)
+        u8 = dict(dtype=torch.uint8)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // RUN[spec.bits], **u8))
+        self.register_buffer("qh", torch.zeros(out_features, in_features // 32, **u8))
+        self.register_buffer("signs", torch.zeros(out_features, in_features // 8, **u8))
+        self.register_buffer("scales", torch.zeros(out_features, in_features // self._group, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._ac = None
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "LatticeLinear":
+        rows, cols = qt.codes.shape
+        bits = qt.spec.bits
+        m = cls(cols, rows, qt.spec, bias is not None)
+        idx = index_of(qt.codes, bits)  # rows × runs
+        high, per = INDEX_BITS[bits] - 8, 32 // RUN[bits]
+        m.qweight.copy_((idx & 0xFF).to(torch.uint8))
+        shifts = torch.arange(per) * high
+        m.qh.copy_(((idx >> 8).view(rows, -1, per) << shifts).sum(-1).to(torch.uint8))
+        negative = (qt.codes.long() & 1).view(rows, -1, 8)
+        m.signs.copy_((negative << torch.arange(8)).sum(-1).to(torch.uint8))
+        m.scales.copy_(qt.scales)
+        if bias is not None:
+            m.bias.data.copy_(bias)
+        return m
+
+    def _indices(self, rows=None) -> torch.Tensor:
+        """Point index of every run (rows × runs, int64)."""
+        bits = self.spec.bits
+        high, per = INDEX_BITS[bits] - 8, 32 // RUN[bits]
+        qs, qh = (self.qweight, self.qh) if rows is None else (self.qweight[rows], self.qh[rows])
+        top = (qh.long().unsqueeze(-1) >> (torch.arange(per) * high)) & ((1 << high) - 1)
+        return qs.long() | (top.reshape(qs.shape) << 8)
+
+    def _negative(self, rows=None) -> torch.Tensor:
+        signs = self.signs if rows is None else self.signs[rows]
+        return ((signs.long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(signs.shape[0], -1)
+
+    def quantized(self, rows: torch.Tensor | None = None, codes: bool = True) -> QuantizedTensor:
+        n = self.out_features if rows is None else len(rows)
+        scales = self.scales if rows is None else self.scales[rows]
+        zeros = torch.zeros(n, self.groups // self.out_features, dtype=torch.uint8)
+        if not codes:
+            return QuantizedTensor(torch.empty(n, 0, dtype=torch.uint8), scales, zeros, self.spec)
+        places = codebook(self.spec.bits)[1][self._indices(rows)].reshape(n, -1)
+        return QuantizedTensor((places * 2 + self._negative(rows)).to(torch.uint8), scales, zeros, self.spec)
+
+    def weight_float(self) -> torch.Tensor:
+        """The float32 weight, decoded straight from the indices (the reference's numbers)."""
+        rows, cols = self.out_features, self._cols
+        points = codebook(self.spec.bits)[0][self._indices()].reshape(rows, cols)
+        w = torch.where(self._negative() == 1, -points, points)
+        return (w.view(rows, -1, self._group) * self.scales.float().unsqueeze(-1)).view(rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_float().to(x.dtype), self.bias)

@@ -1,0 +1,95 @@
+"""Lattice-codebook formats (grids.lattice, solvers.ldlq, runtime.lattice): the codebooks are llama.cpp's, runs go
+to their nearest point, LDLQ's feedback lowers the output error, exact bits, the packed indices round-trip and
+compute the reference, and a run that allocates among them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixq.formats import QuantizedTensor, QuantSpec, quantize
+from mixq.grids.lattice import RUN, codebook, coded, index_of, nearest
+from mixq.plan import Candidate
+from mixq.runtime.lattice import LatticeLinear
+from mixq.runtime.qlinear import QuantLinear
+from mixq.solvers import output_error, solve
+from mixq.testing import check_packed_layer, tiny_run_layers
+
+
+@pytest.mark.parametrize("bits,kind,size", [(2, "IQ2_S", 1024), (3, "IQ3_S", 512)])
+def test_codebooks_are_llama_cpp_s_and_decode_is_sign_times_point_times_scale(bits, kind, size):
+    import gguf.quants
+
+    points, places, mags = codebook(bits)
+    ref = getattr(gguf.quants, kind)
+    ref.init_grid()
+    assert points.shape == (size, RUN[bits])
+    assert np.array_equal(points.numpy(), np.asarray(ref.grid, dtype=np.float32).reshape(ref.grid_shape))
+    assert torch.equal(mags[places], points)
+    k = torch.tensor([5, size - 1])
+    codes = (places[k] * 2 + (torch.arange(2 * RUN[bits]).view(2, -1) % 3 == 0)).view(1, -1).to(torch.uint8)
+    scales = torch.tensor([[0.5]]).half()
+    qt = QuantizedTensor(codes, scales, torch.zeros(1, 1, dtype=torch.uint8), QuantSpec.of(bits, 0, "iq"))
+    signs = torch.where(codes.long() & 1 == 1, -1.0, 1.0)
+    assert torch.equal(qt.dequantize(), 0.5 * signs * points[k].reshape(1, -1))
+    assert torch.equal(index_of(codes, bits), k.view(1, 2))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_each_run_goes_to_its_nearest_point(bits):
+    points = codebook(bits)[0]
+    t = torch.randn(300, RUN[bits], generator=torch.Generator().manual_seed(bits)) * points.abs().mean()
+    codes, values = coded(t, bits)
+    dist = ((t.abs().unsqueeze(1) - points.unsqueeze(0)) ** 2).sum(-1)  # signs free: magnitudes to points
+    assert torch.allclose(((t - values) ** 2).sum(-1), dist.min(1).values, rtol=1e-4, atol=1e-3)
+    assert torch.equal(values.abs(), points[nearest(t, bits)]) and torch.equal(values < 0, t < 0)
+    assert torch.equal(codes & 1 == 1, t < 0)
+
+
+def test_bits_are_the_codebook_s_and_bad_specs_fail_in_one_line():
+    assert QuantSpec.from_name("iq2-g64").storage_bits(4, 128) == 4 * 128 // 8 * 18 + 4 * 2 * 16  # index + 8 signs
+    assert QuantSpec.from_name("iq3-g32").storage_bits(2, 64) == 2 * 64 // 4 * 13 + 2 * 2 * 16  # index + 4 signs
+    assert QuantSpec.from_name("iq2-g64").bits_per_weight(1, 576) == 2.5  # as int2-g64-min and bcq2-g64
+    with pytest.raises(ValueError, match="takes bits"):
+        QuantSpec.of(4, 64, "iq")
+    with pytest.raises(ValueError, match="stores fp16 scales of its own"):
+        QuantSpec.of(2, 64, "iq", 6)
+    with pytest.raises(ValueError, match="fitted by its own solver, ldlq, not gptq"):
+        Candidate(QuantSpec.of(2, 64, "iq"), "gptq")
+    with pytest.raises(ValueError, match="ldlq fits only its own grid's formats"):
+        Candidate(QuantSpec.of(3, 64, "min"), "ldlq")
+    assert not QuantSpec.of(2, 0, "iq").fits(48) and QuantSpec.of(2, 0, "iq").fits(64)  # high bits: 32 weights a byte
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_ldlq_s_feedback_lowers_the_output_error_below_the_scalar_grids_at_the_same_bits(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g)
+    x = torch.randn(1024, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g) / 16)
+    h = x.T @ x / 1024
+    spec = QuantSpec.from_name(f"iq{bits}-g64")
+    plain = float(output_error(w, quantize(w, spec).dequantize(), h).sum())
+    fed = float(output_error(w, solve("ldlq", w, h, spec).dequantize(), h).sum())
+    scalar = float(output_error(w, solve("gptq", w, h, QuantSpec.from_name(f"int{bits}-g64-min")).dequantize(),
+                                h).sum())  # the same bpw: 2.5 and 3.5
+    assert fed < 0.9 * plain and fed < 0.9 * scalar, (fed, plain, scalar)
+
+
+@pytest.mark.parametrize("rows,cols,name", [(64, 256, "iq2-g64"), (7, 192, "iq3-g32"), (5, 64, "iq2-row")])
+def test_packed_indices_round_trip_and_compute_the_reference(rows, cols, name, tmp_path):
+    g = torch.Generator().manual_seed(rows)
+    spec = QuantSpec.from_name(name)
+    w = torch.randn(rows, cols, generator=g)
+    qt = solve("ldlq", w, torch.eye(cols) + 0.1, spec)
+    layer = QuantLinear.from_quantized(qt, torch.randn(rows, generator=g))
+    assert isinstance(layer, LatticeLinear)
+    assert sum(b.numel() * b.element_size() * 8 for b in layer.buffers()) == spec.storage_bits(rows, cols)
+    assert torch.equal(layer.quantized().codes, qt.codes)
+    check_packed_layer(layer, qt.dequantize(), tmp_path)
+
+
+def test_a_run_allocates_lattice_formats_with_their_own_solver(tiny_hf_dir, text_file, tmp_path):
+    layers, linears = tiny_run_layers(tiny_hf_dir, text_file, tmp_path / "q", "iq2-g32,iq3-g32,int4-g32-min",
+                                      LatticeLinear)
+    chosen = [v for v in layers.values() if v.get("grid_name") == "iq"]
+    assert chosen and all(v["solver"] == "ldlq" for v in chosen) and len(linears) == len(chosen)
