@@ -93,3 +93,32 @@ def test_a_run_allocates_lattice_formats_with_their_own_solver(tiny_hf_dir, text
                                       LatticeLinear)
     chosen = [v for v in layers.values() if v.get("grid_name") == "iq"]
     assert chosen and all(v["solver"] == "ldlq" for v in chosen) and len(linears) == len(chosen)
+
+
+@pytest.mark.parametrize("name", ["iq2-g64", "iq3-g32", "iq2-g16"])
+def test_the_kernel_computes_the_reference_and_serves_a_few_rows(name, monkeypatch):
+    from mixq.runtime.cpu import kernel
+
+    k = kernel()
+    assert k is not None
+    g = torch.Generator().manual_seed(1)
+    rows, cols = 19, 192
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    qt = quantize(w, QuantSpec.from_name(name))
+    layer, deq = QuantLinear.from_quantized(qt), qt.dequantize()
+    for n in (1, 3, 8, 13):
+        x = torch.randn(n, cols, generator=g)
+        ref = x @ deq.T
+        y = k.iq_gemv(layer.qweight, layer.qh, layer.signs, layer.scales.float(), codebook(qt.spec.bits)[0], x,
+                      qt.spec.group(cols), 10 if qt.spec.bits == 2 else 9)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    calls = []
+
+    class Spy:
+        def iq_gemv(self, *args):
+            calls.append(args[5].shape[0])
+            return k.iq_gemv(*args)
+
+    monkeypatch.setattr("mixq.runtime.qlinear.kernel", lambda: Spy())
+    layer(torch.randn(2, cols)), layer(torch.randn(40, cols))
+    assert calls == [2]  # the longer input decoded the weight instead

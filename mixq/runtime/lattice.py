@@ -14,7 +14,7 @@ from torch import nn
 
 from ..formats import QuantizedTensor, QuantSpec
 from ..grids.lattice import INDEX_BITS, RUN, codebook, index_of
-from .qlinear import QuantLinear
+from .qlinear import KERNEL_MAX_ROWS, QuantLinear
 
 
 class LatticeLinear(QuantLinear, grid="iq"):
@@ -79,5 +79,20 @@ class LatticeLinear(QuantLinear, grid="iq"):
         w = torch.where(self._negative() == 1, -points, points)
         return (w.view(rows, -1, self._group) * self.scales.float().unsqueeze(-1)).view(rows, cols)
 
+    def _kernel_fits(self) -> bool:
+        return self.qweight.device.type == "cpu"  # (rows of a multiple of 32, groups of 8s: QuantSpec.fits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_float().to(x.dtype), self.bias)
+        """A few rows of x: the kernel's iq_gemv, straight from the indices; more: the decoded weight and torch's
+        matmul."""
+        rows = x.numel() // self._cols
+        k = self._kernel_for(x)
+        if k is None or rows > KERNEL_MAX_ROWS:
+            return F.linear(x, self.weight_float().to(x.dtype), self.bias)
+        if self._ac is None:
+            self._ac = self.scales.float().contiguous()
+        bits = self.spec.bits
+        y = k.iq_gemv(self.qweight, self.qh, self.signs, self._ac, codebook(bits)[0], x.reshape(rows, self._cols),
+                      self._group, INDEX_BITS[bits])
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias

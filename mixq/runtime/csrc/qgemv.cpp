@@ -361,7 +361,89 @@ void bcq_rows(const uint8_t* planes, const float* alpha, const float* lut, float
   }
 }
 
+// Lattice codebooks (runtime/lattice.py): each run of `run` (8 or 4) weights is point `idx` of a K × run float
+// table, idx = qs[r, u] | high bits of qh[r, u / per] (index_bits − 8 of them, `per` = 8 / (index_bits − 8) runs a
+// byte), each weight's sign a bit of signs[r, j / 8]; w = scale[r, g] · (±point). Every 8 columns are decoded once
+// (one or two points, their signs, times the group's scale) and multiplied into each of the n ≤ MAX_N rows of x.
+inline int64_t iq_index(const uint8_t* qs, const uint8_t* qh, int64_t u, int64_t high, int64_t per) {
+  return qs[u] | (((qh[u / per] >> (high * (u % per))) & ((1 << high) - 1)) << 8);
+}
+
+void iq_rows(const uint8_t* qs, const uint8_t* qh, const uint8_t* sg, const float* scales, const float* points,
+             const float* x, float* y, int64_t n, int64_t rows, int64_t cols, int64_t run, int64_t group,
+             int64_t index_bits, int64_t r0, int64_t r1) {
+  const int64_t runs = cols / run, high = index_bits - 8, per = 8 / high, groups = cols / group;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t *pq = qs + r * runs, *ph = qh + r * (cols / 32), *ps = sg + r * (cols / 8);
+    const float* psc = scales + r * groups;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    __m256 acc[MAX_N];
+    for (int64_t b = 0; b < n; ++b) acc[b] = _mm256_setzero_ps();
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i top = _mm256_set1_epi32(INT32_MIN);
+    for (int64_t jb = 0; jb < cols / 8; ++jb) {
+      __m256 v;
+      if (run == 8) {
+        v = _mm256_loadu_ps(points + 8 * iq_index(pq, ph, jb, high, per));
+      } else {
+        v = _mm256_set_m128(_mm_loadu_ps(points + 4 * iq_index(pq, ph, 2 * jb + 1, high, per)),
+                            _mm_loadu_ps(points + 4 * iq_index(pq, ph, 2 * jb, high, per)));
+      }
+      const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(ps[jb]), bit), bit);
+      v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(set, top)));  // negative where the bit is set
+      v = _mm256_mul_ps(v, _mm256_set1_ps(psc[8 * jb / group]));
+      for (int64_t b = 0; b < n; ++b) acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + b * cols + 8 * jb), acc[b]);
+    }
+    for (int64_t b = 0; b < n; ++b) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[b]), _mm256_extractf128_ps(acc[b], 1));
+      h = _mm_hadd_ps(h, h);
+      y[b * rows + r] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+    }
+#else
+    float acc[MAX_N] = {0};
+    for (int64_t u = 0; u < runs; ++u) {
+      const float* p = points + run * iq_index(pq, ph, u, high, per);
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t j = u * run + t;
+        const float w = ((ps[j / 8] >> (j % 8)) & 1 ? -p[t] : p[t]) * psc[j / group];
+        for (int64_t b = 0; b < n; ++b) acc[b] += w * x[b * cols + j];
+      }
+    }
+    for (int64_t b = 0; b < n; ++b) y[b * rows + r] = acc[b];
+#endif
+  }
+}
+
 }  // namespace
+
+torch::Tensor iq_gemv(torch::Tensor qs, torch::Tensor qh, torch::Tensor signs, torch::Tensor scales,
+                      torch::Tensor points, torch::Tensor x, int64_t group, int64_t index_bits) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2, "x must be float32 n × cols");
+  x = x.contiguous();
+  const int64_t n = x.size(0), cols = x.size(1), rows = qs.size(0);
+  TORCH_CHECK(points.dtype() == torch::kFloat && points.is_contiguous() && points.dim() == 2 &&
+              (points.size(1) == 8 || points.size(1) == 4), "points must be contiguous float32 K × 8 or K × 4");
+  const int64_t run = points.size(1);
+  TORCH_CHECK(index_bits == 9 || index_bits == 10, "index_bits must be 9 or 10");
+  TORCH_CHECK(cols % 32 == 0 && group % 8 == 0 && cols % group == 0, "rows of a multiple of 32, groups of 8s");
+  for (const auto& t : {qs, qh, signs})
+    TORCH_CHECK(t.dtype() == torch::kUInt8 && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows,
+                "qs, qh and signs must be contiguous uint8 rows × …");
+  TORCH_CHECK(qs.size(1) == cols / run && qh.size(1) == cols / 32 && signs.size(1) == cols / 8,
+              "qs, qh and signs must hold cols / run, cols / 32 and cols / 8 bytes a row");
+  TORCH_CHECK(scales.dtype() == torch::kFloat && scales.is_contiguous() && scales.size(0) == rows &&
+              scales.size(1) == cols / group, "scales must be contiguous float32 rows × groups");
+  auto y = torch::empty({n, rows}, x.options());
+  for (int64_t b0 = 0; b0 < n; b0 += MAX_N) {
+    const int64_t nb = std::min(MAX_N, n - b0);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      iq_rows(qs.data_ptr<uint8_t>(), qh.data_ptr<uint8_t>(), signs.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+              points.data_ptr<float>(), x.data_ptr<float>() + b0 * cols, y.data_ptr<float>() + b0 * rows, nb, rows,
+              cols, run, group, index_bits, r0, r1);
+    });
+  }
+  return y;
+}
 
 torch::Tensor bcq_gemv(torch::Tensor planes, torch::Tensor alpha, torch::Tensor x, int64_t group) {
   TORCH_CHECK(planes.dtype() == torch::kUInt8 && planes.is_contiguous() && planes.dim() == 3,
@@ -450,6 +532,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "the rows × cols weights from packed codes, per-group (s, z or m) and a level table "
         "(or none), exactly");
   m.def("hgemv", &hgemv, "x · Wᵀ for fp16 W, float32 x and result");
+  m.def("iq_gemv", &iq_gemv, "x · Wᵀ for lattice-coded W (point indices, their high bits, signs, float32 scales "
+        "rows × groups, the codebook's points)");
   m.def("bcq_gemv", &bcq_gemv, "x · Wᵀ for binary-coded W (bit planes, α groups × bits × rows) by look-up tables of "
         "the signed sums of every 8 inputs");
 }
