@@ -93,9 +93,10 @@ class QuantSpec:
             if g.double_only and self.scale_bits == SCALE_BITS:
                 raise ValueError(f"grid {self.grid_name} stores its scales and minima as codes: give scale_bits "
                                  f"(one of {SCALE_CODE_BITS})")
-            if g.solver is not None and (self.scale_bits != SCALE_BITS or self.high):
-                raise ValueError(f"grid {self.grid_name} stores fp16 scales of its own (no scale codes, no split "
-                                 "rows)")
+            if g.solver is not None and self.high:
+                raise ValueError(f"grid {self.grid_name} is solved by its own solver, which splits no rows")
+            if g.solver is not None and self.scale_bits != SCALE_BITS and not g.odd_scale_codes:
+                raise ValueError(f"grid {self.grid_name} stores fp16 scales of its own (no scale codes)")
         if self.high < 0 or self.high % 8:
             raise ValueError(f"high (columns stored at 8 bits) must be a multiple of 8 ≥ 0, got {self.high}")
         if self.bits not in BITS:
@@ -302,7 +303,7 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         if self.spec.grid_type.solver is not None:  # a grid of several scales a group decodes itself
-            return self.spec.grid_type.decode(self.codes, self.scales, self.spec.group(self.codes.shape[1]),
+            return self.spec.grid_type.decode(self.codes, self.grid_values()[0], self.spec.group(self.codes.shape[1]),
                                               self.spec.bits)
         low = dequantize(self.codes, *self.grid_values(), self.spec.group(self.codes.shape[1] + self.spec.high),
                          self.levels())
@@ -500,6 +501,8 @@ def decode_scales(scales: torch.Tensor, zeros: torch.Tensor, steps: torch.Tensor
     k = steps.shape[1] // (2 if minimum else 1)  # steps per row
     steps = steps.float().reshape(rows * k, -1)
     ds = steps[:, :1]
+    if grid_of(grid).odd_scale_codes:  # (the i-quants' scales: positive, odd multiples of the step)
+        return (ds * (2 * scales.float().reshape(rows * k, -1) + 1)).reshape(rows, groups), zeros
     if not minimum:
         return (ds * (scales.float().reshape(rows * k, -1) - half)).reshape(rows, groups), zeros
     s = ds * scales.float().reshape(rows * k, -1)

@@ -62,18 +62,23 @@ def _quantize_with_plan(source, plan: Plan, text_file, out):
     assert res.exit_code == 0, res.output
 
 
-def _every_type_plan(model, bias: bool = False) -> Plan:
+def _every_type_plan(model, bias: bool = False, super_types: tuple[str, ...] = ()) -> Plan:
     """Every block linear, the ggml types that fit it in turn (q and k, whose rows are permuted, get several; the
-    256-wide down projections the k-quants); with `bias`, every other layer bias-compensated (q and k included)."""
+    256-wide down projections the k-quants, or the ggml types `super_types` in turn); with `bias`, every other layer
+    bias-compensated (q and k included; a grid with a solver of its own gets that one)."""
+    from mixq.config import filled
     from mixq.models import adapter_for
 
     plan = Plan({})
     for i, name in enumerate(adapter_for(model).layer_names(model)):
         specs = [s for s in gguf_specs() if s.fits(model.get_submodule(name).in_features)]
         k_quants = [s for s in specs if s.super_block]
+        if super_types:
+            k_quants = [s for t in super_types for s in k_quants if ggml_type(s) == t]
         solver = "gptq+bias" if bias and i % 2 == 0 else "gptq"
-        plan.layers[name] = Candidate(k_quants[i // 7 * 3 % len(k_quants)] if k_quants else specs[i % len(specs)],
-                                      solver)
+        pick = k_quants[i // 7 * 3 % len(k_quants)] if super_types == () and k_quants else \
+            k_quants[i // 7 % len(k_quants)] if k_quants else specs[i % len(specs)]
+        plan.layers[name] = filled(pick, solver)
     return plan
 
 
@@ -121,13 +126,15 @@ def wide_gguf(tmp_path_factory):
     return path
 
 
-def test_exported_gguf_loads_back_as_the_saved_model(wide_gguf, text_file, tmp_path):
+@pytest.mark.parametrize("super_types", [(), ("IQ2_S", "IQ3_S")])
+def test_exported_gguf_loads_back_as_the_saved_model(wide_gguf, text_file, tmp_path, super_types):
     float_model, _, _ = load_model(str(wide_gguf))
     out = tmp_path / "q"
-    _quantize_with_plan(wide_gguf, _every_type_plan(float_model), text_file, out)
+    _quantize_with_plan(wide_gguf, _every_type_plan(float_model, super_types=super_types), text_file, out)
     res = runner.invoke(app, ["export", str(out), "--to", "gguf", str(tmp_path / "q.gguf")])
     assert res.exit_code == 0, res.output
-    assert all(k in res.output for k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q5_K"))
+    assert all(k in res.output for k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
+                                         *(super_types or ("Q2_K", "Q5_K"))))
     ours = mixq.load(out)
     theirs, _, _ = load_model(str(tmp_path / "q.gguf"))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -254,7 +261,8 @@ def test_compressed_tensors_refuses_what_it_cannot_store(tiny_hf_dir, text_file,
     assert res.exit_code == 2 and "exists" in res.output
 
 
-def test_llama_cpp_runs_the_export_as_mixq_does(wide_gguf, text_file, tmp_path):
+@pytest.mark.parametrize("super_types", [(), ("IQ2_S", "IQ3_S")])
+def test_llama_cpp_runs_the_export_as_mixq_does(wide_gguf, text_file, tmp_path, super_types):
     """llama.cpp itself (the llama-cpp-python bindings, when installed: benchmarks/gguf_export.py says how) loads
     the export, compensated biases included, and scores the same tokens within 1 % of mixq's perplexity (it
     multiplies with 8-bit activations)."""
@@ -264,7 +272,8 @@ def test_llama_cpp_runs_the_export_as_mixq_does(wide_gguf, text_file, tmp_path):
     import torch.nn.functional as F
 
     float_model, _, _ = load_model(str(wide_gguf))
-    _quantize_with_plan(wide_gguf, _every_type_plan(float_model, bias=True), text_file, tmp_path / "q")
+    _quantize_with_plan(wide_gguf, _every_type_plan(float_model, bias=True, super_types=super_types), text_file,
+                        tmp_path / "q")
     export_gguf(mixq.load(tmp_path / "q"), wide_gguf, tmp_path / "q.gguf")
     ids = list(text_file.read_bytes()[:128])  # the byte-level vocabulary: one id per byte
     llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_ctx=128, n_batch=128, logits_all=True, n_threads=1,

@@ -52,8 +52,9 @@ def test_bits_are_the_codebook_s_and_bad_specs_fail_in_one_line():
     assert QuantSpec.from_name("iq2-g64").bits_per_weight(1, 576) == 2.5  # as int2-g64-min and bcq2-g64
     with pytest.raises(ValueError, match="takes bits"):
         QuantSpec.of(4, 64, "iq")
-    with pytest.raises(ValueError, match="stores fp16 scales of its own"):
-        QuantSpec.of(2, 64, "iq", 6)
+    with pytest.raises(ValueError, match="splits no rows"):
+        QuantSpec.from_name("iq2-g64-hi8")
+    assert QuantSpec.of(2, 64, "iq", 6).name == "iq2-g64-dq6"  # (odd scale codes, a step a row)
     with pytest.raises(ValueError, match="fitted by its own solver, ldlq, not gptq"):
         Candidate(QuantSpec.of(2, 64, "iq"), "gptq")
     with pytest.raises(ValueError, match="ldlq fits only its own grid's formats"):
@@ -122,3 +123,33 @@ def test_the_kernel_computes_the_reference_and_serves_a_few_rows(name, monkeypat
     monkeypatch.setattr("mixq.runtime.qlinear.kernel", lambda: Spy())
     layer(torch.randn(2, cols)), layer(torch.randn(40, cols))
     assert calls == [2]  # the longer input decoded the weight instead
+
+
+@pytest.mark.parametrize("name,kind,bpw", [("iq2-g16-dq4-s256", "IQ2_S", 2.5625),
+                                            ("iq3-g32-dq4-s256", "IQ3_S", 3.4375)])
+def test_double_quantized_lattice_formats_are_llama_cpp_s_i_quants_bit_for_bit(name, kind, bpw, tmp_path):
+    """IQ2_S and IQ3_S: odd scale codes on a step a super-block; the blocks mixq writes dequantize, by the gguf
+    package's reference, to exactly mixq's weights, for the reference fit and for LDLQ; the layer stores the same
+    bits and computes them."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from mixq.export.gguf import encode_blocks, ggml_type
+
+    spec = QuantSpec.from_name(name)
+    assert ggml_type(spec) == kind and spec.bits_per_weight(3, 512) == bpw
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 512, generator=g) * torch.rand(3, 1, generator=g)
+    x = torch.randn(256, 512, generator=g)
+    for qt in (quantize(w, spec), solve("ldlq", w, x.T @ x, spec)):
+        assert qt.steps is not None and int(qt.scales.max()) < 16
+        s, _ = qt.grid_values()
+        torch.testing.assert_close(s, qt.steps.float().repeat_interleave(256 // qt.spec.group(512), 1)
+                                   * (2 * qt.scales.float() + 1))
+        blocks = encode_blocks(qt)
+        assert blocks.size * 8 == spec.storage_bits(3, 512)
+        ref = dequantize(blocks.reshape(-1), getattr(GGMLQuantizationType, kind)).reshape(3, 512)
+        assert np.array_equal(ref, qt.dequantize().numpy())
+        layer = QuantLinear.from_quantized(qt)
+        assert sum(b.numel() * b.element_size() * 8 for b in layer.buffers()) == spec.storage_bits(3, 512)
+        check_packed_layer(layer, qt.dequantize(), tmp_path)

@@ -12,6 +12,8 @@ mixq formats that are ggml types (`GGML_TYPES`, `K_QUANTS`):
         iq4nl, 6-bit codes, groups of 32      → IQ4_XS   (w = d · (sc − 32) · L[q])
         kmin 2 bits, 4-bit codes, groups of 16 → Q2_K    (w = d · sc · q − dmin · m)
         kmin 4 / 5 bits, 6-bit codes, groups of 32 → Q4_K / Q5_K
+        iq 2 bits, 4-bit codes, groups of 16  → IQ2_S    (runs of 8 on its E8 points: w = d · (sc + ½) / 4 · ±p)
+        iq 3 bits, 4-bit codes, groups of 32  → IQ3_S    (runs of 4 on its D4 points: w = d · (2 · sc + 1) · ±p)
 `mixq quantize --compatible gguf` allocates among these only. Every other tensor is written as mixq stores it:
 norms in F32 (Gemma's as 1 + γ, as its GGUF files store them), other float matrices in F16.
 
@@ -43,7 +45,8 @@ GGML_TYPES = {(4, "sym"): "Q4_0", (4, "min"): "Q4_1", (5, "sym"): "Q5_0", (5, "m
 SUPER = 256
 K_QUANTS = {QuantSpec.of(2, 16, "kmin", 4, SUPER): "Q2_K", QuantSpec.of(3, 16, "sym", 6, SUPER): "Q3_K",
             QuantSpec.of(4, 32, "kmin", 6, SUPER): "Q4_K", QuantSpec.of(5, 32, "kmin", 6, SUPER): "Q5_K",
-            QuantSpec.of(6, 16, "sym", 8, SUPER): "Q6_K", QuantSpec.of(4, 32, "iq4nl", 6, SUPER): "IQ4_XS"}
+            QuantSpec.of(6, 16, "sym", 8, SUPER): "Q6_K", QuantSpec.of(4, 32, "iq4nl", 6, SUPER): "IQ4_XS",
+            QuantSpec.of(2, 16, "iq", 4, SUPER): "IQ2_S", QuantSpec.of(3, 32, "iq", 4, SUPER): "IQ3_S"}
 
 
 def ggml_type(spec: QuantSpec) -> str | None:
@@ -84,6 +87,8 @@ def encode_blocks(qt: QuantizedTensor) -> np.ndarray:
         return _encode_k(qt, name).reshape(rows, -1)
     if name == "IQ4_XS":
         return _encode_iq4_xs(qt).reshape(rows, -1)
+    if name in ("IQ2_S", "IQ3_S"):
+        return _encode_iq_lattice(qt, name).reshape(rows, -1)
     if name in ("Q2_K", "Q4_K", "Q5_K"):
         return _encode_k_min(qt, name).reshape(rows, -1)
     q = qt.codes.numpy().reshape(-1, BLOCK)
@@ -165,6 +170,28 @@ def _encode_iq4_xs(qt: QuantizedTensor) -> np.ndarray:
     blocks = q.reshape(n, 8, 32)
     qs = (blocks[:, :, :16] | (blocks[:, :, 16:] << 4)).reshape(n, 128)
     return np.concatenate([d, high.reshape(n, 1).view(np.uint8), low.astype(np.uint8), qs], axis=1)
+
+
+def _encode_iq_lattice(qt: QuantizedTensor, name: str) -> np.ndarray:
+    """IQ2_S / IQ3_S super-blocks (block_iq2_s, block_iq3_s of ggml-common.h): d, then the low bytes of the point
+    indices, and the signs and the indices' high bits (IQ2_S: signs first; IQ3_S: high bits first), then the
+    4-bit scale codes, two a byte (low nibble first). LatticeLinear's rows hold the same bytes in the same order
+    within each super-block; its step is d for IQ3_S (s = d · (2c + 1)) and d / 8 for IQ2_S (s = d · (c + ½) / 4)."""
+    from ..runtime.lattice import LatticeLinear
+
+    layer = LatticeLinear.from_quantized(qt)
+    rows, cols = qt.codes.shape
+    n = rows * cols // SUPER
+
+    def per_block(t: torch.Tensor) -> np.ndarray:
+        return t.numpy().reshape(n, -1)
+
+    d = (qt.steps.float() * (8 if name == "IQ2_S" else 1)).numpy().astype(np.float16).reshape(n, 1).view(np.uint8)
+    sc = qt.scales.numpy().reshape(n, -1)
+    scales = (sc[:, 0::2] | (sc[:, 1::2] << 4)).astype(np.uint8)
+    qs, qh, signs = per_block(layer.qweight), per_block(layer.qh), per_block(layer.signs)
+    middle = [signs, qh] if name == "IQ2_S" else [qh, signs]
+    return np.concatenate([d, qs, *middle, scales], axis=1)
 
 
 def export_gguf(model: torch.nn.Module, source: Path, out: Path, folder: Path | None = None) -> dict[str, int]:

@@ -57,6 +57,7 @@ class Grid:
     learned: ClassVar[bool] = False  # its levels are fitted per layer and stored beside it (`for_layer`)
     solver: ClassVar[str | None] = None  # the one solver that fits it (a grid of several scales a group), or None
     row_multiple: ClassVar[int] = 1  # rows it stores are a multiple of this many weights (bit planes: 8)
+    odd_scale_codes: ClassVar[bool] = False  # double-quantized by its own solver, s = step · (2c + 1) (i-quants)
 
     def scales_per_group(self, bits: int) -> int:
         """fp16 scales stored a group (a binary-coding grid: one a bit)."""

@@ -6,9 +6,11 @@
 - 3 bits: IQ3_S's 512 points of 4 magnitudes in {1, 3, …, 15} (D4 lattice points), a 9-bit index and 4 signs a run
   of 4, 3.25 bits a weight.
 
-w = s · (±c_k) with s one fp16 scale a group (a multiple of 32 weights: the packing's, runtime.lattice), so that at
-group 64 iq2 costs 2.5 bits a weight, as int2-g64-min and bcq2-g64 do. The codebooks are the gguf package's (the
-same tables llama.cpp reads), so the codes are IQ2_S's and IQ3_S's own.
+w = s · (±c_k) with s one fp16 scale a group (rows of a multiple of 32 weights: the packing's, runtime.lattice), so
+that at group 64 iq2 costs 2.5 bits a weight, as int2-g64-min and bcq2-g64 do; or, double-quantized as llama.cpp
+stores them, s = step · (2c + 1) with a `scale_bits`-wide code c a group and an fp16 step a super-block:
+iq2-g16-dq4-s256 is IQ2_S bit for bit (llama.cpp's d = 8 · step), iq3-g32-dq4-s256 IQ3_S (d = step). The codebooks
+are the gguf package's (the same tables llama.cpp reads), so the codes are IQ2_S's and IQ3_S's own.
 
 A weight's code (QuantizedTensor.codes, one a weight) holds its magnitude's place in the codebook's magnitudes and
 its sign: q = 2 · m + (w < 0). A run's magnitudes are always one codebook point's; packing turns them into the
@@ -110,6 +112,32 @@ def fit_scale(w: torch.Tensor, importance: torch.Tensor, bits: int) -> torch.Ten
     return best
 
 
+def fit_code(w: torch.Tensor, importance: torch.Tensor, bits: int, step: torch.Tensor,
+             scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale code c, scale step · (2c + 1)) of each group of `w` (n × g; `step` n × 1) of least importance-weighted
+    error over every code: the double-quantized scales of IQ2_S and IQ3_S."""
+    n, g = w.shape
+    best_c, best_err = torch.zeros(n, 1), torch.full((n, 1), float("inf"))
+    for c in range(1 << scale_bits):
+        s = step * (2 * c + 1)
+        _, v = coded(w.reshape(-1, RUN[bits]) / s.repeat_interleave(g // RUN[bits], 0), bits)
+        err = (importance * (w - s * v.view(n, g)).square()).sum(1, keepdim=True)
+        better = err < best_err
+        best_c, best_err = torch.where(better, float(c), best_c), torch.where(better, err, best_err)
+    return best_c, step * (2 * best_c + 1)
+
+
+def super_steps(w: torch.Tensor, importance: torch.Tensor, group: int, bits: int, scale_bits: int,
+                super_block: int) -> torch.Tensor:
+    """The fp16 step (as float32, rows × k) of each super-block of `w` (rows × cols, k = cols / super_block; a whole
+    row without one): its groups' largest free scale (`fit_scale`) on the largest odd code."""
+    rows, cols = w.shape
+    free = fit_scale(w.reshape(-1, group), importance.expand(rows, cols).reshape(-1, group), bits)
+    k = cols // (super_block or cols)
+    top = free.view(rows, k, -1).amax(-1)
+    return (top / (2 * ((1 << scale_bits) - 1) + 1)).half().float().clamp_min(2 ** -24)
+
+
 @register
 class Lattice(Grid):
     name = "iq"
@@ -120,6 +148,7 @@ class Lattice(Grid):
     uniform = False
     solver = "ldlq"
     row_multiple = 32  # runtime.lattice packs the indices' high bits of 32 weights in a byte
+    odd_scale_codes = True  # double-quantized as IQ2_S and IQ3_S: s = step · (2c + 1), a step per super-block
 
     def label(self, bits: int) -> str:
         return f"iq{bits}"
