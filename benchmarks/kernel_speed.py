@@ -1,8 +1,9 @@
 """The CPU kernel's matrix-vector product (batch 1, what decoding runs) per format, against the integer kernel at the
-same bits in the same process: level grids (normal-float, IQ4_NL: a look-up of each code's level) and binary coding
-(BiQGEMM's look-up tables of the signed sums of every 8 inputs, at the integer format's bpw) against the uniform
-grids, on SmolLM2's shapes (576 → 1536, 1536 → 576) and a Llama-3-8B one (4096 → 14336). Median of repeated
-calls after a warm-up; one thread and two. Random weights: the time does not depend on their values.
+same bits in the same process: level grids (normal-float, IQ4_NL: a look-up of each code's level), binary coding
+(BiQGEMM's look-up tables of the signed sums of every 8 inputs, at the integer format's bpw) and lattice codebooks
+(iq: IQ2_S's and IQ3_S's points) against the uniform grids, on SmolLM2's shapes (576 → 1536, 1536 → 576) and a
+Llama-3-8B one (4096 → 14336). Median of repeated calls after a warm-up; one thread and two. Random weights: the
+time does not depend on their values.
 
 `python benchmarks/kernel_speed.py` writes benchmarks/results/kernel_speed.{md,json} (not "kernels.py": a
 script's folder comes first on sys.path, and transformers imports a package of that name).
@@ -15,6 +16,7 @@ import torch
 
 from mixq.cost import median_seconds
 from mixq.formats import QuantizedTensor, QuantSpec, quantize
+from mixq.grids.lattice import RUN, codebook
 from mixq.runtime.cpu import kernel
 from mixq.runtime.qlinear import QuantLinear
 
@@ -22,22 +24,30 @@ from common import HERE, provenance
 
 SHAPES = [(1536, 576), (576, 1536), (14336, 4096)]  # (out, in)
 PAIRS = [("int3-g64-min-dq6", "nf3-g64-dq6"), ("int4-g64-min-dq6", "nf4-g64-dq6"), ("int4-g32-min", "iq4nl-g32"),
-         ("int2-g64-min", "bcq2-g64"), ("int3-g64-min", "bcq3-g64"), ("int4-g32-min", "bcq4-g64")]
+         ("int2-g64-min", "bcq2-g64"), ("int3-g64-min", "bcq3-g64"), ("int4-g32-min", "bcq4-g64"),
+         ("int2-g64-min", "iq2-g64"), ("int3-g64-min", "iq3-g64")]
 # (bcq against the integer format of the same bpw: 2.5 and 5.0; at 3 bits, of the same codes and groups, 3.5 against
-# 3.75 bpw, as no group that tiles 576, 1536 and 4096 gives both the same bpw)
+# 3.75 bpw, as no group that tiles 576, 1536 and 4096 gives both the same bpw; iq at the same bpw, 2.5 and 3.5)
 
 
 def layer(w: torch.Tensor, name: str) -> QuantLinear:
-    """A packed layer of that format (binary coding: random signs and α, as its fit of a 14336-row layer takes
-    minutes and the time does not depend on the values)."""
+    """A packed layer of that format (binary coding and lattice codebooks: random codes and scales, as their fits of
+    a 14336-row layer take minutes and the time does not depend on the values)."""
     spec = QuantSpec.from_name(name)
-    if spec.grid_type.solver is None:
+    grid = spec.grid_type
+    if grid.solver is None:
         return QuantLinear.from_quantized(quantize(w, spec))
     rows, cols = w.shape
     groups = cols // spec.group(cols)
-    codes = torch.randint(0, 1 << spec.bits, (rows, cols), dtype=torch.uint8)
-    return QuantLinear.from_quantized(QuantizedTensor(codes, torch.rand(rows, groups * spec.bits).half() * 0.01,
-                                                      torch.zeros(rows, groups, dtype=torch.uint8), spec))
+    if grid.name == "iq":  # random points of the codebook, random signs
+        places = codebook(spec.bits)[1]
+        runs = places[torch.randint(0, len(places), (rows, cols // RUN[spec.bits]))].reshape(rows, cols)
+        codes = (runs * 2 + torch.randint(0, 2, (rows, cols))).to(torch.uint8)
+    else:
+        codes = torch.randint(0, 1 << spec.bits, (rows, cols), dtype=torch.uint8)
+    scales = torch.rand(rows, groups * grid.scales_per_group(spec.bits)).half() * 0.01
+    return QuantLinear.from_quantized(QuantizedTensor(codes, scales, torch.zeros(rows, groups, dtype=torch.uint8),
+                                                      spec))
 
 
 def main():
@@ -65,7 +75,9 @@ def main():
              "process. A level grid looks each code's level up in registers (two permutes and a blend for 16 levels) "
              "where the integer grid converts the code. Binary coding (bcq, at the integer format's bpw) forms the 256 "
              "signed sums of every 8 inputs once per call and gathers one per plane byte of 8 rows (BiQGEMM); bcq3-g64 "
-             "stores 3.75 bpw against int3-g64-min's 3.5, the other pairs the same bpw. "
+             "stores 3.75 bpw against int3-g64-min's 3.5, the other pairs the same bpw. Lattice codebooks (iq, the "
+             "same bpw) decode each run of 8 or 4 weights from its point index, high bits and signs (an 8-float "
+             "load from the codebook, a sign XOR, a scale multiply) and multiply with FMAs. "
              + provenance(), "",
              "| threads | out × in | integer format | µs | look-up format | µs | look-up / integer |",
              "|---|---|---|---|---|---|---|"]

@@ -1,8 +1,12 @@
 """Uniform RTN / clip / GPTQ against mixq's mixed precision on SmolLM2-135M at real block-linear bpw budgets.
 
-Reruns from scratch: `python benchmarks/smollm2_bits.py` (about an hour on 2 cores). Writes
-benchmarks/results/smollm2_bits.md, .json and .png. Perplexity by the project's protocol (pydoc split, first 64
-windows of 512 tokens of the evaluation split); bpw counts every stored byte of the block linears.
+Reruns from scratch: `python benchmarks/smollm2_bits.py` (about an hour on 2 cores; more with the lattice formats).
+Writes benchmarks/results/smollm2_bits.md, .json and .png. Perplexity by the project's protocol (pydoc split, first
+64 windows of 512 tokens of the evaluation split) and on an unlike text (benchmarks/data/botchan.txt, a novel, its
+first 32 windows); bpw counts every stored byte of the block linears. mixq's candidates: `--formats` (as `mixq
+quantize --formats` reads them; by default the default menu plus the lattice codebooks iq2-g64 and iq3-g64 and
+binary coding's bcq2-g64, each filled by its grid's own solver where it has one), its label naming what it adds
+to the default menu.
 """
 from __future__ import annotations
 
@@ -22,12 +26,14 @@ from mixq.models import adapter_for
 from mixq.apply import apply_plan, block_linear_bits, pack_model
 from mixq.profile import profile_model
 from mixq.plan import Budget, Candidate, Plan
-from mixq.config import default_candidates
+from mixq.config import DEFAULT_SOLVER, default_specs, filled, parse_formats
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
 
 from common import HERE, finish_bpw_plot, provenance, smollm2
 
 REFERENCE_PPL = 12.63  # the dequantized Q4_1 model in fp32, by the protocol
+UNLIKE, UNLIKE_WINDOWS = HERE / "data" / "botchan.txt", 32
+FORMATS = "default,iq2-g64,iq3-g64,bcq2-g64"
 
 
 def uniform_spec(model, budget_bits: float) -> QuantSpec:
@@ -70,7 +76,9 @@ def run(float_model, calib, evals, plan: Plan) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.25])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.25])
+    ap.add_argument("--formats", default=FORMATS, help="mixq's candidate formats, comma-separated ('default': the "
+                    "default menu)")
     ap.add_argument("--windows", type=int, default=data.EVAL_WINDOWS)
     ap.add_argument("--methods", nargs="+", default=["rtn", "clip", "gptq", "mixq"])
     ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
@@ -83,16 +91,22 @@ def main():
     if args.update and not saved.exists():  # before the model loads
         raise SystemExit(f"--update: no {saved} to update")
     old = json.loads(saved.read_text()) if args.update else []
+    try:
+        specs = parse_formats(args.formats)  # (a bad name: one line, before the model loads)
+    except ValueError as e:
+        raise SystemExit(f"--formats: {e}") from None
+    added = [s.name for s in specs if s not in default_specs()]
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
-    evals = {"ppl": evals}
-    rows = old[:1] or [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
-                        "ppl": perplexity(model, evals["ppl"])}]
+    evals = {"ppl": evals, "unlike": data.evaluation_windows(tok, str(UNLIKE), UNLIKE_WINDOWS)}
+    rows = old[:1] if old and "unlike" in old[0] else []
+    rows = rows or [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
+                     **{k: perplexity(model, v) for k, v in evals.items()}}]
     print(rows[-1], flush=True)
     prof = None
     if "mixq" in args.methods:
         t = time.perf_counter()
-        prof = profile_model(model, calib, default_candidates(), args.estimator)
+        prof = profile_model(model, calib, [filled(s, DEFAULT_SOLVER) for s in specs], args.estimator)
         profile_seconds = time.perf_counter() - t
         Path(args.out).with_name(Path(args.out).name + "_profile.json").write_text(prof.to_json())
         print(f"profile: {profile_seconds:.0f} s", flush=True)
@@ -103,7 +117,7 @@ def main():
                 t = time.perf_counter()
                 plan = allocate(prof, Budget(bits=budget)).plan
                 extra = profile_seconds + time.perf_counter() - t
-                label = f"mixq mixed ({args.estimator})"
+                label = f"mixq mixed ({args.estimator}{', + ' + ', '.join(added) if added else ''})"
             else:
                 spec = uniform_spec(model, budget)
                 plan = Plan({n: Candidate(spec, method) for n in names})
@@ -129,12 +143,17 @@ def write(rows, out: Path, windows: int):
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     ref = rows[0]["ppl"]
     lines = ["# SmolLM2-135M: uniform vs mixed precision at real block-linear bpw budgets", "",
-             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens; calibration: 32 × 512 tokens "
-             f"of the pydoc calibration split. " + provenance(), "",
-             "| budget | method | real bpw | ppl | × reference | seconds |", "|---|---|---|---|---|---|"]
+             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens, and on botchan.txt (a novel "
+             f"unlike the calibration, its first {UNLIKE_WINDOWS} windows); calibration: 32 × 512 tokens of the pydoc "
+             "calibration split. Block linears only (the tables stay float here; default_runs.md has whole files). "
+             + provenance(), "",
+             "| budget | method | real bpw | pydoc ppl | × reference | botchan ppl | × reference | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    unlike_ref = rows[0].get("unlike")
     for r in rows:
         b = "" if r["budget"] is None else f"{r['budget']:g}"
-        lines.append(f"| {b} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref:.3f} | "
+        u = f"{r['unlike']:.2f} | {r['unlike'] / unlike_ref:.3f}" if "unlike" in r and unlike_ref else "— | —"
+        lines.append(f"| {b} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref:.3f} | {u} | "
                      f"{r['seconds']:.0f} |")
     profiles = sorted({(r["method"], round(r["profile_seconds"])) for r in rows if "profile_seconds" in r})
     lines += ["", "Seconds: the apply, and for mixq rows also the one profile of the default candidates their "
@@ -142,7 +161,7 @@ def write(rows, out: Path, windows: int):
               "runs (`--update`); on a 2-core machine other work may have shared, so seconds are indicative only. "
               "The profile of the last run's estimator is `smollm2_bits_profile.json` (`mixq allocate` reads it). The "
               "targets are judged on the default estimator's rows where there are any.", ""]
-    default = [r for r in rows if r["method"] == f"mixq mixed ({DEFAULT_ESTIMATOR})"]
+    default = [r for r in rows if r["method"].startswith(f"mixq mixed ({DEFAULT_ESTIMATOR}")]
     mixq = default or [r for r in rows if r["method"].startswith("mixq")]
     for budget, limit in ((3.0, 1.5), (2.5, 2.5), (4.25, 1.04)):
         best = min((r["ppl"] / ref for r in mixq if r["budget"] == budget), default=None)
