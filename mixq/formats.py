@@ -207,7 +207,8 @@ class QuantSpec:
     @classmethod
     def from_name(cls, text: str) -> "QuantSpec":
         """The spec `name` writes: int3-g64-min, int4-g32-min-dq6, int3-g16-sym-dq6-s256, nf4-g64, iq4nl-g32, …"""
-        example = "write e.g. int3-g64-min, int4-g32-min-dq6, int4-g32-kmin-dq6-s256, nf4-g64 or iq4nl-g32"
+        example = ("write e.g. int3-g64-min, int4-g32-min-dq6, int4-g32-kmin-dq6-s256, nf4-g64, lk3-g64-dq6, "
+                   "iq4nl-g32, bcq2-g64 or iq2-g64")
         m = re.fullmatch(r"([a-z0-9]+?)-(row|g\d+)(?:-([a-z]+))?(?:-dq(\d+))?(?:-s(\d+))?(?:-hi(\d+))?",
                          text.strip())
         if not m:
@@ -223,6 +224,10 @@ class QuantSpec:
             found = [(g, b) for g in GRIDS if not grid_of(g).uniform for b in grid_of(g).bits
                      if grid_of(g).label(b) == head and not kind]
             if not found:
+                named = [g for g in GRIDS if not grid_of(g).uniform and re.fullmatch(rf"{g}\d+", head) and not kind]
+                if named:  # a known grid at a width it does not take
+                    raise ValueError(f"cannot read format {text!r}: grid {named[0]} takes bits "
+                                     f"{', '.join(map(str, grid_of(named[0]).bits))}")
                 raise ValueError(f"cannot read format {text!r}: {example}")
             grid, bits = found[0]
         spec = replace(cls.of(bits, group_size, grid, int(dq) if dq else SCALE_BITS, int(sb) if sb else 0),

@@ -153,3 +153,9 @@ def test_double_quantized_lattice_formats_are_llama_cpp_s_i_quants_bit_for_bit(n
         layer = QuantLinear.from_quantized(qt)
         assert sum(b.numel() * b.element_size() * 8 for b in layer.buffers()) == spec.storage_bits(3, 512)
         check_packed_layer(layer, qt.dequantize(), tmp_path)
+
+
+def test_a_known_grid_at_a_width_it_does_not_take_is_named_in_one_line():
+    for text, grid in (("iq4-g64", "iq takes bits 2, 3"), ("nf5-g64", "nf takes bits 2, 3, 4")):
+        with pytest.raises(ValueError, match=f"cannot read format '{text}': grid {grid}$"):
+            QuantSpec.from_name(text)
