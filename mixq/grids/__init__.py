@@ -85,6 +85,11 @@ class Grid:
         """(level(q) − z) · s, the weight a code stands for."""
         return (self.level(q, maxq) - zero) * scale
 
+    def coder(self, maxq: torch.Tensor):
+        """(encode(w, s, z), value(q, s, z)) for rows of widths `maxq`, fixed: for a solver that codes column after
+        column of the same rows (a level grid looks its table rows up once, not per column)."""
+        return (lambda w, s, z: self.encode(w, s, z, maxq)), (lambda q, s, z: self.value(q, s, z, maxq))
+
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         """A grid of several scales a group (`solver`): the reference float32 weights of its codes and scales."""
         raise NotImplementedError(f"grid {self.name} has one scale a group: formats.dequantize decodes it")
@@ -185,6 +190,18 @@ class Levels(Grid):
         for k in range(per_row.shape[-1]):
             codes += x > per_row[..., k:k + 1]
         return codes
+
+    def coder(self, maxq):
+        row = self._one(self._rows(maxq))
+        if row is None:  # rows of several widths: each row's own table
+            return super().coder(maxq)
+        mids, levels = self._mids(row), self._tables()[0][row]
+
+        def encode(w, s, z):  # (as `encode` does for one width)
+            x = w / s
+            return torch.bucketize(x, mids).to(x.dtype) if x.numel() <= BUCKETIZE_MAX else self.encode(w, s, z, maxq)
+
+        return encode, lambda q, s, z: (levels[q.long()] - z) * s
 
     def level(self, q, maxq):
         levels, rows = self._tables()[0], self._rows(maxq)

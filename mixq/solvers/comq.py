@@ -43,8 +43,10 @@ def coordinate_descent(w, h, codes, scale, zero, maxq, grid: str, sweeps: int = 
     order = torch.argsort(d, descending=True)
     order = order[d[order] > 0]  # dead inputs: nothing to gain
 
+    encode, value = g.coder(maxq)
+
     def values(q, s, z):
-        return q * s + z if minimum else g.value(q, s, z, maxq)
+        return q * s + z if minimum else value(q, s, z)
 
     for _ in range(sweeps):
         s, z = scale.repeat_interleave(group, 1), zero.repeat_interleave(group, 1)
@@ -60,7 +62,7 @@ def coordinate_descent(w, h, codes, scale, zero, maxq, grid: str, sweeps: int = 
                 if minimum:
                     q = torch.minimum(((target - zj) / sj).round().clamp(min=0), maxq)
                 else:
-                    q = g.encode(target, sj, zj, maxq)
+                    q = encode(target, sj, zj)
                 new = values(q, sj, zj)
                 delta = (new - wq[:, j:j + 1])[:, 0]
                 codes[:, j], wq[:, j], deltas[:, i] = q[:, 0], new[:, 0], delta
