@@ -16,6 +16,12 @@ llama.cpp's tools, from the source inside the llama-cpp-python sdist:
     cmake -S llama_cpp_python-*/vendor/llama.cpp -B build/llama.cpp -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
     cmake --build build/llama.cpp -j2 --target llama-quantize llama-imatrix
 Then `python benchmarks/peers.py --llama-cpp build/llama.cpp/bin` (about 1.5 hours on 2 cores).
+
+Every model is judged on the pydoc protocol and on an unlike text (benchmarks/data/botchan.txt, a novel, its first
+32 windows). Bits per parameter: the whole file as these tools store it, the block linears at their real bpw and
+every other parameter (the tied table once, the norms) at 16 bits, as RTN, HQQ and llm-compressor keep them; the
+tables of llama.cpp's files here are float, so that its block types are judged alone (gguf_files.md sets whole GGUF
+files against mixq's).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from mixq.profile import Profile
 
 from common import HERE, finish_bpw_plot, packed_at, provenance, smollm2
 
+UNLIKE, UNLIKE_WINDOWS = HERE / "data" / "botchan.txt", 32
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ3_S", "IQ4_XS")
 GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 HQQ_CODE_BITS = {2: 2.0, 3: 3.2, 4: 4.0, 8: 8.0}  # HQQ's packings: 3 bits go ten to an int32
@@ -209,18 +216,25 @@ def main():
     if args.mixq and not args.profile.exists():  # before the model loads
         raise SystemExit(f"--profile: no {args.profile} (write one with benchmarks/smollm2_bits.py, or --no-mixq)")
     profile = Profile.from_json(args.profile.read_text()) if args.mixq else None
-    model, tok, calib, evals = smollm2(args.windows)
+    model, tok, calib, pydoc = smollm2(args.windows)
+    texts = {"ppl": pydoc, "unlike": data.evaluation_windows(tok, str(UNLIKE), UNLIKE_WINDOWS)}
+    params = sum(p.numel() for p in model.parameters())  # (a tied table once)
+    blocks = sum(w.numel() for w in linears(model).values())
     out = Path(args.out)
-    rows = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
-        else [{"tool": "float", "method": "reference", "bpw": 32.0, "seconds": 0.0, "ppl": perplexity(model, evals)}]
+    saved = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
+        else []
+    rows = [r for r in saved if "unlike" in r and r["tool"] != "float"]  # (rows without the unlike text: run again)
+    rows.insert(0, next((r for r in saved if r["tool"] == "float" and "unlike" in r), None) or {
+        "tool": "float", "method": "reference", "bpw": 32.0, "bpp": 16.0, "seconds": 0.0,
+        **{k: perplexity(model, v) for k, v in texts.items()}})
     done = {r["method"] for r in rows}
 
     def record(tool, label, run):
         if label in done:
             return
         m, bpw, seconds, extra = run()
-        rows.append({"tool": tool, "method": label, "bpw": bpw, "seconds": seconds, "ppl": perplexity(m, evals),
-                     **extra})
+        rows.append({"tool": tool, "method": label, "bpw": bpw, "bpp": (bpw * blocks + 16 * (params - blocks)) / params,
+                     "seconds": seconds, **{k: perplexity(m, v) for k, v in texts.items()}, **extra})
         print(rows[-1], flush=True)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
@@ -264,29 +278,34 @@ def write(rows, out: Path, windows: int):
     import matplotlib.pyplot as plt
 
     ref = rows[0]["ppl"]
-    mixq = sorted((r["bpw"], r["ppl"]) for r in rows if r["tool"] == "mixq")
+    mixq = sorted((r["bpw"], r["ppl"], r["unlike"]) for r in rows if r["tool"] == "mixq")
     estimators = ", ".join(sorted({r.get("estimator", "fisher") for r in rows if r["tool"] == "mixq"})) or "-"
     lines = ["# mixq against the tools people use: SmolLM2-135M", "",
-             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens (reference {ref:.3f}). "
-             f"Real bpw: stored bits of the block linears in each tool's own format over their weights. mixq runs "
-             f"at each peer's real bpw or at those `--mixq-at` names; the table gives, for each peer, mixq's best "
-             f"point at the same or a lower bpw (its profile's estimator: {estimators}). Rows may come from several "
-             f"runs of this script (`--resume` keeps finished rows); seconds are wall time on a 2-core machine that "
-             f"other jobs shared, so indicative only. "
-             + provenance(), "",
-             "| tool | method | real bpw | ppl | best mixq at ≤ that bpw (its bpw) | seconds |",
-             "|---|---|---|---|---|---|"]
+             f"Perplexity on the pydoc evaluation split, {windows} windows × 512 tokens (reference {ref:.3f}), and "
+             f"on botchan.txt, a novel unlike the calibration ({UNLIKE_WINDOWS} windows; reference "
+             f"{rows[0]['unlike']:.2f}). Real bpw: stored bits of the block linears in each tool's own format over "
+             "their weights; bits/param: the whole file, every other parameter at 16 bits (the module's note). mixq "
+             "runs at each peer's real bpw or at those `--mixq-at` names; the table gives, for each peer, mixq's best "
+             f"point at the same or a lower bpw on each text (its profile's estimator: {estimators}). Rows may come "
+             "from several runs of this script (`--resume` keeps finished rows); seconds are wall time on a 2-core "
+             "machine that other jobs shared, so indicative only. " + provenance(), "",
+             "| tool | method | real bpw | bits/param | pydoc | botchan | best mixq at ≤ that bpw: pydoc / botchan "
+             "(its bpw) | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
         if r["tool"] == "mixq":
             continue
-        ours = min(((p, b) for b, p in mixq if b <= r["bpw"] + 1e-9), default=None)
-        cell = f"**{ours[0]:.2f}** ({ours[1]:.3f})" if ours and ours[0] < r["ppl"] else \
-            f"{ours[0]:.2f} ({ours[1]:.3f})" if ours else "-"
-        lines.append(f"| {r['tool']} | {method(r)} | {r['bpw']:.3f} | {r['ppl']:.2f} | {cell} | {r['seconds']:.0f} |")
+        fits = [m for m in mixq if m[0] <= r["bpw"] + 1e-9]
+        cell = "-"
+        if fits:
+            (p, bp), (u, bu) = min((m[1], m[0]) for m in fits), min((m[2], m[0]) for m in fits)
+            cell = " / ".join(f"**{a:.2f}**" if a < b else f"{a:.2f}" for a, b in ((p, r["ppl"]), (u, r["unlike"])))
+            cell += f" ({bp:.3f}{'' if bp == bu else f', {bu:.3f}'})"
+        lines.append(f"| {r['tool']} | {method(r)} | {r['bpw']:.3f} | {r['bpp']:.3f} | {r['ppl']:.2f} | "
+                     f"{r['unlike']:.2f} | {cell} | {r['seconds']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if mixq:
-        ax.plot(*zip(*mixq), "k-o", label="mixq", zorder=3)
+        ax.plot([m[0] for m in mixq], [m[1] for m in mixq], "k-o", label="mixq", zorder=3)
     for tool, marker in (("RTN", "v"), ("HQQ", "s"), ("mixq hqq", "P"), ("llm-compressor", "D"), ("llama.cpp", "^")):
         pts = [(r["bpw"], r["ppl"]) for r in rows if r["tool"] == tool]
         if pts:
