@@ -121,7 +121,8 @@ def peak_memory(kind: str, target: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=float, nargs="+", default=[4.25, 3.0, 2.5])
+    ap.add_argument("--bits", type=float, nargs="*", default=[4.25, 3.0, 2.5],
+                    help="mixq's allocations to run (none: --bits alone)")
     ap.add_argument("--profile", type=Path, default=HERE / "results" / "smollm2_bits_profile.json")
     ap.add_argument("--gguf-profile", type=Path, default=HERE / "results" / "gguf_profile.json")
     ap.add_argument("--gguf-bits", type=float, default=4.2344)
