@@ -159,3 +159,14 @@ def test_a_known_grid_at_a_width_it_does_not_take_is_named_in_one_line():
     for text, grid in (("iq4-g64", "iq takes bits 2, 3"), ("nf5-g64", "nf takes bits 2, 3, 4")):
         with pytest.raises(ValueError, match=f"cannot read format '{text}': grid {grid}$"):
             QuantSpec.from_name(text)
+
+
+def test_resident_bytes_count_the_decoded_scales_of_every_layout():
+    from mixq.eval.speed import resident_bytes
+
+    w = torch.randn(16, 64)
+    for name in ("iq2-g32", "bcq2-g32", "int2-g32-min"):
+        layer = QuantLinear.from_quantized(quantize(w, QuantSpec.from_name(name)))
+        before = resident_bytes(layer)
+        layer(torch.randn(1, 64))  # (decodes the scales the kernel reads)
+        assert resident_bytes(layer) > before, name

@@ -19,8 +19,9 @@ class Speed:
 
 def resident_bytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    for m in model.modules():  # QuantLinear's decoded (a, c), once it has run
-        for t in getattr(m, "_ac", None) or ():
+    for m in model.modules():  # QuantLinear's decoded (a, c), once it has run (a layout's own: one tensor)
+        ac = getattr(m, "_ac", None)
+        for t in (ac,) if isinstance(ac, torch.Tensor) else ac or ():
             tensors[id(t)] = t
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
