@@ -3,6 +3,7 @@ bpw-against-perplexity plot's frame."""
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from mixq.plan import Budget
 
 HERE = Path(__file__).parent
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=HERE).stdout.strip()
+                        cwd=HERE).stdout.strip() or os.environ.get("MIXQ_COMMIT", "")  # (a copy outside git)
 
 
 def smollm2(windows: int = data.EVAL_WINDOWS):
