@@ -69,12 +69,19 @@ def index_of(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def nearest(t: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest point to each run of `t` (n × run, in units of the scale), signs free: the point nearest
-    its magnitudes."""
-    points = codebook(bits)[0]
+    its magnitudes. Each magnitude rounded to its nearest codebook magnitude on its own is the nearest of all the
+    runs of magnitudes; where that run is a point (about half the runs of Gaussian weights), it is the nearest point,
+    and only the other runs are scored against every point."""
+    points, _, mags = codebook(bits)
     a = t.abs()
-    norms = points.square().sum(1)
-    step = max(1, CHUNK // len(points))
-    return torch.cat([(norms - 2 * a[i:i + step] @ points.T).argmin(1) for i in range(0, a.shape[0], step)])
+    places = torch.bucketize(a, (mags[1:] + mags[:-1]) / 2)
+    idx = _index_table(bits)[(places * len(mags) ** torch.arange(RUN[bits])).sum(-1)]
+    miss = (idx < 0).nonzero().squeeze(1)
+    if len(miss):
+        a, norms = a[miss], points.square().sum(1)
+        step = max(1, CHUNK // len(points))
+        idx[miss] = torch.cat([(norms - 2 * a[i:i + step] @ points.T).argmin(1) for i in range(0, len(a), step)])
+    return idx
 
 
 def coded(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
