@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -56,9 +55,8 @@ def run(bits: float, options: list[str]) -> None:
         unlike = evaluate(str(out), str(UNLIKE), UNLIKE_WINDOWS)
     finally:
         shutil.rmtree(work)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or os.environ.get("MIXQ_COMMIT", "")  # (a copy outside git)
-    row = {"options": " ".join(options) or "(defaults)", "bits": bits, "commit": commit, "bpw": meta["bpw"],
+    from common import COMMIT
+    row = {"options": " ".join(options) or "(defaults)", "bits": bits, "commit": COMMIT, "bpw": meta["bpw"],
            "file_mb": meta["weight_bytes"] / 1e6, "file_bpp": meta["weight_bytes"] * 8 / meta["parameters"],
            "tables": meta.get("tables", {}), "pydoc": pydoc["ppl"], "unlike": unlike["ppl"],
            "work_seconds": meta["seconds"]["total"], "command_seconds": wall}
