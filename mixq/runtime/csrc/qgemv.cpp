@@ -361,18 +361,21 @@ void bcq_rows(const uint8_t* planes, const float* alpha, const float* lut, float
   }
 }
 
-// Lattice codebooks (runtime/lattice.py): each run of `run` (8 or 4) weights is point `idx` of a K × run float
-// table, idx = qs[r, u] | high bits of qh[r, u / per] (index_bits − 8 of them, `per` = 8 / (index_bits − 8) runs a
-// byte), each weight's sign a bit of signs[r, j / 8]; w = scale[r, g] · (±point). Every 8 columns are decoded once
-// (one or two points, their signs, times the group's scale) and multiplied into each of the n ≤ MAX_N rows of x.
-inline int64_t iq_index(const uint8_t* qs, const uint8_t* qh, int64_t u, int64_t high, int64_t per) {
-  return qs[u] | (((qh[u / per] >> (high * (u % per))) & ((1 << high) - 1)) << 8);
+// Lattice codebooks (runtime/lattice.py): each run of RUN (8 or 4) weights is point `idx` of a K × RUN float table,
+// idx = qs[r, u] | the HIGH high bits of qh[r, u / PER] (PER = 8 / HIGH runs a byte), each weight's sign a bit of
+// signs[r, j / 8]; w = scale[r, g] · (±point). Every 8 columns are decoded once (one or two points, their signs, times
+// the group's scale) and multiplied into each of the n ≤ MAX_N rows of x. RUN and HIGH are template arguments so that
+// the index arithmetic is shifts and masks, and the scale is looked up once a group.
+template <int RUN, int HIGH>
+inline int64_t iq_index(const uint8_t* qs, const uint8_t* qh, int64_t u) {
+  constexpr int PER = 8 / HIGH;
+  return qs[u] | (((qh[u / PER] >> (HIGH * (u % PER))) & ((1 << HIGH) - 1)) << 8);
 }
 
+template <int RUN, int HIGH>
 void iq_rows(const uint8_t* qs, const uint8_t* qh, const uint8_t* sg, const float* scales, const float* points,
-             const float* x, float* y, int64_t n, int64_t rows, int64_t cols, int64_t run, int64_t group,
-             int64_t index_bits, int64_t r0, int64_t r1) {
-  const int64_t runs = cols / run, high = index_bits - 8, per = 8 / high, groups = cols / group;
+             const float* x, float* y, int64_t n, int64_t rows, int64_t cols, int64_t group, int64_t r0, int64_t r1) {
+  const int64_t runs = cols / RUN, groups = cols / group, per_group = group / 8;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t *pq = qs + r * runs, *ph = qh + r * (cols / 32), *ps = sg + r * (cols / 8);
     const float* psc = scales + r * groups;
@@ -381,18 +384,20 @@ void iq_rows(const uint8_t* qs, const uint8_t* qh, const uint8_t* sg, const floa
     for (int64_t b = 0; b < n; ++b) acc[b] = _mm256_setzero_ps();
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i top = _mm256_set1_epi32(INT32_MIN);
-    for (int64_t jb = 0; jb < cols / 8; ++jb) {
-      __m256 v;
-      if (run == 8) {
-        v = _mm256_loadu_ps(points + 8 * iq_index(pq, ph, jb, high, per));
-      } else {
-        v = _mm256_set_m128(_mm_loadu_ps(points + 4 * iq_index(pq, ph, 2 * jb + 1, high, per)),
-                            _mm_loadu_ps(points + 4 * iq_index(pq, ph, 2 * jb, high, per)));
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 s = _mm256_set1_ps(psc[g]);
+      for (int64_t jb = g * per_group; jb < (g + 1) * per_group; ++jb) {
+        __m256 v;
+        if constexpr (RUN == 8) {
+          v = _mm256_loadu_ps(points + 8 * iq_index<RUN, HIGH>(pq, ph, jb));
+        } else {
+          v = _mm256_set_m128(_mm_loadu_ps(points + 4 * iq_index<RUN, HIGH>(pq, ph, 2 * jb + 1)),
+                              _mm_loadu_ps(points + 4 * iq_index<RUN, HIGH>(pq, ph, 2 * jb)));
+        }
+        const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(ps[jb]), bit), bit);
+        v = _mm256_mul_ps(_mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(set, top))), s);  // − where set
+        for (int64_t b = 0; b < n; ++b) acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + b * cols + 8 * jb), acc[b]);
       }
-      const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(ps[jb]), bit), bit);
-      v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(set, top)));  // negative where the bit is set
-      v = _mm256_mul_ps(v, _mm256_set1_ps(psc[8 * jb / group]));
-      for (int64_t b = 0; b < n; ++b) acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + b * cols + 8 * jb), acc[b]);
     }
     for (int64_t b = 0; b < n; ++b) {
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[b]), _mm256_extractf128_ps(acc[b], 1));
@@ -402,9 +407,9 @@ void iq_rows(const uint8_t* qs, const uint8_t* qh, const uint8_t* sg, const floa
 #else
     float acc[MAX_N] = {0};
     for (int64_t u = 0; u < runs; ++u) {
-      const float* p = points + run * iq_index(pq, ph, u, high, per);
-      for (int64_t t = 0; t < run; ++t) {
-        const int64_t j = u * run + t;
+      const float* p = points + RUN * iq_index<RUN, HIGH>(pq, ph, u);
+      for (int64_t t = 0; t < RUN; ++t) {
+        const int64_t j = u * RUN + t;
         const float w = ((ps[j / 8] >> (j % 8)) & 1 ? -p[t] : p[t]) * psc[j / group];
         for (int64_t b = 0; b < n; ++b) acc[b] += w * x[b * cols + j];
       }
@@ -424,7 +429,8 @@ torch::Tensor iq_gemv(torch::Tensor qs, torch::Tensor qh, torch::Tensor signs, t
   TORCH_CHECK(points.dtype() == torch::kFloat && points.is_contiguous() && points.dim() == 2 &&
               (points.size(1) == 8 || points.size(1) == 4), "points must be contiguous float32 K × 8 or K × 4");
   const int64_t run = points.size(1);
-  TORCH_CHECK(index_bits == 9 || index_bits == 10, "index_bits must be 9 or 10");
+  TORCH_CHECK((run == 8 && index_bits == 10) || (run == 4 && index_bits == 9),
+              "runs of 8 take 10-bit indices (IQ2_S), runs of 4 9-bit ones (IQ3_S)");
   TORCH_CHECK(cols % 32 == 0 && group % 8 == 0 && cols % group == 0, "rows of a multiple of 32, groups of 8s");
   for (const auto& t : {qs, qh, signs})
     TORCH_CHECK(t.dtype() == torch::kUInt8 && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows,
@@ -437,9 +443,10 @@ torch::Tensor iq_gemv(torch::Tensor qs, torch::Tensor qh, torch::Tensor signs, t
   for (int64_t b0 = 0; b0 < n; b0 += MAX_N) {
     const int64_t nb = std::min(MAX_N, n - b0);
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      iq_rows(qs.data_ptr<uint8_t>(), qh.data_ptr<uint8_t>(), signs.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-              points.data_ptr<float>(), x.data_ptr<float>() + b0 * cols, y.data_ptr<float>() + b0 * rows, nb, rows,
-              cols, run, group, index_bits, r0, r1);
+      auto k = run == 8 ? iq_rows<8, 2> : iq_rows<4, 1>;
+      k(qs.data_ptr<uint8_t>(), qh.data_ptr<uint8_t>(), signs.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+        points.data_ptr<float>(), x.data_ptr<float>() + b0 * cols, y.data_ptr<float>() + b0 * rows, nb, rows, cols,
+        group, r0, r1);
     });
   }
   return y;
