@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixq.formats import QuantizedTensor, QuantSpec, quantize
-from mixq.grids.lattice import RUN, _index_table, codebook, coded, index_of, nearest
+from mixq.grids.lattice import RUN, codebook, coded, index_of, nearest, point_of
 from mixq.plan import Candidate
 from mixq.runtime.lattice import LatticeLinear
 from mixq.runtime.qlinear import QuantLinear
@@ -45,7 +45,7 @@ def test_each_run_goes_to_its_nearest_point(bits):
     assert torch.equal(values.abs(), points[nearest(t, bits)]) and torch.equal(values < 0, t < 0)
     assert torch.equal(codes & 1 == 1, t < 0)
     rounded = torch.bucketize(t.abs(), (codebook(bits)[2][1:] + codebook(bits)[2][:-1]) / 2)
-    on_point = _index_table(bits)[(rounded * len(codebook(bits)[2]) ** torch.arange(RUN[bits])).sum(-1)] >= 0
+    on_point = point_of(rounded, bits) >= 0
     assert 0 < on_point.float().mean() < 1  # both of nearest's ways: a run rounded onto a point, and a scored one
 
 

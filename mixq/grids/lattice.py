@@ -56,12 +56,15 @@ def _index_table(bits: int) -> torch.Tensor:
     return table
 
 
+def point_of(places: torch.Tensor, bits: int) -> torch.Tensor:
+    """The point index of each run of magnitude places (… × run, int64), −1 where the run is no point."""
+    return _index_table(bits)[(places * len(codebook(bits)[2]) ** torch.arange(RUN[bits])).sum(-1)]
+
+
 def index_of(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """rows × cols codes → rows × cols/run point indices (int64); a run whose magnitudes are no point: ValueError."""
     rows, cols = codes.shape
-    run, n = RUN[bits], len(codebook(bits)[2])
-    places = (codes.long() >> 1).view(rows, cols // run, run)
-    idx = _index_table(bits)[(places * n ** torch.arange(run)).sum(-1)]
+    idx = point_of((codes.long() >> 1).view(rows, cols // RUN[bits], RUN[bits]), bits)
     if (idx < 0).any():
         raise ValueError(f"iq{bits} codes whose runs are no codebook point")
     return idx
@@ -75,7 +78,7 @@ def nearest(t: torch.Tensor, bits: int) -> torch.Tensor:
     points, _, mags = codebook(bits)
     a = t.abs()
     places = torch.bucketize(a, (mags[1:] + mags[:-1]) / 2)
-    idx = _index_table(bits)[(places * len(mags) ** torch.arange(RUN[bits])).sum(-1)]
+    idx = point_of(places, bits)
     miss = (idx < 0).nonzero().squeeze(1)
     if len(miss):
         a, norms = a[miss], points.square().sum(1)

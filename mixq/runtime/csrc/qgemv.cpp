@@ -366,7 +366,7 @@ void bcq_rows(const uint8_t* planes, const float* alpha, const float* lut, float
 // signs[r, j / 8]; w = scale[r, g] · (±point). Every 8 columns are decoded once (one or two points, their signs, times
 // the group's scale) and multiplied into each of the n ≤ MAX_N rows of x. RUN and HIGH are template arguments so that
 // the index arithmetic is shifts and masks, and the scale is looked up once a group.
-template <int RUN, int HIGH>
+template <int HIGH>
 inline int64_t iq_index(const uint8_t* qs, const uint8_t* qh, int64_t u) {
   constexpr int PER = 8 / HIGH;
   return qs[u] | (((qh[u / PER] >> (HIGH * (u % PER))) & ((1 << HIGH) - 1)) << 8);
@@ -389,10 +389,10 @@ void iq_rows(const uint8_t* qs, const uint8_t* qh, const uint8_t* sg, const floa
       for (int64_t jb = g * per_group; jb < (g + 1) * per_group; ++jb) {
         __m256 v;
         if constexpr (RUN == 8) {
-          v = _mm256_loadu_ps(points + 8 * iq_index<RUN, HIGH>(pq, ph, jb));
+          v = _mm256_loadu_ps(points + 8 * iq_index<HIGH>(pq, ph, jb));
         } else {
-          v = _mm256_set_m128(_mm_loadu_ps(points + 4 * iq_index<RUN, HIGH>(pq, ph, 2 * jb + 1)),
-                              _mm_loadu_ps(points + 4 * iq_index<RUN, HIGH>(pq, ph, 2 * jb)));
+          v = _mm256_set_m128(_mm_loadu_ps(points + 4 * iq_index<HIGH>(pq, ph, 2 * jb + 1)),
+                              _mm_loadu_ps(points + 4 * iq_index<HIGH>(pq, ph, 2 * jb)));
         }
         const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(ps[jb]), bit), bit);
         v = _mm256_mul_ps(_mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(set, top))), s);  // − where set
@@ -407,7 +407,7 @@ void iq_rows(const uint8_t* qs, const uint8_t* qh, const uint8_t* sg, const floa
 #else
     float acc[MAX_N] = {0};
     for (int64_t u = 0; u < runs; ++u) {
-      const float* p = points + RUN * iq_index<RUN, HIGH>(pq, ph, u);
+      const float* p = points + RUN * iq_index<HIGH>(pq, ph, u);
       for (int64_t t = 0; t < RUN; ++t) {
         const int64_t j = u * RUN + t;
         const float w = ((ps[j / 8] >> (j % 8)) & 1 ? -p[t] : p[t]) * psc[j / group];
