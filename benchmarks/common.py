@@ -20,7 +20,7 @@ from mixq.plan import Budget
 
 HERE = Path(__file__).parent
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=HERE).stdout.strip() or os.environ.get("MIXQ_COMMIT", "")  # (a copy outside git)
+                        cwd=HERE).stdout.strip() or os.environ.get("MIXQ_COMMIT") or "unknown"  # (a copy outside git)
 
 
 def smollm2(windows: int = data.EVAL_WINDOWS):
