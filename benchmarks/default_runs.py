@@ -6,6 +6,11 @@ benchmarks/results/default_runs.{md,json}; a rerun replaces its row.
 
     python benchmarks/default_runs.py --bits 3.0                          # the default command
     python benchmarks/default_runs.py --bits 2.5 3.0 -- --calib-generated 16   # options after -- go to mixq
+    python benchmarks/default_runs.py --bits 3.0 2.0 2.5 --share-profile  # one profile: the first budget's
+
+With --share-profile the budgets after the first are allocated from the first run's profile (`mixq allocate`,
+then `mixq quantize --plan`): the same file as their own command writes (the profile does not depend on the
+budget; tests/test_cli.py checks it), for the apply's time instead of a whole run's.
 """
 from __future__ import annotations
 
@@ -28,28 +33,49 @@ def main():
     argv = sys.argv[1:]
     options = argv[argv.index("--") + 1:] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=float, nargs="+", default=[3.0])
+    ap.add_argument("--share-profile", action="store_true",
+                    help="allocate the budgets after the first from the first run's profile")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    if any(o.split("=")[0] in ("--out", "--bits", "--size", "--latency", "--eval-windows") for o in options):
-        raise SystemExit("default_runs.py sets --out, --bits and --eval-windows itself")
-    for bits in args.bits:
-        run(bits, options)
+    if any(o.split("=")[0] in ("--out", "--bits", "--size", "--latency", "--eval-windows", "--plan")
+           for o in options):
+        raise SystemExit("default_runs.py sets --out, --bits, --plan and --eval-windows itself")
+    with tempfile.TemporaryDirectory() as keep:
+        profile = Path(keep) / "profile.json"
+        for i, bits in enumerate(args.bits):
+            if not args.share_profile:
+                run(bits, options)
+            elif i == 0:
+                run(bits, options, keep=profile)
+            else:
+                run(bits, options, profile=profile, first=args.bits[0])
 
 
-def run(bits: float, options: list[str]) -> None:
+def run(bits: float, options: list[str], profile: Path | None = None, first: float | None = None,
+        keep: Path | None = None) -> None:
+    """One row: `mixq quantize --bits B` and its evaluation; with `profile`, the budget allocated from it (the run
+    at `first`'s) and applied with --plan; `keep`: where to copy the run's profile."""
     from mixq.eval import evaluate
 
     work = Path(tempfile.mkdtemp())
     out = work / "q"
-    cmd = [sys.executable, "-m", "mixq.cli", "quantize", "--bits", str(bits), "--eval-windows", "0", "--out",
-           str(out), *options]
+    budget = ["--bits", str(bits)]
     t = time.perf_counter()
+    if profile is not None:
+        plan = work / "plan.json"
+        if subprocess.run([sys.executable, "-m", "mixq.cli", "allocate", str(profile), *budget, "--out",
+                           str(plan)]).returncode:
+            shutil.rmtree(work)
+            raise SystemExit(f"mixq allocate failed at {bits:g}")
+        budget = ["--plan", str(plan)]
+    cmd = [sys.executable, "-m", "mixq.cli", "quantize", *budget, "--eval-windows", "0", "--out", str(out), *options]
     rc = subprocess.run(cmd).returncode
     wall = time.perf_counter() - t
     if rc:  # mixq quantize said why; no row is written
         shutil.rmtree(work)
         raise SystemExit(rc)
     try:
+        if keep is not None:
+            shutil.copy(out / "profile.json", keep)
         meta = json.loads((out / "mixq.json").read_text())
         pydoc = evaluate(str(out))
         unlike = evaluate(str(out), str(UNLIKE), UNLIKE_WINDOWS)
@@ -60,6 +86,9 @@ def run(bits: float, options: list[str]) -> None:
            "file_mb": meta["weight_bytes"] / 1e6, "file_bpp": meta["weight_bytes"] * 8 / meta["parameters"],
            "tables": meta.get("tables", {}), "pydoc": pydoc["ppl"], "unlike": unlike["ppl"],
            "work_seconds": meta["seconds"]["total"], "command_seconds": wall}
+    if profile is not None:
+        row["note"] = (f"allocated from the {first:g} run's profile (`mixq allocate`, then `--plan`: the file the "
+                       "command writes): its seconds are the allocation and the apply, no profile")
     print(row, flush=True)
     saved = RESULTS.with_suffix(".json")
     rows = json.loads(saved.read_text())["rows"] if saved.exists() else []

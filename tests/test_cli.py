@@ -108,6 +108,25 @@ def test_allocate_from_the_saved_profile_then_apply(quantized_dir, tiny_hf_dir, 
     assert res.exit_code == 0, res.output
 
 
+def test_a_plan_reallocated_from_another_budget_s_profile_makes_the_budget_s_own_file(quantized_dir, tiny_hf_dir,
+                                                                                      text_file, tmp_path):
+    """`mixq allocate` on the 4-bit run's profile, then `--plan`, writes what `quantize --bits 3` writes itself (the
+    profile does not depend on the budget): what benchmarks/default_runs.py --share-profile relies on."""
+    from safetensors.torch import load_file
+
+    common = ["--model", tiny_hf_dir, "--eval-windows", 0, "--calib-windows", 4, "--calib", text_file]
+    res = invoke("allocate", quantized_dir / "profile.json", "--bits", 3.0, "--out", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    res = invoke("quantize", *common, "--plan", tmp_path / "p.json", "--out", tmp_path / "planned")
+    assert res.exit_code == 0, res.output
+    res = invoke("quantize", *common, "--bits", 3.0, "--out", tmp_path / "direct")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "planned" / "plan.json").read_text() == (tmp_path / "direct" / "plan.json").read_text()
+    planned, direct = (load_file(tmp_path / d / "model.safetensors") for d in ("planned", "direct"))
+    assert planned.keys() == direct.keys() and len(planned) > 16
+    assert all(torch.equal(planned[k], direct[k]) for k in planned)
+
+
 def test_report_command(quantized_dir):
     (quantized_dir / "report.md").unlink()
     res = invoke("report", quantized_dir)
