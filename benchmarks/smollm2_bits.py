@@ -24,7 +24,7 @@ from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
 from mixq.apply import apply_plan, block_linear_bits, pack_model
-from mixq.profile import profile_model
+from mixq.profile import Profile, profile_model
 from mixq.plan import Budget, Candidate, Plan
 from mixq.config import DEFAULT_SOLVER, default_specs, filled, parse_formats
 from mixq.sensitivity import DEFAULT_ESTIMATOR, ESTIMATORS
@@ -84,18 +84,31 @@ def main():
     ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=sorted(ESTIMATORS),
                     help="the mixq profile's damage estimator")
     ap.add_argument("--out", default=str(HERE / "results" / "smollm2_bits"))
+    ap.add_argument("--profile", type=Path, help="reuse this saved profile (an earlier run's OUT_profile.json, of "
+                    "the same --formats and --estimator) instead of profiling again")
+    ap.add_argument("--profile-seconds", type=float, default=0.0,
+                    help="with --profile: the seconds it took (its run printed them), for the table")
     ap.add_argument("--update", action="store_true",
                     help="keep OUT.json's rows of the methods and budgets this run does not redo")
     args = ap.parse_args()
     saved = Path(args.out).with_suffix(".json")
     if args.update and not saved.exists():  # before the model loads
         raise SystemExit(f"--update: no {saved} to update")
+    if args.profile is not None and not args.profile.is_file():
+        raise SystemExit(f"--profile: no file {args.profile}")
     old = json.loads(saved.read_text()) if args.update else []
     try:
         specs = parse_formats(args.formats)  # (a bad name: one line, before the model loads)
     except ValueError as e:
         raise SystemExit(f"--formats: {e}") from None
     added = [s.name for s in specs if s not in default_specs()]
+    prof, profile_seconds = None, args.profile_seconds
+    if "mixq" in args.methods and args.profile is not None:  # (checked before the model loads)
+        prof = Profile.from_json(args.profile.read_text())
+        key = lambda c: json.dumps(c.to_dict(), sort_keys=True)  # noqa: E731
+        have = {key(c) for lp in prof.layers for c in lp.candidates}
+        if prof.estimator != args.estimator or have != {key(filled(s, DEFAULT_SOLVER)) for s in specs}:
+            raise SystemExit(f"--profile: {args.profile} is not a profile of these --formats by {args.estimator}")
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
     evals = {"ppl": evals, "unlike": data.evaluation_windows(tok, str(UNLIKE), UNLIKE_WINDOWS)}
@@ -103,8 +116,8 @@ def main():
     rows = rows or [{"method": "float (reference)", "budget": None, "bpw": 32.0, "seconds": 0.0,
                      **{k: perplexity(model, v) for k, v in evals.items()}}]
     print(rows[-1], flush=True)
-    prof = None
-    if "mixq" in args.methods:
+    save(rows, old, Path(args.out), args.windows)
+    if "mixq" in args.methods and prof is None:
         t = time.perf_counter()
         prof = profile_model(model, calib, [filled(s, DEFAULT_SOLVER) for s in specs], args.estimator)
         profile_seconds = time.perf_counter() - t
@@ -127,11 +140,16 @@ def main():
             rows.append({"method": label, "budget": budget, **r,
                          **({"profile_seconds": profile_seconds} if method == "mixq" else {})})
             print(rows[-1], flush=True)
+            save(rows, old, Path(args.out), args.windows)  # (after every row: a stopped run keeps its rows)
+    save(rows, old, Path(args.out), args.windows)
+
+
+def save(rows, old, out: Path, windows: int):
+    """This run's rows (the reference first), with `old`'s rows of the methods and budgets it has not redone."""
     redone = {(family(r), r["budget"]) for r in rows[1:]}
     kept = [r for r in old[1:] if (family(r), r["budget"]) not in redone]
-    rows = rows[:1] + sorted(kept + rows[1:], key=lambda r: (r["budget"], r["method"].startswith("mixq")))
-    write(rows, Path(args.out), args.windows)
-
+    write(rows[:1] + sorted(kept + rows[1:], key=lambda r: (r["budget"], r["method"].startswith("mixq"))), out,
+          windows)
 
 
 def write(rows, out: Path, windows: int):
