@@ -36,8 +36,9 @@ UNLIKE, UNLIKE_WINDOWS = HERE / "data" / "botchan.txt", 32
 FORMATS = "default,iq2-g64,iq3-g64,bcq2-g64"
 
 
-def uniform_spec(model, budget_bits: float) -> QuantSpec:
-    """The format (bits, group, grid, scale codes) of largest real bpw ≤ budget that fits every block linear."""
+def uniform_spec(model, budget_bits: float) -> QuantSpec | None:
+    """The format (bits, group, grid, scale codes) of largest real bpw ≤ budget that fits every block linear (None:
+    none is that small; 2-bit codes with one scale a row already take more than 2.0)."""
     adapter = adapter_for(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in adapter.layer_names(model)]
     total = sum(r * c for r, c in shapes)
@@ -51,7 +52,7 @@ def uniform_spec(model, budget_bits: float) -> QuantSpec:
                 bpw = sum(spec.storage_bits(r, c) for r, c in shapes) / total
                 if bpw <= budget_bits + 1e-9 and (best is None or bpw > best[0]):
                     best = (bpw, spec)
-    return best[1]
+    return None if best is None else best[1]
 
 
 def real_bpw(model) -> float:
@@ -133,6 +134,9 @@ def main():
                 label = f"mixq mixed ({args.estimator}{', + ' + ', '.join(added) if added else ''})"
             else:
                 spec = uniform_spec(model, budget)
+                if spec is None:
+                    print(f"uniform {method} at {budget:g}: no uniform format is that small", flush=True)
+                    continue
                 plan = Plan({n: Candidate(spec, method) for n in names})
                 extra, label = 0.0, f"uniform {method} {spec.name}"
             r = run(model, calib, evals, plan)
