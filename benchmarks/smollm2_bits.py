@@ -16,10 +16,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mixq import data
-from mixq.allocate import allocate
+from mixq.allocate import allocate, bit_limits
 from mixq.eval.perplexity import perplexity
 from mixq.formats import QuantSpec
 from mixq.models import adapter_for
@@ -129,7 +130,10 @@ def main():
         for method in args.methods:
             if method == "mixq":
                 t = time.perf_counter()
-                plan = allocate(prof, Budget(bits=budget)).plan
+                smallest = bit_limits(prof, tables=True)[0] / prof.weights
+                if budget < smallest:  # (the menu's 2-bit formats all store more than 2.0 bits a weight)
+                    print(f"mixq at {budget:g}: the menu's smallest model is {smallest:.3f} bpw; that one", flush=True)
+                plan = allocate(prof, Budget(bits=max(budget, np.ceil(smallest * 1e4) / 1e4))).plan
                 extra = profile_seconds + time.perf_counter() - t
                 label = f"mixq mixed ({args.estimator}{', + ' + ', '.join(added) if added else ''})"
             else:
@@ -178,7 +182,8 @@ def write(rows, out: Path, windows: int):
         lines.append(f"| {b} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref:.3f} | {u} | "
                      f"{r['seconds']:.0f} |")
     profiles = sorted({(r["method"], round(r["profile_seconds"])) for r in rows if "profile_seconds" in r})
-    lines += ["", "Seconds: the apply, and for mixq rows also the one profile of the default candidates their "
+    lines += ["", "A budget below the smallest model mixq's menu can make (2.0: every 2-bit format stores its scales too) "
+              "is run at that smallest model: its real bpw says where. Seconds: the apply, and for mixq rows also the one profile of the default candidates their "
               "budgets share (" + ", ".join(f"{s} s for {m}" for m, s in profiles) + "). Rows may come from several "
               "runs (`--update`); on a 2-core machine other work may have shared, so seconds are indicative only. "
               "The profile of the last run's estimator is `smollm2_bits_profile.json` (`mixq allocate` reads it). The "
