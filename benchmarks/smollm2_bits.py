@@ -87,7 +87,8 @@ def main():
                     help="the mixq profile's damage estimator")
     ap.add_argument("--out", default=str(HERE / "results" / "smollm2_bits"))
     ap.add_argument("--profile", type=Path, help="reuse this saved profile (an earlier run's OUT_profile.json, of "
-                    "the same --formats and --estimator) instead of profiling again")
+                    "--estimator, with these --formats among its candidates: only they are allocated) instead of "
+                    "profiling again")
     ap.add_argument("--profile-seconds", type=float, default=0.0,
                     help="with --profile: the seconds it took (its run printed them), for the table")
     ap.add_argument("--update", action="store_true",
@@ -108,9 +109,12 @@ def main():
     if "mixq" in args.methods and args.profile is not None:  # (checked before the model loads)
         prof = Profile.from_json(args.profile.read_text())
         key = lambda c: json.dumps(c.to_dict(), sort_keys=True)  # noqa: E731
-        have = {key(c) for lp in prof.layers for c in lp.candidates}
-        if prof.estimator != args.estimator or have != {key(filled(s, DEFAULT_SOLVER)) for s in specs}:
+        wanted = {key(filled(s, DEFAULT_SOLVER)) for s in specs}
+        if prof.estimator != args.estimator or not wanted <= {key(c) for lp in prof.layers for c in lp.candidates}:
             raise SystemExit(f"--profile: {args.profile} is not a profile of these --formats by {args.estimator}")
+        for lp in prof.layers:  # (a profile of more formats: these alone)
+            keep = [i for i, c in enumerate(lp.candidates) if key(c) in wanted]
+            lp.candidates, lp.bits, lp.damage = ([xs[i] for i in keep] for xs in (lp.candidates, lp.bits, lp.damage))
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
     evals = {"ppl": evals, "unlike": data.evaluation_windows(tok, str(UNLIKE), UNLIKE_WINDOWS)}
