@@ -3,7 +3,7 @@ and coarse to fine (grids.lattice.fit_code, CODE_STRIDE), in one process, and th
 
 SmolLM2-135M's first block: its real weights and the Hessians of their real inputs (8 calibration windows of the
 pydoc split), q_proj (576 → 576) and down_proj (1536 → 576); the double-quantized lattice formats (6-bit scale
-codes: where the coarse search applies; IQ2_S's own 4-bit codes are always searched whole) and a plain fp16-scale
+codes: where the coarse search applies; 4-bit codes, as IQ2_S's, are always searched whole) and a plain fp16-scale
 one for scale. One solve of each (several seconds each; the ratio is the figure, the seconds indicate).
 
     python benchmarks/ldlq_time.py         writes benchmarks/results/ldlq_time.{md,json}
@@ -23,7 +23,7 @@ from mixq.solvers import output_error, solve
 
 from common import HERE, provenance
 
-FORMATS = ("iq2-g32-dq6", "iq3-g32-dq6", "iq2-g16-dq4-s256", "iq2-g64")
+FORMATS = ("iq2-g32-dq6", "iq3-g32-dq6", "iq2-g16-dq4", "iq2-g64")
 LAYERS = ("self_attn.q_proj", "mlp.down_proj")
 
 
@@ -77,7 +77,7 @@ def write(rows):
     lines = ["# LDLQ per layer: scale codes searched over every code and coarse to fine", "",
              f"SmolLM2-135M's first block, real weights and the Hessians of their inputs (8 calibration windows). "
              f"Every code: each group's scale code tried over all; coarse to fine: every {stride}th code, then the "
-             "ones around the best (fit_code; 4-bit codes are always searched whole, so iq2-g16-dq4-s256 and the "
+             "ones around the best (fit_code; 4-bit codes are always searched whole, so iq2-g16-dq4 and the "
              "fp16-scale iq2-g64 should not change). Output error: Σ diag(ΔW H ΔWᵀ). One solve each. "
              + provenance(), "",
              "| layer | format | every code s | coarse to fine s | speed-up | output error, coarse / every |",
