@@ -108,12 +108,11 @@ def main():
     prof, profile_seconds = None, args.profile_seconds
     if "mixq" in args.methods and args.profile is not None:  # (checked before the model loads)
         prof = Profile.from_json(args.profile.read_text())
-        key = lambda c: json.dumps(c.to_dict(), sort_keys=True)  # noqa: E731
-        wanted = {key(filled(s, DEFAULT_SOLVER)) for s in specs}
-        if prof.estimator != args.estimator or not wanted <= {key(c) for lp in prof.layers for c in lp.candidates}:
+        wanted = {filled(s, DEFAULT_SOLVER) for s in specs}
+        if prof.estimator != args.estimator or not wanted <= {c for lp in prof.layers for c in lp.candidates}:
             raise SystemExit(f"--profile: {args.profile} is not a profile of these --formats by {args.estimator}")
         for lp in prof.layers:  # (a profile of more formats: these alone)
-            keep = [i for i, c in enumerate(lp.candidates) if key(c) in wanted]
+            keep = [i for i, c in enumerate(lp.candidates) if c in wanted]
             lp.candidates, lp.bits, lp.damage = ([xs[i] for i in keep] for xs in (lp.candidates, lp.bits, lp.damage))
     torch.manual_seed(0)
     model, tok, calib, evals = smollm2(args.windows)
@@ -186,9 +185,10 @@ def write(rows, out: Path, windows: int):
         lines.append(f"| {b} | {r['method']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref:.3f} | {u} | "
                      f"{r['seconds']:.0f} |")
     profiles = sorted({(r["method"], round(r["profile_seconds"])) for r in rows if "profile_seconds" in r})
-    lines += ["", "A budget below the smallest model mixq's menu can make (2.0: every 2-bit format stores its scales too) "
-              "is run at that smallest model: its real bpw says where. Seconds: the apply, and for mixq rows also the one profile of the default candidates their "
-              "budgets share (" + ", ".join(f"{s} s for {m}" for m, s in profiles) + "). Rows may come from several "
+    lines += ["", "A budget below the smallest model mixq's menu can make (2.0: every 2-bit format stores its scales "
+              "too) is run at that smallest model: its real bpw says where. Seconds: the apply, and for mixq rows "
+              "also the one profile of the default candidates their budgets share ("
+              + ", ".join(f"{s} s for {m}" for m, s in profiles) + "). Rows may come from several "
               "runs (`--update`); on a 2-core machine other work may have shared, so seconds are indicative only. "
               "The profile of the last run's estimator is `smollm2_bits_profile.json` (`mixq allocate` reads it). The "
               "targets are judged on the default estimator's rows where there are any.", ""]
